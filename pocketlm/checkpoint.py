@@ -1,0 +1,236 @@
+"""Hugging Face checkpoint folders: `config.json` + safetensors (single or sharded), memory-mapped.
+
+Tensors are never loaded all at once: each shard is memory-mapped and a tensor is converted to
+float32 only when asked for, so a 28 GB fp16 phi-3-medium can be walked layer by layer on a
+24 GB machine. The safetensors parser is our own (numpy + json), so the runtime path needs no
+torch and no `safetensors` package.
+
+safetensors layout: u64 little-endian header length N | N bytes of JSON
+{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}} | data (offsets relative
+to the byte after the header).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import Phi3Config, TensorSpec, gguf_name, tensor_specs
+from .errors import PocketLMError
+
+# safetensors dtype -> (numpy storage dtype, bytes per element). BF16 is stored as uint16 and
+# widened to float32 by shifting into the high half (numpy has no bfloat16).
+_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32: the 16 bits are the high half of a float32."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+class SafetensorsFile:
+    """One memory-mapped `.safetensors` file; `raw(name)` is a zero-copy view in the stored dtype."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise PocketLMError("truncated safetensors file: no header length", path)
+                (n,) = struct.unpack("<Q", head)
+                if n > _MAX_HEADER or 8 + n > size:
+                    raise PocketLMError(
+                        f"truncated or corrupt safetensors header: header length {n} but file has "
+                        f"{size} bytes", path)
+                header = json.loads(f.read(n))
+        except FileNotFoundError:
+            raise PocketLMError("file not found", path) from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PocketLMError(f"corrupt safetensors header: {e}", path) from None
+        if not isinstance(header, dict):
+            raise PocketLMError("corrupt safetensors header: not a JSON object", path)
+        data_start = 8 + n
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.entries: dict[str, _Entry] = {}
+        for name, info in header.items():
+            self.entries[name] = self._entry(name, info, data_start, size)
+        self._map: np.memmap | None = None
+
+    def _entry(self, name: str, info: dict, data_start: int, size: int) -> _Entry:
+        try:
+            dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise PocketLMError(f"corrupt safetensors entry for tensor {name!r}", self.path) from None
+        if dtype not in _DTYPES:
+            raise PocketLMError(f"tensor {name!r} has dtype {dtype}; pocketlm reads F32, F16, BF16",
+                                self.path)
+        nbytes = math.prod(shape) * _DTYPES[dtype][1]
+        if any(s < 0 for s in shape) or not (0 <= b <= e) or e - b != nbytes:
+            raise PocketLMError(f"tensor {name!r}: data offsets {b}..{e} do not match shape {shape} "
+                                f"of {dtype}", self.path)
+        if data_start + e > size:
+            raise PocketLMError(f"truncated file: tensor {name!r} ends at byte {data_start + e} but "
+                                f"the file has {size} bytes", self.path)
+        return _Entry(self.path, dtype, shape, data_start + b, data_start + e)
+
+    def raw(self, name: str) -> np.ndarray:
+        entry = self.entries[name]
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        storage = _DTYPES[entry.dtype][0]
+        flat = self._map[entry.begin:entry.end].view(storage)
+        return flat.reshape(entry.shape)
+
+
+class Checkpoint:
+    """A Hugging Face Phi-3 checkpoint folder, its tensors addressed by GGUF names."""
+
+    def __init__(self, path: Path, config: Phi3Config, raw_config: dict,
+                 files: list[SafetensorsFile], locations: dict[str, tuple[SafetensorsFile, str]]):
+        self.path = path
+        self.config = config
+        self.raw_config = raw_config
+        self.files = files
+        self._locations = locations  # gguf name -> (file, HF name)
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        path = Path(path)
+        if not path.is_dir():
+            raise PocketLMError("not a checkpoint folder (expected a directory with config.json)", path)
+        config_path = path / "config.json"
+        try:
+            raw_config = json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise PocketLMError("missing config.json", config_path) from None
+        except json.JSONDecodeError as e:
+            raise PocketLMError(f"invalid JSON: {e}", config_path) from None
+        config = Phi3Config.from_hf_dict(raw_config, str(config_path))
+        files = [SafetensorsFile(f) for f in _shard_paths(path)]
+        locations: dict[str, tuple[SafetensorsFile, str]] = {}
+        for f in files:
+            for hf in f.entries:
+                name = gguf_name(hf)
+                if name is not None:
+                    locations[name] = (f, hf)
+        ckpt = cls(path, config, raw_config, files, locations)
+        ckpt._check_tensors()
+        return ckpt
+
+    def _check_tensors(self) -> None:
+        for spec in self.specs():
+            if spec.hf_name is None:
+                continue
+            if spec.name not in self._locations:
+                raise PocketLMError(f"tensor {spec.hf_name} is missing from the checkpoint", self.path)
+            f, hf = self._locations[spec.name]
+            shape = f.entries[hf].shape
+            if shape != spec.shape:
+                raise PocketLMError(f"tensor {hf} has shape {list(shape)} but config.json implies "
+                                    f"{list(spec.shape)}", f.path)
+
+    # ------------------------------------------------------------------ access
+
+    def specs(self) -> list[TensorSpec]:
+        return tensor_specs(self.config)
+
+    def names(self) -> list[str]:
+        """GGUF names of every tensor of the model, in file order (incl. derived rope factors)."""
+        return [s.name for s in self.specs()]
+
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy view of a stored tensor in its stored dtype (BF16 as uint16)."""
+        f, hf = self._locations[name]
+        return f.raw(hf)
+
+    def stored_dtype(self, name: str) -> str:
+        f, hf = self._locations[name]
+        return f.entries[hf].dtype
+
+    def tensor(self, name: str) -> np.ndarray:
+        """One tensor as float32 (a fresh array; the only copy made)."""
+        rope = self.config.rope_scaling
+        if name == "rope_factors_long.weight" and rope is not None:
+            return np.asarray(rope.long_factor, dtype=np.float32)
+        if name == "rope_factors_short.weight" and rope is not None:
+            return np.asarray(rope.short_factor, dtype=np.float32)
+        if name not in self._locations:
+            raise PocketLMError(f"no tensor {name!r} in this checkpoint", self.path)
+        raw = self.raw(name)
+        if self.stored_dtype(name) == "BF16":
+            return bf16_to_f32(raw)
+        return np.array(raw, dtype=np.float32)
+
+    def weights(self) -> LazyWeights:
+        """A read-only mapping GGUF name -> float32 tensor, converting on each access."""
+        return LazyWeights(self)
+
+    def dtypes(self) -> Counter:
+        return Counter(f.entries[hf].dtype for f, hf in self._locations.values())
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return self.path if (self.path / "tokenizer.json").is_file() else None
+
+    def nbytes(self) -> int:
+        return sum(f.path.stat().st_size for f in self.files)
+
+
+class LazyWeights(Mapping):
+    def __init__(self, ckpt: Checkpoint):
+        self._ckpt = ckpt
+        self._names = ckpt.names()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._ckpt.tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _shard_paths(path: Path) -> list[Path]:
+    """`model.safetensors`, or the shards named by `model.safetensors.index.json` (each must exist)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise PocketLMError(f"invalid safetensors index: {e}", index) from None
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise PocketLMError(f"shard {shard} named in the index is missing", path / shard)
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise PocketLMError("only PyTorch .bin weights found; pocketlm reads safetensors "
+                            "(convert with `save_pretrained(..., safe_serialization=True)`)", path)
+    raise PocketLMError("no model.safetensors or model.safetensors.index.json", path)

@@ -1,0 +1,62 @@
+"""`pocketlm info PATH`: what a checkpoint folder holds, in a few lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .config import parameter_count
+
+
+def describe_checkpoint(path: str | Path) -> str:
+    ckpt = Checkpoint.open(path)
+    cfg = ckpt.config
+    rope = "none (plain RoPE)"
+    if cfg.rope_scaling is not None:
+        rope = (f"LongRoPE, original context {cfg.original_max_position_embeddings}, "
+                f"attention factor {cfg.rope_scaling.attention_factor:.4f}")
+    dtypes = ", ".join(f"{d} x{n}" for d, n in sorted(ckpt.dtypes().items()))
+    attn = "MHA" if cfg.num_key_value_heads == cfg.num_attention_heads else "GQA"
+    lines = [
+        f"checkpoint    {ckpt.path}",
+        f"architecture  Phi3ForCausalLM: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"ffn {cfg.intermediate_size}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} "
+        f"({attn}), head dim {cfg.head_dim}",
+        f"parameters    {parameter_count(cfg):,}",
+        f"dtypes        {dtypes} ({ckpt.nbytes() / 1e6:.1f} MB in {len(ckpt.files)} file(s))",
+        f"context       {cfg.max_position_embeddings} tokens"
+        + (f", sliding window {cfg.sliding_window}" if cfg.sliding_window else ""),
+        f"rope          theta {cfg.rope_theta:g}, scaling {rope}",
+        f"tokenizer     {_describe_tokenizer(ckpt.path)}",
+    ]
+    return "\n".join(lines)
+
+
+def _describe_tokenizer(folder: Path) -> str:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return "none (no tokenizer.json)"
+    tok = json.loads(path.read_text())
+    model = tok.get("model", {})
+    n = len(model.get("vocab", {})) + sum(
+        1 for t in tok.get("added_tokens", []) if t["content"] not in model.get("vocab", {}))
+    fallback = ", byte fallback" if model.get("byte_fallback") else ""
+    return f"{model.get('type', '?')} ({n} tokens{fallback}), {path.name}"
+
+
+def describe(path: str | Path) -> str:
+    """Describe a checkpoint folder."""
+    return describe_checkpoint(path)
+
+
+def _run(args: argparse.Namespace) -> int:
+    print(describe(args.path))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint folder")
+    p.add_argument("path", help="Hugging Face checkpoint folder")
+    p.set_defaults(func=_run)

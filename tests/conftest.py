@@ -1,0 +1,80 @@
+"""Shared fixtures: the `../shared` folder beside the repository (corpus, Phi-3 vocabulary)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "REFERENCE.md").is_file():
+        raise FileNotFoundError(f"{SHARED}: the shared data folder beside the repository is missing")
+    return SHARED
+
+
+# Tiny random Phi-3 configs covering every code path: MHA and GQA, 4k-style and LongRoPE-128k-style
+# (original context 64 so short tests cross it), and a sliding window shorter than test sequences.
+TINY_CONFIGS = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
+    "longrope": dict(num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                     original_max_position_embeddings=64, rope_scaling="longrope"),
+    "swa": dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8),
+}
+
+
+def tiny_hf_config(kind: str, **overrides):
+    """A transformers Phi3Config: hidden 64, 2 layers, head_dim 16, vocab 300 (unless overridden)."""
+    import numpy as np
+    import transformers
+
+    spec = {**TINY_CONFIGS[kind], **overrides}
+    hidden = spec.pop("hidden_size", 64)
+    heads = spec["num_attention_heads"]
+    max_pos = spec.pop("max_position_embeddings", 256)
+    orig = spec.pop("original_max_position_embeddings", max_pos)
+    rope_scaling = None
+    if spec.pop("rope_scaling", None):
+        rng = np.random.default_rng(7)
+        half = hidden // heads // 2
+        rope_scaling = {"type": "longrope",
+                        "short_factor": (1.0 + rng.random(half)).round(4).tolist(),
+                        "long_factor": (1.0 + 8 * rng.random(half)).round(4).tolist()}
+    return transformers.Phi3Config(
+        vocab_size=spec.pop("vocab_size", 300), hidden_size=hidden,
+        intermediate_size=spec.pop("intermediate_size", 128),
+        num_hidden_layers=spec.pop("num_hidden_layers", 2), max_position_embeddings=max_pos,
+        original_max_position_embeddings=orig, rope_scaling=rope_scaling,
+        sliding_window=spec.pop("sliding_window", None), bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, tie_word_embeddings=False, **spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: kind -> folder with a saved random tiny Phi3ForCausalLM (fp32 safetensors)."""
+    import torch
+    import transformers
+
+    made: dict[str, Path] = {}
+
+    def make(kind: str, dtype: str = "float32") -> Path:
+        key = f"{kind}-{dtype}"
+        if key not in made:
+            torch.manual_seed(0)
+            model = transformers.Phi3ForCausalLM(tiny_hf_config(kind)).eval()
+            with torch.no_grad():  # larger-than-init weights so errors are not hidden by tiny logits
+                for p in model.parameters():
+                    if p.dim() == 2:
+                        p.normal_(0.0, 0.08)
+            model = model.to(getattr(torch, dtype))
+            out = tmp_path_factory.mktemp(key)
+            model.save_pretrained(out)
+            made[key] = out
+        return made[key]
+
+    return make
