@@ -1,0 +1,86 @@
+"""`pocketlm info FILE.gguf`: what a GGUF file holds, in a few lines (any architecture)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from .gguf_reader import GGUFReader
+
+
+def describe_gguf(path: str | os.PathLike) -> str:
+    with GGUFReader(path) as r:
+        md = r.metadata
+        arch = str(md.get("general.architecture", "?"))
+
+        def a(key: str, default: Any = None) -> Any:
+            return md.get(f"{arch}.{key}", default)
+
+        lines = [
+            f"gguf          {r.path} (GGUF v{r.version}, {r.file_size / 1e6:.1f} MB)",
+            f"name          {md.get('general.name', '?')}",
+            f"architecture  {arch}: {_model_shape(a)}",
+            f"context       {_context(a)}",
+            f"tensors       {_tensor_summary(r)}",
+            f"tokenizer     {_tokenizer(md)}",
+        ]
+        pocketlm = {k.removeprefix("pocketlm."): v for k, v in md.items() if k.startswith("pocketlm.")}
+        if pocketlm:
+            lines.append("pocketlm      " + ", ".join(f"{k} {_short(v)}" for k, v in pocketlm.items()))
+        return "\n".join(lines)
+
+
+def _model_shape(a) -> str:
+    if a("block_count") is None:
+        return "no model hyper-parameters (vocabulary only?)"
+    heads, kv = a("attention.head_count", "?"), a("attention.head_count_kv", a("attention.head_count", "?"))
+    return (f"{a('block_count')} layers, hidden {a('embedding_length', '?')}, "
+            f"ffn {a('feed_forward_length', '?')}, heads {heads}/{kv} ({'MHA' if heads == kv else 'GQA'})")
+
+
+def _context(a) -> str:
+    text = f"{a('context_length', '?')} tokens"
+    orig = a("rope.scaling.original_context_length")
+    if a("rope.scaling.attn_factor") is not None:
+        text += f", LongRoPE from {orig} (attention factor {a('rope.scaling.attn_factor'):.4f})"
+    if a("attention.sliding_window"):
+        text += f", sliding window {a('attention.sliding_window')}"
+    if a("rope.freq_base") is not None:
+        text += f", rope theta {a('rope.freq_base'):g}"
+    return text
+
+
+def _tensor_summary(r: GGUFReader) -> str:
+    if not r.tensors:
+        return "none"
+    counts: Counter = Counter()
+    weights: Counter = Counter()
+    total_bytes = total_weights = 0
+    for t in r:
+        counts[t.type_name] += 1
+        weights[t.type_name] += t.n_elements
+        total_bytes += t.nbytes
+        total_weights += t.n_elements
+    by_type = ", ".join(f"{name} x{counts[name]} ({weights[name] / total_weights:.1%} of weights)"
+                        for name, _ in weights.most_common())
+    return (f"{len(r.tensors)} ({by_type}); {total_weights:,} weights, "
+            f"{total_bytes * 8 / total_weights:.2f} bits per weight")
+
+
+def _tokenizer(md: dict) -> str:
+    tokens = md.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        return "none"
+    parts = [f"{md.get('tokenizer.ggml.model', '?')} ({len(tokens)} tokens)"]
+    for key in ("bos", "eos"):
+        token_id = md.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            parts.append(f"{key} {token_id} {tokens[token_id]!r}")
+    parts.append("chat template" if "tokenizer.chat_template" in md else "no chat template")
+    return ", ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
