@@ -22,6 +22,7 @@ stay F32 (as llama.cpp keeps 1-D tensors), the embedding and linear layers take 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,15 @@ QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 PAD_SCORE = -10000.0  # what convert_hf_to_gguf gives its "[PAD<i>]" filler tokens
 
 
-def gguf_model_name(name: str) -> str:
-    """A general.name that makes llama.cpp apply Phi-3's special-token rules."""
-    lowered = name.lower()
-    return name if ("phi3" in lowered or "phi-3" in lowered) else f"phi3-{name}"
+def gguf_model_name(name: str, phi3_whitespace_rule: bool = True) -> str:
+    """general.name for llama.cpp, which strips the whitespace after Phi-3's chat tokens exactly
+    when the name contains "phi3" or "phi-3": the name says phi3 exactly when our tokenizer strips."""
+    says_phi3 = re.search(r"phi-?3", name, re.IGNORECASE) is not None
+    if phi3_whitespace_rule and not says_phi3:
+        return f"phi3-{name}"
+    if not phi3_whitespace_rule and says_phi3:
+        return re.sub(r"phi-?3", "model", name, flags=re.IGNORECASE)
+    return name
 
 
 def pad_vocabulary(fields: Mapping[str, Any], vocab_size: int, source: str | None = None) -> dict[str, Any]:
@@ -76,7 +82,7 @@ def phi3_gguf_metadata(cfg: Phi3Config, tokenizer_fields: Mapping[str, Any], *, 
     arch = cfg.to_gguf_metadata()
     md: dict[str, Any] = {
         "general.architecture": arch.pop("general.architecture"),
-        "general.name": gguf_model_name(name),
+        "general.name": gguf_model_name(name, Tokenizer.from_gguf_fields(tokenizer_fields).wants_phi3_name),
         "general.file_type": int(file_type),
         "general.quantization_version": QUANTIZATION_VERSION,
     }

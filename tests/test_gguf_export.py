@@ -307,6 +307,7 @@ def test_pad_vocabulary():
 def test_model_name_keeps_llama_cpp_phi3_rules():
     assert gguf_model_name("Phi-3-mini-4k-instruct") == "Phi-3-mini-4k-instruct"
     assert gguf_model_name("my-model") == "phi3-my-model"
+    assert gguf_model_name("phi3-tiny", phi3_whitespace_rule=False) == "model-tiny"
 
 
 def test_cli_export_and_describe(exports, tmp_path, capsys):
