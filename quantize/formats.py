@@ -13,6 +13,8 @@ Byte layouts (ggml-common.h), one block:
   Q8_0  fp16 d | 32 x int8            x = d * q
   Q4_K  fp16 d | fp16 dmin | 12 B 6-bit scales and mins of 8 sub-blocks of 32 | 128 B qs
         x = d*sc*q - dmin*m; each 64 values use 32 bytes: value l in the low nibble, l+32 high
+  Q5_K  as Q4_K with 32 B qh before qs: q in 0..31, low 4 bits in qs as Q4_K, bit 4 of value l of
+        sub-block s in bit s of qh[l]
   Q6_K  128 B ql | 64 B qh | 16 x int8 scales | fp16 d        x = d*sc*(q - 32), sub-blocks of 16
 """
 
@@ -38,6 +40,7 @@ class GGMLType(IntEnum):
     Q4_1 = 3
     Q8_0 = 8
     Q4_K = 12
+    Q5_K = 13
     Q6_K = 14
     BF16 = 30
 
@@ -51,6 +54,7 @@ BLOCK_SHAPE: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q4_1: (32, 20),
     GGMLType.Q8_0: (32, 34),
     GGMLType.Q4_K: (256, 144),
+    GGMLType.Q5_K: (256, 176),
     GGMLType.Q6_K: (256, 210),
 }
 
@@ -338,22 +342,45 @@ def _requantize(x: np.ndarray, step: np.ndarray, offset: np.ndarray | None, lo: 
     return np.where(step == 0, fallback, l)
 
 
-class Q4_K(QuantFormat, gtype=GGMLType.Q4_K):
-    """Codes uint8 [n, 256] in 0..15; fields: d float16 [n], dmin float16 [n],
-    scales uint8 [n, 8] and mins uint8 [n, 8] (6-bit, one per sub-block of 32)."""
+def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """6-bit scales and mins [n, 8] uint8 -> the 12 `scales` bytes [n, 12] read by get_scale_min_k4:
+    bytes 0-3 scales 0-3 (+ high bits of scales 4-7 in bits 6-7), bytes 4-7 mins 0-3 (+ high bits
+    of mins 4-7), bytes 8-11 low nibbles of scales|mins 4-7."""
+    return np.concatenate([
+        ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
+        lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+        (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4),
+    ], axis=1)
 
-    code_min, code_max, code_zero = 0, 15, 0
+
+def _unpack_scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, 12] `scales` bytes -> (scales [n, 8], mins [n, 8]) uint8 in 0..63."""
+    ls = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    lm = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return ls, lm
+
+
+class _ScaleMinK(QuantFormat):
+    """The K-quants with 8 sub-blocks of 32, each with a 6-bit scale and a 6-bit min (Q4_K, Q5_K):
+    x = d*sc*q - dmin*m, q in 0..code_max. Codes uint8 [n, 256]; fields: d float16 [n],
+    dmin float16 [n], scales uint8 [n, 8] and mins uint8 [n, 8]. The subclass gives the code
+    range, the parameters of its reference search and how the codes are laid out in bytes."""
+
+    code_min, code_zero = 0, 0
+    # make_qkx2_quants (rmin, rdelta, nstep) of quantize_row_*_ref; the imatrix search
+    # (quantize_row_*_impl) is make_qkx3_quants(-0.9, 0.05, 36) for both formats
+    ref_search: ClassVar[tuple[float, float, int]]
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        # quantize_row_q4_K_ref: per sub-block of 32, make_qkx2_quants with weights
+        # quantize_row_q4_K_ref / q5_K_ref: per sub-block of 32, make_qkx2_quants with weights
         # sqrt(mean x^2) + |x|; sub-block scales and mins quantized to 6 bits against their
         # maxima; values requantized against the fp16-rounded result.
-        n = blocks.shape[0]
+        n, name = blocks.shape[0], cls.gtype.name
         x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)  # [32, sub-blocks]; C order: sequential sums
         av_x = np.sqrt((x * x).sum(axis=0) / F32(32))
         weights = av_x + np.abs(x)
-        scales, mins, codes = ss.make_qkx_quants(x, 15, weights, -1.0, 0.1, 20)
+        scales, mins, codes = ss.make_qkx_quants(x, cls.code_max, weights, *cls.ref_search)
         scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
         max_scale = np.maximum(scales.max(axis=1), F32(0))
         max_min = np.maximum(mins.max(axis=1), F32(0))
@@ -366,57 +393,60 @@ class Q4_K(QuantFormat, gtype=GGMLType.Q4_K):
             lm = np.nan_to_num(np.rint(inv_min[:, None] * mins), nan=0, posinf=63, neginf=0)
         ls = np.minimum(ls.astype(np.int64) & 0xFF, 63).astype(np.uint8)
         lm = np.minimum(lm.astype(np.int64) & 0xFF, 63).astype(np.uint8)
-        d = to_f16(max_scale / F32(63), "Q4_K scale")
-        dmin = to_f16(max_min / F32(63), "Q4_K min scale")
-        codes = codes.T.reshape(n, 8, 32)
-        step, offset = cls.affine(d, dmin, ls, lm)
-        codes = _requantize(blocks.reshape(n, 8, 32), step, offset, 0, 15, codes)
-        return cls.pack(codes.reshape(n, 256).astype(np.uint8), d, dmin, ls, lm)
+        d = to_f16(max_scale / F32(63), f"{name} scale")
+        dmin = to_f16(max_min / F32(63), f"{name} min scale")
+        codes = cls._final_codes(blocks, codes, d, dmin, ls, lm)
+        return cls.pack(codes, d, dmin, ls, lm)
 
     @classmethod
     def search_blocks(cls, blocks: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
-        # quantize_row_q4_K_impl: make_qkx3_quants per sub-block, then make_qp_quants chooses
-        # the 6-bit sub-block scales and mins (weighted by each sub-block's total weight)
-        n = blocks.shape[0]
+        # quantize_row_q4_K_impl / q5_K_impl: make_qkx3_quants per sub-block, then make_qp_quants
+        # chooses the 6-bit sub-block scales and mins (weighted by each sub-block's total weight)
+        n, name = blocks.shape[0], cls.gtype.name
         x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)
         w = np.ascontiguousarray(weights.reshape(n * 8, 32).T, dtype=F32)
-        scales, mins, codes = ss.make_qkx_quants(x, 15, w, -0.9, 0.05, 36)
+        scales, mins, codes = ss.make_qkx_quants(x, cls.code_max, w, -0.9, 0.05, 36)
         sub_weight = np.ascontiguousarray(w.sum(axis=0).reshape(n, 8).T)  # [8, n]
         d_block, ls = ss.make_qp_quants(np.ascontiguousarray(scales.reshape(n, 8).T), 63, sub_weight)
         m_block, lm = ss.make_qp_quants(np.ascontiguousarray(mins.reshape(n, 8).T), 63, sub_weight)
-        d, dmin = to_f16(d_block, "Q4_K scale"), to_f16(m_block, "Q4_K min scale")
+        d, dmin = to_f16(d_block, f"{name} scale"), to_f16(m_block, f"{name} min scale")
         ls, lm = ls.T.astype(np.uint8), lm.T.astype(np.uint8)
+        return cls._final_codes(blocks, codes, d, dmin, ls, lm), d, dmin, ls, lm
+
+    @classmethod
+    def _final_codes(cls, blocks: np.ndarray, codes: np.ndarray, d: np.ndarray, dmin: np.ndarray,
+                    ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+        """Search codes [32, n * 8] -> final codes uint8 [n, 256] against the stored fields."""
+        n = blocks.shape[0]
         step, offset = cls.affine(d, dmin, ls, lm)
-        codes = _requantize(blocks.reshape(n, 8, 32), step, offset, 0, 15, codes.T.reshape(n, 8, 32))
-        return codes.reshape(n, 256).astype(np.uint8), d, dmin, ls, lm
+        fallback = codes.T.reshape(n, 8, 32)
+        codes = _requantize(blocks.reshape(n, 8, 32), step, offset, 0, cls.code_max, fallback)
+        return codes.reshape(n, 256).astype(np.uint8)
 
     @classmethod
     def pack(cls, codes: np.ndarray, d: np.ndarray, dmin: np.ndarray, scales: np.ndarray,
              mins: np.ndarray) -> np.ndarray:
-        n = len(d)
-        codes = _check_codes(codes, (n, 256), 0, 15, "Q4_K").astype(np.uint8)
-        ls = _check_codes(scales, (n, 8), 0, 63, "Q4_K scales").astype(np.uint8)
-        lm = _check_codes(mins, (n, 8), 0, 63, "Q4_K mins").astype(np.uint8)
-        # get_scale_min_k4 layout: bytes 0-3 scales 0-3 (+ high bits of scales 4-7 in bits 6-7),
-        # bytes 4-7 mins 0-3 (+ high bits of mins 4-7), bytes 8-11 low nibbles of scales|mins 4-7
-        packed = np.concatenate([
-            ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
-            lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
-            (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4),
-        ], axis=1)
-        chunks = codes.reshape(n, 4, 2, 32)  # 64-value chunks: first 32 low nibble, next 32 high
-        qs = _pack_nibbles(chunks[:, :, 0], chunks[:, :, 1]).reshape(n, 128)
-        return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed, qs], axis=1)
+        n, name = len(d), cls.gtype.name
+        codes = _check_codes(codes, (n, 256), 0, cls.code_max, name).astype(np.uint8)
+        ls = _check_codes(scales, (n, 8), 0, 63, f"{name} scales").astype(np.uint8)
+        lm = _check_codes(mins, (n, 8), 0, 63, f"{name} mins").astype(np.uint8)
+        return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm),
+                               cls._pack_codes(codes)], axis=1)
 
     @classmethod
     def unpack(cls, raw: np.ndarray) -> tuple[np.ndarray, ...]:
-        n = raw.shape[0]
-        s = raw[:, 4:16]
-        ls = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
-        lm = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
-        qs = raw[:, 16:144].reshape(n, 4, 1, 32)
-        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, 256)
-        return codes, _f16_field(raw, 0), _f16_field(raw, 2), ls, lm
+        ls, lm = _unpack_scale_min_k4(raw[:, 4:16])
+        return cls._unpack_codes(raw[:, 16:]), _f16_field(raw, 0), _f16_field(raw, 2), ls, lm
+
+    @classmethod
+    def _pack_codes(cls, codes: np.ndarray) -> np.ndarray:
+        """codes uint8 [n, 256] -> the block's bytes after `scales`."""
+        raise NotImplementedError
+
+    @classmethod
+    def _unpack_codes(cls, tail: np.ndarray) -> np.ndarray:
+        """The block's bytes after `scales` [n, type_size - 16] -> codes uint8 [n, 256]."""
+        raise NotImplementedError
 
     @classmethod
     def affine(cls, d: np.ndarray, dmin: np.ndarray, scales: np.ndarray,
@@ -424,6 +454,56 @@ class Q4_K(QuantFormat, gtype=GGMLType.Q4_K):
         step = d.astype(F32)[:, None] * scales.astype(F32)  # [n, 8]
         offset = -(dmin.astype(F32)[:, None] * mins.astype(F32))
         return step[:, :, None], offset[:, :, None]
+
+
+def _pack_low_nibbles(codes: np.ndarray) -> np.ndarray:
+    """codes [n, 256] -> qs [n, 128]: the low 4 bits; in each 64-value chunk, 32 bytes hold
+    value l in the low nibble and value l + 32 in the high nibble."""
+    chunks = codes.reshape(len(codes), 4, 2, 32)
+    return _pack_nibbles(chunks[:, :, 0], chunks[:, :, 1]).reshape(len(codes), 128)
+
+
+def _unpack_low_nibbles(qs: np.ndarray) -> np.ndarray:
+    """qs [n, 128] -> the low 4 bits of the codes [n, 256]."""
+    qs = qs.reshape(len(qs), 4, 1, 32)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(len(qs), 256)
+
+
+class Q4_K(_ScaleMinK, gtype=GGMLType.Q4_K):
+    """Codes uint8 [n, 256] in 0..15; fields: d float16 [n], dmin float16 [n],
+    scales uint8 [n, 8] and mins uint8 [n, 8] (6-bit, one per sub-block of 32).
+    Bytes after `scales`: qs [128]."""
+
+    code_max = 15
+    ref_search = (-1.0, 0.1, 20)
+
+    @classmethod
+    def _pack_codes(cls, codes: np.ndarray) -> np.ndarray:
+        return _pack_low_nibbles(codes)
+
+    @classmethod
+    def _unpack_codes(cls, tail: np.ndarray) -> np.ndarray:
+        return _unpack_low_nibbles(tail)
+
+
+class Q5_K(_ScaleMinK, gtype=GGMLType.Q5_K):
+    """Codes uint8 [n, 256] in 0..31; fields as Q4_K. Bytes after `scales`: qh [32], qs [128]:
+    qs holds the low 4 bits as in Q4_K; bit s of qh[l] is bit 4 of value l of sub-block s."""
+
+    code_max = 31
+    ref_search = (-0.5, 0.1, 15)
+
+    @classmethod
+    def _pack_codes(cls, codes: np.ndarray) -> np.ndarray:
+        high = (codes >> 4).reshape(len(codes), 8, 32)  # [n, sub-block, l]
+        qh = (high << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1, dtype=np.uint8)
+        return np.concatenate([qh, _pack_low_nibbles(codes & 0x0F)], axis=1)
+
+    @classmethod
+    def _unpack_codes(cls, tail: np.ndarray) -> np.ndarray:
+        qh = tail[:, None, :32]  # [n, 1, 32]
+        high = ((qh >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).reshape(len(tail), 256)
+        return _unpack_low_nibbles(tail[:, 32:]) | (high << 4)
 
 
 class Q6_K(QuantFormat, gtype=GGMLType.Q6_K):
@@ -495,7 +575,7 @@ class Q6_K(QuantFormat, gtype=GGMLType.Q6_K):
 
 
 FORMATS: dict[GGMLType, type[BlockFormat]] = {
-    f.gtype: f for f in (F32Format, F16Format, BF16Format, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)
+    f.gtype: f for f in (F32Format, F16Format, BF16Format, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
 }
 
 # values per quantize/dequantize chunk: bounds the temporaries (K-quant search: ~20 arrays)

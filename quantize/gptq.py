@@ -2,9 +2,9 @@
 rounding error over the columns not yet quantized, weighted by the inverse Hessian of the layer's
 output error, H = 2/n X^T X for calibration inputs X [n, in].
 
-Written into GGUF blocks: a block's scale fields (Q4_0 d; Q4_1 d, m; Q8_0 d; Q4_K d, dmin and the
-8 sub-block scales/mins; Q6_K d and 16 sub-block scales) are chosen when the sweep first reaches a
-column of that block (for K-quants: of that 256-column super-block), by the importance-weighted
+Written into GGUF blocks: a block's scale fields (Q4_0 d; Q4_1 d, m; Q8_0 d; Q4_K and Q5_K d, dmin
+and the 8 sub-block scales/mins; Q6_K d and 16 sub-block scales) are chosen when the sweep first
+reaches a column of that block (for K-quants: of that 256-column super-block), by the importance-weighted
 scale search of quantize/search.py (importance = the imatrix, mean x^2 = diag(H)/2) on the
 error-updated, not yet quantized weights of the whole block. The sweep then rounds each column
 to the nearest code of its fixed grid: code = clamp(round((w - offset) / step) + zero).

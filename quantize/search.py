@@ -1,12 +1,13 @@
 """The `mse` and `imatrix` methods: per-block scale search minimising (weighted) squared error.
 
 This is llama.cpp's importance-matrix quantization (`quantize_row_*_impl` in ggml-quants.c):
-bytes identical to llama.cpp's `ggml_quantize_chunk(..., imatrix)` for Q4_0, Q4_1, Q4_K and Q6_K.
+bytes identical to llama.cpp's `ggml_quantize_chunk(..., imatrix)` for Q4_0, Q4_1, Q4_K, Q5_K
+and Q6_K.
   imatrix  importance = the calibration imatrix, mean x^2 per input channel
   mse      importance = 1 for every channel (no calibration)
 The importance of input channel j becomes a weight per value W[r, j] by llama.cpp's recipe:
   Q4_0, Q4_1, Q8_0  w = imp[j] * sqrt(sigma2_row + W[r, j]^2),  sigma2_row = mean of W[r]^2
-  Q4_K              w = imp[j] * sqrt(sigma2 + W[r, j]^2),      sigma2 = 2 * mean x^2 of the super-block
+  Q4_K, Q5_K        w = imp[j] * sqrt(sigma2 + W[r, j]^2),      sigma2 = 2 * mean x^2 of the super-block
   Q6_K              w = imp[j]
 Q8_0 is pocketlm's extension (llama.cpp ignores the imatrix for Q8_0): the Q4_0 search with codes
 -128..127. Channels of zero importance (dead in the calibration set) get a tiny positive importance
@@ -50,7 +51,7 @@ def value_weights(gtype: GGMLType, x: np.ndarray, importance: np.ndarray,
     importance [n] > 0; sigma2 [rows] (Q4_0/Q4_1/Q8_0: mean x^2 of the whole row; default: of x)."""
     if gtype == GGMLType.Q6_K:
         return np.broadcast_to(importance, x.shape).astype(F32)
-    if gtype == GGMLType.Q4_K:
+    if gtype in (GGMLType.Q4_K, GGMLType.Q5_K):
         rows, n = x.shape
         sb = np.ascontiguousarray(x.reshape(rows * (n // QK_K), QK_K).T)  # [256, super-blocks]
         s2 = (F32(2) * (sb * sb).sum(axis=0) / F32(QK_K)).reshape(rows, n // QK_K)

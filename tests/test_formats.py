@@ -18,7 +18,7 @@ from gguf import quants as gq
 from pocketlm.errors import PocketLMError
 from pocketlm.quantize import formats as F
 
-QUANT_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+QUANT_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 ALL_TYPES = [*QUANT_TYPES, "F32", "F16", "BF16"]
 
 
@@ -130,6 +130,8 @@ def test_pack_unpack_roundtrip_is_the_gguf_layout(name):
         "Q4_1": lambda: (f16(), f16()),
         "Q4_K": lambda: (f16(), f16(), rng.integers(0, 64, (n, 8)).astype(np.uint8),
                          rng.integers(0, 64, (n, 8)).astype(np.uint8)),
+        "Q5_K": lambda: (f16(), f16(), rng.integers(0, 64, (n, 8)).astype(np.uint8),
+                         rng.integers(0, 64, (n, 8)).astype(np.uint8)),
         "Q6_K": lambda: (f16(), rng.integers(-128, 128, (n, 16)).astype(np.int8)),
     }[name]()
     raw = fmt.pack(codes, *fields)
@@ -145,14 +147,16 @@ def test_pack_unpack_roundtrip_is_the_gguf_layout(name):
 
 def test_kquant_error_size_on_gaussian_data():
     """Relative RMS error of the reference round-trip on N(0, 1): what llama.cpp itself gives
-    (0.0713 for Q4_K, 0.0178 for Q6_K on this data: 4.5 and 6.56 bits per weight)."""
+    (0.0713 for Q4_K, 0.0361 for Q5_K, 0.0178 for Q6_K on this data: 4.5, 5.5 and 6.56 bits per
+    weight; each extra bit about halves the error)."""
     x = np.random.default_rng(5).standard_normal((256, 2048)).astype(np.float32)
     rel = {}
-    for name in ("Q4_0", "Q4_K", "Q6_K", "Q8_0"):
+    for name in ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0"):
         gtype = F.GGMLType[name]
         y = F.dequantize(F.quantize(x, gtype), gtype, x.shape)
         rel[name] = float(np.sqrt(np.mean((y - x) ** 2) / np.mean(x**2)))
     assert 0.065 < rel["Q4_K"] < 0.078
+    assert 0.033 < rel["Q5_K"] < 0.039
     assert 0.015 < rel["Q6_K"] < 0.020
     assert rel["Q8_0"] < 0.006
     assert rel["Q4_K"] < rel["Q4_0"]  # same 4.5 bpw, the asymmetric sub-block search is better

@@ -21,7 +21,7 @@ from pocketlm.errors import PocketLMError
 from pocketlm.quantize import awq, gptq, methods, search
 from pocketlm.quantize import formats as F
 
-QUANT_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+QUANT_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 K_IN, N_OUT = 512, 96
 
 
@@ -91,7 +91,7 @@ def test_hessian_accumulator_matches_definition(layer):
         _ = gptq.HessianAccumulator(4).hessian
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_search_bytes_identical_to_llama_cpp_imatrix_quantizer(name, layer):
     """`imatrix` = llama.cpp quantizing with that imatrix; `mse` = llama.cpp with unit importance."""
     gtype = F.GGMLType[name]
