@@ -492,9 +492,12 @@ class Tokenizer:
             return False
         return set(self.rstrip_ids) == set(_phi3_rstrip_ids(self.pieces, self.token_types, self.control_ids))
 
-    def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
-        """A decoder fed one token at a time that returns only complete UTF-8 text."""
-        return StreamDecoder(self, skip_special)
+    def stream_decoder(self, skip_special: bool = True, continuation: bool = False) -> StreamDecoder:
+        """A decoder fed one token at a time that returns only complete UTF-8 text.
+
+        `continuation=True` for text that follows a prompt: the leading space of the first token is
+        then a real space, not SentencePiece's dummy prefix, and is kept."""
+        return StreamDecoder(self, skip_special, continuation)
 
     # -------------------------------------------------------------------------------------- chat
 
@@ -566,11 +569,11 @@ class StreamDecoder:
     """Turns generated token ids into text as they come, holding back partial UTF-8 sequences.
     The concatenation of everything `push` and `flush` return equals `Tokenizer.decode(ids)`."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True, continuation: bool = False):
         self._tokenizer = tokenizer
         self._skip_special = skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._started = False
+        self._started = continuation
 
     def push(self, token_id: int) -> str:
         return self._emit(self._utf8.decode(self._tokenizer.token_bytes(token_id, self._skip_special)))

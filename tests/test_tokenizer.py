@@ -202,6 +202,17 @@ def test_stream_decoder_holds_back_partial_utf8(tok: Tokenizer):
     assert "" in parts  # some bytes were held back until their character was complete
 
 
+def test_stream_decoder_continuation_keeps_the_space_after_a_prompt(tok: Tokenizer):
+    """Generated text follows a prompt: decode(prompt) + streamed continuation == decode(all ids)."""
+    ids = tok.encode("Now, my lords, and then we part")
+    prompt = tok.encode("Now, my lords,")
+    assert ids[: len(prompt)] == prompt
+    stream = tok.stream_decoder(continuation=True)
+    continued = "".join(stream.push(i) for i in ids[len(prompt) :]) + stream.flush()
+    assert tok.decode(prompt) + continued == tok.decode(ids)
+    assert continued == " and then we part"
+
+
 def test_stop_ids_and_specials(tok: Tokenizer):
     assert tok.stop_ids == [32000, 32007]
     assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (1, 32000, 0, 32000)
