@@ -1,4 +1,4 @@
-"""`pocketlm info PATH`: what a checkpoint folder holds, in a few lines."""
+"""`pocketlm info PATH`: what a checkpoint folder, GGUF file or ONNX folder holds, in a few lines."""
 
 from __future__ import annotations
 
@@ -47,7 +47,16 @@ def _describe_tokenizer(folder: Path) -> str:
 
 
 def describe(path: str | Path) -> str:
-    """Describe a checkpoint folder."""
+    """Describe a checkpoint folder, a GGUF file or an exported ONNX folder."""
+    path = Path(path)
+    if path.is_file():
+        from .export.gguf_info import describe_gguf
+
+        return describe_gguf(path)
+    if (path / "genai_config.json").is_file():
+        from .export.onnx_export import describe_onnx
+
+        return describe_onnx(path)
     return describe_checkpoint(path)
 
 
@@ -57,6 +66,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe a checkpoint folder")
-    p.add_argument("path", help="Hugging Face checkpoint folder")
+    p = sub.add_parser("info", help="describe a checkpoint folder, GGUF file or ONNX folder")
+    p.add_argument("path", help="Hugging Face checkpoint folder, .gguf file or exported ONNX folder")
     p.set_defaults(func=_run)
