@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --gguf: type of the embedding and linear weights (norms stay f32); default f16")
     p.add_argument("--onnx", metavar="OUT_DIR",
                    help="convert the GGUF file into an ONNX folder for ONNX Runtime / onnxruntime-genai")
-    p.add_argument("--accuracy-level", type=int, default=None,
-                   help="with --onnx: MatMulNBits accuracy level 0, 1 (default, float32 activations) or 4 "
-                        "(int8 activations: faster, can change top tokens)")
+    p.add_argument("--accuracy-level", choices=("0", "1", "4", "auto"), default=None,
+                   help="with --onnx: MatMulNBits accuracy level 0, 1 (default, float32 activations), 4 "
+                        "(int8 activations: faster, can change top tokens; onnxruntime issue 29849) or "
+                        "auto (4 only if it changes no top-1 token on a probe text)")
     p.set_defaults(func=_run)

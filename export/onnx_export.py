@@ -1,0 +1,434 @@
+"""GGUF -> ONNX folder for ONNX Runtime (Mobile) and onnxruntime-genai, holding the same weights.
+
+    export_onnx("model.q4_0.gguf", "model-onnx/")   # model.onnx, model.onnx.data,
+                                                    # genai_config.json, tokenizer files
+
+Every weight keeps its GGUF integer codes and scales: each quantized linear layer becomes a
+`MatMulNBits` whose dequantized weights equal the GGUF's dequantized weights bit for bit (mapping
+per block type in `onnx_weights`); a tensor that cannot be carried exactly is refused with a
+message naming it. The graph itself is in `onnx_graph`.
+
+Policies (documented because peers differ):
+- LongRoPE: two cos/sin caches, short factors ([original context, head_dim/2]) and long factors
+  ([context, head_dim/2]); an `If` on the attention mask width picks long once the total sequence
+  passes the original context. That is onnxruntime-genai's builder layout
+  (`make_rotary_embedding_multi_cache`) and the rule of transformers and pocketlm's reference
+  (factors chosen from the current total length; keys already in the cache keep their rotation).
+  The caches are computed with `pocketlm.reference.rope_cos_sin`, so they hold the reference's
+  float32 values.
+- Sliding window: a query attends to the last `sliding_window` positions including itself (the
+  reference and transformers); GroupQueryAttention's `local_window_size` = sliding_window gives
+  exactly that (checked against the reference in tests/test_onnx_export.py).
+- accuracy_level (MatMulNBits activations): default 1, float32 activations, so the ONNX model
+  computes what the GGUF defines; 4 (int8 activations, ~5x faster per 4-bit matmul on this x86
+  CPU) is opt-in because it flips top tokens on Phi-3.5-mini (onnxruntime issue 29849); "auto"
+  builds with 1 and switches to 4 only if a probe text keeps every top-1 token (`onnx_accuracy`).
+  8-bit weights (Q8_0, Q6_K) are written as two exact 4-bit halves at levels 0/1, because
+  onnxruntime has no float32 kernel for 8-bit MatMulNBits (~20x slower), and whole at level 4.
+- Size: MatMulNBits scales must have the activations' type (float32), so each block costs 2 bytes
+  more than GGUF's fp16 scale (Q4_0: 5.0 instead of 4.5 bits per weight; Q4_K adds float32
+  block minimums, Q6_K split in halves 12.25 bits at level 1, 10 at level 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto
+
+from pocketlm.config import Phi3Config, tensor_specs
+from pocketlm.errors import PocketLMError
+from pocketlm.quantize.formats import GGMLType
+
+from .genai_config import make_genai_config, write_genai_config
+from .gguf_format import type_name
+from .gguf_reader import GGUFReader, TensorInfo
+from .onnx_graph import ExternalData, GraphBuilder, tensor_info, write_model
+from .onnx_info import GENAI_CONFIG, MODEL_FILE, describe_onnx, is_onnx_folder  # noqa: F401
+from .onnx_weights import (
+    FLOAT_TYPES,
+    MATMUL_NBITS_TYPES,
+    NBitsWeight,
+    convert_embedding,
+    convert_linear,
+)
+
+DATA_FILE = "model.onnx.data"
+# Files an export writes; an existing folder holding only these (or nothing) may be replaced.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_FILES = (MODEL_FILE, DATA_FILE, GENAI_CONFIG, *TOKENIZER_FILES)
+
+ACCURACY_LEVELS = (0, 1, 4)
+AUTO = "auto"
+DEFAULT_ACCURACY_LEVEL = 1
+PROBE_TOKENS = 64  # tokens of the probe text the "auto" check runs (level 1 vs 4)
+ACCURACY_REASONS = {
+    0: "accuracy_level 0 (unset: ONNX Runtime computes with float32 activations on CPU)",
+    1: "accuracy_level 1 (float32 activations): the exported model computes what the GGUF "
+       "defines, to float32 rounding",
+    4: "accuracy_level 4 (int8 activations): faster on CPU, but activations are rounded to int8 "
+       "per block; on models with outlier activations it picks wrong top tokens (onnxruntime issue "
+       "29849, Phi-3.5-mini)",
+}
+
+
+def choose_accuracy_level(requested: int | str | None) -> tuple[int, str]:
+    """-> (level to build with, why). The default is 1: the export promises the GGUF's model, and
+    int8 activations (level 4) change the top token on Phi-3.5-mini (onnxruntime issue 29849), so
+    speed is opt-in: `4`, or `"auto"` (build with 1, switch to 4 if `int8_activation_check` passes)."""
+    if requested == AUTO:
+        return 1, "auto"
+    if requested is None:
+        return DEFAULT_ACCURACY_LEVEL, (f"{ACCURACY_REASONS[DEFAULT_ACCURACY_LEVEL]} (default; "
+                                        f"--accuracy-level 4 is faster but can flip top tokens, "
+                                        f"onnxruntime issue 29849)")
+    if requested not in ACCURACY_LEVELS:
+        raise PocketLMError(f"accuracy level must be one of {ACCURACY_LEVELS}, got {requested}")
+    return requested, f"{ACCURACY_REASONS[requested]} (requested)"
+
+
+@dataclass
+class ExportSummary:
+    path: Path
+    accuracy_level: int
+    accuracy_reason: str
+    tensor_types: Counter = field(default_factory=Counter)  # GGUF type name -> tensors exported
+    model_bytes: int = 0                                    # model.onnx + model.onnx.data
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        types = ", ".join(f"{t} x{n}" for t, n in sorted(self.tensor_types.items()))
+        return (f"wrote {self.path} ({self.model_bytes / 1e6:.1f} MB of model in {self.seconds:.1f} s)\n"
+                f"  GGUF tensor types: {types}\n  {self.accuracy_reason}")
+
+
+# ---------------------------------------------------------------------------- reading the GGUF
+
+class _Source:
+    """A GGUF opened for export: config, tokenizer fields, and tensor bytes read with pread (not
+    the reader's map, so the pages of a multi-GB file do not pile up in this process)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.reader = GGUFReader(path)
+        self.fd = -1
+        try:
+            md = self.reader.metadata
+            factors = {n: self.reader.tensor(n).astype(np.float32) for n in
+                       ("rope_factors_long.weight", "rope_factors_short.weight") if n in self.reader.tensors}
+            self.cfg = Phi3Config.from_gguf_metadata(md, factors, source=path)
+            self._check_tensors()
+            self.fd = os.open(path, os.O_RDONLY)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.reader.close()
+
+    def _check_tensors(self) -> None:
+        for spec in tensor_specs(self.cfg):
+            if spec.kind == "rope_factors":
+                continue
+            info = self.reader.tensors.get(spec.name)
+            if info is None:
+                if spec.name == "output.weight":  # llama.cpp falls back to the embedding (tied)
+                    continue
+                raise PocketLMError(f"GGUF file has no tensor {spec.name!r}", self.path)
+            if info.shape != spec.shape:
+                raise PocketLMError(f"tensor {spec.name!r} has shape {info.shape}, the config implies "
+                                    f"{spec.shape}", self.path)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.reader.info(name)
+
+    def raw(self, name: str) -> np.ndarray:
+        t = self.info(name)
+        buf = bytearray(t.nbytes)
+        view, done = memoryview(buf), 0
+        while done < t.nbytes:
+            n = os.preadv(self.fd, [view[done:]], t.offset + done)
+            if n <= 0:
+                raise PocketLMError(f"cannot read tensor {name!r}: file ends early", self.path)
+            done += n
+        return np.frombuffer(buf, dtype=np.uint8)
+
+    def gtype(self, name: str) -> int:
+        """The tensor's ggml type id, if the exporter can carry it exactly."""
+        t = self.info(name)
+        known = (*MATMUL_NBITS_TYPES, *FLOAT_TYPES, GGMLType.BF16)
+        if t.type_id not in known:
+            supported = ", ".join(type_name(x) for x in known)
+            raise PocketLMError(f"tensor {name!r} has type {t.type_name}, which the ONNX exporter cannot "
+                                f"convert losslessly (supported: {supported})", self.path)
+        return t.type_id
+
+    def floats(self, name: str) -> np.ndarray:
+        """A float tensor (norm weights): F32 as is, F16/BF16 widened exactly."""
+        if self.gtype(name) in MATMUL_NBITS_TYPES:
+            raise PocketLMError(f"tensor {name!r} is {self.info(name).type_name}; norm weights must be "
+                                f"F32, F16 or BF16", self.path)
+        return np.ascontiguousarray(self.reader.dequantize(name), dtype=np.float32)
+
+    def linear(self, name: str) -> NBitsWeight | np.ndarray:
+        """MatMulNBits initializers, or W.T [K, N] (F32, or F16 kept as F16) for float tensors."""
+        gtype, t = self.gtype(name), self.info(name)
+        if gtype in MATMUL_NBITS_TYPES:
+            return convert_linear(self.raw(name).reshape(t.shape[0], -1), gtype, t.shape, name, self.path)
+        if gtype == GGMLType.F16:
+            return np.ascontiguousarray(self.raw(name).view("<f2").reshape(t.shape).T)
+        return np.ascontiguousarray(self.reader.dequantize(name).T)
+
+    def embedding(self, name: str):
+        """GatherBlockQuantized initializers where exact, else the table as F16 or F32."""
+        gtype, t = self.gtype(name), self.info(name)
+        if gtype in MATMUL_NBITS_TYPES:
+            return convert_embedding(self.raw(name).reshape(t.shape[0], -1), gtype, t.shape, name, self.path)
+        if gtype == GGMLType.F16:
+            return self.raw(name).view("<f2").reshape(t.shape)
+        return np.ascontiguousarray(self.reader.dequantize(name), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------- the graph
+
+def _rope_caches(g: GraphBuilder, cfg: Phi3Config, total_len_i64: str) -> tuple[str, str]:
+    """cos/sin caches [positions, head_dim/2] for GroupQueryAttention (see the module docstring)."""
+    from pocketlm.reference import rope_cos_sin
+
+    def caches(tag: str, length: int, long: bool) -> tuple[str, str]:
+        cos, sin = rope_cos_sin(cfg, np.arange(length), long)
+        return g.weight(f"cos_cache{tag}", cos), g.weight(f"sin_cache{tag}", sin)
+
+    if cfg.rope_scaling is None:
+        return caches("", cfg.max_position_embeddings, False)
+    from onnx import helper
+
+    orig = cfg.original_max_position_embeddings
+    branches = {}
+    for tag, length, long in (("_large", cfg.max_position_embeddings, True), ("_small", orig, False)):
+        cos, sin = caches(tag, length, long)
+        outs = [f"/model/rope{tag}/cos", f"/model/rope{tag}/sin"]
+        nodes = [helper.make_node("Identity", [cos], [outs[0]], name=f"/model/rope{tag}/cos/Identity"),
+                 helper.make_node("Identity", [sin], [outs[1]], name=f"/model/rope{tag}/sin/Identity")]
+        shape = [length, cfg.head_dim // 2]
+        branches[tag] = helper.make_graph(nodes, f"rope{tag}", [],
+                                          [tensor_info(o, TensorProto.FLOAT, shape) for o in outs])
+    is_long = g.node("Greater", [total_len_i64, g.const(orig)], name="/model/rope_caches/Greater")[0]
+    cos, sin = g.node("If", [is_long], ["cos_cache", "sin_cache"], name="/model/rope_caches/If",
+                      then_branch=branches["_large"], else_branch=branches["_small"])
+    return cos, sin
+
+
+def _attention_lengths(g: GraphBuilder) -> tuple[str, str, str]:
+    """attention_mask [B, T] -> seqlens_k int32 [B] (row sums - 1), total_seq_len int32 scalar, and
+    the same total as int64 (for the LongRoPE switch)."""
+    p = "/model/attn_mask_reformat"
+    rows = g.node("ReduceSum", ["attention_mask", g.const([1])], name=f"{p}/ReduceSum", keepdims=0)[0]
+    last = g.node("Sub", [rows, g.const(1)], name=f"{p}/Sub")[0]
+    seqlens = g.node("Cast", [last], name=f"{p}/Sub/Cast", to=TensorProto.INT32)[0]
+    shape = g.node("Shape", ["attention_mask"], name=f"{p}/Shape")[0]
+    total = g.node("Gather", [shape, g.const(1)], name=f"{p}/Gather", axis=0)[0]
+    total32 = g.node("Cast", [total], name=f"{p}/Gather/Cast", to=TensorProto.INT32)[0]
+    return seqlens, total32, total
+
+
+def _build(g: GraphBuilder, src: _Source, progress: bool) -> Counter:
+    cfg = src.cfg
+    eps = float(cfg.rms_norm_eps)
+    used = Counter()
+
+    def take(name: str):
+        used[src.info(name).type_name] += 1
+        return name
+
+    h = g.embedding("input_ids", src.embedding(take("token_embd.weight")))
+    seqlens, total32, total64 = _attention_lengths(g)
+    cos, sin = _rope_caches(g, cfg, total64)
+    window = -1 if cfg.sliding_window is None else cfg.sliding_window
+    mlp_out = None
+    for i in range(cfg.num_hidden_layers):
+        t0 = time.time()
+        p, b = f"blk.{i}.", f"/model/layers.{i}"
+        norm = src.floats(take(p + "attn_norm.weight"))
+        if mlp_out is None:
+            x = g.rms_norm(h, norm, f"{b}/input_layernorm", eps)
+        else:
+            x, h = g.skip_rms_norm(mlp_out, h, norm, f"{b}/input_layernorm", eps)
+        qkv = g.linear(x, f"{b}/attn/qkv_proj", src.linear(take(p + "attn_qkv.weight")))
+        past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        attn, _, _ = g.node(
+            "GroupQueryAttention", [qkv, "", "", *past, seqlens, total32, cos, sin],
+            [f"{b}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+            name=f"{b}/attn/GroupQueryAttention", domain="com.microsoft",
+            num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
+            do_rotary=1, rotary_interleaved=0, local_window_size=window,
+            scale=float(1.0 / np.sqrt(cfg.head_dim)))
+        o = g.linear(attn, f"{b}/attn/o_proj", src.linear(take(p + "attn_output.weight")))
+        norm = src.floats(take(p + "ffn_norm.weight"))
+        x, h = g.skip_rms_norm(o, h, norm, f"{b}/post_attention_layernorm", eps)
+        gate_up = g.linear(x, f"{b}/mlp/gate_up_proj", src.linear(take(p + "ffn_up.weight")))
+        act = g.swiglu(gate_up, cfg.intermediate_size, f"{b}/mlp")
+        mlp_out = g.linear(act, f"{b}/mlp/down_proj", src.linear(take(p + "ffn_down.weight")))
+        if progress:
+            print(f"  layer {i + 1}/{cfg.num_hidden_layers} ({time.time() - t0:.1f} s)", file=sys.stderr)
+    x, _ = g.skip_rms_norm(mlp_out, h, src.floats(take("output_norm.weight")), "/model/norm", eps)
+    head = "output.weight" if "output.weight" in src.reader.tensors else "token_embd.weight"
+    g.linear(x, "/lm_head", src.linear(take(head)))
+    g.nodes[-1].output[0] = "logits"
+    if head == "token_embd.weight":
+        used[src.info(head).type_name] -= 1  # counted once as the embedding already
+    return used
+
+
+def _io(cfg: Phi3Config) -> tuple[list, list]:
+    kv, hd = cfg.num_key_value_heads, cfg.head_dim
+    inputs = [tensor_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              tensor_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    outputs = [tensor_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])]
+    for i in range(cfg.num_hidden_layers):
+        for kind in ("key", "value"):
+            inputs.append(tensor_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                      ["batch_size", kv, "past_sequence_length", hd]))
+            outputs.append(tensor_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                       ["batch_size", kv, "total_sequence_length", hd]))
+    return inputs, outputs
+
+
+# ---------------------------------------------------------------------------- export
+
+def export_onnx(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
+                accuracy_level: int | str | None = None, progress: bool = True) -> ExportSummary:
+    """Convert a GGUF (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32 tensors) into
+    an ONNX folder; see the module docstring. `accuracy_level`: None (default 1), 0, 1, 4 or "auto"
+    (`choose_accuracy_level`). The folder appears atomically (built beside it, then renamed)."""
+    start = time.time()
+    gguf_path, out = os.fspath(gguf_path), Path(out_dir)
+    level, reason = choose_accuracy_level(accuracy_level)
+    _check_target(out)
+    src = _Source(gguf_path)
+    try:
+        return _export(src, out, level, reason, progress, start)
+    finally:
+        src.close()
+
+
+def _export(src: _Source, out: Path, level: int, reason: str, progress: bool, start: float) -> ExportSummary:
+    from pocketlm.tokenizer import Tokenizer
+
+    gguf_path = src.path
+    tok = Tokenizer.from_gguf_fields(src.reader.tokenizer_fields(), source=gguf_path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise PocketLMError(f"cannot create the ONNX folder: {e.strerror or e}", out) from None
+    try:
+        if progress:
+            print(f"exporting {gguf_path} -> {out} ({reason})", file=sys.stderr)
+        with open(tmp / DATA_FILE, "wb") as data_file:
+            g = GraphBuilder(ExternalData(data_file, DATA_FILE), level)
+            used = _build(g, src, progress)
+            data_file.flush()
+            os.fsync(data_file.fileno())
+        inputs, outputs = _io(src.cfg)
+        meta = {"pocketlm.source": os.path.basename(gguf_path), "pocketlm.accuracy_level": str(level),
+                "pocketlm.tensor_types": json.dumps(dict(sorted(used.items())))}
+        write_model(g.model(inputs, outputs, "Phi-3 decoder exported by pocketlm from GGUF", meta),
+                    tmp / MODEL_FILE)
+        cfg = src.cfg
+        write_genai_config(tmp, make_genai_config(cfg, filename=MODEL_FILE, bos_id=tok.bos_id,
+                                                  eos_ids=tok.stop_ids, pad_id=cfg.pad_token_id))
+        tok.write_hf_files(tmp)
+        if reason == "auto":
+            level, reason = _auto_accuracy_level(tmp, tok, cfg, progress)
+        os.chmod(tmp, 0o777 & ~_umask())
+        _replace_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PocketLMError(f"cannot write the ONNX folder: {e.strerror or e}", out) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = ExportSummary(out, level, reason, used,
+                            (out / MODEL_FILE).stat().st_size + (out / DATA_FILE).stat().st_size,
+                            time.time() - start)
+    if progress:
+        print(summary, file=sys.stderr)
+    return summary
+
+
+def _auto_accuracy_level(folder: Path, tok, cfg: Phi3Config, progress: bool) -> tuple[int, str]:
+    """Run the int8-activation check on the built folder; switch it to level 4 if it passes."""
+    from .onnx_accuracy import PROBE_TEXT, int8_activation_check, set_accuracy_level
+
+    tokens = tok.encode(PROBE_TEXT)[: min(PROBE_TOKENS, cfg.max_position_embeddings)]
+    if progress:
+        print(f"  checking int8 activations on {len(tokens)} probe tokens ...", file=sys.stderr)
+    ok, detail = int8_activation_check(folder, MODEL_FILE, tokens)
+    if ok:
+        set_accuracy_level(folder / MODEL_FILE, 4)
+        return 4, f"{ACCURACY_REASONS[4]} (auto: check passed, {detail})"
+    return 1, f"{ACCURACY_REASONS[1]} (auto: level 4 refused, {detail})"
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise PocketLMError("exists and is not a folder", out)
+    if out.is_dir():
+        foreign = [p.name for p in out.iterdir() if p.name not in EXPORT_FILES]
+        if foreign:
+            raise PocketLMError(f"folder exists and holds files an ONNX export does not write "
+                                f"({', '.join(sorted(foreign)[:3])}); choose an empty or new folder", out)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an older export there is swapped out, then deleted."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+        os.replace(out, old / "export")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--onnx OUT_DIR` and `--accuracy-level` for `pocketlm export MODEL.gguf`."""
+    parser.add_argument("--onnx", metavar="OUT_DIR",
+                        help="convert a GGUF (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K/F16/F32) into an ONNX folder for "
+                             "ONNX Runtime and onnxruntime-genai, with the same weights")
+    parser.add_argument("--accuracy-level", choices=[*map(str, ACCURACY_LEVELS), AUTO], default=None,
+                        help="MatMulNBits activations: 1 = float32 (default, exact), 4 = int8 (faster; "
+                             "can change top tokens, onnxruntime issue 29849), auto = 4 if a probe text "
+                             "keeps every top-1 token, else 1; 0 = unset")
+
+
+def run_onnx_export(args: argparse.Namespace) -> int:
+    """Handler for `pocketlm export MODEL.gguf --onnx OUT_DIR`."""
+    level = args.accuracy_level
+    level = None if level is None else (level if level == AUTO else int(level))
+    summary = export_onnx(args.source, args.onnx, accuracy_level=level, progress=True)
+    print(describe_onnx(summary.path))
+    print(f"chose {summary.accuracy_reason}")
+    return 0
