@@ -1,0 +1,169 @@
+"""Speed of the C quantized matvec vs the machine's memory read bandwidth.
+
+A decode step reads every weight once, so a matvec should stream weights at close to the
+bandwidth a plain numpy sum achieves. For phi-3-mini shapes (qkv 3072->9216, gate_up 3072->16384,
+down 8192->3072), each weight type and each code path the CPU supports, with 1 and 2 threads, this
+prints GB/s of weights read and the fraction of the measured read bandwidth. Matrices are laid out
+consecutively in a buffer much larger than the caches (like the layers of a model) and each timed
+pass walks all of them. Then: block-sparse matvec cost with 0/25/50 % empty blocks.
+
+    python benchmarks/bench_kernel.py [--buffer-mb 1536] [--paths avx2 avx512] [--types Q4_0 Q8_0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+
+from pocketlm.runtime import kernel
+
+SHAPES = {"qkv": (9216, 3072), "gate_up": (16384, 3072), "down": (3072, 8192)}  # (rows N, K)
+Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14
+TYPES = {
+    "Q4_0": Q4_0, "Q4_0_packed": kernel.Q4_0_PACKED, "Q4_1": Q4_1, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q6_K": Q6_K,
+}
+# byte offsets of the fp16 scale fields of each block (set to a valid value; the rest is random)
+SCALE_FIELDS = {Q4_0: [0], Q4_1: [0, 2], Q8_0: [0], Q4_K: [0, 2], Q6_K: [208]}
+
+
+def read_bandwidth(nbytes: int, threads: int, repeats: int = 3) -> float:
+    """GB/s of numpy float32 sums over `nbytes`, split across `threads` Python threads (numpy
+    releases the GIL inside the reduction)."""
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        workers = [threading.Thread(target=p.sum) for p in parts]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def fill_blocks(buf: np.ndarray, gtype: int) -> None:
+    """Turn random bytes into valid blocks: finite fp16 scales (0.01) in every scale field."""
+    _, nbytes = kernel.block_shape(Q4_0 if gtype == kernel.Q4_0_PACKED else gtype)
+    blocks = buf[: buf.size // nbytes * nbytes].reshape(-1, nbytes)
+    half = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    for off in SCALE_FIELDS[Q4_0 if gtype == kernel.Q4_0_PACKED else gtype]:
+        blocks[:, off : off + 2] = half
+
+
+def matrices(buf: np.ndarray, gtype: int, rows: int, K: int) -> list[np.ndarray]:
+    size = rows * kernel.row_bytes(gtype, K)
+    return [buf[i * size : (i + 1) * size] for i in range(buf.size // size)]
+
+
+def time_pass(mats: list[np.ndarray], gtype: int, rows: int, K: int, x: np.ndarray, y: np.ndarray,
+              repeats: int, index: list | None = None) -> float:
+    """Best seconds for one walk over all matrices."""
+    for i, m in enumerate(mats):  # warm-up: page faults, thread start
+        kernel.matvec(m, gtype, rows, K, x, y, None if index is None else index[i])
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i, m in enumerate(mats):
+            kernel.matvec(m, gtype, rows, K, x, y, None if index is None else index[i])
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# phi-3-mini per layer: (rows, K) of each matmul and the shape whose speed stands for it
+PHI3_LAYER = [
+    ((9216, 3072), "qkv"), ((3072, 3072), "qkv"), ((16384, 3072), "gate_up"), ((3072, 8192), "down"),
+]
+
+
+def decode_estimate(gtype: int, gbs: dict[str, float]) -> str:
+    """Weight-read time of one phi-3-mini decode step (32 layers) at the measured speeds."""
+    values, nbytes = kernel.block_shape(Q4_0 if gtype == kernel.Q4_0_PACKED else gtype)
+    secs = sum(rows * K // values * nbytes / (gbs[s] * 1e9) for (rows, K), s in PHI3_LAYER) * 32
+    return f"{1e3 * secs:6.1f} ms/token ({1 / secs:5.1f} tok/s bound)"
+
+
+def bench_dense(buf: np.ndarray, types: list[str], paths: list[str], threads: list[int],
+                bw: dict[int, float], repeats: int) -> None:
+    header = " ".join(f"{f'{t} thr GB/s (% bw)':>20}" for t in threads)
+    print(f"\n{'type':<12} {'path':<8} {'shape':<8} {header}")
+    for tname in types:
+        gtype = TYPES[tname]
+        raw_type = Q4_0 if gtype == kernel.Q4_0_PACKED else gtype
+        fill_blocks(buf, raw_type)
+        for path in paths:
+            kernel.use_path(path)
+            speeds: dict[int, dict[str, float]] = {t: {} for t in threads}
+            for sname, (rows, K) in SHAPES.items():
+                mats = matrices(buf, raw_type, rows, K)
+                if gtype == kernel.Q4_0_PACKED:
+                    mats = [kernel.repack(m, Q4_0, rows, K).reshape(-1) for m in mats]
+                x = np.random.default_rng(0).standard_normal(K).astype(np.float32)
+                y = np.empty(rows, np.float32)
+                cells = []
+                for t in threads:
+                    kernel.set_threads(t)
+                    secs = time_pass(mats, gtype, rows, K, x, y, 1 if path == "scalar" else repeats)
+                    gbs = sum(m.nbytes for m in mats) / secs / 1e9
+                    speeds[t][sname] = gbs
+                    cells.append(f"{gbs:8.1f} ({100 * gbs / bw[t]:5.1f} %)")
+                print(f"{tname:<12} {path:<8} {sname:<8} " + " ".join(f"{c:>20}" for c in cells), flush=True)
+                del mats
+            est = ", ".join(f"{t} thr {decode_estimate(gtype, speeds[t])}" for t in threads)
+            print(f"{'':<12} {path:<8} phi-3-mini decode weights (no attention): {est}")
+
+
+def bench_sparse(buf: np.ndarray, paths: list[str], threads: list[int], repeats: int) -> None:
+    """Empty blocks scattered at random save compute but hardly any DRAM traffic (an 18-byte block
+    shares its 64-byte cache line with others); empty runs of 8 blocks (144 bytes, e.g. pruned
+    groups of 256 weights) also skip whole cache lines."""
+    rows, K = SHAPES["gate_up"]
+    print(f"\nblock-sparse Q4_0 matvec {rows}x{K}: ms per matrix, sparse (with index) vs dense (without)")
+    fill_blocks(buf, Q4_0)
+    rng = np.random.default_rng(1)
+    for pattern, run in (("random blocks", 1), ("runs of 8", 8)):
+        for frac in (0.0, 0.25, 0.5):
+            mats = [m.copy() for m in matrices(buf, Q4_0, rows, K)[:8]]
+            for m in mats:
+                runs = m.reshape(-1, run * 18)
+                runs[rng.random(runs.shape[0]) < frac] = 0  # scales (and data) of whole runs zeroed
+            index = [kernel.build_sparse_index(m, Q4_0, rows, K) for m in mats]
+            x = np.random.default_rng(0).standard_normal(K).astype(np.float32)
+            y = np.empty(rows, np.float32)
+            for path in (p for p in paths if p != "scalar"):
+                kernel.use_path(path)
+                for t in threads:
+                    kernel.set_threads(t)
+                    dense = time_pass(mats, Q4_0, rows, K, x, y, repeats) / len(mats)
+                    sparse = time_pass(mats, Q4_0, rows, K, x, y, repeats, index) / len(mats)
+                    case = f"{pattern:<13} empty {100 * frac:3.0f} % {path:<7} {t} thr"
+                    print(f"  {case}: dense {1e3 * dense:6.2f}, "
+                          f"sparse {1e3 * sparse:6.2f} = {sparse / dense:4.2f} x dense "
+                          f"(non-empty share {index[0].density:4.2f})", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--buffer-mb", type=int, default=1536, help="weights buffer walked per pass (>> caches)")
+    ap.add_argument("--types", nargs="+", default=list(TYPES), choices=list(TYPES))
+    ap.add_argument("--paths", nargs="+", default=kernel.available_paths())
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-sparse", action="store_true")
+    args = ap.parse_args()
+
+    print(f"cpu features: {' '.join(kernel.cpu_features())}; paths: {' '.join(kernel.available_paths())}")
+    bw = {t: read_bandwidth(args.buffer_mb << 20, t) for t in args.threads}
+    print("read bandwidth (numpy sum): " + ", ".join(f"{t} thr {bw[t]:.1f} GB/s" for t in args.threads))
+    buf = np.frombuffer(np.random.default_rng(0).bytes(args.buffer_mb << 20), dtype=np.uint8).copy()
+    bench_dense(buf, args.types, args.paths, args.threads, bw, args.repeats)
+    if not args.skip_sparse:
+        bench_sparse(buf, args.paths, args.threads, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

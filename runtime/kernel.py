@@ -1,0 +1,173 @@
+"""Typed wrapper of the C quantized matmul kernel `pocketlm.runtime._kernel`.
+
+Weights stay in their GGUF block format (raw bytes of a tensor, rows of blocks, e.g. a slice of a
+memory-mapped file); activations are float32. The C side checks every size, dtype and index and
+raises ValueError/TypeError; here those become PocketLMError.
+
+Code path: the fastest one the CPU supports (`active_path()`), overridable with the environment
+variable POCKETLM_KERNEL=scalar|avx2|avx512|neon|neon_dotprod|neon_i8mm (read at import) or
+`use_path(name)`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..errors import PocketLMError
+from . import _kernel
+
+Buffer = Any  # bytes, memoryview, mmap slice or uint8 ndarray: anything with the buffer protocol
+T = TypeVar("T")
+
+ENV_PATH = "POCKETLM_KERNEL"
+Q4_0 = 2
+# The kernel's load-time layout of Q4_0 (not a GGUF type): groups of 8 blocks with the 8 scales
+# first and nibbles interleaved for 64-byte loads; same size as Q4_0 (runtime/kernel/kernel.h).
+Q4_0_PACKED = 1002
+
+
+def _call(fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except (ValueError, TypeError) as e:
+        raise PocketLMError(f"kernel: {e}") from None
+
+
+def cpu_features() -> list[str]:
+    """CPU features the kernel looks at, e.g. ['avx2', 'fma', 'f16c', 'avx512f', ...]."""
+    return _kernel.cpu_features().split()
+
+
+def available_paths() -> list[str]:
+    """Code paths usable on this CPU, slowest first."""
+    return _kernel.available_paths().split()
+
+
+def active_path() -> str:
+    return _kernel.active_path()
+
+
+def use_path(name: str) -> None:
+    """Select a code path (tests compare paths); PocketLMError if this CPU cannot run it."""
+    _call(_kernel.set_path, name)
+
+
+def set_threads(n: int) -> None:
+    """Number of threads (caller included) the matmuls split weight rows over; n >= 1."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise PocketLMError(f"kernel: thread count must be an int, got {type(n).__name__}")
+    _call(_kernel.set_threads, n)
+
+
+def get_threads() -> int:
+    return _kernel.get_threads()
+
+
+def block_shape(gtype: int) -> tuple[int, int]:
+    """(values per block, bytes per block) of a GGML type the kernel supports."""
+    return _call(_kernel.type_info, int(gtype))
+
+
+def row_bytes(gtype: int, K: int) -> int:
+    """Bytes of one weight row of K values."""
+    values, nbytes = block_shape(gtype)
+    if K % values:
+        raise PocketLMError(f"kernel: K={K} is not a multiple of the block size {values}")
+    return K // values * nbytes
+
+
+@dataclass(frozen=True)
+class SparseIndex:
+    """Per-row CSR list of the non-empty blocks of one weight matrix (built once at load).
+
+    row_ptr: int64 [rows + 1]; blocks: int32 [nnz], block numbers within the row. The C handle is
+    immutable and was validated when built, so a matvec does not re-check it.
+    """
+
+    handle: Any
+    gtype: int
+    rows: int
+    blocks_per_row: int
+    nnz: int
+    row_ptr: np.ndarray
+    blocks: np.ndarray
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.rows * self.blocks_per_row)
+
+
+def build_sparse_index(raw: Buffer, gtype: int, rows: int, K: int) -> SparseIndex:
+    """Index of the blocks whose scales are not all zero: a matvec with it skips the others."""
+    handle = _call(_kernel.build_sparse_index, raw, int(gtype), rows, K)
+    gt, r, nb, nnz, row_ptr, blocks = _kernel.sparse_index_info(handle)
+    return SparseIndex(handle, gt, r, nb, nnz, np.frombuffer(row_ptr, np.int64),
+                       np.frombuffer(blocks, np.int32))
+
+
+def check_blocks(raw: Buffer, gtype: int) -> int | None:
+    """Index of the first block with a NaN or infinite scale (a corrupt file), or None."""
+    bad = _call(_kernel.check_blocks, raw, int(gtype))
+    return None if bad < 0 else bad
+
+
+def should_repack(gtype: int, K: int) -> bool:
+    """True if repacking this matrix at load makes the active path faster (Q4_0, K % 256 == 0, and
+    a SIMD kernel for the packed layout on this path). The packed copy replaces the mapped bytes,
+    so it costs anonymous memory equal to the tensor size (the file pages can then be dropped)."""
+    packable = int(gtype) == Q4_0 and K % 256 == 0
+    return packable and active_path() != "scalar" and _kernel.native_kernel(Q4_0_PACKED)
+
+
+def repack(raw: Buffer, gtype: int, rows: int, K: int) -> np.ndarray:
+    """Q4_0 bytes [rows, K/32*18] -> the packed layout (type Q4_0_PACKED), a new uint8 array of the
+    same size. Use it with matvec/matmul/build_sparse_index(..., Q4_0_PACKED, rows, K)."""
+    out = np.empty(rows * row_bytes(Q4_0, K) if K % 32 == 0 and rows > 0 else 0, dtype=np.uint8)
+    _call(_kernel.repack, raw, int(gtype), rows, K, out)
+    return out.reshape(rows, -1)
+
+
+def matvec(raw: Buffer, gtype: int, rows: int, K: int, x: np.ndarray, out: np.ndarray | None = None,
+           index: SparseIndex | None = None) -> np.ndarray:
+    """y[rows] = W[rows, K] . x[K] (float32), W given as raw GGUF blocks."""
+    if not isinstance(x, np.ndarray) or x.ndim != 1:
+        raise PocketLMError(f"kernel: x must be a 1-D float32 array, got {_describe(x)}")
+    if out is None:
+        out = np.empty(rows, dtype=np.float32)
+    _call(_kernel.matvec, raw, int(gtype), rows, K, x, out, None if index is None else index.handle)
+    return out
+
+
+def matmul(raw: Buffer, gtype: int, rows: int, K: int, X: np.ndarray,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """Y[M, rows] = X[M, K] . W[rows, K]^T (float32): the prefill (batched) product."""
+    if not isinstance(X, np.ndarray) or X.ndim != 2:
+        raise PocketLMError(f"kernel: X must be a 2-D float32 array [M, K], got {_describe(X)}")
+    M = X.shape[0]
+    if out is None:
+        out = np.empty((M, rows), dtype=np.float32)
+    _call(_kernel.matmul, raw, int(gtype), rows, K, X, M, out)
+    return out
+
+
+def _describe(a: object) -> str:
+    if isinstance(a, np.ndarray):
+        return f"array of shape {a.shape} and dtype {a.dtype}"
+    return type(a).__name__
+
+
+def _apply_env() -> None:
+    name = os.environ.get(ENV_PATH)
+    if name:
+        try:
+            _kernel.set_path(name)
+        except ValueError as e:
+            raise PocketLMError(f"{ENV_PATH}={name}: {e}") from None
+
+
+_apply_env()

@@ -1,0 +1,221 @@
+/* AVX2 + FMA + F16C dot products (Haswell / Zen 1 and later). Compiled with a target attribute so
+ * the default build runs on any x86-64; dispatch.c calls these only when cpuid reports the
+ * features. Same integer sums and per-block float formula as dot_scalar.c. */
+#include "kernel.h"
+
+#if defined(POCKETLM_X86)
+#include <immintrin.h>
+
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline)) TARGET
+#define BLOCK_ID(i) (idx ? idx[i] : (i))
+#define DEFINE_DOT(name, impl)                                                                     \
+    TARGET static float name(const uint8_t *row, const q8_act *a, int nb, const int32_t *idx, int n) { \
+        return idx ? impl(row, a, nb, idx, n) : impl(row, a, nb, NULL, nb);                                \
+    }
+
+INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE float half(const uint8_t *p) { return _cvtsh_ss(read_u16(p)); }
+
+/* 16 bytes of nibbles -> 32 unsigned bytes in value order (low nibbles = values 0..15). */
+INLINE __m256i unpack_nibbles(const uint8_t *qs) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
+    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+/* 8 int32 partial sums of u8 * s8 over 32 bytes (products fit int16: |u| <= 128, |s| <= 127). */
+INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* Shared by Q4_0 (offset -8 * d) and Q4_1 (min m): two accumulators hide the FMA latency. */
+INLINE float q4_generic(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n, int bsz, int has_m) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float corr = 0.0f;
+    const int qoff = has_m ? 4 : 2;
+    int i = 0;
+    for (; i + 1 < n; i += 2) {
+        const int b0 = BLOCK_ID(i), b1 = BLOCK_ID(i + 1);
+        const uint8_t *k0 = row + (size_t)b0 * bsz, *k1 = row + (size_t)b1 * bsz;
+        prefetch_ahead(row, idx, i, n, nb_row, bsz);
+        const __m256i p0 = dot_u8s8(unpack_nibbles(k0 + qoff), _mm256_loadu_si256((const __m256i *)(a->qs + b0 * QK)));
+        const __m256i p1 = dot_u8s8(unpack_nibbles(k1 + qoff), _mm256_loadu_si256((const __m256i *)(a->qs + b1 * QK)));
+        const float d0 = half(k0), d1 = half(k1);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * a->d[b0]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * a->d[b1]), acc1);
+        if (has_m)
+            corr += half(k0 + 2) * a->s[b0] + half(k1 + 2) * a->s[b1];
+        else
+            corr += d0 * a->s[b0] + d1 * a->s[b1];
+    }
+    for (; i < n; i++) {
+        const int b = BLOCK_ID(i);
+        const uint8_t *k = row + (size_t)b * bsz;
+        const __m256i p = dot_u8s8(unpack_nibbles(k + qoff), _mm256_loadu_si256((const __m256i *)(a->qs + b * QK)));
+        const float d = half(k);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a->d[b]), acc0);
+        corr += (has_m ? half(k + 2) : d) * a->s[b];
+    }
+    const float dot = hsum8(_mm256_add_ps(acc0, acc1));
+    return has_m ? dot + corr : dot - 8.0f * corr;
+}
+
+INLINE float q4_0(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+    return q4_generic(row, a, nb_row, idx, n, 18, 0);
+}
+INLINE float q4_1(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+    return q4_generic(row, a, nb_row, idx, n, 20, 1);
+}
+
+/* s8 * s8: |w| as unsigned times a with w's sign. */
+INLINE __m256i q8_block(const uint8_t *blk, const int8_t *aq) {
+    const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+    const __m256i x = _mm256_loadu_si256((const __m256i *)aq);
+    return dot_u8s8(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+}
+
+INLINE float q8_0(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 1 < n; i += 2) {
+        const int b0 = BLOCK_ID(i), b1 = BLOCK_ID(i + 1);
+        const uint8_t *k0 = row + (size_t)b0 * 34, *k1 = row + (size_t)b1 * 34;
+        prefetch_ahead(row, idx, i, n, nb_row, 34);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block(k0, a->qs + b0 * QK)), _mm256_set1_ps(half(k0) * a->d[b0]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block(k1, a->qs + b1 * QK)), _mm256_set1_ps(half(k1) * a->d[b1]), acc1);
+    }
+    for (; i < n; i++) {
+        const int b = BLOCK_ID(i);
+        const uint8_t *k = row + (size_t)b * 34;
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block(k, a->qs + b * QK)), _mm256_set1_ps(half(k) * a->d[b]), acc0);
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+/* Packed Q4_0 (kernel.h): per 8-block group one 8-scale conversion, four 32-byte loads each
+ * giving two blocks (low nibbles: block h, high: block 2 + h of the chunk); idx/n count groups. */
+INLINE float q4_0_packed(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
+    for (int i = 0; i < n; i++) {
+        const int g = BLOCK_ID(i);
+        const uint8_t *grp = row + (size_t)g * 144;
+        prefetch_ahead(row, idx, i, n, nb_row, 144);
+        prefetch_ahead(row + 64, idx, i, n, nb_row, 144);
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)grp));
+        const __m256 sv = _mm256_mul_ps(dv, _mm256_loadu_ps(a->d + 8 * g));
+        corr = _mm256_fmadd_ps(dv, _mm256_loadu_ps(a->s + 8 * g), corr);
+        const int8_t *aq = a->qs + (size_t)g * 256;
+        for (int c = 0; c < 2; c++)
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(grp + 16 + 64 * c + 32 * h));
+                const int blo = 4 * c + h, bhi = 4 * c + 2 + h;
+                const __m256i plo = dot_u8s8(_mm256_and_si256(v, m4), _mm256_loadu_si256((const __m256i *)(aq + 32 * blo)));
+                const __m256i phi = dot_u8s8(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                             _mm256_loadu_si256((const __m256i *)(aq + 32 * bhi)));
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(plo), _mm256_permutevar8x32_ps(sv, _mm256_set1_epi32(blo)), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(phi), _mm256_permutevar8x32_ps(sv, _mm256_set1_epi32(bhi)), acc1);
+            }
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1)) - 8.0f * hsum8(corr);
+}
+
+/* Q4_K: integer sums scaled by the 6-bit sub-block scales in int32, min term from the activation's
+ * per-16 sums; one float FMA per super-block. */
+INLINE float q4_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    float acc_min = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const int b = BLOCK_ID(i);
+        const uint8_t *blk = row + (size_t)b * 144, *qs = blk + 16;
+        const int8_t *aq = a->qs + (size_t)b * QK_K;
+        prefetch_ahead(row, idx, i, n, nb_row, 144);
+        prefetch_ahead(row + 64, idx, i, n, nb_row, 144);
+        prefetch_ahead(row + 128, idx, i, n, nb_row, 144);
+        uint8_t sc[8], mn[8];
+        q4k_scales_mins(blk + 4, sc, mn);
+        /* sum_j m_j * (bsums[2j] + bsums[2j+1]) */
+        const __m128i bs_lo = _mm_loadu_si128((const __m128i *)(a->bsums + b * 16));
+        const __m128i bs_hi = _mm_loadu_si128((const __m128i *)(a->bsums + b * 16 + 8));
+        const __m128i pairs = _mm_hadd_epi16(bs_lo, bs_hi);
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mn));
+        __m128i pm = _mm_madd_epi16(pairs, mins);
+        pm = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0x4E));
+        pm = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0xB1));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(aq + 64 * c)));
+            const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(aq + 64 * c + 32)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * c])));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * c + 1])));
+        }
+        const float da = a->d[b];
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * da), _mm256_cvtepi32_ps(sumi), acc);
+        acc_min += half(blk + 2) * da * (float)_mm_cvtsi128_si32(pm);
+    }
+    return hsum8(acc) - acc_min;
+}
+
+/* Q6_K: 6-bit codes 0..63 assembled from ql/qh, u8 x s8 sums scaled per 16 values in int32,
+ * minus 32 * sum_j sc_j * bsums_j (exact integers). */
+INLINE float q6_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n; i++) {
+        const int b = BLOCK_ID(i);
+        const uint8_t *blk = row + (size_t)b * 210;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const int8_t *aq = a->qs + (size_t)b * QK_K;
+        for (int line = 0; line < 256; line += 64) prefetch_ahead(row + line, idx, i, n, nb_row, 210);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+        const __m256i offset = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a->bsums + b * 16)));
+        __m256i sumi = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, 5));
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m2), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m2), 4));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m2), 4));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m2), 4));
+            for (int k = 0; k < 4; k++) {
+                const int j = 8 * h + 2 * k; /* sub-blocks j (values 0..15) and j+1 (16..31) */
+                const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(aq + 128 * h + 32 * k)));
+                const __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[j + 1]), _mm_set1_epi16(sc[j]));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk + 208) * a->d[b]), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum8(acc);
+}
+
+DEFINE_DOT(dot_q4_k, q4_k)
+DEFINE_DOT(dot_q6_k, q6_k)
+DEFINE_DOT(dot_q4_0, q4_0)
+DEFINE_DOT(dot_q4_0_packed, q4_0_packed)
+DEFINE_DOT(dot_q4_1, q4_1)
+DEFINE_DOT(dot_q8_0, q8_0)
+
+const kernel_path path_avx2 = {
+    .name = "avx2",
+    .dot = {dot_q4_0, dot_q4_1, dot_q8_0, dot_q4_k, dot_q6_k, dot_q4_0_packed},
+    .fallback = "scalar",
+};
+
+#endif

@@ -1,0 +1,181 @@
+/* pocketlm quantized matmul kernel: shared declarations.
+ *
+ * y[N] = W[N, K] . x[K] with W in GGUF block formats (raw bytes, rows of blocks, as stored in the
+ * file). The activation x is quantized once per matmul to int8 (per-32 scale for Q4_0/Q4_1/Q8_0,
+ * per-256 scale with per-16 sums for the K-quants) and each row is dotted in integer arithmetic.
+ *
+ * Files: module.c (Python binding, argument checks), dispatch.c (CPU features, path choice),
+ * types.c (type table, fp16, empty/corrupt block tests, Q4_0 repacking), q8_activations.c,
+ * matmul.c (drivers), threadpool.c, dot_scalar.c (the reference), dot_avx2.c, dot_avx512.c,
+ * dot_neon.c + dot_neon_body.h (plain NEON, dotprod, i8mm), selftest.c + cross_test_arm64.sh
+ * (standalone test for cross-builds).
+ */
+#ifndef POCKETLM_KERNEL_H
+#define POCKETLM_KERNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* GGML type ids as stored in GGUF. */
+enum { GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q8_0 = 8, GT_Q4_K = 12, GT_Q6_K = 14 };
+/* pocketlm's own load-time repacking of Q4_0 (not a GGUF type; id outside GGML's range):
+ * groups of 8 Q4_0 blocks (256 values) in 144 bytes = the same bytes per weight as Q4_0:
+ *   bytes 0..15   the 8 fp16 scales d[0..7]
+ *   bytes 16..79  blocks 0-3, bytes 80..143 blocks 4-7: in each 64-byte chunk, byte i (0..63)
+ *                 holds value i%32 of the chunk's block i/32 in its low nibble and value i%32 of
+ *                 its block 2 + i/32 in its high nibble.
+ * So one 64-byte load + mask/shift yields 128 values in activation order, and the 8 scales
+ * convert with one instruction. */
+#define GT_Q4_0_PACKED 1002
+
+/* Dense slot of each supported type in the per-path function tables. */
+enum { SLOT_Q4_0, SLOT_Q4_1, SLOT_Q8_0, SLOT_Q4_K, SLOT_Q6_K, SLOT_Q4_0_PACKED, N_SLOTS };
+
+#define QK 32    /* values per block of Q4_0 / Q4_1 / Q8_0 and per activation block */
+#define QK_K 256 /* values per K-quant super-block */
+
+typedef struct {
+    int gtype;        /* GGML type id */
+    int slot;         /* SLOT_* */
+    int block_values; /* 32 or 256 */
+    int block_bytes;  /* 18, 20, 34, 144, 210 */
+    int act_block;    /* activation block: 32 (Q8_0-style) or 256 (Q8_K-style) */
+} gtype_info;
+
+/* NULL if the type is not supported by the kernel. */
+const gtype_info *kernel_type_info(int gtype);
+
+/* The int8 activation of one input row of length K.
+ * 32-block types: d[K/32], s[K/32] = d * sum(qs of the block) (for the offset/min terms).
+ * K-quants:       d[K/256], bsums[K/16] = integer sums of qs over each 16 values. */
+typedef struct {
+    int K;
+    int8_t *qs;     /* [K], natural order */
+    float *d;       /* activation scale per block */
+    float *s;       /* [K/32] (32-block types only) */
+    int16_t *bsums; /* [K/16] (K-quants only) */
+} q8_act;
+
+/* Quantize x[K] (K % 32 == 0 resp. % 256 == 0) into a; a's arrays must be sized for K. */
+void quantize_act_32(const float *x, int K, q8_act *a);
+void quantize_act_256(const float *x, int K, q8_act *a);
+/* Bytes needed for the arrays of one activation row of length K (one allocation, see act_bind). */
+size_t act_bytes(int K);
+void act_bind(q8_act *a, void *mem, int K);
+
+/* Dot of one weight row (nb blocks of raw GGUF bytes) with the activation.
+ * idx == NULL: all blocks 0..nb-1. Otherwise only blocks idx[0..n-1] (sorted, each < nb): the
+ * block-sparse path; the data of skipped blocks is never read. idx[n .. n+IDX_PAD-1] must be
+ * readable (any values: they only steer prefetches). */
+typedef float (*dot_fn)(const uint8_t *row, const q8_act *a, int nb, const int32_t *idx, int n);
+
+/* Two weight rows times two activation rows at once (ARM i8mm `smmla` computes a 2x2 int8 product):
+ * out[2*r + m] = row_r . act_m for r, m in {0, 1}. Used by the batched (prefill) driver. */
+typedef void (*dot2x2_fn)(const uint8_t *row0, const uint8_t *row1, const q8_act *a0, const q8_act *a1,
+                          int nb, float out[4]);
+
+typedef struct {
+    const char *name;
+    dot_fn dot[N_SLOTS]; /* NULL entries are filled from the fallback path at init */
+    const char *fallback;
+    dot2x2_fn dot2x2[N_SLOTS]; /* optional, the path's own only */
+} kernel_path;
+
+extern const kernel_path path_scalar;
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#define POCKETLM_X86 1
+extern const kernel_path path_avx2;
+extern const kernel_path path_avx512;
+#endif
+#if defined(__aarch64__)
+#define POCKETLM_ARM64 1
+extern const kernel_path path_neon;
+extern const kernel_path path_neon_dotprod;
+extern const kernel_path path_neon_i8mm;
+#endif
+
+/* dispatch.c: CPU features and the table of usable paths. */
+const char *cpu_features_string(void); /* space-separated, e.g. "avx2 fma f16c avx512f ..." */
+int path_available(const char *name);  /* 1 if the CPU runs it and it is compiled in */
+const char *available_paths_string(void);
+const char *path_static_name(const char *name); /* the path's own (static) name string, or NULL */
+const char *best_path_name(void);
+/* Resolved function table for the named path (fallbacks filled); NULL if unavailable. */
+const dot_fn *path_table(const char *name);
+const dot2x2_fn *path_table2x2(const char *name); /* the path's 2x2 kernels (entries may be NULL) */
+
+/* fp16 <-> fp32, portable. */
+float fp16_to_fp32(uint16_t h);
+static inline uint16_t read_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* Q4_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes. */
+static inline void q4k_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+/* Repack rows*nb Q4_0 blocks (nb % 8 == 0) into GT_Q4_0_PACKED groups (same size). */
+void repack_q4_0(const uint8_t *src, uint8_t *dst, size_t n_groups);
+
+/* Software prefetch about PREFETCH_BYTES ahead in the stream of blocks actually read (this
+ * machine's hardware prefetchers alone leave the matvec well short of the memory bandwidth).
+ * Sparse: the block PREFETCH_BYTES/bsz entries later *in the index*, which may already belong to
+ * the next row (CSR rows are consecutive; rows are short), so index arrays must be readable
+ * IDX_PAD entries past their end; prefetching by address would pull in the cache lines of the
+ * skipped blocks and spend the bandwidth the index saves. i counts blocks of bsz bytes; nb is the
+ * row length in blocks. */
+#define PREFETCH_BYTES 1024
+#define IDX_PAD 64 /* >= PREFETCH_BYTES / smallest block (18) */
+static inline void prefetch_ahead(const uint8_t *row, const int32_t *idx, int i, int n, int nb, int bsz) {
+    if (idx) {
+        const int j = i + PREFETCH_BYTES / bsz;
+        const uint8_t *base = j < n ? row : row + (size_t)nb * bsz; /* past the row: the next row */
+        __builtin_prefetch(base + (size_t)idx[j] * bsz);
+    } else {
+        __builtin_prefetch(row + (size_t)i * bsz + PREFETCH_BYTES);
+    }
+}
+
+/* Q4_K: all 8 scales (sc[0..7]) and mins (m[0..7]) at once, word-parallel (same values as
+ * q4k_scale_min): with w0, w1, w2 the 12 bytes as little-endian u32, sc[0..3] = w0 & 63,
+ * m[0..3] = w1 & 63, sc[4..7] = (w2 & 15) | (w0 >> 6) << 4, m[4..7] = (w2 >> 4 & 15) | (w1 >> 6) << 4,
+ * byte-wise. */
+static inline void q4k_scales_mins(const uint8_t *q, uint8_t sc[8], uint8_t m[8]) {
+    uint32_t w[3], out[4];
+    memcpy(w, q, 12);
+    out[0] = w[0] & 0x3F3F3F3Fu;
+    out[1] = (w[2] & 0x0F0F0F0Fu) | (((w[0] >> 6) & 0x03030303u) << 4);
+    out[2] = w[1] & 0x3F3F3F3Fu;
+    out[3] = ((w[2] >> 4) & 0x0F0F0F0Fu) | (((w[1] >> 6) & 0x03030303u) << 4);
+    memcpy(sc, out, 8);
+    memcpy(m, out + 2, 8);
+}
+
+/* blocks.c: block inspection done once at load. */
+/* 1 if the block contributes exactly zero whatever its data (all scale fields zero). */
+int block_is_empty(const gtype_info *t, const uint8_t *blk);
+/* 1 if a scale field of the block is NaN or infinite. */
+int block_is_bad(const gtype_info *t, const uint8_t *blk);
+
+/* matmul.c: the drivers (thread split, activation quantization). Return 0 or -1 on OOM. */
+int run_matvec(const dot_fn *table, const gtype_info *t, const uint8_t *w, int rows, int K,
+               const float *x, float *y, const int64_t *row_ptr, const int32_t *blk_idx);
+int run_matmul(const dot_fn *table, const dot2x2_fn *table2, const gtype_info *t, const uint8_t *w, int rows, int K,
+               const float *X, int M, float *Y);
+
+/* threadpool.c: run fn(ctx, c, n) for every chunk c in 0..n-1 on the pool (the caller included);
+ * returns when all are done. Chunks are taken dynamically, so results must not depend on who runs
+ * which chunk. */
+typedef void (*pool_task)(void *ctx, int chunk, int n_chunks);
+int pool_set_threads(int n); /* 0 ok, -1 failure */
+int pool_threads(void);
+void pool_run(pool_task fn, void *ctx, int n_chunks);
+int pool_chunks(int rows, int min_rows); /* a chunk count for splitting `rows` */
+
+#endif

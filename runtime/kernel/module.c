@@ -1,0 +1,439 @@
+/* Python binding of the kernel: argument checks (every size, dtype and index handed from Python is
+ * verified here, violations raise ValueError/TypeError), GIL released during compute.
+ * No numpy C API: arrays come in through the buffer protocol; outputs are caller-allocated. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernel.h"
+
+static const char *ACTIVE_NAME;
+static const dot_fn *ACTIVE_TABLE;
+static const dot2x2_fn *ACTIVE_TABLE2;
+
+/* ---- buffer helpers ---------------------------------------------------------------------- */
+
+/* Element format of a buffer with PyBUF_FORMAT: strip byte-order prefixes "@=<". Only native
+ * little-endian layouts are accepted (every supported target is little-endian). */
+static char buf_kind(const Py_buffer *v) {
+    const char *f = v->format ? v->format : "B";
+    while (*f == '@' || *f == '=' || *f == '<') f++;
+    return f[0] && !f[1] ? f[0] : '?';
+}
+
+static int get_raw(PyObject *o, Py_buffer *v, const char *what) {
+    if (PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous bytes-like buffer (got %s)", what,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+/* A contiguous float32 buffer of exactly n elements (writable if asked). */
+static int get_f32(PyObject *o, Py_buffer *v, Py_ssize_t n, int writable, const char *what) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(o, v, flags) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous%s float32 array (got %s)", what,
+                     writable ? " writable" : "", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (buf_kind(v) != 'f' || v->itemsize != 4) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype float32 (buffer format '%s')", what,
+                     v->format ? v->format : "B");
+        PyBuffer_Release(v);
+        return -1;
+    }
+    if (v->len != n * 4) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd elements, expected %zd", what, v->len / 4, n);
+        PyBuffer_Release(v);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_finite(const float *x, size_t n, const char *what) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) {
+            PyErr_Format(PyExc_ValueError, "%s contains NaN or infinity at element %zu", what, i);
+            return -1;
+        }
+    return 0;
+}
+
+/* Type, K and rows against the raw weight buffer; sets *t and *nb. */
+static int check_matrix(int gtype, int rows, int K, const Py_buffer *w, const gtype_info **t, int *nb) {
+    *t = kernel_type_info(gtype);
+    if (!*t) {
+        PyErr_Format(PyExc_ValueError, "GGML type %d is not supported by the kernel (Q4_0=2, Q4_1=3, "
+                     "Q8_0=8, Q4_K=12, Q6_K=14, packed Q4_0=1002)", gtype);
+        return -1;
+    }
+    if (rows < 1 || K < 1) {
+        PyErr_Format(PyExc_ValueError, "rows (%d) and K (%d) must be >= 1", rows, K);
+        return -1;
+    }
+    if (K % (*t)->block_values != 0) {
+        PyErr_Format(PyExc_ValueError, "K=%d is not a multiple of the block size %d", K, (*t)->block_values);
+        return -1;
+    }
+    *nb = K / (*t)->block_values;
+    const size_t want = (size_t)rows * (size_t)*nb * (size_t)(*t)->block_bytes;
+    if ((size_t)w->len != want) {
+        PyErr_Format(PyExc_ValueError, "weight buffer has %zd bytes, expected rows*row_bytes = %d*%zu = %zu",
+                     w->len, rows, (size_t)*nb * (*t)->block_bytes, want);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- sparse index: an immutable capsule, validated by construction ------------------------ */
+
+typedef struct {
+    int gtype, rows, nb;
+    int64_t nnz;
+    int64_t *row_ptr; /* [rows + 1] */
+    int32_t *blk_idx; /* [nnz], strictly increasing within a row, each < nb */
+} sparse_index;
+
+#define SPARSE_CAPSULE "pocketlm.kernel.sparse_index"
+
+static void sparse_free(PyObject *cap) {
+    sparse_index *s = PyCapsule_GetPointer(cap, SPARSE_CAPSULE);
+    if (s) {
+        free(s->row_ptr);
+        free(s->blk_idx);
+        free(s);
+    }
+}
+
+static PyObject *py_build_sparse_index(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *wo;
+    int gtype, rows, K, nb;
+    if (!PyArg_ParseTuple(args, "Oiii", &wo, &gtype, &rows, &K)) return NULL;
+    Py_buffer w;
+    if (get_raw(wo, &w, "weights") != 0) return NULL;
+    const gtype_info *t;
+    if (check_matrix(gtype, rows, K, &w, &t, &nb) != 0) goto fail_buf;
+    sparse_index *s = calloc(1, sizeof(*s));
+    if (!s) goto fail_oom;
+    s->gtype = gtype;
+    s->rows = rows;
+    s->nb = nb;
+    s->row_ptr = malloc(sizeof(int64_t) * ((size_t)rows + 1));
+    const uint8_t *base = w.buf;
+    const size_t n_blocks = (size_t)rows * nb;
+    int64_t nnz = 0;
+    for (size_t i = 0; i < n_blocks; i++) nnz += !block_is_empty(t, base + i * t->block_bytes);
+    s->blk_idx = calloc((size_t)nnz + IDX_PAD, sizeof(int32_t)); /* padding: see prefetch_ahead */
+    if (!s->row_ptr || !s->blk_idx) {
+        free(s->row_ptr);
+        free(s->blk_idx);
+        free(s);
+        goto fail_oom;
+    }
+    int64_t k = 0;
+    for (int r = 0; r < rows; r++) {
+        s->row_ptr[r] = k;
+        for (int b = 0; b < nb; b++)
+            if (!block_is_empty(t, base + ((size_t)r * nb + b) * t->block_bytes)) s->blk_idx[k++] = b;
+    }
+    s->row_ptr[rows] = k;
+    s->nnz = k;
+    PyBuffer_Release(&w);
+    PyObject *cap = PyCapsule_New(s, SPARSE_CAPSULE, sparse_free);
+    if (!cap) {
+        free(s->row_ptr);
+        free(s->blk_idx);
+        free(s);
+    }
+    return cap;
+fail_oom:
+    PyErr_NoMemory();
+fail_buf:
+    PyBuffer_Release(&w);
+    return NULL;
+}
+
+static sparse_index *get_sparse(PyObject *o) {
+    if (!PyCapsule_IsValid(o, SPARSE_CAPSULE)) {
+        PyErr_SetString(PyExc_TypeError, "index must be a sparse index built by build_sparse_index");
+        return NULL;
+    }
+    return PyCapsule_GetPointer(o, SPARSE_CAPSULE);
+}
+
+/* (gtype, rows, nb, nnz, row_ptr bytes (int64), blk_idx bytes (int32)) for inspection. */
+static PyObject *py_sparse_index_info(PyObject *self, PyObject *o) {
+    (void)self;
+    sparse_index *s = get_sparse(o);
+    if (!s) return NULL;
+    return Py_BuildValue("iiiLy#y#", s->gtype, s->rows, s->nb, (long long)s->nnz, (const char *)s->row_ptr,
+                         (Py_ssize_t)(sizeof(int64_t) * ((size_t)s->rows + 1)), (const char *)s->blk_idx,
+                         (Py_ssize_t)(sizeof(int32_t) * (size_t)s->nnz));
+}
+
+/* ---- compute ------------------------------------------------------------------------------- */
+
+static PyObject *py_matvec(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *wo, *xo, *yo, *io = Py_None;
+    int gtype, rows, K, nb, rc = 0;
+    if (!PyArg_ParseTuple(args, "OiiiOO|O", &wo, &gtype, &rows, &K, &xo, &yo, &io)) return NULL;
+    Py_buffer w, x, y;
+    const gtype_info *t;
+    sparse_index *s = NULL;
+    if (get_raw(wo, &w, "weights") != 0) return NULL;
+    if (check_matrix(gtype, rows, K, &w, &t, &nb) != 0) goto fail_w;
+    if (io != Py_None) {
+        if (!(s = get_sparse(io))) goto fail_w;
+        if (s->gtype != gtype || s->rows != rows || s->nb != nb) {
+            PyErr_Format(PyExc_ValueError, "sparse index was built for type %d, %d rows, %d blocks per row; "
+                         "this matrix is type %d, %d rows, %d blocks per row", s->gtype, s->rows, s->nb,
+                         gtype, rows, nb);
+            goto fail_w;
+        }
+    }
+    if (get_f32(xo, &x, K, 0, "x") != 0) goto fail_w;
+    if (get_f32(yo, &y, rows, 1, "out") != 0) goto fail_x;
+    if (check_finite(x.buf, (size_t)K, "x") != 0) goto fail_y;
+    const dot_fn *table = ACTIVE_TABLE;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_matvec(table, t, w.buf, rows, K, x.buf, y.buf, s ? s->row_ptr : NULL, s ? s->blk_idx : NULL);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&y);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    if (rc != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail_y:
+    PyBuffer_Release(&y);
+fail_x:
+    PyBuffer_Release(&x);
+fail_w:
+    PyBuffer_Release(&w);
+    return NULL;
+}
+
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *wo, *xo, *yo;
+    int gtype, rows, K, M, nb, rc = 0;
+    if (!PyArg_ParseTuple(args, "OiiiOiO", &wo, &gtype, &rows, &K, &xo, &M, &yo)) return NULL;
+    if (M < 1) {
+        PyErr_Format(PyExc_ValueError, "M=%d must be >= 1", M);
+        return NULL;
+    }
+    Py_buffer w, x, y;
+    const gtype_info *t;
+    if (get_raw(wo, &w, "weights") != 0) return NULL;
+    if (check_matrix(gtype, rows, K, &w, &t, &nb) != 0) goto fail_w;
+    if (get_f32(xo, &x, (Py_ssize_t)M * K, 0, "X") != 0) goto fail_w;
+    if (get_f32(yo, &y, (Py_ssize_t)M * rows, 1, "out") != 0) goto fail_x;
+    if (check_finite(x.buf, (size_t)M * K, "X") != 0) goto fail_y;
+    const dot_fn *table = ACTIVE_TABLE;
+    const dot2x2_fn *table2 = ACTIVE_TABLE2;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_matmul(table, table2, t, w.buf, rows, K, x.buf, M, y.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&y);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    if (rc != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail_y:
+    PyBuffer_Release(&y);
+fail_x:
+    PyBuffer_Release(&x);
+fail_w:
+    PyBuffer_Release(&w);
+    return NULL;
+}
+
+/* Index of the first block with a NaN/inf scale field, or -1. */
+static PyObject *py_check_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *wo;
+    int gtype;
+    if (!PyArg_ParseTuple(args, "Oi", &wo, &gtype)) return NULL;
+    const gtype_info *t = kernel_type_info(gtype);
+    if (!t) {
+        PyErr_Format(PyExc_ValueError, "GGML type %d is not supported by the kernel", gtype);
+        return NULL;
+    }
+    Py_buffer w;
+    if (get_raw(wo, &w, "weights") != 0) return NULL;
+    if (w.len % t->block_bytes != 0) {
+        PyErr_Format(PyExc_ValueError, "weight buffer of %zd bytes is not a whole number of %d-byte blocks",
+                     w.len, t->block_bytes);
+        PyBuffer_Release(&w);
+        return NULL;
+    }
+    const Py_ssize_t n = w.len / t->block_bytes;
+    Py_ssize_t bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (block_is_bad(t, (const uint8_t *)w.buf + i * t->block_bytes)) {
+            bad = i;
+            break;
+        }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&w);
+    return PyLong_FromSsize_t(bad);
+}
+
+/* Q4_0 raw rows -> GT_Q4_0_PACKED rows in a caller-allocated buffer of the same size. */
+static PyObject *py_repack(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *wo, *oo;
+    int gtype, rows, K, nb;
+    if (!PyArg_ParseTuple(args, "OiiiO", &wo, &gtype, &rows, &K, &oo)) return NULL;
+    if (gtype != GT_Q4_0) {
+        PyErr_Format(PyExc_ValueError, "only Q4_0 (type 2) can be repacked, not type %d", gtype);
+        return NULL;
+    }
+    if (K % 256 != 0) {
+        PyErr_Format(PyExc_ValueError, "K=%d: repacking needs K to be a multiple of 256", K);
+        return NULL;
+    }
+    Py_buffer w, o;
+    const gtype_info *t;
+    if (get_raw(wo, &w, "weights") != 0) return NULL;
+    if (check_matrix(gtype, rows, K, &w, &t, &nb) != 0) {
+        PyBuffer_Release(&w);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(oo, &o, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) != 0) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "out must be a writable C-contiguous buffer");
+        PyBuffer_Release(&w);
+        return NULL;
+    }
+    if (o.len != w.len) {
+        PyErr_Format(PyExc_ValueError, "out has %zd bytes, expected %zd", o.len, w.len);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        repack_q4_0(w.buf, o.buf, (size_t)rows * nb / 8);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&o);
+    PyBuffer_Release(&w);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* 1 if the active path runs the type with a SIMD kernel (not the scalar fallback). */
+static PyObject *py_native_kernel(PyObject *self, PyObject *args) {
+    (void)self;
+    int gtype;
+    if (!PyArg_ParseTuple(args, "i", &gtype)) return NULL;
+    const gtype_info *t = kernel_type_info(gtype);
+    if (!t) {
+        PyErr_Format(PyExc_ValueError, "GGML type %d is not supported by the kernel", gtype);
+        return NULL;
+    }
+    /* own or inherited from a faster path: anything but the portable C */
+    return PyBool_FromLong(strcmp(ACTIVE_NAME, "scalar") == 0 || ACTIVE_TABLE[t->slot] != path_scalar.dot[t->slot]);
+}
+
+/* ---- configuration ------------------------------------------------------------------------- */
+
+static PyObject *py_set_path(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    const dot_fn *t = path_table(name);
+    if (!t) {
+        PyErr_Format(PyExc_ValueError, "kernel path '%s' is not available on this CPU/build (available: %s)",
+                     name, available_paths_string());
+        return NULL;
+    }
+    ACTIVE_TABLE = t;
+    ACTIVE_TABLE2 = path_table2x2(name);
+    ACTIVE_NAME = path_static_name(name); /* `name` dies with its Python string */
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_active_path(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    return PyUnicode_FromString(ACTIVE_NAME);
+}
+
+static PyObject *py_set_threads(PyObject *self, PyObject *args) {
+    (void)self;
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    if (n < 1 || n > 1024) {
+        PyErr_Format(PyExc_ValueError, "thread count %d must be between 1 and 1024", n);
+        return NULL;
+    }
+    if (pool_set_threads(n) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "could not configure the thread pool");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_threads(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    return PyLong_FromLong(pool_threads());
+}
+
+static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    return PyUnicode_FromString(cpu_features_string());
+}
+
+static PyObject *py_available_paths(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    return PyUnicode_FromString(available_paths_string());
+}
+
+static PyObject *py_type_info(PyObject *self, PyObject *args) {
+    (void)self;
+    int gtype;
+    if (!PyArg_ParseTuple(args, "i", &gtype)) return NULL;
+    const gtype_info *t = kernel_type_info(gtype);
+    if (!t) {
+        PyErr_Format(PyExc_ValueError, "GGML type %d is not supported by the kernel", gtype);
+        return NULL;
+    }
+    return Py_BuildValue("ii", t->block_values, t->block_bytes);
+}
+
+static PyMethodDef METHODS[] = {
+    {"matvec", py_matvec, METH_VARARGS, "matvec(w, gtype, rows, K, x, out, index=None): out[rows] = W.x"},
+    {"matmul", py_matmul, METH_VARARGS, "matmul(w, gtype, rows, K, X, M, out): out[M, rows] = X.W^T"},
+    {"build_sparse_index", py_build_sparse_index, METH_VARARGS, "CSR index of the non-empty blocks"},
+    {"sparse_index_info", py_sparse_index_info, METH_O, "(gtype, rows, nb, nnz, row_ptr, blk_idx)"},
+    {"check_blocks", py_check_blocks, METH_VARARGS, "index of the first block with a NaN/inf scale, or -1"},
+    {"set_path", py_set_path, METH_VARARGS, "select a code path by name"},
+    {"active_path", py_active_path, METH_NOARGS, "name of the code path in use"},
+    {"available_paths", py_available_paths, METH_NOARGS, "space-separated usable code paths"},
+    {"cpu_features", py_cpu_features, METH_NOARGS, "space-separated CPU features the kernel uses"},
+    {"set_threads", py_set_threads, METH_VARARGS, "set the worker thread count (>= 1)"},
+    {"get_threads", py_get_threads, METH_NOARGS, "the worker thread count"},
+    {"repack", py_repack, METH_VARARGS, "repack(w, 2, rows, K, out): Q4_0 -> packed layout (type 1002)"},
+    {"native_kernel", py_native_kernel, METH_VARARGS, "True if the active path has its own kernel for a type"},
+    {"type_info", py_type_info, METH_VARARGS, "(block_values, block_bytes) of a GGML type"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_kernel", "pocketlm quantized matmul kernel",
+                                    -1, METHODS, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__kernel(void) {
+    ACTIVE_NAME = best_path_name();
+    ACTIVE_TABLE = path_table(ACTIVE_NAME);
+    ACTIVE_TABLE2 = path_table2x2(ACTIVE_NAME);
+    return PyModule_Create(&MODULE);
+}

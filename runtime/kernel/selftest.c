@@ -1,0 +1,211 @@
+/* Standalone self-test of the kernel's C paths, for cross-builds (ARM64 under qemu) where the
+ * Python extension cannot be loaded. Links every kernel source except module.c.
+ *
+ *   selftest ["expected available paths"]
+ *
+ * For each type: random blocks (valid fp16 scales), a float64 reference = dequantized weights .
+ * dequantized int8 activation (dequantization written from the GGUF layouts, independently of the
+ * dot code); every available path, dense and block-sparse, must match it; the threaded drivers
+ * must equal the single-thread ones. Exit status 0 = all passed. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernel.h"
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+static float rnd_gauss(void) { /* sum of uniforms: good enough for test data */
+    float s = 0;
+    for (int i = 0; i < 4; i++) s += (float)(rnd() & 0xFFFF) / 65536.0f - 0.5f;
+    return s * 1.7f;
+}
+
+/* fp32 -> fp16 bits for positive normal values in range (test scales only) */
+static uint16_t to_half(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    int e = (int)((b >> 23) & 0xFF) - 127 + 15;
+    return (uint16_t)(((b >> 31) << 15) | ((uint32_t)e << 10) | ((b >> 13) & 0x3FF));
+}
+static void put_half(uint8_t *p, float f) {
+    uint16_t h = to_half(f);
+    p[0] = (uint8_t)h;
+    p[1] = (uint8_t)(h >> 8);
+}
+
+static void fill_block(const gtype_info *t, uint8_t *b) {
+    for (int i = 0; i < t->block_bytes; i++) b[i] = (uint8_t)rnd();
+    const float s = 0.002f + (float)(rnd() % 1000) * 2e-5f;
+    switch (t->gtype) {
+    case GT_Q4_0:
+    case GT_Q8_0: put_half(b, s); break;
+    case GT_Q4_1: put_half(b, s); put_half(b + 2, -8 * s); break;
+    case GT_Q4_K: put_half(b, s); put_half(b + 2, s * 0.5f); break;
+    case GT_Q6_K: put_half(b + 208, s); break;
+    }
+}
+
+/* Dequantize one block to float, straight from the layout tables (REFERENCE.md section 2). */
+static void dequant_block(const gtype_info *t, const uint8_t *b, double *y) {
+    switch (t->gtype) {
+    case GT_Q4_0:
+        for (int j = 0; j < 16; j++) {
+            y[j] = fp16_to_fp32(read_u16(b)) * ((b[2 + j] & 0xF) - 8);
+            y[j + 16] = fp16_to_fp32(read_u16(b)) * ((b[2 + j] >> 4) - 8);
+        }
+        break;
+    case GT_Q4_1:
+        for (int j = 0; j < 16; j++) {
+            y[j] = fp16_to_fp32(read_u16(b)) * (b[4 + j] & 0xF) + fp16_to_fp32(read_u16(b + 2));
+            y[j + 16] = fp16_to_fp32(read_u16(b)) * (b[4 + j] >> 4) + fp16_to_fp32(read_u16(b + 2));
+        }
+        break;
+    case GT_Q8_0:
+        for (int j = 0; j < 32; j++) y[j] = fp16_to_fp32(read_u16(b)) * (int8_t)b[2 + j];
+        break;
+    case GT_Q4_K: {
+        const double d = fp16_to_fp32(read_u16(b)), dmin = fp16_to_fp32(read_u16(b + 2));
+        for (int c = 0; c < 4; c++)
+            for (int h = 0; h < 2; h++) {
+                uint8_t sc, m;
+                q4k_scale_min(2 * c + h, b + 4, &sc, &m);
+                for (int l = 0; l < 32; l++) {
+                    const int q = h ? b[16 + 32 * c + l] >> 4 : b[16 + 32 * c + l] & 0xF;
+                    y[64 * c + 32 * h + l] = d * sc * q - dmin * m;
+                }
+            }
+        break;
+    }
+    case GT_Q6_K: {
+        const double d = fp16_to_fp32(read_u16(b + 208));
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, y += 128)
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                y[l] = d * sc[is] * (((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
+                y[l + 32] = d * sc[is + 2] * (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                y[l + 64] = d * sc[is + 4] * (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                y[l + 96] = d * sc[is + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+            }
+        break;
+    }
+    }
+}
+
+static int failures;
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            printf("FAIL: " __VA_ARGS__);                                                          \
+            printf("\n");                                                                          \
+            failures++;                                                                            \
+        }                                                                                          \
+    } while (0)
+
+static const char *PATH_NAMES[] = {"scalar", "avx2", "avx512", "neon", "neon_dotprod", "neon_i8mm"};
+
+static void test_type(int gtype) {
+    const gtype_info *t = kernel_type_info(gtype);
+    const int rows = 13, K = 1024, nb = K / t->block_values, bs = t->block_values;
+    const size_t row_bytes = (size_t)nb * t->block_bytes;
+    uint8_t *w = malloc(rows * row_bytes);
+    float *x = malloc(sizeof(float) * K), *y1 = malloc(sizeof(float) * rows), *y2 = malloc(sizeof(float) * rows);
+    double *wd = malloc(sizeof(double) * K), *xd = malloc(sizeof(double) * K);
+    for (int i = 0; i < rows * nb; i++) fill_block(t, w + (size_t)i * t->block_bytes);
+    for (int i = 0; i < K; i++) x[i] = rnd_gauss();
+
+    void *mem;
+    if (posix_memalign(&mem, 64, act_bytes(K)) != 0) exit(2);
+    q8_act a;
+    act_bind(&a, mem, K);
+    if (bs == QK_K)
+        quantize_act_256(x, K, &a);
+    else
+        quantize_act_32(x, K, &a);
+    for (int i = 0; i < K; i++) xd[i] = (double)a.qs[i] * a.d[i / bs];
+
+    /* sparse subset: every block whose number is not a multiple of 3 */
+    int32_t idx[64 + IDX_PAD] = {0};
+    int n_idx = 0;
+    for (int b = 0; b < nb; b++)
+        if (b % 3) idx[n_idx++] = b;
+
+    for (size_t p = 0; p < sizeof(PATH_NAMES) / sizeof(PATH_NAMES[0]); p++) {
+        if (!path_available(PATH_NAMES[p])) continue;
+        const dot_fn *table = path_table(PATH_NAMES[p]);
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *row = w + r * row_bytes;
+            for (int b = 0; b < nb; b++) dequant_block(t, row + (size_t)b * t->block_bytes, wd + b * bs);
+            double ref = 0, ref_sparse = 0, wn = 0, xn = 0;
+            for (int i = 0; i < K; i++) {
+                ref += wd[i] * xd[i];
+                if ((i / bs) % 3) ref_sparse += wd[i] * xd[i];
+                wn += wd[i] * wd[i];
+                xn += xd[i] * xd[i];
+            }
+            const double tol = 2e-6 * sqrt(wn * xn);
+            const float got = table[t->slot](row, &a, nb, NULL, nb);
+            const float got_sparse = table[t->slot](row, &a, nb, idx, n_idx);
+            CHECK(fabs(got - ref) <= tol, "type %d path %s row %d: dense %.7g vs reference %.7g", gtype,
+                  PATH_NAMES[p], r, got, ref);
+            CHECK(fabs(got_sparse - ref_sparse) <= tol, "type %d path %s row %d: sparse %.7g vs reference %.7g",
+                  gtype, PATH_NAMES[p], r, got_sparse, ref_sparse);
+            if (gtype == GT_Q4_0) { /* the load-time packed layout of the same row */
+                uint8_t packed[1024 / 32 * 18];
+                repack_q4_0(row, packed, (size_t)nb / 8);
+                const float got_packed = table[SLOT_Q4_0_PACKED](packed, &a, nb / 8, NULL, nb / 8);
+                CHECK(fabs(got_packed - ref) <= tol, "packed Q4_0 path %s row %d: %.7g vs reference %.7g",
+                      PATH_NAMES[p], r, got_packed, ref);
+            }
+        }
+        /* drivers: 1 thread == 3 threads; matmul row m == matvec */
+        pool_set_threads(1);
+        run_matvec(table, t, w, rows, K, x, y1, NULL, NULL);
+        pool_set_threads(3);
+        run_matvec(table, t, w, rows, K, x, y2, NULL, NULL);
+        CHECK(memcmp(y1, y2, sizeof(float) * rows) == 0, "type %d path %s: threads 1 != 3", gtype, PATH_NAMES[p]);
+        /* M = 3 different activations (a 2x2 pair + a leftover) against 3 single matvecs */
+        float *X = malloc(sizeof(float) * 3 * K), *Y = malloc(sizeof(float) * 3 * rows);
+        float *ym = malloc(sizeof(float) * rows);
+        for (int m = 0; m < 3; m++)
+            for (int i = 0; i < K; i++) X[m * K + i] = x[(i + 37 * m) % K] * (m == 1 ? -0.5f : 1.0f);
+        run_matmul(table, path_table2x2(PATH_NAMES[p]), t, w, rows, K, X, 3, Y);
+        for (int m = 0; m < 3; m++) {
+            run_matvec(table, t, w, rows, K, X + m * K, ym, NULL, NULL);
+            for (int r = 0; r < rows; r++) /* a 2x2 kernel sums in another order */
+                CHECK(fabsf(Y[m * rows + r] - ym[r]) <= 1e-5f * (fabsf(ym[r]) + 1.0f),
+                      "type %d path %s row %d: matmul[%d] %.7g != matvec %.7g", gtype, PATH_NAMES[p], r, m,
+                      Y[m * rows + r], ym[r]);
+        }
+        free(ym);
+        free(X);
+        free(Y);
+        pool_set_threads(1);
+    }
+    free(mem);
+    free(w);
+    free(x);
+    free(y1);
+    free(y2);
+    free(wd);
+    free(xd);
+}
+
+int main(int argc, char **argv) {
+    printf("features: %s\npaths: %s\n", cpu_features_string(), available_paths_string());
+    if (argc > 1)
+        CHECK(strcmp(argv[1], available_paths_string()) == 0, "expected paths '%s', got '%s'", argv[1],
+              available_paths_string());
+    const int types[] = {GT_Q4_0, GT_Q4_1, GT_Q8_0, GT_Q4_K, GT_Q6_K};
+    for (int i = 0; i < 5; i++) test_type(types[i]);
+    printf("%s (%d failures)\n", failures ? "FAILED" : "ALL PASSED", failures);
+    return failures ? 1 : 0;
+}

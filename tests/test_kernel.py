@@ -1,0 +1,411 @@
+"""The C quantized matmul kernel against independent oracles.
+
+Oracles: gguf-py (`gguf.quants.quantize` for Q4_0/Q4_1/Q8_0 weights, `gguf.quants.dequantize` for
+every type) and float64 numpy. Two levels: (1) the kernel agrees with dequant(W) @ x to within the
+int8 activation error; (2) with the activation quantization replayed in numpy (d = amax/127,
+q = round-half-away(x/d), the kernel's documented rule), it agrees with float64 to ~1e-5, which pins
+every byte of the block layouts. Plus: each SIMD path equals the scalar path, batched == matvecs,
+sparse == dense, threads 1 == 2, bad arguments raise PocketLMError (never a crash).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf.quants as gq
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from pocketlm.errors import PocketLMError
+from pocketlm.quantize import formats
+from pocketlm.runtime import _kernel
+from pocketlm.runtime import kernel as k
+
+REPO = Path(__file__).resolve().parents[1]
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
+PATHS = k.available_paths()
+N, K = 48, 1024  # K: 32 blocks of 32 / 4 super-blocks of 256
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_state():
+    path, threads = k.active_path(), k.get_threads()
+    yield
+    k.use_path(path)
+    k.set_threads(threads)
+
+
+def random_kquant(t: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random K-quant bytes with finite fp16 super-block scales: every code and 6-bit scale pattern."""
+    _, nbytes = k.block_shape(t)
+    raw = rng.integers(0, 256, size=(rows * cols // 256, nbytes), dtype=np.uint8)
+    d = rng.uniform(1e-3, 2e-2, size=(raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+    if t == Q.Q4_K:
+        raw[:, 0:4] = d  # d, dmin
+    else:
+        raw[:, 208:210] = d[:, 0:2]  # d
+    return raw.reshape(rows, -1)
+
+
+def make_weights(t: Q, rows: int, cols: int, seed: int = 0, source: str = "oracle") -> np.ndarray:
+    """[rows, row_bytes] uint8 GGUF bytes of a random matrix."""
+    rng = np.random.default_rng(seed)
+    if t in (Q.Q4_K, Q.Q6_K) and source == "random":
+        return random_kquant(t, rows, cols, rng)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if t in (Q.Q4_K, Q.Q6_K):
+        return formats.quantize(w, int(t))
+    return gq.quantize(w, t)
+
+
+def dequant(raw: np.ndarray, t: Q) -> np.ndarray:
+    return gq.dequantize(raw, t).astype(np.float64)
+
+
+def act_roundtrip(x: np.ndarray, block: int) -> np.ndarray:
+    """The kernel's int8 activation (float32 math) dequantized: the exact input of its integer dots."""
+    xb = x.astype(np.float32).reshape(-1, block)
+    d = np.abs(xb).max(axis=1, keepdims=True) / np.float32(127)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(np.float32)
+    v = xb * inv
+    q = np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))  # C roundf: half away from zero
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(-1)
+
+
+def act_block(t: Q) -> int:
+    return 256 if t in (Q.Q4_K, Q.Q6_K) else 32
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_matvec_matches_gguf_dequant(t: Q, path: str) -> None:
+    for source in ("oracle", "random") if t in (Q.Q4_K, Q.Q6_K) else ("oracle",):
+        raw = make_weights(t, N, K, seed=1, source=source)
+        x = np.random.default_rng(2).standard_normal(K).astype(np.float32)
+        W = dequant(raw, t)
+        k.use_path(path)
+        y = k.matvec(raw, t, N, K, x)
+        assert y.dtype == np.float32 and y.shape == (N,)
+        scale = np.linalg.norm(W, axis=1) * np.linalg.norm(x)
+        # (1) within the int8-activation error of the float product
+        np.testing.assert_array_less(np.abs(y - W @ x.astype(np.float64)), 1e-2 * scale)
+        # (2) the same integers in float64: layouts exact up to float32 accumulation
+        np.testing.assert_array_less(np.abs(y - W @ act_roundtrip(x, act_block(t))), 2e-6 * scale + 1e-30)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_simd_paths_equal_scalar(t: Q) -> None:
+    raw = make_weights(t, 64, 2048, seed=3, source="random")
+    x = np.random.default_rng(4).standard_normal(2048).astype(np.float32) * 3
+    k.use_path("scalar")
+    ref = k.matvec(raw, t, 64, 2048, x)
+    scale = np.linalg.norm(dequant(raw, t), axis=1) * np.linalg.norm(x)
+    for path in PATHS[1:]:
+        k.use_path(path)
+        np.testing.assert_array_less(np.abs(k.matvec(raw, t, 64, 2048, x) - ref), 1e-6 * scale, err_msg=path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_matmul_equals_matvecs(t: Q, path: str) -> None:
+    raw = make_weights(t, N, K, seed=5)
+    X = np.random.default_rng(6).standard_normal((5, K)).astype(np.float32)
+    k.use_path(path)
+    Y = k.matmul(raw, t, N, K, X)
+    assert Y.shape == (5, N)
+    scale = np.linalg.norm(dequant(raw, t), axis=1)
+    for m in range(5):  # equal up to summation order (ARM i8mm computes 2 rows x 2 activations)
+        bound = 1e-6 * scale * np.linalg.norm(X[m])
+        np.testing.assert_array_less(np.abs(Y[m] - k.matvec(raw, t, N, K, X[m])), bound)
+
+
+def zero_blocks(raw: np.ndarray, t: Q, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero the scale fields of a fraction of blocks (their data is left as garbage). Returns
+    (raw copy, empty mask [rows, blocks])."""
+    _, nbytes = k.block_shape(t)
+    blocks = raw.copy().reshape(-1, nbytes)
+    empty = np.random.default_rng(seed).random(blocks.shape[0]) < frac
+    fields = {Q.Q4_0: [(0, 2)], Q.Q8_0: [(0, 2)], Q.Q4_1: [(0, 4)], Q.Q4_K: [(0, 4)], Q.Q6_K: [(208, 210)]}[t]
+    for a, b in fields:
+        blocks[empty, a:b] = 0
+    return blocks.reshape(raw.shape), empty.reshape(raw.shape[0], -1)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_sparse_index_equals_dense(t: Q) -> None:
+    raw = make_weights(t, N, K, seed=7)
+    x = np.random.default_rng(8).standard_normal(K).astype(np.float32)
+    for frac in (0.0, 0.25, 0.5, 1.0):
+        sraw, empty = zero_blocks(raw, t, frac, seed=9)
+        idx = k.build_sparse_index(sraw, t, N, K)
+        assert idx.nnz == int((~empty).sum())
+        np.testing.assert_array_equal(idx.row_ptr, np.concatenate([[0], np.cumsum((~empty).sum(axis=1))]))
+        np.testing.assert_array_equal(idx.blocks, np.nonzero(~empty)[1])
+        W = dequant(sraw, t)
+        scale = np.linalg.norm(W, axis=1) * np.linalg.norm(x) + 1e-30
+        for path in PATHS:
+            k.use_path(path)
+            dense = k.matvec(sraw, t, N, K, x)
+            sparse = k.matvec(sraw, t, N, K, x, index=idx)
+            np.testing.assert_array_less(np.abs(sparse - dense), 1e-6 * scale, err_msg=f"{path} {frac}")
+            np.testing.assert_array_less(np.abs(sparse - W @ x.astype(np.float64)), 1e-2 * scale)
+
+
+SKIP_UNTOUCHED_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np
+from pocketlm.runtime import kernel as k
+
+PAGE = mmap.PAGESIZE
+nb = (3 * PAGE) // 18 - 2                 # one Q4_0 row over three pages
+K = 32 * nb
+region = mmap.mmap(-1, 3 * PAGE)
+row = np.frombuffer(region, np.uint8)[: nb * 18]
+blocks = row.reshape(nb, 18)
+blocks[:] = np.random.default_rng(0).integers(0, 256, blocks.shape, dtype=np.uint8)
+blocks[:, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+first = PAGE // 18                        # first block starting in page 2 (bytes PAGE..2*PAGE-1)
+last = (2 * PAGE - 1) // 18               # block holding the last byte of page 2
+blocks[first - 1 : last + 1, 0:2] = 0     # empty: every block with a byte in page 2
+idx = k.build_sparse_index(row, 2, 1, K)
+x = np.random.default_rng(1).standard_normal(K).astype(np.float32)
+k.use_path(sys.argv[1])
+dense = k.matvec(row, 2, 1, K, x)
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+assert libc.mprotect(base + PAGE, PAGE, 0) == 0   # PROT_NONE: any read of page 2 faults
+sparse = k.matvec(row, 2, 1, K, x, index=idx)
+print("ok", float(dense[0]), float(sparse[0]))
+assert abs(dense[0] - sparse[0]) <= 1e-5 * (abs(dense[0]) + 1)
+"""
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sparse_matvec_never_reads_empty_blocks(path: str) -> None:
+    """Empty blocks sit on a page made unreadable after indexing: the sparse matvec must not fault."""
+    r = subprocess.run([sys.executable, "-c", SKIP_UNTOUCHED_SCRIPT, path], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), (r.returncode, r.stdout, r.stderr)
+
+
+def test_weights_from_read_only_file_map(tmp_path: Path) -> None:
+    """Weights straight from a read-only memory map of a file (as from a GGUF), at an offset."""
+    raw = make_weights(Q.Q8_0, N, K, seed=17)
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\0" * 100 + raw.tobytes())
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", offset=100, shape=(raw.size,))
+    x = np.random.default_rng(18).standard_normal(K).astype(np.float32)
+    np.testing.assert_array_equal(k.matvec(mapped, Q.Q8_0, N, K, x), k.matvec(raw, Q.Q8_0, N, K, x))
+    np.testing.assert_array_equal(k.matvec(raw.tobytes(), Q.Q8_0, N, K, x), k.matvec(raw, Q.Q8_0, N, K, x))
+
+
+def test_sparse_index_rejects_other_matrix() -> None:
+    raw = make_weights(Q.Q4_0, N, K)
+    idx = k.build_sparse_index(raw, Q.Q4_0, N, K)
+    x = np.ones(K, np.float32)
+    with pytest.raises(PocketLMError, match="sparse index was built for"):
+        k.matvec(make_weights(Q.Q4_0, N // 2, K), Q.Q4_0, N // 2, K, x, index=idx)
+    with pytest.raises(PocketLMError, match="sparse index"):
+        k.matvec(raw, Q.Q4_0, N, K, x, index=k.SparseIndex("x", 2, N, K // 32, 0, idx.row_ptr, idx.blocks))
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_threads_identical(t: Q) -> None:
+    raw = make_weights(t, 97, K, seed=10)  # odd row count: uneven split
+    x = np.random.default_rng(11).standard_normal(K).astype(np.float32)
+    X = np.random.default_rng(12).standard_normal((3, K)).astype(np.float32)
+    for path in PATHS:
+        k.use_path(path)
+        k.set_threads(1)
+        y1, Y1 = k.matvec(raw, t, 97, K, x), k.matmul(raw, t, 97, K, X)
+        k.set_threads(2)
+        assert k.get_threads() == 2
+        for _ in range(20):  # many short jobs: the pool's hand-over
+            np.testing.assert_array_equal(k.matvec(raw, t, 97, K, x), y1)
+        np.testing.assert_array_equal(k.matmul(raw, t, 97, K, X), Y1)
+
+
+def test_thread_pool_many_small_jobs() -> None:
+    """Back-to-back jobs of every size (1 row .. many chunks): the pool hands over without loss."""
+    raw = make_weights(Q.Q4_0, 600, 256, seed=19)
+    x = np.random.default_rng(20).standard_normal(256).astype(np.float32)
+    k.set_threads(1)
+    want = k.matvec(raw, Q.Q4_0, 600, 256, x)
+    for threads in (2, 3):
+        k.set_threads(threads)
+        for i in range(300):
+            rows = (1, 2, 17, 33, 97, 600)[i % 6]
+            np.testing.assert_array_equal(k.matvec(raw[:rows], Q.Q4_0, rows, 256, x), want[:rows])
+
+
+def test_threads_from_python_threads() -> None:
+    """Concurrent callers (GIL released in C) serialize on the pool and get correct results."""
+    import threading
+
+    raw = make_weights(Q.Q4_0, 256, K)
+    xs = [np.random.default_rng(s).standard_normal(K).astype(np.float32) for s in range(4)]
+    k.set_threads(2)
+    want = [k.matvec(raw, Q.Q4_0, 256, K, x) for x in xs]
+    got: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        for _ in range(10):
+            got[i] = k.matvec(raw, Q.Q4_0, 256, K, xs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i in range(4):
+        np.testing.assert_array_equal(got[i], want[i])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_packed_q4_0_equals_raw(path: str) -> None:
+    """The load-time repacked Q4_0 layout gives the raw layout's results, dense, sparse and batched."""
+    rows, cols = 40, 2048
+    raw, _ = zero_blocks(make_weights(Q.Q4_0, rows, cols, seed=13), Q.Q4_0, 0.3, seed=14)
+    packed = k.repack(raw, Q.Q4_0, rows, cols)
+    assert packed.nbytes == raw.nbytes
+    x = np.random.default_rng(15).standard_normal(cols).astype(np.float32)
+    X = np.random.default_rng(16).standard_normal((3, cols)).astype(np.float32)
+    k.use_path(path)
+    W = dequant(raw, Q.Q4_0)
+    scale = np.linalg.norm(W, axis=1) * np.linalg.norm(x)
+    y = k.matvec(packed, k.Q4_0_PACKED, rows, cols, x)
+    np.testing.assert_array_less(np.abs(y - k.matvec(raw, Q.Q4_0, rows, cols, x)), 1e-6 * scale)
+    np.testing.assert_array_less(np.abs(y - W @ act_roundtrip(x, 32)), 2e-6 * scale)
+    Y = k.matmul(packed, k.Q4_0_PACKED, rows, cols, X)
+    for m in range(3):
+        np.testing.assert_array_equal(Y[m], k.matvec(packed, k.Q4_0_PACKED, rows, cols, X[m]))
+    # sparse index over the packed layout counts 8-block groups; zero one whole group per row
+    groups = raw.copy().reshape(rows, cols // 256, 8, 18)
+    groups[np.arange(rows), np.arange(rows) % (cols // 256), :, 0:2] = 0
+    praw = groups.reshape(rows, -1)
+    packed = k.repack(praw, Q.Q4_0, rows, cols)
+    idx = k.build_sparse_index(packed, k.Q4_0_PACKED, rows, cols)
+    assert idx.nnz == rows * (cols // 256 - 1)
+    np.testing.assert_array_less(np.abs(k.matvec(packed, k.Q4_0_PACKED, rows, cols, x, index=idx)
+                                        - k.matvec(praw, Q.Q4_0, rows, cols, x)), 1e-6 * scale)
+    assert k.should_repack(Q.Q4_0, cols) == (path != "scalar" and k.active_path() == path)
+    assert not k.should_repack(Q.Q4_0, 32 * 9) and not k.should_repack(Q.Q8_0, cols)
+
+
+def test_extreme_activations() -> None:
+    """Tiny (subnormal) and huge finite activations: finite results, no undefined conversions."""
+    raw = make_weights(Q.Q8_0, N, K, seed=21)
+    W = dequant(raw, Q.Q8_0)
+    for value in (1e-39, 3e-38, 1e30, -3e38):
+        x = np.full(K, value, np.float32)
+        x[::3] *= -0.5
+        for path in PATHS:
+            k.use_path(path)
+            y = k.matvec(raw, Q.Q8_0, N, K, x)
+            assert np.all(np.isfinite(y)) or abs(value) > 1e37, (value, path)
+            if 1e-30 < abs(value) < 1e37:
+                scale = np.linalg.norm(W, axis=1) * np.linalg.norm(x.astype(np.float64))
+                np.testing.assert_array_less(np.abs(y - W @ x.astype(np.float64)), 1e-2 * scale)
+
+
+def test_check_blocks_finds_nan_scale() -> None:
+    for t in TYPES:
+        raw = make_weights(t, 8, 512)
+        assert k.check_blocks(raw, t) is None
+        _, nbytes = k.block_shape(t)
+        bad = raw.copy().reshape(-1, nbytes)
+        off = 208 if t == Q.Q6_K else (2 if t in (Q.Q4_1, Q.Q4_K) else 0)  # dmin / m / d field
+        bad[5, off : off + 2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
+        bad[9, off : off + 2] = np.frombuffer(np.float16(np.inf).tobytes(), np.uint8)
+        assert k.check_blocks(bad, t) == 5, t.name
+
+
+def test_bad_arguments_raise() -> None:
+    raw = make_weights(Q.Q4_0, 4, 64)
+    x = np.ones(64, np.float32)
+    bad_calls = {
+        "unsupported type": lambda: k.matvec(raw, 6, 4, 64, x),
+        "K not a block multiple": lambda: k.matvec(raw, Q.Q4_0, 4, 48, np.ones(48, np.float32)),
+        "short weights": lambda: k.matvec(raw.reshape(-1)[:-1], Q.Q4_0, 4, 64, x),
+        "rows too many": lambda: k.matvec(raw, Q.Q4_0, 5, 64, x),
+        "rows zero": lambda: k.matvec(raw, Q.Q4_0, 0, 64, x),
+        "negative K": lambda: k.matvec(raw, Q.Q4_0, 4, -64, x),
+        "x length": lambda: k.matvec(raw, Q.Q4_0, 4, 64, np.ones(32, np.float32)),
+        "x dtype": lambda: k.matvec(raw, Q.Q4_0, 4, 64, np.ones(64, np.float64)),
+        "x strided": lambda: k.matvec(raw, Q.Q4_0, 4, 64, np.ones(128, np.float32)[::2]),
+        "x 2-D": lambda: k.matvec(raw, Q.Q4_0, 4, 64, np.ones((1, 64), np.float32)),
+        "x NaN": lambda: k.matvec(raw, Q.Q4_0, 4, 64, np.full(64, np.nan, np.float32)),
+        "out length": lambda: k.matvec(raw, Q.Q4_0, 4, 64, x, out=np.empty(3, np.float32)),
+        "out dtype": lambda: k.matvec(raw, Q.Q4_0, 4, 64, x, out=np.empty(4, np.float64)),
+        "out read-only": lambda: k.matvec(raw, Q.Q4_0, 4, 64, x, out=np.frombuffer(bytes(16), np.float32)),
+        "weights not a buffer": lambda: k.matvec([1, 2, 3], Q.Q4_0, 4, 64, x),
+        "X 1-D": lambda: k.matmul(raw, Q.Q4_0, 4, 64, x),
+        "X width": lambda: k.matmul(raw, Q.Q4_0, 4, 64, np.ones((2, 32), np.float32)),
+        "X empty": lambda: k.matmul(raw, Q.Q4_0, 4, 64, np.ones((0, 64), np.float32)),
+        "matmul out": lambda: k.matmul(raw, Q.Q4_0, 4, 64, np.ones((2, 64), np.float32),
+                                       out=np.empty((2, 3), np.float32)),
+        "threads 0": lambda: k.set_threads(0),
+        "threads bool": lambda: k.set_threads(True),
+        "unknown path": lambda: k.use_path("sse9"),
+        "index of wrong type": lambda: k.build_sparse_index(raw, Q.Q4_0, 4, 96),
+        "check_blocks partial block": lambda: k.check_blocks(raw.reshape(-1)[:-1], Q.Q4_0),
+        "repack Q8_0": lambda: k.repack(make_weights(Q.Q8_0, 4, 256), Q.Q8_0, 4, 256),
+        "repack K % 256": lambda: k.repack(raw, Q.Q4_0, 4, 64),
+    }
+    for what, call in bad_calls.items():
+        with pytest.raises(PocketLMError, match="kernel"):
+            call()
+            pytest.fail(what)
+    # the C layer itself raises the standard exceptions (not only the wrapper's checks)
+    with pytest.raises(ValueError):
+        _kernel.matvec(raw, 2, 4, 64, np.ones(32, np.float32), np.empty(4, np.float32))
+    with pytest.raises(TypeError):
+        _kernel.matvec(raw, 2, 4, 64, np.ones(64, np.int32), np.empty(4, np.float32))
+    with pytest.raises(ValueError):
+        _kernel.matmul(raw, 2, 4, 64, np.ones((2, 64), np.float32), 3, np.empty((3, 4), np.float32))
+    with pytest.raises(TypeError):
+        _kernel.matvec(raw, 2, 4, 64, x, np.empty(4, np.float32), "not an index")
+
+
+def test_features_and_paths() -> None:
+    feats = k.cpu_features()
+    assert "scalar" in PATHS and PATHS[0] == "scalar"
+    assert k.active_path() in PATHS
+    if "avx512vnni" in feats and "avx512bw" in feats:
+        assert "avx512" in PATHS
+    if "avx2" in feats:
+        assert "avx2" in PATHS
+    if os.path.exists("/proc/cpuinfo"):  # Linux: never claims what the kernel does not list
+        flags = Path("/proc/cpuinfo").read_text()
+        for feat in ("avx2", "avx512f", "avx512bw", "avx512vl", "asimddp", "i8mm"):
+            name = {"asimddp": "dotprod"}.get(feat, feat)
+            assert (f" {feat}" in flags) >= (name in feats), feat
+
+
+@pytest.mark.parametrize("value", ["scalar", "no_such_path"])
+def test_env_override(value: str) -> None:
+    code = "from pocketlm.runtime import kernel; print(kernel.active_path())"
+    env = {**os.environ, "POCKETLM_KERNEL": value}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    if value == "scalar":
+        assert r.returncode == 0 and r.stdout.strip() == "scalar", r.stderr
+    else:
+        assert r.returncode != 0 and "PocketLMError" in r.stderr
+        assert "POCKETLM_KERNEL=no_such_path" in r.stderr
+
+
+def test_arm64_selftest_under_qemu() -> None:
+    """NEON paths (plain, dotprod, i8mm) and their run-time selection, cross-built for aarch64."""
+    if not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")):
+        pytest.skip("aarch64-linux-gnu-gcc or qemu-aarch64 missing (apt: gcc-aarch64-linux-gnu qemu-user)")
+    script = REPO / "runtime" / "kernel" / "cross_test_arm64.sh"
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for cpu in ("max", "cortex-a76", "cortex-a53"):
+        assert f"qemu -cpu {cpu}: PASS" in r.stdout, r.stdout
