@@ -1,0 +1,235 @@
+"""Runtime benchmark: pocketlm against llama.cpp (llama-cpp-python) on the same phi-3-mini-shaped file.
+
+    python benchmarks/bench_runtime.py                          # Q4_0, 1 and 2 threads
+    python benchmarks/bench_runtime.py --recipes q4_0 q4_k_m q8_0
+
+For each file (built once and cached by make_phi3_mini_gguf.py) and thread count, each engine runs
+in its own subprocess (so peak RSS is that engine's alone): load, prefill a 128-token prompt, then
+decode 64 tokens greedily (argmax, end-of-text ignored), context 512. Also measured: the machine's
+read bandwidth (numpy sum over a 2 GB array, 1 and 2 threads) and the decode roofline it implies
+(bandwidth / bytes of weights read per token); pocketlm's time to load the file and produce the
+first token of a 16-token prompt (fresh process, warm page cache); pocketlm's Python overhead per
+decoded token (1 - time inside kernel calls / decode time, instrumented in the model loop).
+
+llama.cpp runs without its extra buffer types (AMX / repacked weights): with them this build
+crashes on this machine's AMX unit (see child_llama).
+
+Targets (issue 5): decode >= 1.05x llama.cpp on Q4_0 (>= 0.9x on Q4_K_M, Q8_0), prefill >= 0.8x,
+peak RSS <= file + KV cache + 250 MB, load + first token < 2 s, Python overhead < 10 %.
+Numbers are only meaningful on a quiet machine: the script prints the load average it saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import make_phi3_mini_gguf  # noqa: E402  (a sibling script)
+
+MB = 1e6
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB  # ru_maxrss is in KiB
+
+
+def prompt_ids(n: int, seed: int = 0) -> list[int]:
+    """Random ordinary-token ids (no special tokens), the same for both engines."""
+    return np.random.default_rng(seed).integers(300, 32000, n).tolist()
+
+
+# ---------------------------------------------------------------------------- children
+
+def child_pocketlm(path: str, threads: int, n_prompt: int, n_decode: int, ctx: int, kv: str) -> dict:
+    from pocketlm.runtime.generate import generate
+    from pocketlm.runtime.model import load
+
+    model = load(path, threads=threads, ctx=ctx, kv=kv)
+    load_s = model.stats.load_seconds
+    gen = generate(model, prompt_ids(n_prompt), max_tokens=n_decode + 1, temperature=0, ignore_eos=True)
+    for _ in gen.token_ids():
+        pass
+    s = model.stats
+    return {"load_s": load_s, "prefill_tps": s.prefill_tps, "decode_tps": s.decode_tps,
+            "python_overhead": s.python_overhead, "decoded": s.decode_tokens, "peak_rss_mb": peak_rss_mb(),
+            "kv_mb": model.cache.nbytes / MB}
+
+
+def child_first_token(path: str, threads: int, ctx: int, kv: str) -> dict:
+    t0 = time.perf_counter()
+    from pocketlm.runtime.generate import generate
+    from pocketlm.runtime.model import load
+
+    model = load(path, threads=threads, ctx=ctx, kv=kv)
+    gen = generate(model, prompt_ids(16, seed=1), max_tokens=1, temperature=0, ignore_eos=True)
+    for _ in gen.token_ids():
+        pass
+    return {"load_first_token_s": time.perf_counter() - t0, "load_s": model.stats.load_seconds}
+
+
+def child_llama(path: str, threads: int, n_prompt: int, n_decode: int, ctx: int) -> dict:
+    import llama_cpp
+    from llama_cpp import llama as llama_module
+
+    # This llama-cpp-python build (0.3.36) segfaults in ggml_backend_amx_mul_mat on this CPU (it
+    # reports AMX): keep llama.cpp on its regular CPU path (no extra buffer types, so no AMX and no
+    # repacked copy of the weights either).
+    default_params = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(path, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                          n_threads_batch=threads, logits_all=False, verbose=False)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+
+    t0 = time.perf_counter()
+    llm.eval(prompt_ids(n_prompt))
+    tok = int(np.argmax(last_logits()))
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(n_decode):
+        llm.eval([tok])
+        tok = int(np.argmax(last_logits()))
+    decode_s = time.perf_counter() - t0
+    return {"load_s": load_s, "prefill_tps": n_prompt / prefill_s, "decode_tps": n_decode / decode_s,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def run_child(*args: str) -> dict:
+    res = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": (res.stderr.strip().splitlines() or ["crashed"])[-1][:200]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- machine
+
+def read_bandwidth_gbs(threads: int, nbytes: int = 2 * 10**9, repeats: int = 3) -> float:
+    """GB/s of numpy sums over an nbytes float64 array split across `threads` Python threads
+    (numpy releases the GIL inside the reduction)."""
+    a = np.ones(nbytes // 8)
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def bytes_per_token(path: Path) -> int:
+    """Weight bytes a decode step reads: every tensor but the embedding (one row of it)."""
+    from pocketlm.export.gguf_reader import GGUFReader
+
+    with GGUFReader(path) as r:
+        return sum(t.nbytes for t in r.tensors.values() if t.name != "token_embd.weight")
+
+
+# ---------------------------------------------------------------------------- report
+
+def best_of(repeat: int, *child_args: str) -> dict:
+    """The run with the best decode speed out of `repeat` (the machine may be shared)."""
+    runs = [run_child(*child_args) for _ in range(repeat)]
+    ok = [r for r in runs if "error" not in r]
+    return max(ok, key=lambda r: r["decode_tps"]) if ok else runs[0]
+
+
+def print_row(t: int, name: str, r: dict, roof: float) -> None:
+    if "error" in r:
+        print(f"{t:>3} {name:<14} error: {r['error']}")
+        return
+    ovh = f"{100 * r['python_overhead']:5.1f}%" if "python_overhead" in r else "     -"
+    print(f"{t:>3} {name:<14} {r['prefill_tps']:>11.2f} {r['decode_tps']:>10.2f} "
+          f"{r['decode_tps'] / roof:>7.0%} {r['peak_rss_mb']:>11.0f} {r['load_s']:>6.2f} {ovh} "
+          f"{os.getloadavg()[0]:>5.1f}")
+
+
+def report_file(recipe: str, args: argparse.Namespace, bw: dict[int, float]) -> None:
+    path = make_phi3_mini_gguf.ensure(recipe)
+    size_mb = path.stat().st_size / MB
+    per_tok = bytes_per_token(path)
+    print(f"\n== {recipe}: {path} ({size_mb:.0f} MB, {per_tok / MB:.0f} MB read per token), "
+          f"prompt {args.prompt}, decode {args.decode}, ctx {args.ctx}, best of {args.repeat}")
+    print(f"{'thr':>3} {'engine':<14} {'prefill t/s':>11} {'decode t/s':>10} {'roofline':>8} "
+          f"{'peak RSS MB':>11} {'load s':>6} {'py ovh':>6} {'load':>5}")
+    common = ("--prompt", str(args.prompt), "--decode", str(args.decode), "--ctx", str(args.ctx))
+    for t in args.threads:
+        roof = bw[t] * 1e9 / per_tok
+        theirs = best_of(args.repeat, "llama", str(path), str(t), *common)
+        print_row(t, "llama.cpp", theirs, roof)
+        for kv in args.kv:
+            ours = best_of(args.repeat, "pocketlm", str(path), str(t), *common, "--kv", kv)
+            print_row(t, f"pocketlm kv={kv}", ours, roof)
+            if "error" in ours or "error" in theirs:
+                continue
+            budget = size_mb + ours["kv_mb"] + 250
+            decode = ours["decode_tps"] / theirs["decode_tps"]
+            prefill = ours["prefill_tps"] / theirs["prefill_tps"]
+            print(f"    pocketlm/llama.cpp: decode {decode:.2f}x, prefill {prefill:.2f}x; peak RSS "
+                  f"{ours['peak_rss_mb']:.0f} MB vs budget {budget:.0f} MB (file + KV {ours['kv_mb']:.0f} MB "
+                  f"+ 250 MB)")
+        print(f"    roofline at {t} thread(s): {roof:.1f} tok/s ({bw[t]:.1f} GB/s / {per_tok / MB:.0f} MB)")
+    t = max(args.threads)
+    first = run_child("first", str(path), str(t), "--ctx", str(args.ctx), "--kv", args.kv[0])
+    if "error" in first:
+        print(f"load + first token: error: {first['error']}")
+    else:
+        print(f"pocketlm load + first token of a 16-token prompt ({t} threads, fresh process, warm "
+              f"cache): {first['load_first_token_s']:.2f} s (load {first['load_s']:.2f} s)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", nargs="+", default=["q4_0"], choices=("q4_0", "q4_k_m", "q8_0"))
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--kv", nargs="+", default=["f16"], choices=("f16", "int8", "f32"),
+                    help="pocketlm KV cache type(s) to measure")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement, best kept")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, path, threads = args.child[:3]
+        if kind == "pocketlm":
+            out = child_pocketlm(path, int(threads), args.prompt, args.decode, args.ctx, args.kv[0])
+        elif kind == "first":
+            out = child_first_token(path, int(threads), args.ctx, args.kv[0])
+        else:
+            out = child_llama(path, int(threads), args.prompt, args.decode, args.ctx)
+        print(json.dumps(out))
+        return
+
+    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    bw = {t: read_bandwidth_gbs(t) for t in args.threads}
+    print("read bandwidth: " + ", ".join(f"{t} thread(s) {bw[t]:.1f} GB/s" for t in args.threads))
+    for recipe in args.recipes:
+        report_file(recipe, args, bw)
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

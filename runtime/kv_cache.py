@@ -1,0 +1,97 @@
+"""The runtime's KV cache: preallocated to the context length, fp16 by default, int8 as an option.
+
+Per layer, keys and values are stored [kv_heads, n_ctx, head_dim] so that one head's positions are
+contiguous (the attention reads `[:, :length]` slices without copying the layout).
+
+  f16   2 bytes per value (the default; phi-3-mini: 384 KiB per token).
+  int8  1 byte per value + one fp16 scale per head and position (absmax / 127), about half of f16.
+        The scale is applied to the attention scores (keys) and probabilities (values), so the
+        int8 rows are only widened to float32, never multiplied out.
+  f32   4 bytes per value: no conversion at read time (fastest in numpy; twice f16's memory).
+
+`keys(layer, start, end)` / `values(...)` give float32 arrays [kv_heads, end - start, head_dim]
+(a view for f32, a widened copy otherwise) plus, for int8, the scales [kv_heads, end - start].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import PocketLMError
+
+KV_TYPES = ("f16", "int8", "f32")
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, kind: str = "f16"):
+        if kind not in KV_TYPES:
+            raise PocketLMError(f"KV cache type {kind!r} is not one of {', '.join(KV_TYPES)}")
+        self.kind = kind
+        self.n_ctx = n_ctx
+        self.length = 0  # positions 0..length-1 hold valid entries
+        shape = (n_layers, n_kv_heads, n_ctx, head_dim)
+        store = {"f16": np.float16, "int8": np.int8, "f32": np.float32}[kind]
+        self.k = np.zeros(shape, dtype=store)
+        self.v = np.zeros(shape, dtype=store)
+        if kind == "int8":
+            self.k_scale = np.zeros(shape[:3], dtype=np.float16)  # [layers, kv_heads, n_ctx]
+            self.v_scale = np.zeros(shape[:3], dtype=np.float16)
+        if kind != "f32":
+            # float32 scratch for one layer's keys and values: widening into preallocated memory
+            # avoids faulting in fresh pages for every layer of every token
+            self._k32 = np.empty(shape[1:], dtype=np.float32)
+            self._v32 = np.empty(shape[1:], dtype=np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.k.nbytes + self.v.nbytes
+        if self.kind == "int8":
+            n += self.k_scale.nbytes + self.v_scale.nbytes
+        return n
+
+    def write(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Store k, v [kv_heads, T, head_dim] (float32) at positions pos..pos+T-1."""
+        t = k.shape[1]
+        if pos + t > self.n_ctx:
+            raise PocketLMError(f"KV cache overflow: positions {pos}..{pos + t - 1} do not fit the "
+                                f"context of {self.n_ctx}")
+        if self.kind == "int8":
+            _quantize_into(k, self.k[layer, :, pos:pos + t], self.k_scale[layer, :, pos:pos + t])
+            _quantize_into(v, self.v[layer, :, pos:pos + t], self.v_scale[layer, :, pos:pos + t])
+        else:
+            self.k[layer, :, pos:pos + t] = k
+            self.v[layer, :, pos:pos + t] = v
+
+    def keys(self, layer: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 keys [kv_heads, end-start, head_dim] and int8 scales [kv_heads, end-start] (or None)."""
+        return self._read(self.k, getattr(self, "k_scale", None), getattr(self, "_k32", None), layer, start,
+                          end)
+
+    def values(self, layer: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Like keys(); the float32 arrays returned by keys() and values() are overwritten by the
+        next call for another layer (shared scratch)."""
+        return self._read(self.v, getattr(self, "v_scale", None), getattr(self, "_v32", None), layer, start,
+                          end)
+
+    def _read(self, store: np.ndarray, scale: np.ndarray | None, scratch: np.ndarray | None, layer: int,
+              start: int, end: int) -> tuple[np.ndarray, np.ndarray | None]:
+        block = store[layer, :, start:end]
+        if scratch is None:
+            return block, None
+        wide = scratch[:, :end - start]
+        np.copyto(wide, block, casting="unsafe")
+        return wide, None if scale is None else scale[layer, :, start:end].astype(np.float32)
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (entries are overwritten by later writes)."""
+        self.length = max(0, min(length, self.length))
+
+
+def _quantize_into(x: np.ndarray, q_out: np.ndarray, scale_out: np.ndarray) -> None:
+    """x [H, T, hd] float32 -> int8 codes [H, T, hd] and fp16 scales [H, T] (absmax / 127)."""
+    amax = np.abs(x).max(axis=-1)                                  # [H, T]
+    scale = (amax / 127.0).astype(np.float16)
+    s32 = scale.astype(np.float32)
+    inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 > 0)
+    q_out[...] = np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8)
+    scale_out[...] = scale
