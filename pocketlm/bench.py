@@ -1,0 +1,695 @@
+"""`pocketlm bench`: speed and memory of a GGUF model on this machine, projected onto phones.
+
+    pocketlm bench model.gguf --device all --vs llama.cpp,onnxruntime --json out.json --plot out.png
+
+Each engine runs in its own subprocess (so peak RSS is that engine's alone) on the same random prompt
+of ordinary tokens, greedily, end-of-text ignored: pocketlm (this runtime), llama.cpp
+(llama-cpp-python on the same GGUF: the prompt in one eval, then N single-token evals) and
+onnxruntime-genai (on the ONNX export of the GGUF, made on the fly into a cache folder unless
+--onnx is given; min_length forces N tokens). Then every engine is projected onto the device
+profiles of `pocketlm.devices` (a roofline: see that module) and checked against the phone budget.
+On a phone, `--device auto` finds the SoC and labels this run's figures as measured on it.
+
+JSON schema: docs/bench_schema.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .devices import (
+    DEVICES,
+    PUBLISHED,
+    Budget,
+    Device,
+    Efficiency,
+    Projection,
+    Workload,
+    detect_device,
+    project,
+    ratio_error,
+)
+from .errors import PocketLMError
+
+SCHEMA = "pocketlm.bench/1"
+PEERS = ("llama.cpp", "onnxruntime")
+SWEEP_CONTEXTS = (128, 512, 1024, 2048)   # decode speed measured at these positions (within --ctx)
+SWEEP_TOKENS = 6                           # tokens decoded at each sweep position
+ONNX_CACHE_ENV = "POCKETLM_CACHE"
+GiB = 1 << 30
+
+
+# ---------------------------------------------------------------------------- progress
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, one line per stage otherwise."""
+
+    def __init__(self, prefix: str = "bench", stream=None):
+        self.prefix, self.stream = prefix, stream or sys.stderr
+        self.t0 = time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last = 0.0
+
+    def stage(self, text: str) -> None:
+        self._write(text, final=not self.tty)
+
+    def update(self, text: str) -> None:
+        """A fast-changing status (token counts): every call on a terminal, every 10 s in a log."""
+        if self.tty:
+            self._write(text, final=False)
+        elif time.perf_counter() - self._last >= 10.0:
+            self._write(text, final=True)
+
+    def done(self, text: str) -> None:
+        self._write(text, final=True)
+
+    def _write(self, text: str, final: bool) -> None:
+        self._last = time.perf_counter()
+        line = f"[{self.prefix} {self._last - self.t0:6.1f}s] {text}"
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------- the model's costs
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    """Random ordinary-token ids (no special tokens: ids 300..min(vocab, 32000)), the same for every
+    engine."""
+    lo, hi = (300, min(vocab, 32000)) if vocab > 600 else (3, vocab)
+    return np.random.default_rng(seed).integers(lo, hi, n).tolist()
+
+
+def kv_bytes_per_position(n_layers: int, n_kv_heads: int, head_dim: int, kv: str) -> float:
+    """KV cache bytes of one position over all layers (keys + values); int8 adds one fp16 scale per
+    head and position (runtime/kv_cache.py)."""
+    per_value = {"f16": 2.0, "f32": 4.0, "int8": 1.0 + 2.0 / head_dim}[kv]
+    return 2 * n_layers * n_kv_heads * head_dim * per_value
+
+
+def model_facts(path: str, ctx: int | None, kv: str) -> dict[str, Any]:
+    """Sizes the projections need, read from the GGUF header (no weights loaded)."""
+    from .config import Phi3Config
+    from .export.gguf_reader import GGUFReader
+
+    with GGUFReader(path) as r:
+        factors = {n: r.dequantize(n) for n in ("rope_factors_long.weight", "rope_factors_short.weight")
+                   if n in r.tensors}
+        cfg = Phi3Config.from_gguf_metadata(r.metadata, factors, source=path)
+        tensors = list(r.tensors.values())
+        name = str(r.metadata.get("general.name", Path(path).stem))
+    tied = not any(t.name == "output.weight" for t in tensors)
+    weight_bytes = params = 0
+    for t in tensors:
+        if len(t.shape) != 2:
+            continue
+        n = int(np.prod(t.shape))
+        if t.name == "token_embd.weight":
+            weight_bytes += t.nbytes if tied else t.nbytes // t.shape[0]  # one row per token
+            params += n if tied else n // t.shape[0]
+            continue
+        weight_bytes += t.nbytes
+        params += n
+    if ctx is None:
+        ctx = min(cfg.max_position_embeddings, 2048)
+    L, H, KV, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    return {"path": os.path.abspath(path), "name": name, "file_bytes": os.path.getsize(path),
+            "n_layers": L, "n_heads": H, "n_kv_heads": KV, "head_dim": hd, "vocab": cfg.vocab_size,
+            "max_context": cfg.max_position_embeddings, "sliding_window": cfg.sliding_window or 0,
+            "weight_bytes_per_token": weight_bytes, "n_weight_params": params,
+            "bits_per_weight": 8 * weight_bytes / params, "ctx": ctx, "kv": kv,
+            "kv_bytes_per_position": kv_bytes_per_position(L, KV, hd, kv),
+            "kv_cache_bytes": kv_bytes_per_position(L, KV, hd, kv) * ctx}
+
+
+def published_comparison(model: dict, records: list[dict]) -> list[dict]:
+    """Our projections beside the published on-device figures (which are for phi-3-mini: a model
+    of another shape is not compared)."""
+    if not is_phi3_mini_shaped(model):
+        return []
+    published = []
+    for pub in PUBLISHED:
+        proj = next((r for r in records if r["kind"] == "projection" and r["device"] == pub.device
+                     and r["engine"] == pub.engine), None)
+        if proj is not None:
+            published.append({"device": pub.device, "engine": pub.engine, "model": pub.model,
+                              "decode_tok_s": pub.decode_tok_s, "lower_bound": pub.lower_bound,
+                              "source": pub.source, "projected_decode_tok_s": proj["decode_tok_s"],
+                              "error": ratio_error(proj["decode_tok_s"], pub.decode_tok_s)})
+    return published
+
+
+def is_phi3_mini_shaped(model: dict) -> bool:
+    """32 layers of 32 heads x 96 (hidden 3072): the model the published phone figures measured."""
+    return (model["n_layers"], model["n_heads"], model["head_dim"]) == (32, 32, 96)
+
+
+def positions_read(position: float, window: int) -> float:
+    """KV positions a decode step at `position` reads (all before it, or the sliding window)."""
+    return min(position + 1, window) if window else position + 1
+
+
+def ops_per_prompt_token(m: dict, prompt: int) -> float:
+    """2 x multiply-adds of one prompt token: weights, plus attention over half the prompt on average."""
+    keys = positions_read(prompt / 2, m["sliding_window"])
+    attn = 2 * 2 * m["n_layers"] * m["n_heads"] * m["head_dim"] * keys
+    return 2 * m["n_weight_params"] + attn
+
+
+# ---------------------------------------------------------------------------- engines (children)
+
+def _memory() -> dict[str, int]:
+    from .hostinfo import memory_status
+
+    s = memory_status()
+    return {"peak_rss_bytes": s["VmHWM"], "rss_bytes": s["VmRSS"], "rss_anon_bytes": s["RssAnon"],
+            "rss_file_bytes": s["RssFile"]}
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def child_pocketlm(spec: dict, progress: Progress) -> dict:
+    """Load, prefill the prompt, decode N tokens; then decode a few tokens at each sweep context."""
+    from .runtime import kernel
+    from .runtime.generate import generate
+    from .runtime.model import load
+
+    progress.stage(f"pocketlm: loading {os.path.basename(spec['path'])} ({spec['threads']} threads)")
+    model = load(spec["path"], threads=spec["threads"], ctx=spec["ctx"], kv=spec["kv"])
+    after_load = _memory()
+    ids = prompt_ids(spec["prompt"], model.cfg.vocab_size)
+    progress.stage(f"pocketlm: prefill {len(ids)} tokens, then decode {spec['gen']}")
+    gen = generate(model, ids, max_tokens=spec["gen"] + 1, temperature=0, ignore_eos=True)
+    for _ in gen:
+        progress.update(f"pocketlm: decoded {len(gen.tokens)}/{spec['gen'] + 1}")
+    if gen.tokens == [] or model.tokenizer is None:   # no text pieces to iterate: run it out
+        list(gen.token_ids())
+    s = model.stats
+    sweep = []
+    for position in spec["sweep"]:
+        progress.update(f"pocketlm: decode speed at context {position}")
+        sweep.append({"context": position, "decode_tok_s": _decode_at(model, position, SWEEP_TOKENS)})
+    return {"name": "pocketlm", "version": _version("pocketlm"), "kernel_path": kernel.active_path(),
+            "kv": spec["kv"], "load_s": s.load_seconds, "prefill_tok_s": s.prefill_tps,
+            "decode_tok_s": s.decode_tps, "first_token_s": s.first_token_seconds,
+            "decoded_tokens": s.decode_tokens, "python_overhead": s.python_overhead,
+            "kv_cache_bytes": model.cache.nbytes, "anon_after_load_bytes": after_load["rss_anon_bytes"],
+            "decode_vs_context": sweep, **_memory()}
+
+
+def _decode_at(model, position: int, n: int) -> float:
+    """tok/s of n greedy decode steps starting at `position` of the cache. Positions past what was
+    evaluated are claimed without computing them: their keys are zeros or stale, which costs the
+    same to read as real ones (speed does not depend on the values)."""
+    if position < model.n_past:
+        model.truncate(position)
+    else:
+        model.tokens.extend([0] * (position - model.n_past))
+        model.cache.length = position
+    tok, steps = 0, []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        tok = int(np.argmax(model.forward([tok])))
+        steps.append(time.perf_counter() - t0)
+    return 1.0 / float(np.median(steps))  # the median step: robust to one slow (cold) step
+
+
+def child_llama_cpp(spec: dict, progress: Progress) -> dict:
+    import llama_cpp
+    from llama_cpp import llama as llama_module
+
+    # llama-cpp-python 0.3.x crashes in its AMX buffer type on CPUs that report AMX (see
+    # benchmarks/bench_runtime.py): keep llama.cpp on its regular CPU path, no extra buffer types.
+    default_params = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default_params()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
+    progress.stage(f"llama.cpp: loading ({spec['threads']} threads)")
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(spec["path"], n_ctx=spec["ctx"], n_batch=512, n_ubatch=512,
+                          n_threads=spec["threads"], n_threads_batch=spec["threads"], logits_all=False,
+                          verbose=False)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        return int(np.argmax(logits))
+
+    ids = prompt_ids(spec["prompt"], n_vocab)
+    progress.stage(f"llama.cpp: prefill {len(ids)} tokens, then decode {spec['gen']}")
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    tok = next_token()
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(spec["gen"]):
+        llm.eval([tok])
+        tok = next_token()
+        progress.update(f"llama.cpp: decoded {i + 1}/{spec['gen']}")
+    decode_s = time.perf_counter() - t0
+    return {"name": "llama.cpp", "version": f"llama-cpp-python {llama_cpp.__version__}", "kv": "f16",
+            "load_s": load_s, "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": spec["gen"] / decode_s,
+            "first_token_s": prefill_s, "decoded_tokens": spec["gen"], **_memory()}
+
+
+def child_onnxruntime(spec: dict, progress: Progress) -> dict:
+    import onnxruntime_genai as og
+
+    progress.stage(f"onnxruntime-genai: loading {spec['onnx']} ({spec['threads']} threads)")
+    t0 = time.perf_counter()
+    config = og.Config(spec["onnx"])
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": spec["threads"], "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(spec["prompt"], spec["vocab"])
+    total = len(ids) + spec["gen"] + 1
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    gen = og.Generator(model, params)
+    progress.stage(f"onnxruntime-genai: prefill {len(ids)} tokens, then decode {spec['gen']}")
+    t0 = time.perf_counter()
+    gen.append_tokens(np.array([ids], np.int32))   # runs the prompt
+    gen.generate_next_token()                      # samples the first token from the prompt's logits
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(spec["gen"]):                   # each: one forward step + sampling
+        gen.generate_next_token()
+        progress.update(f"onnxruntime-genai: decoded {i + 1}/{spec['gen']}")
+    decode_s = time.perf_counter() - t0
+    return {"name": "onnxruntime", "version": f"onnxruntime-genai {og.__version__}", "kv": "f32",
+            "load_s": load_s, "prefill_tok_s": len(ids) / first_s, "decode_tok_s": spec["gen"] / decode_s,
+            "first_token_s": first_s, "decoded_tokens": spec["gen"], **_memory()}
+
+
+CHILDREN = {"pocketlm": child_pocketlm, "llama.cpp": child_llama_cpp, "onnxruntime": child_onnxruntime}
+
+
+def run_child(engine: str, spec: dict, progress: Progress) -> dict:
+    """Run one engine in a fresh interpreter; its last stdout line is its JSON result. Its progress
+    goes straight to our stderr."""
+    cmd = [sys.executable, "-m", "pocketlm.bench", "--child", engine, json.dumps(spec)]
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        why = f"exit code {res.returncode}" if res.returncode >= 0 else f"killed by signal {-res.returncode}"
+        progress.done(f"{engine}: failed ({why}); its messages are above")
+        return {"name": engine, "error": f"{engine} failed ({why})"}
+    out = json.loads(lines[-1])
+    if "error" in out:
+        progress.done(f"{engine}: {out['error']}")
+    return out
+
+
+def child_main(engine: str, spec_json: str) -> int:
+    progress = Progress(engine)
+    try:
+        out = CHILDREN[engine](json.loads(spec_json), progress)
+    except PocketLMError as e:
+        out = {"name": engine, "error": str(e)}
+    except ImportError as e:
+        out = {"name": engine, "error": f"{engine} is not installed ({e})"}
+    if progress.tty:
+        progress.done(f"{engine}: done")
+    print(json.dumps(out))
+    return 0
+
+
+# ---------------------------------------------------------------------------- ONNX export cache
+
+def onnx_cache_folder(gguf: str) -> Path:
+    """Where the on-the-fly ONNX export of this exact file (path, size, mtime) lives."""
+    st = os.stat(gguf)
+    key = hashlib.sha1(f"{os.path.abspath(gguf)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = Path(os.environ.get(ONNX_CACHE_ENV, Path.home() / ".cache" / "pocketlm"))
+    return root / "bench-onnx" / f"{Path(gguf).stem}-{key}"
+
+
+def ensure_onnx(gguf: str, onnx_dir: str | None, progress: Progress) -> Path:
+    if onnx_dir:
+        folder = Path(onnx_dir)
+        if not (folder / "genai_config.json").is_file():
+            raise PocketLMError("is not an ONNX export folder (no genai_config.json)", folder)
+        return folder
+    folder = onnx_cache_folder(gguf)
+    if (folder / "genai_config.json").is_file():
+        progress.stage(f"onnxruntime: reusing the export in {folder}")
+        return folder
+    from .export.onnx_export import export_onnx
+
+    progress.stage(f"onnxruntime: exporting the GGUF to ONNX in {folder} (once per file)")
+    export_onnx(gguf, folder, progress=True)
+    return folder
+
+
+def onnx_weight_bytes_per_token(folder: Path) -> float | None:
+    """Bytes of the exported weights a decode step reads: the initializers of its MatMul(NBits)
+    nodes (codes, scales, zero points); the embedding table is gathered one row at a time."""
+    try:
+        import onnx
+
+        m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    except Exception:
+        return None
+    matmul_inputs = {x for n in m.graph.node if n.op_type in ("MatMulNBits", "MatMul") for x in n.input}
+    total = 0
+    for init in m.graph.initializer:
+        if init.name in matmul_inputs:
+            length = {e.key: e.value for e in init.external_data}.get("length")
+            total += int(length) if length else len(init.raw_data)
+    return float(total) if total else None
+
+
+# ---------------------------------------------------------------------------- the run
+
+def parse_devices(value: str) -> tuple[list[Device], bool]:
+    """--device NAME[,NAME]|all|auto -> (profiles to project onto, auto)."""
+    if value in ("all", "auto"):
+        return list(DEVICES.values()), value == "auto"
+    out = []
+    for key in value.split(","):
+        key = key.strip()
+        if key not in DEVICES:
+            raise PocketLMError(f"unknown device {key!r}; choose from {', '.join(DEVICES)}, all, auto")
+        out.append(DEVICES[key])
+    return out, False
+
+
+def parse_peers(value: str | None) -> list[str]:
+    if not value:
+        return []
+    peers = [p.strip() for p in value.split(",") if p.strip()]
+    for p in peers:
+        if p not in PEERS:
+            raise PocketLMError(f"--vs: unknown engine {p!r}; choose from {', '.join(PEERS)}")
+    return list(dict.fromkeys(peers))
+
+
+def engine_workload(model: dict, engine: dict, prompt: int, gen: int, onnx_bytes: float | None) -> Workload:
+    """The per-token costs of one engine's run: its KV type, its weights' bytes (ONNX export for
+    onnxruntime) and its memory besides weights and KV cache."""
+    kv = engine.get("kv", model["kv"])
+    kv_pos = kv_bytes_per_position(model["n_layers"], model["n_kv_heads"], model["head_dim"], kv)
+    kv_int8 = kv_bytes_per_position(model["n_layers"], model["n_kv_heads"], model["head_dim"], "int8")
+    weights = model["weight_bytes_per_token"]
+    if engine["name"] == "onnxruntime" and onnx_bytes:
+        weights = onnx_bytes
+    params = model["n_weight_params"]
+    if engine["name"] == "pocketlm":
+        overhead = engine.get("anon_after_load_bytes", 0)
+    else:  # peak RSS minus the weights and the KV cache this run used (what is left is overhead)
+        used_kv = kv_pos * (prompt + gen + 1 if engine["name"] == "onnxruntime" else model["ctx"])
+        overhead = max(0.0, engine.get("peak_rss_bytes", 0) - model["file_bytes"] - used_kv)
+    return Workload(weight_bytes_per_token=weights, weight_file_bytes=model["file_bytes"],
+                    n_weight_params=params, kv_bytes_per_position=kv_pos,
+                    kv_positions_read=positions_read(prompt + gen / 2, model["sliding_window"]),
+                    ctx=model["ctx"], ops_per_token=ops_per_prompt_token(model, prompt),
+                    overhead_bytes=overhead, kv_int8_bytes_per_position=kv_int8, kv_type=kv)
+
+
+def add_efficiency(engine: dict, work: Workload, host: dict) -> Efficiency:
+    bw = engine["decode_tok_s"] * work.bytes_per_token
+    engine["bytes_per_token"] = work.bytes_per_token
+    engine["achieved_bandwidth_gbs"] = bw / 1e9
+    engine["bandwidth_efficiency"] = bw / 1e9 / host["read_bandwidth_gbs"]
+    engine["compute_gops"] = engine["prefill_tok_s"] * work.ops_per_token / 1e9
+    engine["compute_efficiency"] = engine["compute_gops"] / host["int8_peak_gops"]
+    return Efficiency(engine["bandwidth_efficiency"], engine["compute_efficiency"])
+
+
+def projection_record(p: Projection, kind: str = "projection") -> dict:
+    d = p.device
+    return {"kind": kind, "device": d.key, "name": d.name, "soc": d.soc, "engine": p.engine,
+            "bandwidth_gbs": d.bandwidth_gbs, "int8_gops": d.int8_gops, "decode_tok_s": p.decode_tok_s,
+            "prefill_tok_s": p.prefill_tok_s, "first_token_s": p.first_token_s, "memory_gb": p.memory_gb,
+            "memory_limit_gb": p.memory_limit_gb, "passes": p.passes, "ok": p.ok, "advice": p.advice}
+
+
+def measured_record(key: str | None, label: str, engine: dict, work: Workload, budget: Budget) -> dict:
+    """This run's own figures as a measurement on the device it ran on (`--device auto`)."""
+    dev = DEVICES.get(key) if key else None
+    first = budget.prompt_tokens / engine["prefill_tok_s"]
+    mem = work.memory_bytes / 1e9
+    limit = budget.memory_gb if budget.memory_gb is not None else (dev.app_memory_gb if dev else math.inf)
+    passes = {"decode": engine["decode_tok_s"] >= budget.decode_tok_s,
+              "first_token": first <= budget.first_token_s, "memory": mem <= limit}
+    return {"kind": "measured", "device": key, "name": dev.name if dev else label,
+            "soc": dev.soc if dev else label,
+            "engine": engine["name"], "bandwidth_gbs": dev.bandwidth_gbs if dev else None,
+            "decode_tok_s": engine["decode_tok_s"], "prefill_tok_s": engine["prefill_tok_s"],
+            "first_token_s": first, "measured_first_token_s": engine["first_token_s"],
+            "peak_rss_gb": engine.get("peak_rss_bytes", 0) / 1e9, "memory_gb": mem,
+            "memory_limit_gb": None if math.isinf(limit) else limit, "passes": passes,
+            "ok": all(passes.values()),
+            "advice": []}
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    progress = Progress()
+    path = args.model
+    if not os.path.isfile(path):
+        raise PocketLMError("no such file", path)
+    if args.threads is not None and args.threads < 1:
+        raise PocketLMError(f"--threads must be >= 1, got {args.threads}")
+    if args.prompt_len < 1 or args.gen < 1:
+        raise PocketLMError("--prompt-len and --gen must be >= 1")
+    devices, auto = parse_devices(args.device)
+    peers = parse_peers(args.vs)
+    from . import hostinfo
+
+    threads = args.threads or hostinfo.default_threads()
+    budget = Budget(decode_tok_s=args.budget_decode, first_token_s=args.budget_ttft,
+                    prompt_tokens=args.budget_prompt, memory_gb=args.budget_memory)
+    model = model_facts(path, args.ctx, args.kv)
+    ctx = model["ctx"]
+    if ctx > model["max_context"]:
+        raise PocketLMError(f"--ctx {ctx} exceeds the model's maximum of {model['max_context']}", path)
+    if args.prompt_len + args.gen + 1 > ctx:
+        raise PocketLMError(f"prompt {args.prompt_len} + {args.gen} generated tokens do not fit the context "
+                            f"of {ctx} (raise --ctx)", path)
+    model.update(prompt_tokens=args.prompt_len, gen_tokens=args.gen)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    host = hostinfo.describe(threads)
+    progress.stage(f"measuring this host's read bandwidth ({threads} threads)")
+    host["read_bandwidth_gbs"] = hostinfo.read_bandwidth_gbs(threads)
+    progress.stage(f"read bandwidth {host['read_bandwidth_gbs']:.1f} GB/s; int8 peak estimate "
+                   f"{host['int8_peak_gops']:.0f} Gops ({host['int8_peak_basis']})")
+
+    # the sweep positions within the context (the last one pulled back so its steps fit)
+    sweep = sorted({min(c, ctx - SWEEP_TOKENS) for c in SWEEP_CONTEXTS if c <= ctx and ctx > SWEEP_TOKENS})
+    spec = {"path": os.path.abspath(path), "threads": threads, "ctx": ctx, "kv": args.kv,
+            "prompt": args.prompt_len, "gen": args.gen, "sweep": sweep, "vocab": model["vocab"]}
+    engines = [run_child("pocketlm", spec, progress)]
+    onnx_bytes = None
+    for peer in peers:
+        if peer == "onnxruntime":
+            folder = ensure_onnx(path, args.onnx, progress)
+            spec_o = {**spec, "onnx": str(folder)}
+            onnx_bytes = onnx_weight_bytes_per_token(folder)
+            engines.append(run_child(peer, spec_o, progress))
+        else:
+            engines.append(run_child(peer, spec, progress))
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    host["load_average"] = [load_start, load_end]
+
+    records: list[dict] = []
+    works: dict[str, Workload] = {}
+    ours = engines[0]
+    for e in engines:
+        if "error" in e:
+            continue
+        work = works[e["name"]] = engine_workload(model, e, args.prompt_len, args.gen, onnx_bytes)
+        eff = add_efficiency(e, work, host)
+        if "error" not in ours and e is not ours:
+            e["ratio_vs_pocketlm"] = {"decode": e["decode_tok_s"] / ours["decode_tok_s"],
+                                      "prefill": e["prefill_tok_s"] / ours["prefill_tok_s"]}
+        peer_memory = None if e["name"] == "pocketlm" else work.memory_bytes
+        for dev in devices:
+            records.append(projection_record(project(dev, e["name"], work, eff, budget, peer_memory)))
+    if auto and "error" not in ours:
+        key = detect_device(hostinfo.read_cpuinfo(), hostinfo.read_getprop(), hostinfo.read_dt_compatible())
+        label = hostinfo.read_getprop().get("ro.product.model") or host["cpu"]
+        host["detected_device"] = key
+        if key is None:
+            progress.done(f"--device auto: this SoC ({label}) has no profile; its figures are shown as "
+                          f"measured on '{label}'")
+        records.insert(0, measured_record(key, label, ours, works["pocketlm"], budget))
+    published = published_comparison(model, records)
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"schema": SCHEMA, "created": created,
+            "command": ["pocketlm", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else sys.argv,
+            "host": host, "model": model,
+            "budget": {"decode_tok_s": budget.decode_tok_s, "first_token_s": budget.first_token_s,
+                       "prompt_tokens": budget.prompt_tokens, "memory_gb": budget.memory_gb},
+            "engines": engines, "devices": records, "published": published, "plot": None}
+
+
+# ---------------------------------------------------------------------------- output
+
+def _mark(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+def format_tables(res: dict) -> str:
+    h, m, b = res["host"], res["model"], res["budget"]
+    lines = [f"host: {h['cpu']} ({h['machine']}), {h['threads']} threads, kernel {h['kernel_path']}, "
+             f"read bandwidth {h['read_bandwidth_gbs']:.1f} GB/s, int8 peak ~{h['int8_peak_gops']:.0f} Gops",
+             f"model: {m['name']} ({m['file_bytes'] / 1e9:.2f} GB, {m['bits_per_weight']:.2f} bpw), prompt "
+             f"{m['prompt_tokens']}, generate {m['gen_tokens']}, context {m['ctx']}, KV {m['kv']}",
+             "",
+             f"{'engine':<12} {'prefill t/s':>11} {'decode t/s':>10} {'TTFT s':>7} {'peak RSS MB':>11} "
+             f"{'anon MB':>8} {'file MB':>8} {'MB/token':>8} {'GB/s':>6} {'BW eff':>6} {'vs pocketlm':>18}"]
+    for e in res["engines"]:
+        if "error" in e:
+            lines.append(f"{e['name']:<12} error: {e['error']}")
+            continue
+        ratio = e.get("ratio_vs_pocketlm")
+        rtxt = f"dec {ratio['decode']:.2f}x pre {ratio['prefill']:.2f}x" if ratio else ""
+        lines.append(f"{e['name']:<12} {e['prefill_tok_s']:>11.2f} {e['decode_tok_s']:>10.2f} "
+                     f"{e['first_token_s']:>7.2f} {e['peak_rss_bytes'] / 1e6:>11.0f} "
+                     f"{e['rss_anon_bytes'] / 1e6:>8.0f} {e['rss_file_bytes'] / 1e6:>8.0f} "
+                     f"{e['bytes_per_token'] / 1e6:>8.0f} {e['achieved_bandwidth_gbs']:>6.1f} "
+                     f"{e['bandwidth_efficiency']:>6.0%} {rtxt:>18}")
+    sweep = next((e.get("decode_vs_context") for e in res["engines"] if e["name"] == "pocketlm"), None)
+    if sweep:
+        lines.append("pocketlm decode vs context: " + ", ".join(
+            f"{s['context']}: {s['decode_tok_s']:.2f} tok/s" for s in sweep))
+    lines += ["", f"phone budget: decode >= {b['decode_tok_s']:g} tok/s, first token of a "
+                  f"{b['prompt_tokens']}-token prompt <= {b['first_token_s']:g} s, memory <= "
+                  f"{'the app limit' if b['memory_gb'] is None else str(b['memory_gb']) + ' GB'}",
+              "PROJECTION = roofline from this host's measured efficiency; "
+              "MEASURED = this run, on that device",
+              f"{'kind':<10} {'device':<17} {'SoC':<20} {'engine':<12} {'GB/s':>5} {'decode':>7} "
+              f"{'TTFT s':>7} {'mem GB':>11} decode ttft mem"]
+    for r in res["devices"]:
+        limit = f"{r['memory_gb']:.1f}"
+        if r["memory_limit_gb"]:
+            limit += f"/{r['memory_limit_gb']:.1f}"
+        bw = f"{r['bandwidth_gbs']:.1f}" if r.get("bandwidth_gbs") else "-"
+        p = r["passes"]
+        lines.append(f"{r['kind'].upper():<10} {r['name'][:17]:<17} {r['soc'][:20]:<20} {r['engine']:<12} "
+                     f"{bw:>5} {r['decode_tok_s']:>7.1f} {r['first_token_s']:>7.2f} {limit:>11} "
+                     f"{_mark(p['decode']):<6} {_mark(p['first_token']):<4} {_mark(p['memory'])}")
+        for a in r["advice"] if r["engine"] == "pocketlm" else []:
+            lines.append(f"{'':<12}-> {a}")
+    if res["published"]:
+        lines += ["", "projection vs published on-device measurements (error = projection / published - 1):"]
+        for p in res["published"]:
+            bound = "> " if p["lower_bound"] else ""
+            lines.append(f"  {p['device']:<11} {p['engine']:<12} projected "
+                         f"{p['projected_decode_tok_s']:6.1f} tok/s, "
+                         f"published {bound}{p['decode_tok_s']:g} ({p['source']}): error {p['error']:+.0%}")
+    return "\n".join(lines)
+
+
+def write_json(res: dict, path: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(res, f, indent=1, allow_nan=False, default=_json_default)
+        f.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600
+    os.replace(tmp, target)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None (JSON has neither)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    if args.plot:  # fail before minutes of measuring, not after
+        from .bench_plot import require_matplotlib
+        require_matplotlib()
+    res = run_bench(args)
+    if args.plot:
+        from .bench_plot import plot_results
+        plot_results(res, args.plot)
+        res["plot"] = os.path.abspath(args.plot)
+    res = _finite(res)
+    print(format_tables(res))
+    if args.json:
+        write_json(res, args.json)
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0 if all("error" not in e for e in res["engines"]) else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="measure tok/s and memory here, project them onto phones against a budget",
+        description="Measure prefill/decode speed, time to first token and memory of a GGUF model on this "
+                    "machine (optionally beside llama.cpp and onnxruntime-genai), then project it onto phone "
+                    "profiles and check the phone budget. JSON schema: docs/bench_schema.md.")
+    p.add_argument("model", help="phi3 GGUF file")
+    p.add_argument("--threads", "-t", type=int, default=None,
+                   help="threads for every engine (default: the big cores, at most 4)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    p.add_argument("--gen", type=int, default=32, help="tokens to decode (default 32)")
+    p.add_argument("--ctx", type=int, default=None, help="context size (default: model's, max 2048)")
+    p.add_argument("--kv", choices=("f16", "int8", "f32"), default="f16", help="pocketlm KV cache type")
+    p.add_argument("--device", default="all",
+                   help=f"device profile(s) to project onto: {', '.join(DEVICES)} (comma list), all, or "
+                        f"auto (on a phone: detect the SoC and label this run as measured on it)")
+    p.add_argument("--vs", default=None, help="peers to run on the same model: llama.cpp,onnxruntime")
+    p.add_argument("--onnx", default=None,
+                   help="ONNX export folder for onnxruntime (default: export on the fly, cached)")
+    p.add_argument("--json", default=None, help="write the results as JSON (docs/bench_schema.md)")
+    p.add_argument("--plot", default=None, help="write a PNG: tok/s vs context, projected tok/s per device")
+    p.add_argument("--budget-decode", type=float, default=Budget.decode_tok_s,
+                   help="decode budget, tok/s (12)")
+    p.add_argument("--budget-ttft", type=float, default=Budget.first_token_s,
+                   help="time-to-first-token budget, s (1.5)")
+    p.add_argument("--budget-prompt", type=int, default=Budget.prompt_tokens,
+                   help="prompt tokens the TTFT budget is for (128)")
+    p.add_argument("--budget-memory", type=float, default=None,
+                   help="memory budget, GB (default: each device's app memory limit)")
+    p.set_defaults(func=bench_command)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        sys.exit(child_main(sys.argv[2], sys.argv[3]))
+    sys.exit("usage: python -m pocketlm.bench --child ENGINE SPEC_JSON (internal; use `pocketlm bench`)")
