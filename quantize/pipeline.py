@@ -1,0 +1,492 @@
+"""Streaming quantization: checkpoint folder -> GGUF file, one decoder layer at a time.
+
+    quantize_checkpoint("ckpt/", "model.gguf", recipe="q4_0", method="gptq")
+
+For each decoder layer i:
+  1. load the layer's six tensors as float32 from the memory-mapped checkpoint;
+  2. run the calibration hidden states h [N, L, D] (which went through the already quantized and
+     dequantized layers 0..i-1) through the float layer, collecting for each linear layer the
+     statistics of its input (`LinearStats`: sum of x x^T, of x^2, of |x|, a row sample);
+  3. AWQ (if asked): per-input-channel scales s for attn_qkv and ffn_up, folded exactly into the
+     RMSNorm before them (norm weight / s, weight columns * s), so the float model is unchanged;
+  4. quantize the four linear layers (a thread pool: numpy releases the GIL) with the method;
+     with `Options.sequential` ("true sequential") instead one after the other, each calibrated on
+     inputs that went through the already quantized linears of this layer;
+  5. write the layer's tensors through the streaming GGUF writer, advance h with the dequantized
+     layer, drop the layer.
+Peak memory: one layer in float32, its statistics (an [in, in] float64 Hessian per linear for
+GPTQ) and the calibration activations; never the whole model. Measured on a phi-3-mini-shaped
+checkpoint (benchmarks/quant_scale.py): rtn 1.5 GB peak RSS; gptq with 2 threads about 6 GB (two
+GPTQ solves of the 8192-input ffn_down / 16384-row ffn_up at once).
+
+Methods (`METHODS`): a rounding method, optionally after AWQ scaling ("awq+gptq"):
+  rtn      llama.cpp's reference rounding (no calibration)
+  mse      per-block scale search minimising squared error (no calibration)
+  imatrix  scale search weighted by the calibration importance (mean x^2 per input channel)
+  gptq     Hessian-based error compensation (H = 2/n X^T X)
+  awq      AWQ scaling then imatrix-weighted rounding; "awq+<rounding>" chooses the rounding.
+The token embedding is not a matmul, so calibrated methods round it with `mse`; the output head
+gets the full method (its input statistics are the calibration's final normed states).
+
+Fallbacks (never NaN in the output): a linear layer that no calibration token reaches (all-zero
+statistics) is rounded with `mse`; a Hessian that stays singular after damping makes GPTQ fall back
+to imatrix rounding. Both are counted in the summary. Every tensor is checked finite before it is
+written. An exception or Ctrl-C leaves no output file (the writer removes its temporary file).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pocketlm.checkpoint import Checkpoint
+from pocketlm.config import Phi3Config, tensor_specs
+from pocketlm.errors import PocketLMError
+from pocketlm.reference import Phi3Reference, rms_norm, uses_long_factors
+
+from .awq import awq_search, imatrix_rounding, rtn_rounding
+from .calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, Calibration, load_calibration
+from .formats import GGMLType, dequantize, quantize, tensor_bytes
+from .gptq import HessianAccumulator, gptq_quantize
+from .recipes import Recipe, get_recipe
+from .search import search_quantize
+
+ROUNDINGS = ("rtn", "mse", "imatrix", "gptq")
+METHODS = ("rtn", "mse", "imatrix", "gptq", "awq", "awq+rtn", "awq+mse", "awq+imatrix", "awq+gptq")
+CALIBRATED = ("imatrix", "gptq")
+AWQ_SAMPLE_ROWS = 2048  # calibration rows kept per linear layer for AWQ's output-error search
+AWQ_MAX_ROWS = 2048     # weight rows the AWQ search evaluates (evenly spaced over the fused matrix)
+PLAIN = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+
+LAYER_LINEARS = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+AWQ_FOLDS = {"attn_qkv": "attn_norm", "ffn_up": "ffn_norm"}  # scaled linear -> the norm it folds into
+
+
+@dataclass(frozen=True)
+class Method:
+    """A parsed method name: optional AWQ scaling, then a rounding."""
+
+    name: str
+    awq: bool
+    rounding: str
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.awq or self.rounding in CALIBRATED
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.rounding == "gptq"
+
+
+def parse_method(name: str) -> Method:
+    if name not in METHODS:
+        raise PocketLMError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    parts = name.split("+")
+    if parts[0] == "awq":
+        return Method(name, True, parts[1] if len(parts) > 1 else "imatrix")
+    return Method(name, False, parts[0])
+
+
+# ---------------------------------------------------------------------------- statistics
+
+class LinearStats:
+    """What the calibration inputs x [T, in] of one linear layer tell the quantizer."""
+
+    def __init__(self, n_in: int, hessian: bool, sample_stride: int = 0):
+        self.count = 0
+        self.sum_sq = np.zeros(n_in, np.float64)    # [in] sum of x^2 (imatrix = sum_sq / count)
+        self.sum_abs = np.zeros(n_in, np.float64)   # [in] sum of |x| (AWQ's activation scale)
+        self.hess = HessianAccumulator(n_in) if hessian else None  # [in, in] sum x x^T
+        self.stride = sample_stride                 # keep every stride-th row (0: keep none)
+        self.samples: list[np.ndarray] = []
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
+        self.count += x.shape[0]
+        self.sum_sq += np.einsum("ti,ti->i", x, x, dtype=np.float64)
+        self.sum_abs += np.abs(x).sum(axis=0, dtype=np.float64)
+        if self.hess is not None:
+            self.hess.add(x)
+        if self.stride:
+            self.samples.append(x[:: self.stride].copy())
+
+    @property
+    def importance(self) -> np.ndarray:
+        """[in] mean x^2 per input channel (llama.cpp's importance matrix)."""
+        return (self.sum_sq / max(self.count, 1)).astype(np.float32)
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return (self.sum_abs / max(self.count, 1)).astype(np.float32)
+
+    def sample_rows(self) -> np.ndarray:
+        return np.concatenate(self.samples) if self.samples else np.zeros((0, self.sum_sq.size), np.float32)
+
+    def scale_inputs(self, s: np.ndarray) -> None:
+        """The inputs become x / s (AWQ folded s into the norm before this layer)."""
+        s64 = s.astype(np.float64)
+        self.sum_sq /= s64 * s64
+        self.sum_abs /= s64
+        if self.hess is not None:
+            self.hess.xtx /= np.outer(s64, s64)
+        self.samples = [x / s for x in self.samples]
+
+    @property
+    def dead(self) -> bool:
+        return self.count == 0 or not np.any(self.sum_sq > 0)
+
+
+class _NoCache:
+    """KV "cache" for one full sequence at a time: the layer sees exactly this call's keys/values."""
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return k, v
+
+
+def run_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
+              tap: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
+    """h [N, L, D] through decoder layer i (weights: at least that layer's tensors) -> [N, L, D]."""
+    ref = Phi3Reference(cfg, weights)
+    positions = np.arange(h.shape[1])
+    long_rope = uses_long_factors(cfg, h.shape[1])
+    return np.stack([ref.layer(i, seq, positions, _NoCache(), long_rope, tap) for seq in h])
+
+
+# ---------------------------------------------------------------------------- one tensor
+
+@dataclass
+class Options:
+    """Tuning knobs of the calibrated methods (defaults: what benchmarks/quant_quality.py chose)."""
+
+    act_order: bool = True       # GPTQ: columns by descending diag(H)
+    percdamp: float = 0.01       # GPTQ: damping, fraction of mean(diag H)
+    awq_grid: int = 20           # AWQ: exponents 0, 1/grid, ..., (grid-1)/grid
+    sequential: bool = False     # quantize a layer's linears one after the other (see _sequential_linears)
+    fallbacks: list[str] = field(default_factory=list)  # what fell back, for the summary
+
+
+def round_tensor(name: str, w: np.ndarray, gtype: GGMLType, rounding: str, stats: LinearStats | None,
+                 opts: Options) -> np.ndarray:
+    """w [out, in] float32 -> the tensor's GGUF bytes (uint8 [out, row_bytes]) in gtype."""
+    if gtype in PLAIN:
+        return quantize(w, gtype, name)
+    if rounding in CALIBRATED and (stats is None or stats.dead):
+        if stats is not None:
+            opts.fallbacks.append(f"{name}: no calibration signal, used mse")
+        rounding = "mse"
+    if rounding == "rtn":
+        return quantize(w, gtype, name)
+    if rounding == "mse":
+        return search_quantize(w, gtype, None, name)
+    if rounding == "imatrix":
+        return search_quantize(w, gtype, stats.importance, name)
+    try:
+        return gptq_quantize(w, gtype, stats.hess.hessian, stats.importance, act_order=opts.act_order,
+                             percdamp=opts.percdamp, name=name)
+    except (np.linalg.LinAlgError, FloatingPointError) as e:
+        opts.fallbacks.append(f"{name}: GPTQ failed ({e}), used imatrix")
+        return search_quantize(w, gtype, stats.importance, name)
+
+
+def checked_dequantize(name: str, raw: np.ndarray, gtype: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
+    """Dequantized float32 weights; PocketLMError if the quantizer produced NaN/Inf (never written)."""
+    out = dequantize(raw, gtype, shape, name)
+    if not np.isfinite(out).all():
+        raise PocketLMError(f"internal error: quantizing {name} gave non-finite values; nothing written")
+    return out
+
+
+# ---------------------------------------------------------------------------- progress
+
+class Progress:
+    """One `\\r` status line on stderr (no tqdm): `[layer 3/32] #####.....  12.3 s`."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.start = total, enabled, time.perf_counter()
+
+    def show(self, done: int, label: str) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        fill = width * done // max(self.total, 1)
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(f"\r[{label}] {'#' * fill}{'.' * (width - fill)} {done}/{self.total} "
+                         f"{elapsed:6.1f} s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+@dataclass
+class QuantizeSummary:
+    path: str
+    recipe: str
+    method: str
+    calibration: str
+    bits_per_weight: float      # stored bits / stored values, whole file's tensors
+    file_bytes: int
+    seconds: float
+    tensor_types: dict[str, str]
+    fallbacks: list[str]
+
+    def text(self) -> str:
+        lines = [f"wrote {self.path}: {self.file_bytes / 1e6:.1f} MB, {self.bits_per_weight:.3f} bits per "
+                 f"weight, recipe {self.recipe}, method {self.method}, {self.seconds:.1f} s",
+                 f"calibration: {self.calibration}"]
+        lines += [f"fallback: {f}" for f in self.fallbacks]
+        return "\n".join(lines)
+
+
+class _Quantizer:
+    def __init__(self, ckpt: Checkpoint, recipe: Recipe, method: Method, threads: int, opts: Options):
+        self.ckpt, self.cfg, self.recipe, self.method = ckpt, ckpt.config, recipe, method
+        self.types = recipe.tensor_types(self.cfg)
+        self.specs = {s.name: s for s in tensor_specs(self.cfg)}
+        self.pool = ThreadPoolExecutor(max(1, threads))
+        self.opts = opts
+
+    def collect(self, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
+                linears: tuple[str, ...] = LAYER_LINEARS) -> dict[str, LinearStats]:
+        """Statistics of the inputs of layer i's `linears`, h [N, L, D] from the quantized prefix."""
+        p = f"blk.{i}."
+        stride = max(1, h.shape[0] * h.shape[1] // AWQ_SAMPLE_ROWS) if self.method.awq else 0
+        stats = {p + f"{lin}.weight": LinearStats(self.specs[p + f"{lin}.weight"].shape[1],
+                                                   self.method.needs_hessian,
+                                                   stride if lin in AWQ_FOLDS else 0)
+                 for lin in linears}
+
+        def tap(name: str, x: np.ndarray) -> None:
+            if name in stats:
+                stats[name].add(x)
+
+        run_layer(self.cfg, i, weights, h, tap=tap)
+        return stats
+
+    def apply_awq(self, i: int, weights: dict[str, np.ndarray], stats: dict[str, LinearStats]) -> None:
+        """Search AWQ scales for attn_qkv and ffn_up and fold them into the norms (in place)."""
+        p = f"blk.{i}."
+        for lin, norm in AWQ_FOLDS.items():
+            name = p + f"{lin}.weight"
+            if name not in stats:
+                continue
+            st, gtype = stats[name], self.types[name]
+            if st.dead or gtype in PLAIN:
+                continue
+            # the rounding that follows, in the search loop (GPTQ through its imatrix proxy: 20x cheaper)
+            loop = (rtn_rounding(gtype) if self.method.rounding == "rtn"
+                    else imatrix_rounding(gtype, st.importance))
+            s, _ = awq_search(weights[name], st.sample_rows(), gtype, self.opts.awq_grid,
+                              mean_abs=st.mean_abs, max_rows=AWQ_MAX_ROWS, rounding=loop, name=name)
+            s = s.astype(np.float32)
+            weights[name] = weights[name] * s[None, :]
+            weights[p + f"{norm}.weight"] = weights[p + f"{norm}.weight"] / s
+            st.scale_inputs(s)
+
+    def quantize_many(self, items: list[tuple[str, np.ndarray, LinearStats | None, str]]
+                      ) -> dict[str, np.ndarray]:
+        """name -> GGUF bytes for several tensors at once (thread pool)."""
+        futures = {name: self.pool.submit(round_tensor, name, w, self.types[name], rounding, st, self.opts)
+                   for name, w, st, rounding in items}
+        pending = set(futures.values())
+        while pending:  # short waits: Ctrl-C may land on a worker thread; the main thread must see it
+            _, pending = wait(pending, timeout=0.2)
+        return {name: f.result() for name, f in futures.items()}
+
+    def close(self, interrupted: bool = False) -> None:
+        """Stop the pool; after an error or Ctrl-C do not wait for tensors still being quantized."""
+        self.pool.shutdown(wait=not interrupted, cancel_futures=True)
+
+
+def _embedding_rounding(method: Method) -> str:
+    return "rtn" if method.rounding == "rtn" and not method.awq else "mse"
+
+
+def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, recipe: str = "q4_0",
+                        method: str = "rtn", calib: str | os.PathLike | None = None,
+                        calib_samples: int = DEFAULT_SAMPLES, calib_len: int = DEFAULT_LENGTH,
+                        calib_tokens: np.ndarray | None = None, threads: int = 1,
+                        progress: bool = False, name: str | None = None,
+                        options: Options | None = None) -> QuantizeSummary:
+    """Quantize the checkpoint folder `ckpt_dir` into the GGUF file `out_path`.
+
+    recipe: one of `recipes.RECIPES`; method: one of `METHODS`. Calibrated methods read text from
+    `calib` (file or folder; None: the corpus calib split), `calib_samples` x `calib_len` tokens, or
+    take `calib_tokens` [N, L] directly. Returns a `QuantizeSummary`."""
+    from pocketlm.export.gguf_export import phi3_gguf_metadata
+    from pocketlm.export.gguf_writer import GGUFWriter
+    from pocketlm.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    rec, meth = get_recipe(recipe), parse_method(method)
+    ckpt = Checkpoint.open(ckpt_dir)
+    cfg = ckpt.config
+    if ckpt.tokenizer_dir is None:
+        raise PocketLMError("no tokenizer.json: a GGUF file must carry the vocabulary", ckpt.path)
+    tokenizer = Tokenizer.from_hf_dir(ckpt.tokenizer_dir)
+    calibration = _calibration(meth, tokenizer, cfg, calib, calib_samples, calib_len, calib_tokens)
+    calib_text = calibration.summary() if calibration is not None else "none"
+    q = _Quantizer(ckpt, rec, meth, threads, Options() if options is None else options)
+    metadata = phi3_gguf_metadata(
+        cfg, tokenizer.to_gguf_fields(), name=name or Path(ckpt.path).resolve().name,
+        file_type=rec.file_type, recipe=rec.name, method=meth.name,
+        extra={"pocketlm.calibration": calib_text}, source=str(ckpt.path))
+    declared = [(s.name, q.types[s.name], s.shape) for s in q.specs.values()]
+    bar = Progress(cfg.num_hidden_layers + 2, progress)
+    try:
+        with GGUFWriter(out_path, metadata, declared) as writer:  # an exception removes the temp file
+            _stream(q, writer, calibration, bar)
+    except BaseException:
+        q.close(interrupted=True)
+        raise
+    finally:
+        bar.close()
+    q.close()
+    types = {n: t.name for n, t in q.types.items()}
+    nbytes = sum(tensor_bytes(q.types[s.name], s.shape) for s in q.specs.values())
+    values = sum(int(np.prod(s.shape)) for s in q.specs.values())
+    return QuantizeSummary(os.fspath(out_path), rec.name, meth.name, calib_text, nbytes * 8 / values,
+                           os.path.getsize(out_path), time.perf_counter() - t0, types,
+                           list(q.opts.fallbacks))
+
+
+def _calibration(meth: Method, tokenizer, cfg: Phi3Config, calib, samples: int, length: int,
+                 tokens: np.ndarray | None) -> Calibration | None:
+    if not meth.needs_calibration:
+        return None
+    if tokens is not None:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 2 or tokens.size == 0:
+            raise PocketLMError(f"calibration tokens must be a non-empty [N, L] array, got {tokens.shape}")
+        cal = Calibration(tokens, "tokens")
+    else:
+        cal = load_calibration(tokenizer, calib, samples, length)
+    if cal.length > cfg.max_position_embeddings:
+        raise PocketLMError(f"calibration length {cal.length} exceeds the model's context "
+                            f"{cfg.max_position_embeddings}")
+    if cal.tokens.min() < 0 or cal.tokens.max() >= cfg.vocab_size:
+        raise PocketLMError(f"calibration token ids fall outside the vocabulary [0, {cfg.vocab_size})")
+    return cal
+
+
+def _stream(q: _Quantizer, writer, calibration: Calibration | None, bar: Progress) -> None:
+    ckpt, cfg, meth = q.ckpt, q.cfg, q.method
+    done = 0
+    bar.show(done, "embedding")
+    # globals that are not linear layers: token embedding, LongRoPE factors
+    emb_name = "token_embd.weight"
+    emb = ckpt.tensor(emb_name)
+    emb_raw = q.quantize_many([(emb_name, emb, None, _embedding_rounding(meth))])[emb_name]
+    writer.write_tensor(emb_name, _finite(emb_name, emb_raw, q.types[emb_name], emb.shape))
+    h = None
+    if calibration is not None:
+        emb_q = checked_dequantize(emb_name, emb_raw, q.types[emb_name], emb.shape)
+        h = emb_q[calibration.tokens]  # [N, L, D] through the quantized embedding
+        del emb_q
+    del emb, emb_raw
+    for rope in ("rope_factors_long.weight", "rope_factors_short.weight"):
+        if rope in q.specs:
+            writer.write_tensor(rope, ckpt.tensor(rope))
+    done += 1
+    for i in range(cfg.num_hidden_layers):
+        bar.show(done, f"layer {i + 1}/{cfg.num_hidden_layers}")
+        h = _quantize_layer(q, writer, i, h)
+        done += 1
+        _release_mapped_pages(ckpt)
+    bar.show(done, "output")
+    _quantize_head(q, writer, h)
+    done += 1
+    bar.show(done, "done")
+
+
+def _quantize_layer(q: _Quantizer, writer, i: int, h: np.ndarray | None) -> np.ndarray | None:
+    p = f"blk.{i}."
+    names = [n for n in q.specs if n.startswith(p)]
+    weights = {n: q.ckpt.tensor(n) for n in names}  # this layer only, float32
+    if h is not None and q.opts.sequential:
+        raws = _sequential_linears(q, i, weights, h)
+    else:
+        stats: dict[str, LinearStats] = {}
+        if h is not None:
+            stats = q.collect(i, weights, h)
+            if q.method.awq:
+                q.apply_awq(i, weights, stats)
+        items = [(p + f"{lin}.weight", weights[p + f"{lin}.weight"], stats.get(p + f"{lin}.weight"),
+                  q.method.rounding) for lin in LAYER_LINEARS]
+        raws = q.quantize_many(items)
+    deq: dict[str, np.ndarray] = {}
+    for n in names:
+        spec = q.specs[n]
+        raw = raws[n] if n in raws else quantize(weights[n], q.types[n], n)
+        deq[n] = checked_dequantize(n, raw, q.types[n], spec.shape)
+        writer.write_tensor(n, raw)
+    if h is not None:
+        h = run_layer(q.cfg, i, deq, h)
+    return h
+
+
+def _sequential_linears(q: _Quantizer, i: int, weights: dict[str, np.ndarray], h: np.ndarray
+                        ) -> dict[str, np.ndarray]:
+    """Quantize layer i's linears one after the other, each calibrated on inputs that already went
+    through the quantized ones before it (GPTQ's "true sequential"); `weights` ends up holding the
+    folded norms. Returns name -> GGUF bytes."""
+    current = dict(weights)  # float32, replaced by dequantized weights as they are quantized
+    raws: dict[str, np.ndarray] = {}
+    for lin in LAYER_LINEARS:
+        name = f"blk.{i}.{lin}.weight"
+        stats = q.collect(i, current, h, (lin,))
+        if q.method.awq:
+            q.apply_awq(i, current, stats)
+        raws[name] = q.quantize_many([(name, current[name], stats[name], q.method.rounding)])[name]
+        current[name] = checked_dequantize(name, raws[name], q.types[name], current[name].shape)
+    for name, w in current.items():  # the norms (possibly folded); linears stay float for writing
+        if name not in raws:
+            weights[name] = w
+    return raws
+
+
+def _quantize_head(q: _Quantizer, writer, h: np.ndarray | None) -> None:
+    cfg = q.cfg
+    norm_name = "output_norm.weight"
+    norm = q.ckpt.tensor(norm_name)
+    writer.write_tensor(norm_name, _finite(norm_name, quantize(norm, q.types[norm_name], norm_name),
+                                           q.types[norm_name], norm.shape))
+    if cfg.tie_word_embeddings:
+        return
+    name = "output.weight"
+    w = q.ckpt.tensor(name)
+    st = None
+    if h is not None:
+        st = LinearStats(w.shape[1], q.method.needs_hessian)
+        st.add(rms_norm(h.reshape(-1, h.shape[-1]), norm, cfg.rms_norm_eps))
+    rounding = q.method.rounding if h is not None else _embedding_rounding(q.method)
+    raw = q.quantize_many([(name, w, st, rounding)])[name]
+    writer.write_tensor(name, _finite(name, raw, q.types[name], w.shape))
+
+
+def _finite(name: str, raw: np.ndarray, gtype: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
+    checked_dequantize(name, raw, gtype, shape)
+    return raw
+
+
+def _release_mapped_pages(ckpt: Checkpoint) -> None:
+    """Drop the checkpoint's mapped pages from this process (they stay in the page cache): without
+    this, every page read so far counts in the resident set and a 7.6 GB checkpoint shows 7.6 GB RSS."""
+    import mmap
+
+    for f in ckpt.files:
+        m = getattr(getattr(f, "_map", None), "_mmap", None)
+        if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            m.madvise(mmap.MADV_DONTNEED)

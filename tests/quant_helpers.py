@@ -1,0 +1,108 @@
+"""Helpers shared by the quantizer tests (loaded by path: tests/ is not a package).
+
+- `make_checkpoint`: a random Phi-3 checkpoint folder WITH a tokenizer (the first tokens of the real
+  Phi-3 vocabulary from the shared vocab-only GGUF), since every GGUF file carries its vocabulary;
+  norm weights are random around 1 so that no two channels scale alike (all-ones norms make
+  llama.cpp's activation rounding hit exact ties, see `evaluate.llama_cpp_round_activations`).
+- `llama_cpp_logits`: logits of a token sequence from llama-cpp-python's low-level API.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+PHI3_VOCAB = SHARED / "data" / "phi3" / "ggml-vocab-phi-3.gguf"
+
+
+def phi3_vocabulary(size: int) -> dict:
+    """The first `size` tokens of Phi-3's vocabulary as GGUF tokenizer fields (<unk> <s> </s>, the
+    256 byte tokens, then the highest-priority merges; anything else encodes through bytes)."""
+    from pocketlm.export.gguf_reader import GGUFReader
+
+    with GGUFReader(PHI3_VOCAB) as r:
+        fields = r.tokenizer_fields()
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        fields[key] = fields[key][:size]
+    fields["tokenizer.ggml.eos_token_id"] = 2
+    fields.pop("tokenizer.ggml.padding_token_id")
+    return fields
+
+
+def make_checkpoint(out: Path, hidden: int = 256, layers: int = 2, kind: str = "gqa", seed: int = 0,
+                    vocab: int = 1024, **overrides) -> Path:
+    import torch
+    import transformers
+
+    from pocketlm.tokenizer import Tokenizer
+
+    spec = importlib.util.spec_from_file_location("_conftest", Path(__file__).with_name("conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    tiny_hf_config = conftest.tiny_hf_config
+    cfg = tiny_hf_config(kind, hidden_size=hidden, intermediate_size=2 * hidden, vocab_size=vocab,
+                         num_hidden_layers=layers, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.Phi3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+            else:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(out)
+    Tokenizer.from_gguf_fields(phi3_vocabulary(vocab), PHI3_VOCAB).write_hf_files(out)
+    return out
+
+
+def llama_cpp_logits(path: Path, tokens: list[int], separate: bool = False) -> np.ndarray:
+    """[T, V] float32 from llama.cpp, all positions in one batch (separate=True: each token is a
+    sequence of its own, at position 0).
+
+    Settings that make llama.cpp's float arithmetic comparable with ours: float32 KV cache, no
+    flash attention (which rounds K/Q to fp16), and no "extra" buffer types: the AMX/repack weight
+    layouts of this llama-cpp-python build crash (segfault) on quantized tensors on this machine."""
+    import llama_cpp
+
+    mp = llama_cpp.llama_model_default_params()
+    mp.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+    assert model, f"llama.cpp could not load {path}"
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = max(len(tokens), 8)
+    cp.n_seq_max = len(tokens) if separate else 1
+    cp.n_threads = cp.n_threads_batch = 2
+    cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
+    cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    batch = llama_cpp.llama_batch_init(len(tokens), 0, len(tokens) if separate else 1)
+    try:
+        for i, t in enumerate(tokens):
+            batch.token[i], batch.n_seq_id[i], batch.logits[i] = t, 1, 1
+            batch.pos[i], batch.seq_id[i][0] = (0, i) if separate else (i, 0)
+        batch.n_tokens = len(tokens)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        return np.array([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+                         for i in range(len(tokens))], dtype=np.float32)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+
+
+def llama_cpp_quantize(src: Path, dst: Path, ftype_name: str) -> Path:
+    """llama.cpp's own quantizer: ftype_name e.g. "Q4_0", "Q4_K_M", "Q8_0", "Q5_K_M"."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize failed ({rc})"
+    return dst

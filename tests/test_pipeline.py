@@ -1,0 +1,236 @@
+"""The streaming quantizer: files gguf-py and llama.cpp read, llama.cpp's logits, AWQ folding,
+interruption, degenerate calibration."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from pocketlm.checkpoint import Checkpoint
+from pocketlm.errors import PocketLMError
+from pocketlm.quantize import pipeline
+from pocketlm.quantize.calibration import load_calibration
+from pocketlm.quantize.evaluate import gguf_logits
+from pocketlm.quantize.pipeline import METHODS, Options, parse_method, quantize_checkpoint
+from pocketlm.quantize.recipes import get_recipe
+from pocketlm.reference import Phi3Reference
+from pocketlm.tokenizer import Tokenizer
+
+_spec = importlib.util.spec_from_file_location("quant_helpers", Path(__file__).with_name("quant_helpers.py"))
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+SMALL_CALIB = dict(calib_samples=8, calib_len=64)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """hidden 256 (K-quants fit), 2 layers, GQA, 1024-token Phi-3 vocabulary."""
+    return helpers.make_checkpoint(tmp_path_factory.mktemp("ckpt256"))
+
+
+def test_written_file_has_the_recipes_types_and_metadata(ckpt, tmp_path):
+    out = tmp_path / "m.gguf"
+    summary = quantize_checkpoint(ckpt, out, recipe="q4_k_m", method="imatrix", **SMALL_CALIB)
+    reader = gguf.GGUFReader(out)  # gguf-py: an independent reader
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    expected = get_recipe("q4_k_m").tensor_types(Checkpoint.open(ckpt).config)
+    assert types == {n: t.name for n, t in expected.items()}
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("pocketlm.recipe") == "q4_k_m"
+    assert field("pocketlm.method") == "imatrix"
+    assert field("pocketlm.calibration") == "corpus:calib; 8 samples x 64 tokens"
+    assert field("general.file_type") == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert summary.file_bytes == out.stat().st_size
+    for t in reader.tensors:  # gguf-py dequantizes every type we write: all finite
+        assert np.isfinite(gguf.quants.dequantize(t.data, t.tensor_type)).all(), t.name
+
+
+@pytest.mark.parametrize("recipe,method", [("q4_0", "gptq"), ("q8_0", "rtn"), ("q4_k_m", "awq+imatrix")])
+def test_llama_cpp_gives_our_logits(ckpt, tmp_path, recipe, method):
+    """The oracle: llama.cpp's logits for our file equal the eval harness's, with llama.cpp's
+    activation rounding emulated (`llama_cpp_round_activations`).
+
+    One token per context: from the second position on, llama.cpp's float summation order in
+    attention differs from numpy's by ~1e-7, which now and then moves an activation across a Q8
+    rounding boundary, and that one code step then spreads through the rest of the sequence. With
+    a single token the comparison is exact except for such rare flips (in the rms-norm sums).
+    A wrong tensor, layout, scale or type gives errors of order 1 on every token."""
+    out = tmp_path / "m.gguf"
+    quantize_checkpoint(ckpt, out, recipe=recipe, method=method, options=Options(awq_grid=5), **SMALL_CALIB)
+    tokens = np.random.default_rng(0).integers(3, 1024, 16)
+    theirs = helpers.llama_cpp_logits(out, tokens.tolist(), separate=True)  # [16, V]
+    ours = gguf_logits(out, tokens[:, None], llama_cpp_activations=True)[:, 0]
+    errors = np.abs(theirs - ours).max(axis=1) / np.abs(ours).max(axis=1)
+    assert np.median(errors) < 1e-5, errors
+    assert errors.max() < 0.05, errors
+    # without the emulation the difference is llama.cpp's activation rounding: far larger
+    plain = gguf_logits(out, np.array([5]))
+    assert np.abs(helpers.llama_cpp_logits(out, [5]) - plain).max() / np.abs(plain).max() > 1e-4
+
+
+def test_f16_file_multi_token_logits_match_llama_cpp(ckpt, tmp_path):
+    """Whole sequences (attention, RoPE, KV) through the harness and llama.cpp: F16 weights, whose
+    fp16 activation rounding is fine enough not to flip anything visible."""
+    out = tmp_path / "f16.gguf"
+    quantize_checkpoint(ckpt, out, recipe="f16")
+    tokens = np.random.default_rng(1).integers(3, 1024, 24)
+    tokens[0] = 1
+    theirs = helpers.llama_cpp_logits(out, tokens.tolist())
+    ours = gguf_logits(out, tokens, llama_cpp_activations=True)
+    np.testing.assert_allclose(theirs, ours, atol=2e-3 * np.abs(ours).max())
+
+
+@pytest.fixture(scope="module")
+def outlier_ckpt(tmp_path_factory) -> Path:
+    """Every 16th channel of each norm x8: the outlier input channels AWQ exists for."""
+    ckpt = helpers.make_checkpoint(tmp_path_factory.mktemp("outliers"), seed=5)
+
+    def boost(tensors):
+        for name, t in tensors.items():
+            if name.endswith("layernorm.weight"):
+                t[::16] *= 8.0
+
+    _edit_checkpoint(ckpt, boost)
+    return ckpt
+
+
+def _edit_checkpoint(ckpt: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ckpt / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_awq_fold_leaves_the_float_model_unchanged(outlier_ckpt):
+    ckpt = outlier_ckpt
+    ck = Checkpoint.open(ckpt)
+    cfg = ck.config
+    weights = {n: ck.tensor(n) for n in ck.names()}
+    q = pipeline._Quantizer(ck, get_recipe("q4_0"), parse_method("awq+gptq"), 1, Options(awq_grid=5))
+    tokens = load_calibration(Tokenizer.from_hf_dir(ckpt), None, 4, 32).tokens
+    folded = dict(weights)
+    h = weights["token_embd.weight"][tokens]
+    for i in range(cfg.num_hidden_layers):
+        layer = {n: w for n, w in folded.items() if n.startswith(f"blk.{i}.")}
+        stats = q.collect(i, layer, h)
+        q.apply_awq(i, layer, stats)
+        folded.update(layer)
+        h = pipeline.run_layer(cfg, i, layer, h)
+    q.close()
+    for i in range(cfg.num_hidden_layers):  # the scales are real (not all 1)
+        assert not np.allclose(folded[f"blk.{i}.attn_norm.weight"], weights[f"blk.{i}.attn_norm.weight"])
+        assert not np.allclose(folded[f"blk.{i}.ffn_norm.weight"], weights[f"blk.{i}.ffn_norm.weight"])
+    test_tokens = np.random.default_rng(2).integers(3, 1024, 20)
+    before = Phi3Reference(cfg, weights).forward(test_tokens)
+    after = Phi3Reference(cfg, folded).forward(test_tokens)
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
+
+
+def test_awq_file_holds_the_folded_norms(outlier_ckpt, tmp_path):
+    ckpt = outlier_ckpt
+    out = tmp_path / "awq.gguf"
+    quantize_checkpoint(ckpt, out, recipe="q4_0", method="awq+rtn", **SMALL_CALIB)
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    ck = Checkpoint.open(ckpt)
+    norm_file = np.asarray(tensors["blk.0.attn_norm.weight"].data, np.float32)
+    qkv_file = gguf.quants.dequantize(tensors["blk.0.attn_qkv.weight"].data, tensors["blk.0.attn_qkv.weight"]
+                                      .tensor_type).reshape(ck.config.qkv_size, -1)
+    norm, qkv = ck.tensor("blk.0.attn_norm.weight"), ck.tensor("blk.0.attn_qkv.weight")
+    assert not np.allclose(norm_file, norm, rtol=1e-3)
+    # the product the float model computes is unchanged up to Q4_0 rounding
+    folded_product, product = qkv_file * norm_file[None, :], qkv * norm[None, :]
+    assert np.abs(folded_product - product).mean() < 0.1 * np.abs(product).mean()
+
+
+def test_interrupt_leaves_no_file(ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"an older file")
+    calls = []
+    real = pipeline.round_tensor
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "round_tensor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(ckpt, out, recipe="q4_0", method="rtn")
+    assert "blk.1.attn_qkv.weight" not in calls  # stopped inside layer 0
+    assert out.read_bytes() == b"an older file"  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary file left
+
+
+def test_dead_inputs_fall_back_and_never_write_nan(tmp_path):
+    """blk.0.attn_norm all zero: attn_qkv never sees a non-zero input (singular, all-zero Hessian);
+    half of blk.1.ffn_norm zero: ffn_up's Hessian is singular on those channels."""
+    ckpt = helpers.make_checkpoint(tmp_path / "dead", seed=3)
+
+    def kill(tensors):
+        tensors["model.layers.0.input_layernorm.weight"][:] = 0.0
+        tensors["model.layers.1.post_attention_layernorm.weight"][::2] = 0.0
+
+    _edit_checkpoint(ckpt, kill)
+    out = tmp_path / "dead.gguf"
+    summary = quantize_checkpoint(ckpt, out, recipe="q4_0", method="gptq", **SMALL_CALIB)
+    assert any(f.startswith("blk.0.attn_qkv.weight") for f in summary.fallbacks), summary.fallbacks
+    for t in gguf.GGUFReader(out).tensors:
+        assert np.isfinite(gguf.quants.dequantize(t.data, t.tensor_type)).all(), t.name
+
+
+def test_threads_do_not_change_the_bytes(ckpt, tmp_path):
+    one = quantize_checkpoint(ckpt, tmp_path / "one.gguf", recipe="q4_0", method="imatrix", threads=1,
+                              **SMALL_CALIB)
+    two = quantize_checkpoint(ckpt, tmp_path / "two.gguf", recipe="q4_0", method="imatrix", threads=2,
+                              **SMALL_CALIB)
+    assert Path(one.path).read_bytes() == Path(two.path).read_bytes()
+
+
+def test_unknown_method_lists_the_valid_ones(ckpt, tmp_path):
+    with pytest.raises(PocketLMError) as e:
+        quantize_checkpoint(ckpt, tmp_path / "x.gguf", method="gptq+awq")
+    for name in METHODS:
+        assert name in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_calibration_errors(ckpt, tmp_path):
+    tok = Tokenizer.from_hf_dir(ckpt)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(PocketLMError, match="empty"):
+        load_calibration(tok, empty)
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be, that is the question.\n")
+    with pytest.raises(PocketLMError, match="too short") as e:
+        load_calibration(tok, short, samples=4, length=64)
+    assert "short.txt" in str(e.value)
+    with pytest.raises(PocketLMError, match=r"no \*\.txt files"):
+        load_calibration(tok, _empty_dir(tmp_path))
+    with pytest.raises(PocketLMError, match="not found"):
+        load_calibration(tok, tmp_path / "missing.txt")
+    with pytest.raises(PocketLMError, match="too short"):  # through the whole pipeline: no file
+        quantize_checkpoint(ckpt, tmp_path / "m.gguf", method="gptq", calib=short)
+    assert not (tmp_path / "m.gguf").exists()
+    # a folder of text files: sequences of the requested shape, each starting with BOS
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Friends, Romans, countrymen, lend me your ears.\n" * 40)
+    (folder / "b.txt").write_text("Now is the winter of our discontent.\n" * 40)
+    cal = load_calibration(tok, folder, samples=6, length=32)
+    assert cal.tokens.shape == (6, 32) and (cal.tokens[:, 0] == tok.bos_id).all()
+
+
+def _empty_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "no_texts"
+    d.mkdir()
+    (d / "notes.md").write_text("not a .txt file")
+    return d
