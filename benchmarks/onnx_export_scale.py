@@ -106,7 +106,7 @@ def export_child(gguf_path: Path, out: Path, level: int | None) -> tuple[float, 
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.time()
     lvl = "default" if level is None else str(level)
-    subprocess.run([sys.executable, "-c", code, str(gguf_path), str(out), lvl], check=True)
+    subprocess.run([sys.executable, "-P", "-c", code, str(gguf_path), str(out), lvl], check=True)
     wall = time.time() - t0
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if peak <= before:

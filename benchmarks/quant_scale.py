@@ -37,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.ckpt / "model.safetensors").is_file():
         sys.exit(f"{args.ckpt}: no checkpoint; run benchmarks/make_phi3_mini_checkpoint.py first")
-    cmd = [sys.executable, "-m", "pocketlm.cli", "quantize", str(args.ckpt), "-o", str(args.out),
+    cmd = [sys.executable, "-P", "-m", "pocketlm.cli", "quantize", str(args.ckpt), "-o", str(args.out),
            "--recipe", args.recipe, "--method", args.method, "--threads", str(args.threads),
            "--calib-samples", str(args.calib_samples), "--calib-len", str(args.calib_len)]
     t0 = time.perf_counter()

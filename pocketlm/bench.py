@@ -316,7 +316,9 @@ CHILDREN = {"pocketlm": child_pocketlm, "llama.cpp": child_llama_cpp, "onnxrunti
 def run_child(engine: str, spec: dict, progress: Progress) -> dict:
     """Run one engine in a fresh interpreter; its last stdout line is its JSON result. Its progress
     goes straight to our stderr."""
-    cmd = [sys.executable, "-m", "pocketlm.bench", "--child", engine, json.dumps(spec)]
+    # -P: never import a source checkout's `pocketlm/` folder from the current directory in place of
+    # the installed package (the stage folders are mapped into it only by the install)
+    cmd = [sys.executable, "-P", "-m", "pocketlm.bench", "--child", engine, json.dumps(spec)]
     res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     lines = res.stdout.strip().splitlines()
     if res.returncode != 0 or not lines:

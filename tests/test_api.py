@@ -35,7 +35,7 @@ def test_api_quantize_load_generate(tmp_path):
 
 def test_demo_runs_end_to_end(tmp_path):
     """`pocketlm demo` in a fresh process: every stage, every artefact in the folder it names."""
-    cmd = [sys.executable, "-m", "pocketlm.cli", "demo", "-o", str(tmp_path / "d"), "-n", "24"]
+    cmd = [sys.executable, "-P", "-m", "pocketlm.cli", "demo", "-o", str(tmp_path / "d"), "-n", "24"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):

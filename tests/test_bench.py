@@ -56,7 +56,7 @@ def bench_run(tiny_gguf, tmp_path_factory) -> tuple[dict, Path, str]:
     out = tmp_path_factory.mktemp("bench-out")
     cache = tmp_path_factory.mktemp("cache")
     env = {"POCKETLM_BW_BYTES": str(64 << 20), "POCKETLM_CACHE": str(cache)}
-    cmd = [sys.executable, "-m", "pocketlm.cli", "bench", str(tiny_gguf), "--prompt-len", "64", "--gen", "8",
+    cmd = [sys.executable, "-P", "-m", "pocketlm.cli", "bench", str(tiny_gguf), "--prompt-len", "64", "--gen", "8",
            "--ctx", "1024", "--threads", "2", "--vs", "llama.cpp,onnxruntime", "--json", str(out / "r.json"),
            "--plot", str(out / "r.png")]
     import os

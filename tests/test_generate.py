@@ -126,7 +126,7 @@ def builtin_files(tmp_path_factory) -> dict[GGMLType | str, Path]:
         t: files.write_gguf(out / f"builtin-{t.name}.gguf", ckpt.config, weights, t, tok.to_gguf_fields())
         for t in (*BLOCK_TYPES, Q.F16)}
     made["llama-q4_0"] = out / "builtin-llama-q4_0.gguf"
-    res = subprocess.run([sys.executable, "-c", LLAMA_QUANTIZE, str(made[Q.F16]), str(made["llama-q4_0"])],
+    res = subprocess.run([sys.executable, "-P", "-c", LLAMA_QUANTIZE, str(made[Q.F16]), str(made["llama-q4_0"])],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     return made
@@ -250,7 +250,7 @@ def test_greedy_64_tokens_equal_llama_cpp_on_the_same_file(builtin_files, gtype)
     path = builtin_files[gtype]
     model = load(path, threads=1, ctx=256)
     ids = model.tokenizer.encode("ROMEO:\nBut soft, what light through yonder window breaks?\n")
-    res = subprocess.run([sys.executable, "-c", LLAMA_GREEDY, str(path), json.dumps(ids), "64"],
+    res = subprocess.run([sys.executable, "-P", "-c", LLAMA_GREEDY, str(path), json.dumps(ids), "64"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     theirs = json.loads(res.stdout.strip().splitlines()[-1])
@@ -278,7 +278,7 @@ def test_greedy_64_tokens_equal_llama_cpp_on_the_same_file(builtin_files, gtype)
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "pocketlm.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-P", "-m", "pocketlm.cli", *args], capture_output=True, text=True,
                           input=stdin, env=env, timeout=300)
 
 

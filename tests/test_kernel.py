@@ -189,7 +189,7 @@ assert abs(dense[0] - sparse[0]) <= 1e-5 * (abs(dense[0]) + 1)
 @pytest.mark.parametrize("path", PATHS)
 def test_sparse_matvec_never_reads_empty_blocks(path: str) -> None:
     """Empty blocks sit on a page made unreadable after indexing: the sparse matvec must not fault."""
-    r = subprocess.run([sys.executable, "-c", SKIP_UNTOUCHED_SCRIPT, path], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-P", "-c", SKIP_UNTOUCHED_SCRIPT, path], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("ok"), (r.returncode, r.stdout, r.stderr)
 
@@ -392,7 +392,7 @@ def test_features_and_paths() -> None:
 def test_env_override(value: str) -> None:
     code = "from pocketlm.runtime import kernel; print(kernel.active_path())"
     env = {**os.environ, "POCKETLM_KERNEL": value}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=60)
     if value == "scalar":
         assert r.returncode == 0 and r.stdout.strip() == "scalar", r.stderr
     else:

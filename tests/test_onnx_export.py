@@ -460,7 +460,7 @@ NEAR_TIE = 0.05
 def llama_cpp_greedy(path: Path, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", LLAMA_GREEDY, str(path), json.dumps(prompt), str(n)],
+    done = subprocess.run([sys.executable, "-P", "-c", LLAMA_GREEDY, str(path), json.dumps(prompt), str(n)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

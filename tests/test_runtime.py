@@ -267,7 +267,7 @@ llm.eval({ids!r})
 out = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 sys.stdout.buffer.write(out.astype(np.float32).tobytes())
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    res = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, timeout=120)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     return np.frombuffer(res.stdout, dtype=np.float32)
 
@@ -370,7 +370,7 @@ def test_pocketlm_run_imports_no_torch_transformers_or_onnx(shared_dir, tmp_path
     path = files.write_gguf(tmp_path / "run.gguf", cfg, random_weights(cfg), Q.Q8_0,
                             files.phi3_vocab_fields(shared_dir))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "pocketlm.cli", "run", str(path), "-p",
+    res = subprocess.run([sys.executable, "-P", "-X", "importtime", "-m", "pocketlm.cli", "run", str(path), "-p",
                           "Hello", "-n", "4", "--temp", "0"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
