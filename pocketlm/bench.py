@@ -545,7 +545,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                           f"measured on '{label}'")
         records.insert(0, measured_record(key, label, ours, works["pocketlm"], budget))
     published = published_comparison(model, records)
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return {"schema": SCHEMA, "created": created,
             "command": ["pocketlm", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else sys.argv,
             "host": host, "model": model,

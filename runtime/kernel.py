@@ -34,7 +34,7 @@ Q4_0_PACKED = 1002
 def _call(fn: Callable[..., T], *args: Any) -> T:
     try:
         return fn(*args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise PocketLMError(f"kernel: {e}") from None
 
 
@@ -152,6 +152,35 @@ def matmul(raw: Buffer, gtype: int, rows: int, K: int, X: np.ndarray,
     if out is None:
         out = np.empty((M, rows), dtype=np.float32)
     _call(_kernel.matmul, raw, int(gtype), rows, K, X, M, out)
+    return out
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lo: int, hi: int,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Decode attention of one token: out[H, hd] = softmax(q . k[:, lo:hi]^T / sqrt(hd)) . v[:, lo:hi].
+
+    q: float32 [H, hd]; k, v: one layer's KV cache [KV, n_ctx, hd], float16 (or uint16 fp16 bits)
+    or float32, C-contiguous (KVCache stores them so); H % KV == 0 (grouped-query: query head h uses
+    kv head h // (H // KV)); 0 <= lo < hi <= n_ctx is the causal / sliding-window range.
+    """
+    if not isinstance(q, np.ndarray) or q.ndim != 2:
+        raise PocketLMError(f"kernel: q must be a 2-D float32 array [heads, head_dim], got {_describe(q)}")
+    for name, c in (("k", k), ("v", v)):
+        if not isinstance(c, np.ndarray) or c.ndim != 3:
+            raise PocketLMError(f"kernel: {name} must be a 3-D array [kv_heads, n_ctx, head_dim], "
+                                f"got {_describe(c)}")
+    if k.shape != v.shape:
+        raise PocketLMError(f"kernel: k {k.shape} and v {v.shape} must have the same shape")
+    H, hd = q.shape
+    KV, n_ctx, k_hd = k.shape
+    if k_hd != hd:
+        raise PocketLMError(f"kernel: q has head_dim {hd} but the cache has head_dim {k_hd}")
+    for name, n in (("lo", lo), ("hi", hi)):
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
+            raise PocketLMError(f"kernel: {name} must be an int, got {type(n).__name__}")
+    if out is None:
+        out = np.empty((H, hd), dtype=np.float32)
+    _call(_kernel.attention, q, k, v, H, KV, hd, n_ctx, int(lo), int(hi), out)
     return out
 
 

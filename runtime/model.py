@@ -10,6 +10,8 @@ One forward step (h [T, D]; T = 1 while decoding, a chunk of the prompt while pr
     per layer:  h += o_proj(attention(rope(qkv(rms_norm(h)))))     4 kernel calls per layer:
                 h += down(silu(gate) * up)                          qkv, o, gate_up, down (fused)
     logits = output(rms_norm(h))
+Decoding (T = 1) with an f16/f32 KV cache also runs the attention in the C kernel
+(`_kernel.attention`: fp16 keys/values converted in registers); prefill and the int8 cache use numpy.
 
 Policies (documented here, tested in tests/test_runtime.py):
   * LongRoPE: `longrope="context"` (the default, llama.cpp's rule): long factors for every position
@@ -408,7 +410,10 @@ class Model:
             _rope_inplace(q, cos, sin)
             _rope_inplace(k, cos, sin)
             cache.write(i, pos, k[:, None, :], v[:, None, :])
+            t = clock()
             self._attend_one(i, q, pos, b.attn)
+            if cache.kind != "int8":  # the C kernel's attention (int8 stays in numpy)
+                k0 += clock() - t
             t = clock()
             L.o.vec(b.attn, b.proj)
             k0 += clock() - t
@@ -436,6 +441,11 @@ class Model:
         cfg = self.cfg
         n_kv, hd = cfg.num_key_value_heads, cfg.head_dim
         s0 = max(0, pos + 1 - cfg.sliding_window) if cfg.sliding_window else 0
+        if self.cache.kind != "int8":
+            # C: fp16 rows converted in registers, instead of widening the cache to float32 here
+            _kernel.attention(q, self.cache.k[layer], self.cache.v[layer], cfg.num_attention_heads, n_kv, hd,
+                              self.cache.n_ctx, s0, pos + 1, out)
+            return
         keys, k_scale = self.cache.keys(layer, s0, pos + 1)               # [KV, S, hd]
         qg = q.reshape(n_kv, -1, hd)                                       # [KV, G, hd]
         scores = qg @ keys.transpose(0, 2, 1)                              # [KV, G, S]

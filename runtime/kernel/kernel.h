@@ -6,7 +6,8 @@
  *
  * Files: module.c (Python binding, argument checks), dispatch.c (CPU features, path choice),
  * types.c (type table, fp16, empty/corrupt block tests, Q4_0 repacking), q8_activations.c,
- * matmul.c (drivers), threadpool.c, dot_scalar.c (the reference), dot_avx2.c, dot_avx512.c,
+ * matmul.c (drivers), attention.c (decode attention over the KV cache), threadpool.c,
+ * dot_scalar.c (the reference), dot_avx2.c, dot_avx512.c,
  * dot_neon.c + dot_neon_body.h (plain NEON, dotprod, i8mm), selftest.c + cross_test_arm64.sh
  * (standalone test for cross-builds).
  */
@@ -168,6 +169,20 @@ int run_matvec(const dot_fn *table, const gtype_info *t, const uint8_t *w, int r
                const float *x, float *y, const int64_t *row_ptr, const int32_t *blk_idx);
 int run_matmul(const dot_fn *table, const dot2x2_fn *table2, const gtype_info *t, const uint8_t *w, int rows, int K,
                const float *X, int M, float *Y);
+
+/* attention.c: single-token decode attention over one layer's KV cache.
+ * q [H, hd] float32; k, v [KV, n_ctx, hd] fp16 (f16 = 1) or float32 (f16 = 0), the KVCache layout;
+ * attends positions [lo, hi) (0 <= lo < hi <= n_ctx); H % KV == 0 (query head h reads kv head
+ * h / (H / KV)); scale 1/sqrt(hd); out [H, hd] float32 (must not overlap k, v). simd = 0 selects
+ * the portable C (the scalar path), otherwise F16C/AVX2 on x86 or NEON on ARM64.
+ * Returns 0, or -1 when the scratch scores [H, hi - lo] cannot be allocated. */
+typedef struct {
+    const float *q;
+    const void *k, *v;
+    float *out;
+    int H, KV, hd, n_ctx, lo, hi, f16;
+} attention_args;
+int run_attention(const attention_args *a, int simd);
 
 /* threadpool.c: run fn(ctx, c, n) for every chunk c in 0..n-1 on the pool (the caller included);
  * returns when all are done. Chunks are taken dynamically, so results must not depend on who runs

@@ -255,6 +255,94 @@ fail_w:
     return NULL;
 }
 
+/* One layer's K or V cache [KV, n_ctx, hd]: fp16 (numpy float16 'e' or uint16 'H') or float32 'f',
+ * C-contiguous, exactly KV*n_ctx*hd elements. Sets *f16 (1 for 2-byte values). */
+static int get_cache(PyObject *o, Py_buffer *v, Py_ssize_t n, int *f16, const char *what) {
+    if (PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous float16/uint16/float32 array (got %s)", what,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    const char kind = buf_kind(v);
+    if (!((kind == 'e' || kind == 'H') && v->itemsize == 2) && !(kind == 'f' && v->itemsize == 4)) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype float16, uint16 or float32 (buffer format '%s')", what,
+                     v->format ? v->format : "B");
+        PyBuffer_Release(v);
+        return -1;
+    }
+    if (v->len != n * v->itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd elements, expected kv_heads*n_ctx*head_dim = %zd", what,
+                     v->len / v->itemsize, n);
+        PyBuffer_Release(v);
+        return -1;
+    }
+    *f16 = v->itemsize == 2;
+    return 0;
+}
+
+static int overlaps(const Py_buffer *a, const Py_buffer *b) {
+    const char *a0 = a->buf, *b0 = b->buf;
+    return a0 < b0 + b->len && b0 < a0 + a->len;
+}
+
+/* attention(q, k, v, H, KV, hd, n_ctx, lo, hi, out): decode attention of one token, see kernel.h. */
+static PyObject *py_attention(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *qo, *ko, *vo, *oo;
+    int H, KV, hd, n_ctx, lo, hi, k16, v16, rc = 0;
+    if (!PyArg_ParseTuple(args, "OOOiiiiiiO", &qo, &ko, &vo, &H, &KV, &hd, &n_ctx, &lo, &hi, &oo)) return NULL;
+    if (H < 1 || KV < 1 || hd < 1 || n_ctx < 1 || H > 65536 || hd > 65536) {
+        PyErr_Format(PyExc_ValueError, "heads (%d), kv_heads (%d), head_dim (%d), n_ctx (%d) must be >= 1 "
+                     "(heads, head_dim <= 65536)", H, KV, hd, n_ctx);
+        return NULL;
+    }
+    if (H % KV != 0) {
+        PyErr_Format(PyExc_ValueError, "heads (%d) is not a multiple of kv_heads (%d)", H, KV);
+        return NULL;
+    }
+    if (lo < 0 || hi <= lo || hi > n_ctx) {
+        PyErr_Format(PyExc_ValueError, "positions [%d, %d) are not a non-empty range within the cache's "
+                     "%d positions", lo, hi, n_ctx);
+        return NULL;
+    }
+    const Py_ssize_t n_cache = (Py_ssize_t)KV * n_ctx * hd; /* each factor < 2^31: fits 64 bits */
+    Py_buffer q, k, v, out;
+    if (get_f32(qo, &q, (Py_ssize_t)H * hd, 0, "q") != 0) return NULL;
+    if (get_cache(ko, &k, n_cache, &k16, "k") != 0) goto fail_q;
+    if (get_cache(vo, &v, n_cache, &v16, "v") != 0) goto fail_k;
+    if (k16 != v16) {
+        PyErr_SetString(PyExc_TypeError, "k and v must have the same element size (both fp16 or both float32)");
+        goto fail_v;
+    }
+    if (get_f32(oo, &out, (Py_ssize_t)H * hd, 1, "out") != 0) goto fail_v;
+    if (overlaps(&out, &k) || overlaps(&out, &v) || overlaps(&out, &q)) {
+        PyErr_SetString(PyExc_ValueError, "out must not overlap q, k or v");
+        goto fail_out;
+    }
+    if (check_finite(q.buf, (size_t)H * hd, "q") != 0) goto fail_out;
+    const attention_args a = {q.buf, k.buf, v.buf, out.buf, H, KV, hd, n_ctx, lo, hi, k16};
+    const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_attention(&a, simd);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&q);
+    if (rc != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail_out:
+    PyBuffer_Release(&out);
+fail_v:
+    PyBuffer_Release(&v);
+fail_k:
+    PyBuffer_Release(&k);
+fail_q:
+    PyBuffer_Release(&q);
+    return NULL;
+}
+
 /* Index of the first block with a NaN/inf scale field, or -1. */
 static PyObject *py_check_blocks(PyObject *self, PyObject *args) {
     (void)self;
@@ -413,6 +501,8 @@ static PyObject *py_type_info(PyObject *self, PyObject *args) {
 static PyMethodDef METHODS[] = {
     {"matvec", py_matvec, METH_VARARGS, "matvec(w, gtype, rows, K, x, out, index=None): out[rows] = W.x"},
     {"matmul", py_matmul, METH_VARARGS, "matmul(w, gtype, rows, K, X, M, out): out[M, rows] = X.W^T"},
+    {"attention", py_attention, METH_VARARGS,
+     "attention(q, k, v, H, KV, hd, n_ctx, lo, hi, out): decode attention of one token over a KV cache"},
     {"build_sparse_index", py_build_sparse_index, METH_VARARGS, "CSR index of the non-empty blocks"},
     {"sparse_index_info", py_sparse_index_info, METH_O, "(gtype, rows, nb, nnz, row_ptr, blk_idx)"},
     {"check_blocks", py_check_blocks, METH_VARARGS, "index of the first block with a NaN/inf scale, or -1"},

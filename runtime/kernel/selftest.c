@@ -6,7 +6,8 @@
  * For each type: random blocks (valid fp16 scales), a float64 reference = dequantized weights .
  * dequantized int8 activation (dequantization written from the GGUF layouts, independently of the
  * dot code); every available path, dense and block-sparse, must match it; the threaded drivers
- * must equal the single-thread ones. Exit status 0 = all passed. */
+ * must equal the single-thread ones. Decode attention (fp16/f32 caches, portable and SIMD) against
+ * float64. Exit status 0 = all passed. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -199,6 +200,69 @@ static void test_type(int gtype) {
     free(xd);
 }
 
+/* fp16 bits of a normal number -> double (independent of the kernel's fp16_to_fp32) */
+static double half_to_double(uint16_t h) {
+    const double m = 1.0 + (double)(h & 0x3FF) / 1024.0;
+    return ((h >> 15) ? -1.0 : 1.0) * ldexp(m, (int)((h >> 10) & 0x1F) - 15);
+}
+
+/* Decode attention (attention.c), fp16 and float32 caches, portable and SIMD code, 1 and 2
+ * threads, against float64: GQA 8 query heads over 2 kv heads, window [lo, hi) of a 300-slot cache. */
+static void test_attention(void) {
+    const int H = 8, KV = 2, n_ctx = 300, hds[] = {64, 96, 20};
+    const int ranges[][2] = {{0, 1}, {0, 300}, {37, 290}};
+    for (int hi_d = 0; hi_d < 3; hi_d++) {
+        const int hd = hds[hi_d];
+        const size_t n = (size_t)KV * n_ctx * hd;
+        float *q = malloc(sizeof(float) * H * hd), *out = malloc(sizeof(float) * H * hd);
+        float *k32 = malloc(sizeof(float) * n), *v32 = malloc(sizeof(float) * n);
+        uint16_t *k16 = malloc(2 * n), *v16 = malloc(2 * n);
+        double *ref = malloc(sizeof(double) * H * hd), *p = malloc(sizeof(double) * n_ctx);
+        for (int i = 0; i < H * hd; i++) q[i] = rnd_gauss();
+        for (size_t i = 0; i < n; i++) { /* random normal fp16 in +-[2^-4, 2^1) */
+            k16[i] = (uint16_t)((rnd() & 0x83FF) | (uint16_t)((11 + rnd() % 5) << 10));
+            v16[i] = (uint16_t)((rnd() & 0x83FF) | (uint16_t)((11 + rnd() % 5) << 10));
+            k32[i] = (float)half_to_double(k16[i]);
+            v32[i] = (float)half_to_double(v16[i]);
+        }
+        for (int r = 0; r < 3; r++) {
+            const int lo = ranges[r][0], hi = ranges[r][1];
+            double amax = 0;
+            for (int h = 0; h < H; h++) {
+                const size_t base = (size_t)(h / (H / KV)) * n_ctx * hd;
+                double mx = -INFINITY, sum = 0;
+                for (int t = lo; t < hi; t++) {
+                    double s = 0;
+                    for (int i = 0; i < hd; i++) s += (double)q[h * hd + i] * k32[base + (size_t)t * hd + i];
+                    p[t] = s / sqrt((double)hd);
+                    if (p[t] > mx) mx = p[t];
+                }
+                for (int t = lo; t < hi; t++) sum += (p[t] = exp(p[t] - mx));
+                for (int i = 0; i < hd; i++) {
+                    double o = 0;
+                    for (int t = lo; t < hi; t++) o += p[t] / sum * v32[base + (size_t)t * hd + i];
+                    ref[h * hd + i] = o;
+                    if (fabs(o) > amax) amax = fabs(o);
+                }
+            }
+            for (int f16 = 0; f16 < 2; f16++)
+                for (int simd = 0; simd < 2; simd++)
+                    for (int threads = 1; threads <= 2; threads++) {
+                        pool_set_threads(threads);
+                        const attention_args a = {q, f16 ? (const void *)k16 : k32, f16 ? (const void *)v16 : v32,
+                                                  out, H, KV, hd, n_ctx, lo, hi, f16};
+                        CHECK(run_attention(&a, simd) == 0, "attention: out of memory");
+                        double err = 0;
+                        for (int i = 0; i < H * hd; i++) err = fmax(err, fabs(out[i] - ref[i]));
+                        CHECK(err <= 1e-5 * amax + 1e-7, "attention hd=%d [%d,%d) f16=%d simd=%d threads=%d: "
+                              "max error %g (output scale %g)", hd, lo, hi, f16, simd, threads, err, amax);
+                    }
+        }
+        pool_set_threads(1);
+        free(q), free(out), free(k32), free(v32), free(k16), free(v16), free(ref), free(p);
+    }
+}
+
 int main(int argc, char **argv) {
     printf("features: %s\npaths: %s\n", cpu_features_string(), available_paths_string());
     if (argc > 1)
@@ -206,6 +270,7 @@ int main(int argc, char **argv) {
               available_paths_string());
     const int types[] = {GT_Q4_0, GT_Q4_1, GT_Q8_0, GT_Q4_K, GT_Q6_K};
     for (int i = 0; i < 5; i++) test_type(types[i]);
+    test_attention();
     printf("%s (%d failures)\n", failures ? "FAILED" : "ALL PASSED", failures);
     return failures ? 1 : 0;
 }
