@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -277,9 +276,8 @@ def test_greedy_64_tokens_equal_llama_cpp_on_the_same_file(builtin_files, gtype)
 # ---------------------------------------------------------------------------- CLI
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-P", "-m", "pocketlm.cli", *args], capture_output=True, text=True,
-                          input=stdin, env=env, timeout=300)
+                          input=stdin, timeout=300)
 
 
 def test_run_streams_the_api_text_and_reports_speeds(builtin_files, model):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -369,10 +368,8 @@ def test_pocketlm_run_imports_no_torch_transformers_or_onnx(shared_dir, tmp_path
     cfg = dataclasses.replace(tiny_config("gqa"), vocab_size=32064)
     path = files.write_gguf(tmp_path / "run.gguf", cfg, random_weights(cfg), Q.Q8_0,
                             files.phi3_vocab_fields(shared_dir))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, "-P", "-X", "importtime", "-m", "pocketlm.cli", "run", str(path), "-p",
-                          "Hello", "-n", "4", "--temp", "0"], capture_output=True, text=True, env=env,
-                         timeout=120)
+                          "Hello", "-n", "4", "--temp", "0"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     imported = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines()
                 if line.startswith("import time:")}
