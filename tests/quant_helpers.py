@@ -5,6 +5,7 @@
   norm weights are random around 1 so that no two channels scale alike (all-ones norms make
   llama.cpp's activation rounding hit exact ties, see `evaluate.llama_cpp_round_activations`).
 - `llama_cpp_logits`: logits of a token sequence from llama-cpp-python's low-level API.
+- `ggml_quantize`: llama.cpp's own block quantizer, called in its shared library.
 """
 
 from __future__ import annotations
@@ -106,3 +107,27 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype_name: str) -> Path:
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize failed ({rc})"
     return dst
+
+
+def ggml_quantize(x: np.ndarray, gtype: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's quantizer (ggml_quantize_chunk) on x [rows, K] -> bytes [rows, row_bytes]."""
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    from pocketlm.quantize.formats import row_bytes
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros((x.shape[0], row_bytes(gtype, x.shape[1])), dtype=np.uint8)
+    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    lib.ggml_quantize_init(int(gtype))
+    n = lib.ggml_quantize_chunk(int(gtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
+                                None if im is None else im.ctypes.data)
+    assert n == out.size
+    return out

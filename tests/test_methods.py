@@ -8,14 +8,11 @@ channels, strongly correlated inputs).
 
 from __future__ import annotations
 
-import ctypes
-import os
-
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
 from gguf import quants as gq
+from quant_helpers import ggml_quantize  # tests/ is on sys.path (conftest)
 
 from pocketlm.errors import PocketLMError
 from pocketlm.quantize import awq, gptq, methods, search
@@ -23,23 +20,6 @@ from pocketlm.quantize import formats as F
 
 QUANT_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 K_IN, N_OUT = 512, 96
-
-
-def ggml_quantize(x: np.ndarray, gtype: F.GGMLType, imatrix: np.ndarray | None = None) -> np.ndarray:
-    """llama.cpp's quantizer (ggml_quantize_chunk) on x [rows, K] -> bytes [rows, row_bytes]."""
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.zeros((x.shape[0], F.row_bytes(gtype, x.shape[1])), dtype=np.uint8)
-    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-    lib.ggml_quantize_init(int(gtype))
-    n = lib.ggml_quantize_chunk(int(gtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-                                None if im is None else im.ctypes.data)
-    assert n == out.size
-    return out
 
 
 def activations(rng: np.random.Generator, mix: np.ndarray, n: int) -> np.ndarray:
