@@ -28,10 +28,11 @@ import resource
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from pocketlm.hostinfo import read_bandwidth_gbs
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -125,20 +126,6 @@ def run_child(*args: str) -> dict:
 
 # ---------------------------------------------------------------------------- machine
 
-def read_bandwidth_gbs(threads: int, nbytes: int = 2 * 10**9, repeats: int = 3) -> float:
-    """GB/s of numpy sums over an nbytes float64 array split across `threads` Python threads
-    (numpy releases the GIL inside the reduction)."""
-    a = np.ones(nbytes // 8)
-    parts = np.array_split(a, threads)
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
-
-
 def bytes_per_token(path: Path) -> int:
     """Weight bytes a decode step reads: every tensor but the embedding (one row of it)."""
     from pocketlm.export.gguf_reader import GGUFReader
@@ -224,7 +211,7 @@ def main() -> None:
         return
 
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
-    bw = {t: read_bandwidth_gbs(t) for t in args.threads}
+    bw = {t: read_bandwidth_gbs(t, 2 * 10**9) for t in args.threads}
     print("read bandwidth: " + ", ".join(f"{t} thread(s) {bw[t]:.1f} GB/s" for t in args.threads))
     for recipe in args.recipes:
         report_file(recipe, args, bw)
