@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -99,6 +100,14 @@ class SafetensorsFile:
         storage = _DTYPES[entry.dtype][0]
         flat = self._map[entry.begin:entry.end].view(storage)
         return flat.reshape(entry.shape)
+
+    def release(self) -> None:
+        """Drop this file's mapped pages from the process (they stay in the OS page cache): pages
+        read so far otherwise count in the resident set, so walking a 28 GB checkpoint would show
+        28 GB RSS. Views taken earlier stay valid; their pages are read back on access."""
+        m = getattr(self._map, "_mmap", None)
+        if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            m.madvise(mmap.MADV_DONTNEED)
 
 
 class Checkpoint:
@@ -195,6 +204,11 @@ class Checkpoint:
 
     def nbytes(self) -> int:
         return sum(f.path.stat().st_size for f in self.files)
+
+    def release(self) -> None:
+        """Drop the mapped pages of every shard from this process (see `SafetensorsFile.release`)."""
+        for f in self.files:
+            f.release()
 
 
 class LazyWeights(Mapping):

@@ -185,3 +185,12 @@ def _write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
         blobs.append(blob)
     head = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def test_release_drops_pages_but_views_stay_valid(tiny_checkpoint):
+    ckpt = Checkpoint.open(tiny_checkpoint("gqa"))
+    view = ckpt.raw("blk.0.attn_qkv.weight")
+    before = np.array(view)
+    ckpt.release()
+    assert np.array_equal(view, before)  # pages come back from the page cache on access
+    assert np.array_equal(ckpt.tensor("blk.0.attn_qkv.weight"), before)
