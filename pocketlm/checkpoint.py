@@ -17,7 +17,6 @@ import math
 import mmap
 import struct
 from collections import Counter
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,10 +190,6 @@ class Checkpoint:
             return bf16_to_f32(raw)
         return np.array(raw, dtype=np.float32)
 
-    def weights(self) -> LazyWeights:
-        """A read-only mapping GGUF name -> float32 tensor, converting on each access."""
-        return LazyWeights(self)
-
     def dtypes(self) -> Counter:
         return Counter(f.entries[hf].dtype for f, hf in self._locations.values())
 
@@ -209,23 +204,6 @@ class Checkpoint:
         """Drop the mapped pages of every shard from this process (see `SafetensorsFile.release`)."""
         for f in self.files:
             f.release()
-
-
-class LazyWeights(Mapping):
-    def __init__(self, ckpt: Checkpoint):
-        self._ckpt = ckpt
-        self._names = ckpt.names()
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._ckpt.tensor(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 def _shard_paths(path: Path) -> list[Path]:

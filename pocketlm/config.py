@@ -5,7 +5,7 @@ Every stage uses this module: the checkpoint reader parses Hugging Face `config.
 back into the same `Phi3Config`.
 
 Weights are named by their GGUF names (`blk.3.attn_qkv.weight`) everywhere inside pocketlm;
-`hf_name`/`gguf_name` translate to and from the Hugging Face names. Shapes are numpy shapes
+`gguf_name` maps a Hugging Face name to ours and each `TensorSpec` carries both. Shapes are numpy shapes
 ([out_features, in_features] for linear layers), the same in safetensors and in GGUF
 (GGUF lists its dimensions innermost first, i.e. reversed).
 """
@@ -301,18 +301,6 @@ _GLOBAL_TENSORS = {
 }
 _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-def hf_name(name: str) -> str | None:
-    """Hugging Face name of a GGUF tensor name (None where HF stores no such tensor)."""
-    if name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[name]
-    m = _GGUF_LAYER.match(name)
-    if m:
-        for g, h, _ in _LAYER_TENSORS:
-            if m.group(2) == g:
-                return f"model.layers.{m.group(1)}.{h}"
-    return None
 
 
 def gguf_name(hf: str) -> str | None:
