@@ -462,8 +462,6 @@ def test_sentencepiece_bpe_to_gguf_matches_llama_cpp(sentencepiece_dir: Path, vo
 
 
 def test_builtin_tokenizer_matches_tokenizers(corpus):
-    if not (BUILTIN_DIR / "tokenizer.json").is_file():
-        pytest.skip("pocketlm/builtin/tokenizer.json is not there yet (the built-in model is being trained)")
     check_against_tokenizers(BUILTIN_DIR, list(corpus.values())[:4] + EDGE_CASES + random_texts(3, 300))
 
 
