@@ -28,7 +28,7 @@ import heapq
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -742,24 +742,36 @@ def _flatten(node: Mapping[str, Any] | None, key: str) -> list[Mapping[str, Any]
 def _merge_by_score(symbols: list[str], neg_score: dict[str, float]) -> list[str]:
     """SentencePiece BPE (llama.cpp llm_tokenizer_spm): repeatedly merge the adjacent pair whose
     concatenation is the piece with the highest score; ties go to the leftmost pair."""
+    get = neg_score.get
+    return _merge_pairs(symbols, lambda a, b: get(a + b))
+
+
+def _merge_by_rank(symbols: list[str], pair_rank: dict[tuple[str, str], int]) -> list[str]:
+    """HF tokenizers BPE: repeatedly apply the listed merge with the lowest rank, leftmost first."""
+    get = pair_rank.get
+    return _merge_pairs(symbols, lambda a, b: get((a, b)))
+
+
+def _merge_pairs(symbols: list[str], priority: Callable[[str, str], float | None]) -> list[str]:
+    """Merge adjacent symbols, lowest `priority(left, right)` first (None: never), leftmost on ties.
+
+    A heap of candidate pairs over a doubly linked list of symbols; a popped pair is stale when
+    one side was merged away or grew since it was queued (llama.cpp's test: the combined length)."""
     n = len(symbols)
     if n < 2:
         return symbols
     following = [*range(1, n), -1]
     preceding = list(range(-1, n - 1))
-    # (-score, left index, right index, combined length in characters)
-    heap = []
+    heap = []  # (priority, left index, right index, combined length in characters)
     for i in range(n - 1):
-        merged = symbols[i] + symbols[i + 1]
-        p = neg_score.get(merged)
+        p = priority(symbols[i], symbols[i + 1])
         if p is not None:
-            heap.append((p, i, i + 1, 2))
+            heap.append((p, i, i + 1, len(symbols[i]) + len(symbols[i + 1])))
     heapq.heapify(heap)
     pop, push = heapq.heappop, heapq.heappush
     while heap:
         _, left, right, size = pop(heap)
         a, b = symbols[left], symbols[right]
-        # Stale: one side was merged away or grew since the pair was queued (llama.cpp's test).
         if not a or not b or len(a) + len(b) != size:
             continue
         merged = a + b
@@ -769,53 +781,15 @@ def _merge_by_score(symbols: list[str], neg_score: dict[str, float]) -> list[str
         if after >= 0:
             preceding[after] = left
             c = symbols[after]
-            p = neg_score.get(merged + c)
+            p = priority(merged, c)
             if p is not None:
                 push(heap, (p, left, after, size + len(c)))
         before = preceding[left]
         if before >= 0:
             c = symbols[before]
-            p = neg_score.get(c + merged)
+            p = priority(c, merged)
             if p is not None:
                 push(heap, (p, before, left, size + len(c)))
-    return [s for s in symbols if s]
-
-
-def _merge_by_rank(symbols: list[str], pair_rank: dict[tuple[str, str], int]) -> list[str]:
-    """HF tokenizers BPE: repeatedly apply the listed merge with the lowest rank, leftmost first."""
-    n = len(symbols)
-    if n < 2:
-        return symbols
-    following = [*range(1, n), -1]
-    preceding = list(range(-1, n - 1))
-    heap = []
-    for i in range(n - 1):
-        r = pair_rank.get((symbols[i], symbols[i + 1]))
-        if r is not None:
-            heap.append((r, i, i + 1, len(symbols[i]) + len(symbols[i + 1])))
-    heapq.heapify(heap)
-    pop, push = heapq.heappop, heapq.heappush
-    while heap:
-        _, left, right, size = pop(heap)
-        a, b = symbols[left], symbols[right]
-        if not a or not b or len(a) + len(b) != size:
-            continue
-        merged = a + b
-        symbols[left], symbols[right] = merged, ""
-        after = following[right]
-        following[left] = after
-        if after >= 0:
-            preceding[after] = left
-            c = symbols[after]
-            r = pair_rank.get((merged, c))
-            if r is not None:
-                push(heap, (r, left, after, size + len(c)))
-        before = preceding[left]
-        if before >= 0:
-            c = symbols[before]
-            r = pair_rank.get((c, merged))
-            if r is not None:
-                push(heap, (r, before, left, size + len(c)))
     return [s for s in symbols if s]
 
 
