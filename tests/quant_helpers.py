@@ -6,6 +6,7 @@
   llama.cpp's activation rounding hit exact ties, see `evaluate.llama_cpp_round_activations`).
 - `llama_cpp_logits`: logits of a token sequence from llama-cpp-python's low-level API.
 - `ggml_quantize`: llama.cpp's own block quantizer, called in its shared library.
+- `llama_cpp_greedy`: llama.cpp's greedy tokens (and top-2 logit gaps) from a GGUF, in a child process.
 """
 
 from __future__ import annotations
@@ -131,3 +132,42 @@ def ggml_quantize(x: np.ndarray, gtype: int, imatrix: np.ndarray | None = None) 
                                 None if im is None else im.ctypes.data)
     assert n == out.size
     return out
+
+
+# A different greedy choice than llama.cpp's is accepted only at a near-tie: its top two logits
+# within this many logit units (it rounds activations to int8 blocks with fp16 scales, we keep fp32
+# or round with fp32 scales: logits differ by ~0.3 %).
+NEAR_TIE = 0.05
+
+_LLAMA_GREEDY = """
+import json, sys, numpy as np, llama_cpp
+from llama_cpp import llama as L
+default = llama_cpp.llama_model_default_params
+def params():
+    p = default(); p.use_extra_bufts = False; return p   # this build crashes in its AMX/repack path
+L.llama_cpp.llama_model_default_params = params
+path, ids, n, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = llama_cpp.Llama(path, n_ctx=256, n_threads=threads, logits_all=False, verbose=False)
+llm.eval(ids)
+out, gaps = [], []
+for _ in range(n):
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    top2 = np.sort(logits)[-2:]
+    out.append(int(np.argmax(logits))); gaps.append(float(top2[1] - top2[0]))
+    llm.eval([out[-1]])
+print(json.dumps({"tokens": out, "gaps": gaps}))
+"""
+
+
+def llama_cpp_greedy(path, prompt: list[int], n: int, threads: int = 2) -> tuple[list[int], list[float]]:
+    """llama.cpp's n greedy tokens after `prompt` and its top-2 logit gap at each step (a child
+    process: a llama.cpp crash must not take the test run down)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-P", "-c", _LLAMA_GREEDY, str(path), json.dumps(prompt), str(n),
+                           str(threads)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["tokens"], result["gaps"]

@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import importlib
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from quant_helpers import NEAR_TIE, llama_cpp_greedy  # tests/ is on sys.path (conftest)
 
 from pocketlm.checkpoint import Checkpoint
 from pocketlm.errors import PocketLMError
@@ -217,30 +217,6 @@ def test_stats_report_speeds_and_kernel_share(model):
 
 # ---------------------------------------------------------------------------- llama.cpp greedy
 
-LLAMA_GREEDY = """
-import json, sys, numpy as np, llama_cpp
-from llama_cpp import llama as L
-default = llama_cpp.llama_model_default_params
-def params():
-    p = default(); p.use_extra_bufts = False; return p   # this build crashes on tiny repacked shapes
-L.llama_cpp.llama_model_default_params = params
-path, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llm = llama_cpp.Llama(path, n_ctx=256, n_threads=1, logits_all=False, verbose=False)
-llm.eval(ids)
-out, gaps = [], []
-for _ in range(n):
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-    top2 = np.sort(logits)[-2:]
-    tok = int(np.argmax(logits))
-    out.append(tok); gaps.append(float(top2[1] - top2[0]))
-    llm.eval([tok])
-print(json.dumps({"tokens": out, "gaps": gaps}))
-"""
-# A different choice is accepted only at a near-tie: llama.cpp's top two logits within this many
-# logit units (it quantizes activations with fp16 scales, we with fp32: logits differ by ~0.3 %).
-NEAR_TIE = 0.05
-
-
 @pytest.mark.parametrize("gtype", [*BLOCK_TYPES, "llama-q4_0"], ids=lambda t: getattr(t, "name", t))
 def test_greedy_64_tokens_equal_llama_cpp_on_the_same_file(builtin_files, gtype):
     """Free-running, our 64 greedy tokens equal llama.cpp's up to the first near-tie (if any).
@@ -249,10 +225,8 @@ def test_greedy_64_tokens_equal_llama_cpp_on_the_same_file(builtin_files, gtype)
     path = builtin_files[gtype]
     model = load(path, threads=1, ctx=256)
     ids = model.tokenizer.encode("ROMEO:\nBut soft, what light through yonder window breaks?\n")
-    res = subprocess.run([sys.executable, "-P", "-c", LLAMA_GREEDY, str(path), json.dumps(ids), "64"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    theirs = json.loads(res.stdout.strip().splitlines()[-1])
+    tokens, gaps = llama_cpp_greedy(path, ids, 64, threads=1)
+    theirs = {"tokens": tokens, "gaps": gaps}
     gen = generate(model, ids, max_tokens=64, temperature=0, ignore_eos=True)
     list(gen.token_ids())
     same = next((i for i, (a, b) in enumerate(zip(gen.tokens, theirs["tokens"], strict=True)) if a != b), 64)

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from quant_helpers import NEAR_TIE, llama_cpp_greedy  # tests/ is on sys.path (conftest)
 
 from pocketlm.config import Phi3Config, tensor_specs
 from pocketlm.errors import PocketLMError
@@ -433,40 +434,6 @@ def genai_greedy(folder: Path, prompt: list[int], n: int) -> list[int]:
 
 # llama.cpp in a child process (a crash there must not take pytest down), without the "extra"
 # repacked weight buffers, which crash this llama-cpp-python build on small shapes (see test_generate).
-LLAMA_GREEDY = """
-import json, sys, numpy as np, llama_cpp
-from llama_cpp import llama as L
-default = llama_cpp.llama_model_default_params
-def params():
-    p = default(); p.use_extra_bufts = False; return p
-L.llama_cpp.llama_model_default_params = params
-path, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llm = llama_cpp.Llama(path, n_ctx=256, n_threads=2, logits_all=False, verbose=False)
-llm.eval(ids)
-out, gaps = [], []
-for _ in range(n):
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-    top2 = np.sort(logits)[-2:]
-    out.append(int(np.argmax(logits))); gaps.append(float(top2[1] - top2[0]))
-    llm.eval([out[-1]])
-print(json.dumps({"tokens": out, "gaps": gaps}))
-"""
-# llama.cpp rounds activations to Q8 blocks in its quantized matmuls (fp16 scales), we and
-# onnxruntime at accuracy_level 1 keep float32: a divergence is accepted only after a near-tie in
-# llama.cpp's own logits.
-NEAR_TIE = 0.05
-
-
-def llama_cpp_greedy(path: Path, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
-    import subprocess
-
-    done = subprocess.run([sys.executable, "-P", "-c", LLAMA_GREEDY, str(path), json.dumps(prompt), str(n)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["tokens"], result["gaps"]
-
-
 def reference_greedy(ref: Phi3Reference, prompt: list[int], n: int) -> list[int]:
     cache, feed, out = ref.new_cache(), list(prompt), []
     for _ in range(n):
