@@ -11,8 +11,10 @@ read bandwidth (numpy sum over a 2 GB array, 1 and 2 threads) and the decode roo
 first token of a 16-token prompt (fresh process, warm page cache); pocketlm's Python overhead per
 decoded token (1 - time inside kernel calls / decode time, instrumented in the model loop).
 
-llama.cpp runs without its extra buffer types (AMX / repacked weights): with them this build
-crashes on this machine's AMX unit (see child_llama).
+llama.cpp runs with its extra buffer types (REPACK: a load-time interleaved copy of the weights,
+its fastest CPU path) unless its build has AMX: llama-cpp-python built with AMX crashes on this
+machine's AMX unit, so such a build runs without them (`pocketlm.bench.llama_cpp_use_repack`; the
+README tells how to build it without AMX). The table says which.
 
 Targets (issue 5): decode >= 1.05x llama.cpp on Q4_0 (>= 0.9x on Q4_K_M, Q8_0), prefill >= 0.8x,
 peak RSS <= file + KV cache + 250 MB, load + first token < 2 s, Python overhead < 10 %.
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pocketlm.bench import llama_cpp_use_repack
 from pocketlm.hostinfo import read_bandwidth_gbs
 
 HERE = Path(__file__).resolve().parent
@@ -81,20 +84,8 @@ def child_first_token(path: str, threads: int, ctx: int, kv: str) -> dict:
 
 def child_llama(path: str, threads: int, n_prompt: int, n_decode: int, ctx: int) -> dict:
     import llama_cpp
-    from llama_cpp import llama as llama_module
 
-    # This llama-cpp-python build (0.3.36) segfaults in ggml_backend_amx_mul_mat on this CPU (it
-    # reports AMX): keep llama.cpp on its regular CPU path (no extra buffer types, so no AMX and no
-    # repacked copy of the weights either).
-    default_params = llama_cpp.llama_model_default_params
-
-    def params():
-        p = default_params()
-        p.use_extra_bufts = False
-        return p
-
-    llama_module.llama_cpp.llama_model_default_params = params
-
+    repack = llama_cpp_use_repack(llama_cpp)  # off only for AMX builds, which crash here
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(path, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=threads,
                           n_threads_batch=threads, logits_all=False, verbose=False)
@@ -114,7 +105,7 @@ def child_llama(path: str, threads: int, n_prompt: int, n_decode: int, ctx: int)
         tok = int(np.argmax(last_logits()))
     decode_s = time.perf_counter() - t0
     return {"load_s": load_s, "prefill_tps": n_prompt / prefill_s, "decode_tps": n_decode / decode_s,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "repack": repack}
 
 
 def run_child(*args: str) -> dict:
@@ -145,27 +136,37 @@ def best_of(repeat: int, *child_args: str) -> dict:
 
 def print_row(t: int, name: str, r: dict, roof: float) -> None:
     if "error" in r:
-        print(f"{t:>3} {name:<14} error: {r['error']}")
+        print(f"{t:>3} {name:<16} error: {r['error']}")
         return
     ovh = f"{100 * r['python_overhead']:5.1f}%" if "python_overhead" in r else "     -"
-    print(f"{t:>3} {name:<14} {r['prefill_tps']:>11.2f} {r['decode_tps']:>10.2f} "
+    print(f"{t:>3} {name:<16} {r['prefill_tps']:>11.2f} {r['decode_tps']:>10.2f} "
           f"{r['decode_tps'] / roof:>7.0%} {r['peak_rss_mb']:>11.0f} {r['load_s']:>6.2f} {ovh} "
           f"{os.getloadavg()[0]:>5.1f}")
 
 
+def warm_page_cache(path: Path) -> None:
+    """Read the file once so that neither engine pays for disk reads (this VM's page cache drops
+    files it has not touched lately)."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(64 << 20):
+            pass
+
+
 def report_file(recipe: str, args: argparse.Namespace, bw: dict[int, float]) -> None:
     path = make_phi3_mini_gguf.ensure(recipe)
+    warm_page_cache(path)
+    run_child("first", str(path), "1", "--ctx", str(args.ctx), "--kv", args.kv[0])  # pages in pocketlm's packed copy
     size_mb = path.stat().st_size / MB
     per_tok = bytes_per_token(path)
     print(f"\n== {recipe}: {path} ({size_mb:.0f} MB, {per_tok / MB:.0f} MB read per token), "
           f"prompt {args.prompt}, decode {args.decode}, ctx {args.ctx}, best of {args.repeat}")
-    print(f"{'thr':>3} {'engine':<14} {'prefill t/s':>11} {'decode t/s':>10} {'roofline':>8} "
+    print(f"{'thr':>3} {'engine':<16} {'prefill t/s':>11} {'decode t/s':>10} {'roofline':>8} "
           f"{'peak RSS MB':>11} {'load s':>6} {'py ovh':>6} {'load':>5}")
     common = ("--prompt", str(args.prompt), "--decode", str(args.decode), "--ctx", str(args.ctx))
     for t in args.threads:
         roof = bw[t] * 1e9 / per_tok
         theirs = best_of(args.repeat, "llama", str(path), str(t), *common)
-        print_row(t, "llama.cpp", theirs, roof)
+        print_row(t, "llama.cpp" + (" repack" if theirs.get("repack") else ""), theirs, roof)
         for kv in args.kv:
             ours = best_of(args.repeat, "pocketlm", str(path), str(t), *common, "--kv", kv)
             print_row(t, f"pocketlm kv={kv}", ours, roof)

@@ -236,12 +236,17 @@ def _decode_at(model, position: int, n: int) -> float:
     return 1.0 / float(np.median(steps))  # the median step: robust to one slow (cold) step
 
 
-def child_llama_cpp(spec: dict, progress: Progress) -> dict:
-    import llama_cpp
+def llama_cpp_use_repack(llama_cpp) -> bool:
+    """Give llama.cpp its repacked-weight buffers (its fastest CPU path) unless the build has AMX.
+
+    llama-cpp-python 0.3.x built with AMX (the default -march=native build on a CPU that reports
+    AMX, as this machine's does) segfaults in `ggml_backend_amx_mul_mat` here; a build with
+    `-DGGML_NATIVE=OFF -DGGML_AMX_*=OFF` (see README) runs its REPACK path fine. Returns whether
+    the extra buffer types stay on (patches `llama_model_default_params` when they must go)."""
     from llama_cpp import llama as llama_module
 
-    # llama-cpp-python 0.3.x crashes in its AMX buffer type on CPUs that report AMX (see
-    # benchmarks/bench_runtime.py): keep llama.cpp on its regular CPU path, no extra buffer types.
+    if "AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode(errors="replace"):
+        return True
     default_params = llama_cpp.llama_model_default_params
 
     def params():
@@ -251,6 +256,13 @@ def child_llama_cpp(spec: dict, progress: Progress) -> dict:
         return p
 
     llama_module.llama_cpp.llama_model_default_params = params
+    return False
+
+
+def child_llama_cpp(spec: dict, progress: Progress) -> dict:
+    import llama_cpp
+
+    llama_cpp_use_repack(llama_cpp)
     progress.stage(f"llama.cpp: loading ({spec['threads']} threads)")
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(spec["path"], n_ctx=spec["ctx"], n_batch=512, n_ubatch=512,

@@ -110,18 +110,27 @@ def test_simd_paths_equal_scalar(t: Q) -> None:
         np.testing.assert_array_less(np.abs(k.matvec(raw, t, 64, 2048, x) - ref), 1e-6 * scale, err_msg=path)
 
 
+# M = 5: row by row (ARM i8mm: 2 rows x 2 activations); M = 45: the tiled path (gemm.c) where the
+# path has one, with a partial group of activations and (rows 47) a partial tile of weight rows.
+@pytest.mark.parametrize("M", [5, 45])
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-def test_matmul_equals_matvecs(t: Q, path: str) -> None:
-    raw = make_weights(t, N, K, seed=5)
-    X = np.random.default_rng(6).standard_normal((5, K)).astype(np.float32)
+@pytest.mark.parametrize("t", [*TYPES, "packed"], ids=lambda t: getattr(t, "name", t))
+def test_matmul_equals_matvecs(t: Q | str, path: str, M: int) -> None:
+    rows = 47
+    src = "random" if t in (Q.Q4_K, Q.Q6_K) else "oracle"  # K-quants: every code and 6-bit scale
+    raw = make_weights(Q.Q4_0 if t == "packed" else t, rows, K, seed=5, source=src)
+    W = dequant(raw, Q.Q4_0 if t == "packed" else t)
+    if t == "packed":
+        raw, t = k.repack(raw, Q.Q4_0, rows, K), k.Q4_0_PACKED
+    X = np.random.default_rng(6).standard_normal((M, K)).astype(np.float32)
+    X[3] *= 1e-3  # rows of very different magnitude: per-row activation scales
     k.use_path(path)
-    Y = k.matmul(raw, t, N, K, X)
-    assert Y.shape == (5, N)
-    scale = np.linalg.norm(dequant(raw, t), axis=1)
-    for m in range(5):  # equal up to summation order (ARM i8mm computes 2 rows x 2 activations)
+    Y = k.matmul(raw, t, rows, K, X)
+    assert Y.shape == (M, rows)
+    scale = np.linalg.norm(W, axis=1)
+    for m in range(M):  # equal up to summation order
         bound = 1e-6 * scale * np.linalg.norm(X[m])
-        np.testing.assert_array_less(np.abs(Y[m] - k.matvec(raw, t, N, K, X[m])), bound)
+        np.testing.assert_array_less(np.abs(Y[m] - k.matvec(raw, t, rows, K, X[m])), bound, err_msg=f"row {m}")
 
 
 def zero_blocks(raw: np.ndarray, t: Q, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -220,15 +229,17 @@ def test_threads_identical(t: Q) -> None:
     raw = make_weights(t, 97, K, seed=10)  # odd row count: uneven split
     x = np.random.default_rng(11).standard_normal(K).astype(np.float32)
     X = np.random.default_rng(12).standard_normal((3, K)).astype(np.float32)
+    XL = np.random.default_rng(13).standard_normal((40, K)).astype(np.float32)
     for path in PATHS:
         k.use_path(path)
         k.set_threads(1)
-        y1, Y1 = k.matvec(raw, t, 97, K, x), k.matmul(raw, t, 97, K, X)
+        y1, Y1, Z1 = k.matvec(raw, t, 97, K, x), k.matmul(raw, t, 97, K, X), k.matmul(raw, t, 97, K, XL)
         k.set_threads(2)
         assert k.get_threads() == 2
         for _ in range(20):  # many short jobs: the pool's hand-over
             np.testing.assert_array_equal(k.matvec(raw, t, 97, K, x), y1)
         np.testing.assert_array_equal(k.matmul(raw, t, 97, K, X), Y1)
+        np.testing.assert_array_equal(k.matmul(raw, t, 97, K, XL), Z1)  # the tiled path
 
 
 def test_thread_pool_many_small_jobs() -> None:
@@ -308,10 +319,13 @@ def test_extreme_activations() -> None:
         for path in PATHS:
             k.use_path(path)
             y = k.matvec(raw, Q.Q8_0, N, K, x)
+            Y = k.matmul(raw, Q.Q8_0, N, K, np.tile(x, (20, 1)))  # the tiled path too
             assert np.all(np.isfinite(y)) or abs(value) > 1e37, (value, path)
+            assert np.all(np.isfinite(Y)) or abs(value) > 1e37, (value, path)
             if 1e-30 < abs(value) < 1e37:
                 scale = np.linalg.norm(W, axis=1) * np.linalg.norm(x.astype(np.float64))
-                np.testing.assert_array_less(np.abs(y - W @ x.astype(np.float64)), 1e-2 * scale)
+                for got in (y, *Y):
+                    np.testing.assert_array_less(np.abs(got - W @ x.astype(np.float64)), 1e-2 * scale)
 
 
 def test_check_blocks_finds_nan_scale() -> None:

@@ -164,6 +164,11 @@ const dot2x2_fn *path_table2x2(const char *name) {
     return e && e->usable(caps()) ? e->path->dot2x2 : NULL;
 }
 
+const gemm_kernel *path_gemm(const char *name) {
+    const path_entry *e = find(name);
+    return e && e->usable(caps()) ? e->path->gemm : NULL;
+}
+
 /* Tables resolved once: missing entries come from the fallback chain. */
 static dot_fn TABLES[sizeof(PATHS) / sizeof(PATHS[0])][N_SLOTS];
 

@@ -170,6 +170,7 @@ const kernel_path path_avx512 = {
     .name = "avx512",
     .dot = {dot_q4_0, dot_q4_1, dot_q8_0, NULL, NULL, dot_q4_0_packed},
     .fallback = "avx2",
+    .gemm = &gemm_avx512,
 };
 
 #endif

@@ -147,4 +147,5 @@ const kernel_path path_scalar = {
     .name = "scalar",
     .dot = {dot_q4_0, dot_q4_1, dot_q8_0, dot_q4_k, dot_q6_k, dot_q4_0_packed},
     .fallback = NULL,
+    .gemm = &gemm_scalar,
 };

@@ -6,7 +6,8 @@
  *
  * Files: module.c (Python binding, argument checks), dispatch.c (CPU features, path choice),
  * types.c (type table, fp16, empty/corrupt block tests, Q4_0 repacking), q8_activations.c,
- * matmul.c (drivers), attention.c (decode attention over the KV cache), threadpool.c,
+ * matmul.c (drivers), gemm.h + gemm.c + gemm_avx512.c (the register-tiled batched path for prefill),
+ * attention.c (decode attention over the KV cache), threadpool.c,
  * dot_scalar.c (the reference), dot_avx2.c, dot_avx512.c,
  * dot_neon.c + dot_neon_body.h (plain NEON, dotprod, i8mm), selftest.c + cross_test_arm64.sh
  * (standalone test for cross-builds).
@@ -76,18 +77,24 @@ typedef float (*dot_fn)(const uint8_t *row, const q8_act *a, int nb, const int32
 typedef void (*dot2x2_fn)(const uint8_t *row0, const uint8_t *row1, const q8_act *a0, const q8_act *a1,
                           int nb, float out[4]);
 
+/* gemm.h: a path's register-tiled batched micro-kernel (optional). */
+typedef struct gemm_kernel gemm_kernel;
+
 typedef struct {
     const char *name;
     dot_fn dot[N_SLOTS]; /* NULL entries are filled from the fallback path at init */
     const char *fallback;
     dot2x2_fn dot2x2[N_SLOTS]; /* optional, the path's own only */
+    const gemm_kernel *gemm;   /* optional, the path's own only: the batched path for M >= GEMM_MIN_M */
 } kernel_path;
 
 extern const kernel_path path_scalar;
+extern const gemm_kernel gemm_scalar;
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #define POCKETLM_X86 1
 extern const kernel_path path_avx2;
 extern const kernel_path path_avx512;
+extern const gemm_kernel gemm_avx512;
 #endif
 #if defined(__aarch64__)
 #define POCKETLM_ARM64 1
@@ -105,6 +112,7 @@ const char *best_path_name(void);
 /* Resolved function table for the named path (fallbacks filled); NULL if unavailable. */
 const dot_fn *path_table(const char *name);
 const dot2x2_fn *path_table2x2(const char *name); /* the path's 2x2 kernels (entries may be NULL) */
+const gemm_kernel *path_gemm(const char *name);     /* the path's batched micro-kernel or NULL */
 
 /* fp16 <-> fp32, portable. */
 float fp16_to_fp32(uint16_t h);
@@ -167,8 +175,13 @@ int block_is_bad(const gtype_info *t, const uint8_t *blk);
 /* matmul.c: the drivers (thread split, activation quantization). Return 0 or -1 on OOM. */
 int run_matvec(const dot_fn *table, const gtype_info *t, const uint8_t *w, int rows, int K,
                const float *x, float *y, const int64_t *row_ptr, const int32_t *blk_idx);
-int run_matmul(const dot_fn *table, const dot2x2_fn *table2, const gtype_info *t, const uint8_t *w, int rows, int K,
-               const float *X, int M, float *Y);
+/* Batched: with a gemm kernel and M >= GEMM_MIN_M the tiled path (gemm.c), else row by row. */
+#define GEMM_MIN_M 16
+int run_matmul(const dot_fn *table, const dot2x2_fn *table2, const gemm_kernel *gemm, const gtype_info *t,
+               const uint8_t *w, int rows, int K, const float *X, int M, float *Y);
+/* gemm.c: the tiled batched path. Returns 0 or -1 on OOM. */
+int run_gemm(const gemm_kernel *gk, const gtype_info *t, const uint8_t *w, int rows, int K, const float *X, int M,
+             float *Y);
 
 /* attention.c: single-token decode attention over one layer's KV cache.
  * q [H, hd] float32; k, v [KV, n_ctx, hd] fp16 (f16 = 1) or float32 (f16 = 0), the KVCache layout;

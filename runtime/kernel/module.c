@@ -12,6 +12,7 @@
 static const char *ACTIVE_NAME;
 static const dot_fn *ACTIVE_TABLE;
 static const dot2x2_fn *ACTIVE_TABLE2;
+static const gemm_kernel *ACTIVE_GEMM;
 
 /* ---- buffer helpers ---------------------------------------------------------------------- */
 
@@ -238,8 +239,9 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     if (check_finite(x.buf, (size_t)M * K, "X") != 0) goto fail_y;
     const dot_fn *table = ACTIVE_TABLE;
     const dot2x2_fn *table2 = ACTIVE_TABLE2;
+    const gemm_kernel *gemm = ACTIVE_GEMM;
     Py_BEGIN_ALLOW_THREADS
-    rc = run_matmul(table, table2, t, w.buf, rows, K, x.buf, M, y.buf);
+    rc = run_matmul(table, table2, gemm, t, w.buf, rows, K, x.buf, M, y.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&y);
     PyBuffer_Release(&x);
@@ -443,6 +445,7 @@ static PyObject *py_set_path(PyObject *self, PyObject *args) {
     }
     ACTIVE_TABLE = t;
     ACTIVE_TABLE2 = path_table2x2(name);
+    ACTIVE_GEMM = path_gemm(name);
     ACTIVE_NAME = path_static_name(name); /* `name` dies with its Python string */
     Py_RETURN_NONE;
 }
@@ -525,5 +528,6 @@ PyMODINIT_FUNC PyInit__kernel(void) {
     ACTIVE_NAME = best_path_name();
     ACTIVE_TABLE = path_table(ACTIVE_NAME);
     ACTIVE_TABLE2 = path_table2x2(ACTIVE_NAME);
+    ACTIVE_GEMM = path_gemm(ACTIVE_NAME);
     return PyModule_Create(&MODULE);
 }

@@ -173,22 +173,33 @@ static void test_type(int gtype) {
         pool_set_threads(3);
         run_matvec(table, t, w, rows, K, x, y2, NULL, NULL);
         CHECK(memcmp(y1, y2, sizeof(float) * rows) == 0, "type %d path %s: threads 1 != 3", gtype, PATH_NAMES[p]);
-        /* M = 3 different activations (a 2x2 pair + a leftover) against 3 single matvecs */
-        float *X = malloc(sizeof(float) * 3 * K), *Y = malloc(sizeof(float) * 3 * rows);
-        float *ym = malloc(sizeof(float) * rows);
-        for (int m = 0; m < 3; m++)
-            for (int i = 0; i < K; i++) X[m * K + i] = x[(i + 37 * m) % K] * (m == 1 ? -0.5f : 1.0f);
-        run_matmul(table, path_table2x2(PATH_NAMES[p]), t, w, rows, K, X, 3, Y);
-        for (int m = 0; m < 3; m++) {
-            run_matvec(table, t, w, rows, K, X + m * K, ym, NULL, NULL);
-            for (int r = 0; r < rows; r++) /* a 2x2 kernel sums in another order */
-                CHECK(fabsf(Y[m * rows + r] - ym[r]) <= 1e-5f * (fabsf(ym[r]) + 1.0f),
-                      "type %d path %s row %d: matmul[%d] %.7g != matvec %.7g", gtype, PATH_NAMES[p], r, m,
-                      Y[m * rows + r], ym[r]);
+        /* M = 3 (row by row: a 2x2 pair + a leftover) and M = GEMM_MIN_M + 3 (the tiled path where
+         * the path has one, with a partial activation group) against single matvecs */
+        const int Ms[2] = {3, GEMM_MIN_M + 3};
+        for (int mi = 0; mi < 2; mi++) {
+            const int M = Ms[mi];
+            float *X = malloc(sizeof(float) * (size_t)M * K), *Y = malloc(sizeof(float) * (size_t)M * rows);
+            float *ym = malloc(sizeof(float) * rows);
+            for (int m = 0; m < M; m++)
+                for (int i = 0; i < K; i++) X[m * K + i] = x[(i + 37 * m) % K] * (m % 2 ? -0.5f : 1.0f);
+            run_matmul(table, path_table2x2(PATH_NAMES[p]), path_gemm(PATH_NAMES[p]), t, w, rows, K, X, M, Y);
+            for (int m = 0; m < M; m++) {
+                run_matvec(table, t, w, rows, K, X + m * K, ym, NULL, NULL);
+                double xn = 0;
+                for (int i = 0; i < K; i++) xn += (double)X[m * K + i] * X[m * K + i];
+                for (int r = 0; r < rows; r++) { /* other kernels sum in another order: float rounding */
+                    double wn = 0;
+                    for (int b = 0; b < nb; b++) dequant_block(t, w + r * row_bytes + (size_t)b * t->block_bytes, wd + b * bs);
+                    for (int i = 0; i < K; i++) wn += wd[i] * wd[i];
+                    CHECK(fabs((double)Y[m * rows + r] - ym[r]) <= 1e-6 * sqrt(wn * xn),
+                          "type %d path %s row %d: matmul[%d of %d] %.7g != matvec %.7g", gtype, PATH_NAMES[p], r,
+                          m, M, Y[m * rows + r], ym[r]);
+                }
+            }
+            free(ym);
+            free(X);
+            free(Y);
         }
-        free(ym);
-        free(X);
-        free(Y);
         pool_set_threads(1);
     }
     free(mem);
