@@ -109,7 +109,10 @@ def child_llama(path: str, threads: int, n_prompt: int, n_decode: int, ctx: int)
 
 
 def run_child(*args: str) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    # as `pocketlm run` does (pocketlm/cli.py): numpy's BLAS single-threaded beside the kernel's pool,
+    # else its spinning threads fight the pool for the 2 cores
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
+    res = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         return {"error": (res.stderr.strip().splitlines() or ["crashed"])[-1][:200]}
     return json.loads(res.stdout.strip().splitlines()[-1])
