@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         dst = work / f"llama_{ftype.lower()}.gguf"
         score(f"llama.cpp {ftype}", "llama.cpp", dst, llama_quantize(f16, dst, ftype), ftype.lower())
 
-    opts = Options(act_order=not args.no_act_order, percdamp=args.damp, sequential=args.sequential)
+    opts = Options(act_order=not args.no_act_order, percdamp=args.damp, sequential=args.sequential,
+                   float_target=not args.no_float_target, target_damp=args.target_damp,
+                   embedding_gptq=not args.no_embedding_gptq)
     calib = dict(calib_samples=args.calib_samples, calib_len=args.calib_len, threads=args.threads,
                  options=opts)
 
@@ -133,7 +135,13 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--no-act-order", action="store_true")
-    ap.add_argument("--sequential", action="store_true")
+    seq = ap.add_mutually_exclusive_group()
+    seq.add_argument("--sequential", dest="sequential", action="store_const", const=True, default=None,
+                     help="sequential calibration for every method (default: for gptq only, see Options)")
+    seq.add_argument("--no-sequential", dest="sequential", action="store_const", const=False)
+    ap.add_argument("--no-float-target", action="store_true", help="gptq: plain GPTQ objective (ablation)")
+    ap.add_argument("--no-embedding-gptq", action="store_true", help="gptq: token_embd by mse (ablation)")
+    ap.add_argument("--target-damp", type=float, default=0.1, help="gptq float target: ridge")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = ap.parse_args()

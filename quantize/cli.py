@@ -46,9 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="threads quantizing independent tensors in parallel")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
     q.add_argument("--no-act-order", action="store_true", help="GPTQ: keep the column order")
-    q.add_argument("--sequential", action="store_true",
-                   help="calibrate each linear layer on inputs through the already quantized ones "
-                        "of its decoder layer (slower, no thread parallelism within a layer)")
+    seq = q.add_mutually_exclusive_group()
+    seq.add_argument("--sequential", dest="sequential", action="store_const", const=True, default=None,
+                     help="calibrate each linear layer on inputs through the already quantized ones of its "
+                          "decoder layer (no thread parallelism within a layer; the default for gptq)")
+    seq.add_argument("--no-sequential", dest="sequential", action="store_const", const=False,
+                     help="calibrate a layer's linears in parallel (gptq then runs without its float target)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_quantize)
 

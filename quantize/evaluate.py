@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +86,8 @@ class GGUFModel:
         md = self.reader.metadata
         rope = {n: self.reader.dequantize(n) for n in self.reader.tensors if n.startswith("rope_factors_")}
         self.config = Phi3Config.from_gguf_metadata(md, rope, source=self.path)
+        if "output.weight" not in self.reader.tensors:  # tied embeddings: token_embd is the head too,
+            self.config = replace(self.config, tie_word_embeddings=True)  # as llama.cpp reads the file
         for t in self.reader:
             if t.gtype is None:
                 raise PocketLMError(f"tensor {t.name!r} has type {t.type_name}, which pocketlm cannot "

@@ -40,19 +40,45 @@ DAMP_RETRIES = 6
 
 
 class HessianAccumulator:
-    """Running H = 2/n sum_t x_t x_t^T over calibration rows x_t [in], added a batch at a time."""
+    """Running H = 2/n sum_t x_t x_t^T over calibration rows x_t [in], added a batch at a time.
+
+    With `add_pair` it also sums D = sum_t (x_float_t - x_t) x_t^T, the statistic of the float target
+    (see `float_target_weight`)."""
 
     def __init__(self, n_in: int):
         self.xtx = np.zeros((n_in, n_in), dtype=np.float64)  # sum x x^T
+        self.cross: np.ndarray | None = None                  # [in, in] sum (x_float - x) x^T
         self.count = 0
 
     def add(self, x: np.ndarray) -> None:
         """x [..., in] activations (float32 BLAS per batch, accumulated in float64)."""
+        x = self._rows(x)
+        self.xtx += x.T @ x
+        self.count += x.shape[0]
+
+    def add_pair(self, x: np.ndarray, x_float: np.ndarray) -> None:
+        """x [..., in] as the quantized prefix of the model gives them, x_float the same rows as the
+        float model gives them."""
+        x, x_float = self._rows(x), self._rows(x_float)
+        if x_float.shape != x.shape:
+            raise PocketLMError(f"float-model activations {x_float.shape} do not pair with {x.shape}")
+        if self.cross is None:
+            self.cross = np.zeros_like(self.xtx)
+        self.cross += (x_float - x).T @ x
+        self.add(x)
+
+    def scale_inputs(self, s: np.ndarray) -> None:
+        """The inputs become x / s (s [in] > 0, e.g. AWQ scales folded into the layer before)."""
+        ss = np.outer(s, s).astype(np.float64)
+        self.xtx /= ss
+        if self.cross is not None:
+            self.cross /= ss
+
+    def _rows(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=F32).reshape(-1, self.xtx.shape[0])
         if not np.isfinite(x).all():
             raise PocketLMError("calibration activations contain NaN/Inf")
-        self.xtx += x.T @ x
-        self.count += x.shape[0]
+        return x
 
     @property
     def hessian(self) -> np.ndarray:
@@ -65,6 +91,33 @@ class HessianAccumulator:
     def imatrix(self) -> np.ndarray:
         """[in] mean x^2 per input channel (= diag(H) / 2)."""
         return (np.diag(self.xtx) / max(self.count, 1)).astype(F32)
+
+
+def float_target_weight(w: np.ndarray, acc: HessianAccumulator, damp: float) -> np.ndarray:
+    """W [out, in] -> W* = W + W D (X^T X + damp * mean(diag X^T X) I)^-1, float32.
+
+    The layer's inputs X [n, in] come from the already quantized model before it; the float model
+    gives X_f = X + Delta instead (D = Delta^T X). GPTQ alone minimises ||X (W - Wq)^T||, which
+    treats X as the truth; what matters is how close the quantized layer's outputs X Wq^T come to
+    the float model's X_f W^T. W* is the least-squares solution of X W*^T = X_f W^T (ridge towards
+    W), and ||X_f W^T - X Wq^T||^2 = ||X (W* - Wq)^T||^2 + const for the undamped W*, so GPTQ on W*
+    with the same H minimises the float-target error: the layer absorbs the part of the upstream
+    quantization error that is linear in its input. (GPTAQ, Li et al. 2025, reaches the same
+    objective inside the sweep.) Without paired statistics (acc.cross None) W is returned as is."""
+    if acc.cross is None or acc.count == 0:
+        return w
+    xtx = acc.xtx
+    scale = float(np.mean(np.diag(xtx)))
+    if not scale > 0:
+        return w
+    a = xtx + damp * scale * np.eye(xtx.shape[0])  # positive definite; a dead input j gets no correction
+    rhs = acc.cross.T @ w.T.astype(np.float64)  # [in, out] = D^T W^T
+    try:
+        corr = np.linalg.solve(a, rhs)          # (X^T X + damp I)^-1 D^T W^T: a symmetric
+    except np.linalg.LinAlgError:
+        return w
+    out = (w + corr.T).astype(F32)
+    return out if np.isfinite(out).all() else w
 
 
 def inverse_cholesky(h: np.ndarray, percdamp: float) -> tuple[np.ndarray, float]:

@@ -222,6 +222,73 @@ def test_gptq_dead_channels_and_singular_hessian(name, layer):
     assert_valid_gguf(gptq.gptq_quantize(w, gtype, np.zeros((K_IN, K_IN))), gtype, w.shape)
 
 
+def upstream_error(layer: dict, x: np.ndarray) -> np.ndarray:
+    """x [n, K_IN] as the float model gives it -> as a quantized prefix gives it: a linear distortion
+    (the same for calibration and held-out rows, as a quantized layer before would cause) plus noise."""
+    rng = np.random.default_rng(11)
+    distortion = rng.standard_normal((K_IN, K_IN)) * (0.1 / np.sqrt(K_IN))
+    noise = np.random.default_rng(len(x)).standard_normal(x.shape) * 0.02
+    return (x + x @ distortion + noise).astype(np.float32)
+
+
+def paired_accumulator(x_float: np.ndarray, x: np.ndarray) -> gptq.HessianAccumulator:
+    acc = gptq.HessianAccumulator(K_IN)
+    for xb, fb in zip(np.array_split(x, 3), np.array_split(x_float, 3), strict=True):
+        acc.add_pair(xb, fb)
+    return acc
+
+
+def test_float_target_is_the_least_squares_fit(layer):
+    """W* solves min ||X_f W^T - X W*^T|| (normal equations), and is W when X_f == X."""
+    x_f = layer["x"]
+    x = upstream_error(layer, x_f)
+    acc = paired_accumulator(x_f, x)
+    x64, f64 = x.astype(np.float64), x_f.astype(np.float64)
+    np.testing.assert_allclose(acc.xtx, x64.T @ x64, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(acc.cross, (f64 - x64).T @ x64, rtol=1e-4, atol=1e-3)
+    w_star = gptq.float_target_weight(layer["w"], acc, damp=1e-9).astype(np.float64)
+    residual = x64 @ w_star.T - f64 @ layer["w"].T.astype(np.float64)  # [n, out]
+    normal = x64.T @ residual  # zero at the least-squares optimum
+    assert np.abs(normal).max() < 1e-4 * np.abs(x64.T @ (f64 @ layer["w"].T)).max()
+    same = paired_accumulator(x_f, x_f)
+    np.testing.assert_array_equal(gptq.float_target_weight(layer["w"], same, 0.1), layer["w"])
+    plain = gptq.HessianAccumulator(K_IN)
+    plain.add(x)
+    assert gptq.float_target_weight(layer["w"], plain, 0.1) is layer["w"]  # no pairs: unchanged
+
+
+def test_float_target_accumulator_follows_input_scaling(layer):
+    """AWQ divides the inputs by s: scaling the statistics equals accumulating scaled inputs."""
+    x_f = layer["x"][:256]
+    x = upstream_error(layer, x_f)
+    s = np.random.default_rng(4).uniform(0.5, 2.0, K_IN).astype(np.float32)
+    scaled_after = paired_accumulator(x_f, x)
+    scaled_after.scale_inputs(s)
+    scaled_before = paired_accumulator(x_f / s, x / s)
+    np.testing.assert_allclose(scaled_after.xtx, scaled_before.xtx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scaled_after.cross, scaled_before.cross, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K"])
+def test_gptq_with_float_target_fits_the_float_outputs(name, layer):
+    """Inputs X from a quantized prefix, X_f from the float model: GPTQ on the float-target W*
+    comes closer to the float outputs X_f W^T on held-out rows than GPTQ on W."""
+    gtype = F.GGMLType[name]
+    x_f = layer["x"]
+    x = upstream_error(layer, x_f)
+    acc = paired_accumulator(x_f, x)
+    xt_f = layer["x_test"]
+    xt = upstream_error(layer, xt_f)
+    ref = xt_f @ layer["w"].T
+
+    def err(raw: np.ndarray) -> float:
+        return float(np.linalg.norm(ref - xt @ F.dequantize(raw, gtype, layer["w"].shape).T) / np.linalg.norm(ref))
+
+    plain = err(gptq.gptq_quantize(layer["w"], gtype, acc.hessian))
+    target = err(gptq.gptq_quantize(gptq.float_target_weight(layer["w"], acc, 0.1), gtype, acc.hessian))
+    assert target < 0.75 * plain, (target, plain)
+
+
 def test_gptq_indefinite_hessian_is_damped_until_positive():
     h = np.array([[1.0, 3.0], [3.0, 1.0]])  # eigenvalues 4, -2: not a Gram matrix
     u, damp = gptq.inverse_cholesky(h, 0.01)

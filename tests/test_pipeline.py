@@ -234,3 +234,102 @@ def _empty_dir(tmp_path: Path) -> Path:
     d.mkdir()
     (d / "notes.md").write_text("not a .txt file")
     return d
+
+
+def _tie_embeddings(ckpt: Path) -> None:
+    """Make a checkpoint with tied embeddings: no lm_head, token_embd serves as the output head."""
+    import json
+
+    _edit_checkpoint(ckpt, lambda tensors: tensors.pop("lm_head.weight"))
+    config = json.loads((ckpt / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+
+def _file_tensor(path: Path, name: str) -> np.ndarray:
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == name)
+    return gguf.quants.dequantize(t.data, t.tensor_type)
+
+
+def test_embedding_gptq_lowers_the_error_layer_0_sees(ckpt, tmp_path):
+    """The token embedding with gptq (embedding_hessian: how layer 0 reads the residual stream) gives
+    layer 0 outputs closer to the float model's than rtn or mse rounding of the same rows."""
+    from pocketlm.quantize import formats as F
+    from pocketlm.quantize.search import quantize_mse
+
+    ck = Checkpoint.open(ckpt)
+    cfg, emb = ck.config, ck.tensor("token_embd.weight")
+    out = tmp_path / "gptq.gguf"
+    quantize_checkpoint(ckpt, out, recipe="q4_0", method="gptq", **SMALL_CALIB)
+    tokens = load_calibration(Tokenizer.from_hf_dir(ckpt), None, 8, 64).tokens
+    layer = {n: ck.tensor(n) for n in ck.names() if n.startswith("blk.0.")}
+    ref = pipeline.run_layer(cfg, 0, layer, emb[tokens])
+
+    def layer0_error(emb_q: np.ndarray) -> float:
+        return float(np.linalg.norm(pipeline.run_layer(cfg, 0, layer, emb_q[tokens]) - ref) / np.linalg.norm(ref))
+
+    q4 = F.GGMLType.Q4_0
+    err = {"gptq": layer0_error(_file_tensor(out, "token_embd.weight")),
+           "rtn": layer0_error(F.dequantize(F.quantize(emb, q4), q4, emb.shape)),
+           "mse": layer0_error(F.dequantize(quantize_mse(emb, q4), q4, emb.shape))}
+    assert err["gptq"] < 0.93 * min(err["rtn"], err["mse"]), err
+
+
+def test_embedding_hessian_with_dead_channels(ckpt):
+    """Channels layer 0 never reads (norm weight 0) still reach later layers through the residual:
+    the Hessian stays positive definite and GPTQ rounds those channels instead of zeroing them."""
+    from pocketlm.quantize import formats as F
+    from pocketlm.quantize.gptq import gptq_quantize
+
+    ck = Checkpoint.open(ckpt)
+    dead = np.arange(0, ck.config.hidden_size, 4)
+    tensors = {n: ck.tensor(n) for n in ck.names()}
+    for norm in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight"):
+        tensors[norm] = tensors[norm].copy()
+        tensors[norm][dead] = 0.0
+    h = pipeline.embedding_hessian(tensors.__getitem__, ck.config.hidden_size)
+    assert np.isfinite(h).all() and np.allclose(h, h.T)
+    assert np.linalg.eigvalsh(h).min() >= 0.99 * pipeline.EMBEDDING_RESIDUAL
+    emb = tensors["token_embd.weight"]
+    q4 = F.GGMLType.Q4_0
+    emb_q = F.dequantize(gptq_quantize(emb, q4, h, act_order=True), q4, emb.shape)
+    assert np.isfinite(emb_q).all()
+    rel = np.linalg.norm(emb_q[:, dead] - emb[:, dead]) / np.linalg.norm(emb[:, dead])
+    assert rel < 0.5, rel  # rounded (Q4_0: ~0.1), not zeroed (1.0)
+
+
+def test_float_target_lowers_kld(ckpt, tmp_path):
+    """gptq's default (sequential, float target, embedding GPTQ) against plain sequential GPTQ on
+    the same calibration: a lower KL divergence on held-out text. Without sequential calibration
+    the float target is off (it would over-correct)."""
+    from pocketlm.quantize.evaluate import evaluate
+
+    kld = {}
+    for label, opts in (("plain", Options(float_target=False, embedding_gptq=False, sequential=True)),
+                        ("default", Options())):
+        out = tmp_path / f"{label}.gguf"
+        quantize_checkpoint(ckpt, out, recipe="q4_0", method="gptq", options=opts, **SMALL_CALIB)
+        kld[label] = evaluate(out, ckpt, n_tokens=1024, ctx=64).kld
+    assert kld["default"] < 0.7 * kld["plain"], kld
+    q = pipeline._Quantizer(Checkpoint.open(ckpt), get_recipe("q4_0"), parse_method("gptq"), 1,
+                            Options(sequential=False))
+    assert not q.float_target and not q.sequential
+    q.close()
+
+
+def test_tied_embeddings(tmp_path):
+    """token_embd is also the output head: one tensor (output's type), read back as tied by the
+    eval harness; gptq calibrates it (embedding_hessian) and beats rtn."""
+    from pocketlm.quantize.evaluate import evaluate
+
+    ckpt = helpers.make_checkpoint(tmp_path / "tied", seed=1)
+    _tie_embeddings(ckpt)
+    assert Checkpoint.open(ckpt).config.tie_word_embeddings
+    kld = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / f"{method}.gguf"
+        summary = quantize_checkpoint(ckpt, out, recipe="q4_0", method=method, **SMALL_CALIB)
+        assert summary.tensor_types["token_embd.weight"] == "Q6_K" and "output.weight" not in summary.tensor_types
+        assert np.isfinite(_file_tensor(out, "token_embd.weight")).all()
+        kld[method] = evaluate(out, ckpt, n_tokens=1024, ctx=64).kld
+    assert kld["gptq"] < 0.7 * kld["rtn"], kld
