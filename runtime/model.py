@@ -10,8 +10,11 @@ One forward step (h [T, D]; T = 1 while decoding, a chunk of the prompt while pr
     per layer:  h += o_proj(attention(rope(qkv(rms_norm(h)))))     4 kernel calls per layer:
                 h += down(silu(gate) * up)                          qkv, o, gate_up, down (fused)
     logits = output(rms_norm(h))
-Decoding (T = 1) with an f16/f32 KV cache also runs the attention in the C kernel
-(`_kernel.attention`: fp16 keys/values converted in registers); prefill and the int8 cache use numpy.
+Decoding (T = 1) with quantized linears and an f16/f32 KV cache runs every layer in one kernel call
+(`_kernel.decode_step`, runtime/kernel/decode.c: norms, RoPE, cache write, attention with fp16 keys
+and values converted in registers, SwiGLU, residuals), so no Python runs between the matvecs;
+`_layers_numpy` is the same loop in numpy + kernel calls, used for the int8 cache and dense weights.
+Prefill runs the batched kernel for the matmuls and numpy for the rest.
 
 Policies (documented here, tested in tests/test_runtime.py):
   * LongRoPE: `longrope="context"` (the default, llama.cpp's rule): long factors for every position
@@ -172,6 +175,7 @@ class Model:
         self.last_prefill_tokens = 0  # tokens the last prefill() evaluated (the rest came from the cache)
         self._kernel_seconds = 0.0
         self._repack = repack
+        self._plan: tuple[np.ndarray, Any] | None = None  # (the cache's k array, decode_step plan)
         self._load_weights(validate is True, sparse)
         self.cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, n_ctx, cfg.head_dim, kv)
         self._init_rope(longrope)
@@ -390,15 +394,52 @@ class Model:
     # ------------------------------------------------------------------ the decode step (T = 1)
 
     def _decode_one(self, token: int) -> np.ndarray:
-        cfg, b, cache = self.cfg, self._buf, self.cache
+        b, cache = self._buf, self.cache
         pos = cache.length
-        n_h, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        eps = cfg.rms_norm_eps
         cos_t, sin_t = self._rope[self._use_long(pos + 1)]
         cos, sin = cos_t[pos], sin_t[pos]                                   # [hd/2]
+        b.h[:] = self.embed(np.array([token]))[0]
+        plan = self._decode_plan()
+        clock = time.perf_counter
+        if plan is not None:  # every layer in one kernel call
+            t = clock()
+            _kernel.decode_step(plan, b.h, cos, sin, pos)
+            k0 = self._kernel_seconds + clock() - t
+        else:
+            k0 = self._layers_numpy(pos, cos, sin)
+        _rms_norm_vec(b.h, self.output_norm, self.cfg.rms_norm_eps, b.x)
+        t = clock()
+        self.output.vec(b.x, b.logits)
+        self._kernel_seconds = k0 + clock() - t
+        cache.length = pos + 1
+        self.tokens.append(token)
+        return b.logits
+
+    def _decode_plan(self) -> Any:
+        """The kernel's decode-step plan (weights, norms, KV cache), or None where the layers need
+        numpy: dense (F16/F32) linears or the int8 cache. Rebuilt if the cache arrays change."""
+        if self._plan is not None and self._plan[0] is self.cache.k:
+            return self._plan[1]
+        linears = [lin for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down)]
+        if self.cache.kind == "int8" or any(lin.dense is not None for lin in linears):
+            return None
+        cfg = self.cfg
+        layers = [(L.attn_norm, L.ffn_norm, *((lin.raw, lin.gtype, lin.index) for lin in (L.qkv, L.o, L.gate_up,
+                                                                                           L.down)))
+                  for L in self.layers]
+        dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                cfg.intermediate_size, self.n_ctx, cfg.sliding_window or 0, cfg.rms_norm_eps)
+        self._plan = (self.cache.k, _kernel.decode_plan(layers, dims, self.cache.k, self.cache.v))
+        return self._plan[1]
+
+    def _layers_numpy(self, pos: int, cos: np.ndarray, sin: np.ndarray) -> float:
+        """The layers of one decode step in numpy + kernel calls (int8 cache, dense weights; also the
+        reference for the kernel's decode_step). Returns the updated kernel-seconds counter."""
+        cfg, b, cache = self.cfg, self._buf, self.cache
+        n_h, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
         k0 = self._kernel_seconds
         clock = time.perf_counter
-        b.h[:] = self.embed(np.array([token]))[0]
         for i, L in enumerate(self.layers):
             _rms_norm_vec(b.h, L.attn_norm, eps, b.x)
             t = clock()
@@ -428,13 +469,7 @@ class Model:
             L.down.vec(b.act, b.proj)
             k0 += clock() - t
             b.h += b.proj
-        _rms_norm_vec(b.h, self.output_norm, eps, b.x)
-        t = clock()
-        self.output.vec(b.x, b.logits)
-        self._kernel_seconds = k0 + clock() - t
-        cache.length = pos + 1
-        self.tokens.append(token)
-        return b.logits
+        return k0
 
     def _attend_one(self, layer: int, q: np.ndarray, pos: int, out: np.ndarray) -> None:
         """out [H*hd] = attention of q [H, hd] over the cached keys visible from position pos."""

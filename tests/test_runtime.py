@@ -29,6 +29,7 @@ from pocketlm.export.gguf_reader import GGUFReader
 from pocketlm.export.gguf_writer import GGUFWriter
 from pocketlm.quantize.formats import GGMLType
 from pocketlm.reference import Phi3Reference
+from pocketlm.runtime import _kernel
 from pocketlm.runtime.kv_cache import KVCache
 from pocketlm.runtime.model import load
 
@@ -183,6 +184,53 @@ def test_quantized_logits_agree_with_reference_on_dequantized_weights(make_file,
     steps = np.stack([model.forward([t]) for t in ids])
     assert rel_error(whole, want) < INT8_ACT_TOL
     assert rel_error(steps, want) < INT8_ACT_TOL
+
+
+@pytest.mark.parametrize("kv", ["f16", "f32"])
+@pytest.mark.parametrize("kind", ["mha", "gqa", "longrope", "swa"])
+def test_kernel_decode_step_equals_the_numpy_loop(make_file, kind, kv):
+    """decode_step (every layer in one C call) against _layers_numpy (numpy + one kernel call per
+    matvec): the same logits and KV cache token by token, past the window and the original context."""
+    path, cfg = make_file(kind, Q.Q4_0)
+    ids = prompt(cfg, 72 if kind == "longrope" else 24, seed=9)
+    fused = load(path, threads=2, ctx=128, kv=kv, longrope="sequence")
+    loop = load(path, threads=2, ctx=128, kv=kv, longrope="sequence")
+    loop._decode_plan = lambda: None  # the numpy path
+    assert fused._decode_plan() is not None
+    errors = [rel_error(fused.forward([t]), loop.forward([t])) for t in ids]
+    # float rounding (3e-7 typical); a sum that lands the other side of an int8 activation's
+    # rounding boundary moves one step by up to INT8_ACT_TOL
+    assert np.median(errors) < 1e-5 and max(errors) < INT8_ACT_TOL, errors
+    for a, b in ((fused.cache.k, loop.cache.k), (fused.cache.v, loop.cache.v)):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_decode_plan_and_step_check_their_arguments(make_file):
+    path, cfg = make_file("gqa", Q.Q4_0)
+    model = load(path, threads=1, ctx=32)
+    L = model.layers[0]
+    lin = [(x.raw, x.gtype, x.index) for x in (L.qkv, L.o, L.gate_up, L.down)]
+    dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.intermediate_size, 32, 0, cfg.rms_norm_eps)
+    k, v = model.cache.k[:1], model.cache.v[:1]  # one layer's worth
+    plan = _kernel.decode_plan([(L.attn_norm, L.ffn_norm, *lin)], dims, k, v)
+    h = np.ones(cfg.hidden_size, np.float32)
+    cos, sin = (np.ones(cfg.head_dim // 2, np.float32),) * 2
+    bad_plans = {
+        "layer 0 qkv": lambda: _kernel.decode_plan([(L.attn_norm, L.ffn_norm, lin[1], lin[0], *lin[2:])], dims, k, v),
+        "attn_norm has": lambda: _kernel.decode_plan([(L.attn_norm[:-1], L.ffn_norm, *lin)], dims, k, v),
+        "k_cache has": lambda: _kernel.decode_plan([(L.attn_norm, L.ffn_norm, *lin)], dims, model.cache.k, v),
+        "bad model dimensions": lambda: _kernel.decode_plan([(L.attn_norm, L.ffn_norm, *lin)],
+                                                            (*dims[:3], 15, *dims[4:]), k, v),
+        "outside the cache": lambda: _kernel.decode_step(plan, h, cos, sin, 32),
+        "NaN or infinity": lambda: _kernel.decode_step(plan, np.full_like(h, np.nan), cos, sin, 0),
+        "cos has": lambda: _kernel.decode_step(plan, h, cos[:-1], sin, 0),
+    }
+    for message, call in bad_plans.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            call()
+    _kernel.decode_step(plan, h, cos, sin, 0)
+    assert np.isfinite(h).all()
 
 
 @pytest.mark.parametrize("kv", ["f16", "int8"])

@@ -197,6 +197,31 @@ typedef struct {
 } attention_args;
 int run_attention(const attention_args *a, int simd);
 
+/* decode.c: one token through every layer (see decode.c); quantized linears and an fp16 / fp32 KV
+ * cache [n_layers, KV, n_ctx, hd]. All sizes are checked by the binding when the plan is built. */
+typedef struct {
+    const uint8_t *w;
+    const gtype_info *t;
+    int rows, K;
+    const int64_t *row_ptr; /* optional sparse index */
+    const int32_t *blk_idx;
+} dec_linear;
+typedef struct {
+    const float *attn_norm, *ffn_norm; /* [D] */
+    dec_linear qkv, o, gate_up, down;  /* [(H+2KV)hd, D], [D, H hd], [2F, D], [D, F] */
+} dec_layer;
+typedef struct {
+    int n_layers, D, H, KV, hd, F, n_ctx, window, f16; /* window 0: none */
+    float eps;
+    const dec_layer *layers;
+    void *k_cache, *v_cache;
+    float *scratch; /* decode_scratch_floats(plan) floats */
+} decode_plan;
+size_t decode_scratch_floats(const decode_plan *p);
+/* h [D] in place; cos, sin [hd/2] of position pos (0 <= pos < n_ctx). 0, or -1 on OOM. */
+int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *h, const float *cos,
+                    const float *sin, int pos);
+
 /* threadpool.c: run fn(ctx, c, n) for every chunk c in 0..n-1 on the pool (the caller included);
  * returns when all are done. Chunks are taken dynamically, so results must not depend on who runs
  * which chunk. */

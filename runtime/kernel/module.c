@@ -345,6 +345,186 @@ fail_q:
     return NULL;
 }
 
+/* ---- decode plan: every layer's weights and the KV cache, held for run_decode_step --------- */
+
+typedef struct {
+    decode_plan plan;
+    dec_layer *layers;
+    Py_buffer *bufs; /* views kept for the plan's lifetime: weights, norms, caches */
+    int n_bufs;
+    PyObject **indexes; /* sparse index capsules (owned references) */
+    int n_indexes;
+} plan_holder;
+
+#define PLAN_CAPSULE "pocketlm.kernel.decode_plan"
+
+static void plan_free(PyObject *cap) {
+    plan_holder *p = PyCapsule_GetPointer(cap, PLAN_CAPSULE);
+    if (!p) return;
+    for (int i = 0; i < p->n_bufs; i++) PyBuffer_Release(&p->bufs[i]);
+    for (int i = 0; i < p->n_indexes; i++) Py_DECREF(p->indexes[i]);
+    free(p->bufs);
+    free(p->indexes);
+    free(p->layers);
+    free(p->plan.scratch);
+    free(p);
+}
+
+/* One linear (raw, gtype, index-or-None) of the expected shape into *l; the view goes to p->bufs. */
+static int plan_linear(plan_holder *p, PyObject *spec, int rows, int K, const char *what, int layer,
+                       dec_linear *l) {
+    PyObject *wo, *io;
+    int gtype, nb;
+    if (!PyArg_ParseTuple(spec, "OiO", &wo, &gtype, &io)) return -1;
+    Py_buffer *w = &p->bufs[p->n_bufs];
+    if (get_raw(wo, w, what) != 0) return -1;
+    p->n_bufs++;
+    const gtype_info *t;
+    if (check_matrix(gtype, rows, K, w, &t, &nb) != 0) {
+        PyErr_Format(PyExc_ValueError, "layer %d %s: expected %d x %d of GGML type %d that the kernel runs", layer,
+                     what, rows, K, gtype);
+        return -1;
+    }
+    *l = (dec_linear){w->buf, t, rows, K, NULL, NULL};
+    if (io != Py_None) {
+        sparse_index *s = get_sparse(io);
+        if (!s) return -1;
+        if (s->gtype != gtype || s->rows != rows || s->nb != nb) {
+            PyErr_Format(PyExc_ValueError, "layer %d %s: its sparse index was built for another matrix", layer, what);
+            return -1;
+        }
+        Py_INCREF(io);
+        p->indexes[p->n_indexes++] = io;
+        l->row_ptr = s->row_ptr;
+        l->blk_idx = s->blk_idx;
+    }
+    return 0;
+}
+
+/* decode_plan(layers, (D, H, KV, hd, F, n_ctx, window, eps), k_cache, v_cache) -> capsule.
+ * layers: sequence of (attn_norm, ffn_norm, qkv, o, gate_up, down), each linear (raw, gtype, index);
+ * caches [n_layers, KV, n_ctx, hd] fp16 or float32. */
+static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *lo, *ko, *vo;
+    int D, H, KV, hd, F, n_ctx, window;
+    double eps;
+    if (!PyArg_ParseTuple(args, "O(iiiiiiid)OO", &lo, &D, &H, &KV, &hd, &F, &n_ctx, &window, &eps, &ko, &vo))
+        return NULL;
+    if (D < 1 || H < 1 || KV < 1 || hd < 2 || F < 1 || n_ctx < 1 || window < 0 || H > 65536 || hd > 65536 ||
+        hd % 2 || H % KV || !(eps > 0)) {
+        PyErr_Format(PyExc_ValueError, "bad model dimensions: hidden %d, heads %d, kv_heads %d, head_dim %d (even), "
+                     "ffn %d, n_ctx %d, window %d, eps %g", D, H, KV, hd, F, n_ctx, window, eps);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(lo, "layers must be a sequence");
+    if (!seq) return NULL;
+    const Py_ssize_t n_layers = PySequence_Fast_GET_SIZE(seq);
+    plan_holder *p = calloc(1, sizeof(*p));
+    PyObject *cap = NULL;
+    if (!p || n_layers < 1 || n_layers > 100000) {
+        if (p) PyErr_Format(PyExc_ValueError, "a model needs 1..100000 layers, got %zd", n_layers);
+        else PyErr_NoMemory();
+        free(p);
+        Py_DECREF(seq);
+        return NULL;
+    }
+    p->layers = calloc((size_t)n_layers, sizeof(dec_layer));
+    p->bufs = calloc((size_t)n_layers * 6 + 2, sizeof(Py_buffer));
+    p->indexes = calloc((size_t)n_layers * 4, sizeof(PyObject *));
+    decode_plan *pl = &p->plan;
+    *pl = (decode_plan){(int)n_layers, D, H, KV, hd, F, n_ctx, window, 0, (float)eps, p->layers, NULL, NULL, NULL};
+    pl->scratch = malloc(sizeof(float) * decode_scratch_floats(pl));
+    cap = PyCapsule_New(p, PLAN_CAPSULE, plan_free); /* from here on plan_free cleans up */
+    if (!cap) {
+        free(pl->scratch);
+        free(p->layers);
+        free(p->bufs);
+        free(p->indexes);
+        free(p);
+        Py_DECREF(seq);
+        return NULL;
+    }
+    if (!p->layers || !p->bufs || !p->indexes || !pl->scratch) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    const Py_ssize_t n_cache = (Py_ssize_t)n_layers * KV * n_ctx * hd;
+    int k16, v16;
+    if (get_cache(ko, &p->bufs[p->n_bufs], n_cache, &k16, "k_cache") != 0) goto fail;
+    pl->k_cache = p->bufs[p->n_bufs++].buf;
+    if (get_cache(vo, &p->bufs[p->n_bufs], n_cache, &v16, "v_cache") != 0) goto fail;
+    pl->v_cache = p->bufs[p->n_bufs++].buf;
+    if (k16 != v16) {
+        PyErr_SetString(PyExc_TypeError, "k_cache and v_cache must have the same element size");
+        goto fail;
+    }
+    pl->f16 = k16;
+    for (Py_ssize_t i = 0; i < n_layers; i++) {
+        PyObject *an, *fn, *qkv, *o, *gu, *down;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOOOOO", &an, &fn, &qkv, &o, &gu, &down)) goto fail;
+        dec_layer *L = &p->layers[i];
+        if (get_f32(an, &p->bufs[p->n_bufs], D, 0, "attn_norm") != 0) goto fail;
+        L->attn_norm = p->bufs[p->n_bufs++].buf;
+        if (get_f32(fn, &p->bufs[p->n_bufs], D, 0, "ffn_norm") != 0) goto fail;
+        L->ffn_norm = p->bufs[p->n_bufs++].buf;
+        if (plan_linear(p, qkv, (H + 2 * KV) * hd, D, "qkv", (int)i, &L->qkv) ||
+            plan_linear(p, o, D, H * hd, "o", (int)i, &L->o) ||
+            plan_linear(p, gu, 2 * F, D, "gate_up", (int)i, &L->gate_up) ||
+            plan_linear(p, down, D, F, "down", (int)i, &L->down))
+            goto fail;
+    }
+    Py_DECREF(seq);
+    return cap;
+fail:
+    Py_DECREF(seq);
+    Py_DECREF(cap);
+    return NULL;
+}
+
+/* decode_step(plan, h, cos, sin, pos): h [D] float32 updated in place through every layer. */
+static PyObject *py_decode_step(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *po, *ho, *co, *so;
+    int pos, rc = 0;
+    if (!PyArg_ParseTuple(args, "OOOOi", &po, &ho, &co, &so, &pos)) return NULL;
+    if (!PyCapsule_IsValid(po, PLAN_CAPSULE)) {
+        PyErr_SetString(PyExc_TypeError, "plan must be built by decode_plan");
+        return NULL;
+    }
+    const decode_plan *pl = &((plan_holder *)PyCapsule_GetPointer(po, PLAN_CAPSULE))->plan;
+    if (pos < 0 || pos >= pl->n_ctx) {
+        PyErr_Format(PyExc_ValueError, "position %d is outside the cache's %d positions", pos, pl->n_ctx);
+        return NULL;
+    }
+    Py_buffer h, c, s;
+    if (get_f32(ho, &h, pl->D, 1, "h") != 0) return NULL;
+    if (get_f32(co, &c, pl->hd / 2, 0, "cos") != 0) goto fail_h;
+    if (get_f32(so, &s, pl->hd / 2, 0, "sin") != 0) goto fail_c;
+    if (check_finite(h.buf, (size_t)pl->D, "h") != 0) goto fail_s;
+    const dot_fn *table = ACTIVE_TABLE;
+    const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_decode_step(table, simd, pl, h.buf, c.buf, s.buf, pos);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_NoMemory();
+        goto fail_s;
+    }
+    if (check_finite(h.buf, (size_t)pl->D, "the hidden state after the decode step") != 0) goto fail_s;
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&h);
+    Py_RETURN_NONE;
+fail_s:
+    PyBuffer_Release(&s);
+fail_c:
+    PyBuffer_Release(&c);
+fail_h:
+    PyBuffer_Release(&h);
+    return NULL;
+}
+
 /* Index of the first block with a NaN/inf scale field, or -1. */
 static PyObject *py_check_blocks(PyObject *self, PyObject *args) {
     (void)self;
@@ -515,6 +695,8 @@ static PyMethodDef METHODS[] = {
     {"cpu_features", py_cpu_features, METH_NOARGS, "space-separated CPU features the kernel uses"},
     {"set_threads", py_set_threads, METH_VARARGS, "set the worker thread count (>= 1)"},
     {"get_threads", py_get_threads, METH_NOARGS, "the worker thread count"},
+    {"decode_plan", py_decode_plan, METH_VARARGS, "decode_plan(layers, dims, k_cache, v_cache): a decode-step plan"},
+    {"decode_step", py_decode_step, METH_VARARGS, "decode_step(plan, h, cos, sin, pos): one token through every layer"},
     {"repack", py_repack, METH_VARARGS, "repack(w, 2, rows, K, out): Q4_0 -> packed layout (type 1002)"},
     {"native_kernel", py_native_kernel, METH_VARARGS, "True if the active path has its own kernel for a type"},
     {"type_info", py_type_info, METH_VARARGS, "(block_values, block_bytes) of a GGML type"},

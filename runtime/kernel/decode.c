@@ -1,0 +1,111 @@
+/* One decode step (one token) through every layer in C: the model loop of runtime/model.py's
+ * `_decode_one_numpy` for the common case (quantized linears, fp16/fp32 KV cache), so that the
+ * ~12 small numpy operations per layer neither cost Python time nor leave the memory bus idle
+ * between the matvecs, and the thread pool never falls asleep in a step.
+ *
+ * Per layer (h [D] is the residual stream, updated in place):
+ *   x = rms_norm(h) * attn_norm;  qkv = W_qkv x;  rope(q), rope(k) (NEOX halves);  cache[pos] = k, v
+ *   h += W_o attention(q, cache[lo..pos]);  x = rms_norm(h) * ffn_norm;  [g | u] = W_gate_up x
+ *   h += W_down (silu(g) * u)
+ */
+#include <math.h>
+
+#include "kernel.h"
+
+#if defined(POCKETLM_X86)
+#include <immintrin.h>
+#endif
+
+/* fp32 -> fp16, round to nearest even (numpy's float16 cast), portable. */
+static uint16_t fp32_to_fp16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    const uint32_t ax = x & 0x7FFFFFFF;
+    if (ax >= 0x7F800000) return (uint16_t)(sign | 0x7C00 | (ax > 0x7F800000 ? 0x200 : 0)); /* inf, nan */
+    if (ax >= 0x477FF000) return (uint16_t)(sign | 0x7C00);                                   /* overflow */
+    if (ax < 0x38800000) { /* subnormal or zero in fp16: value / 2^-24, rounded to nearest even */
+        if (ax < 0x33000000) return (uint16_t)sign; /* < 2^-25: rounds to 0 */
+        const uint32_t e = ax >> 23, m = (ax & 0x7FFFFF) | 0x800000;
+        const int shift = 126 - (int)e; /* x = m * 2^(e - 150), in units of 2^-24: m >> (126 - e) */
+        const uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        return (uint16_t)(sign | (q + (rem > half || (rem == half && (q & 1)))));
+    }
+    const uint32_t base = ((ax >> 13) - (112u << 10)); /* rebias exponent 127 -> 15 */
+    const uint32_t rem = ax & 0x1FFF;
+    return (uint16_t)(sign | (base + (rem > 0x1000 || (rem == 0x1000 && (base & 1)))));
+}
+
+static void rms_norm(const float *h, const float *w, int D, float eps, float *out) {
+    double ss = 0.0;
+    for (int i = 0; i < D; i++) ss += (double)h[i] * h[i];
+    const float scale = (float)(1.0 / sqrt(ss / D + eps));
+    for (int i = 0; i < D; i++) out[i] = h[i] * w[i] * scale;
+}
+
+/* NEOX rotation of n_heads rows of hd values: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s). */
+static void rope(float *x, int n_heads, int hd, const float *cos, const float *sin) {
+    const int half = hd / 2;
+    for (int h = 0; h < n_heads; h++, x += hd)
+        for (int i = 0; i < half; i++) {
+            const float x1 = x[i], x2 = x[half + i];
+            x[i] = x1 * cos[i] - x2 * sin[i];
+            x[half + i] = x2 * cos[i] + x1 * sin[i];
+        }
+}
+
+static void store_kv(const decode_plan *p, int layer, int pos, const float *k, const float *v) {
+    const size_t per_head = (size_t)p->n_ctx * p->hd, per_layer = (size_t)p->KV * per_head;
+    for (int g = 0; g < p->KV; g++) {
+        const size_t at = (size_t)layer * per_layer + g * per_head + (size_t)pos * p->hd;
+        const float *ks = k + (size_t)g * p->hd, *vs = v + (size_t)g * p->hd;
+        if (p->f16) {
+            uint16_t *kd = (uint16_t *)p->k_cache + at, *vd = (uint16_t *)p->v_cache + at;
+            for (int i = 0; i < p->hd; i++) {
+                kd[i] = fp32_to_fp16(ks[i]);
+                vd[i] = fp32_to_fp16(vs[i]);
+            }
+        } else {
+            memcpy((float *)p->k_cache + at, ks, sizeof(float) * p->hd);
+            memcpy((float *)p->v_cache + at, vs, sizeof(float) * p->hd);
+        }
+    }
+}
+
+static int matvec(const dot_fn *table, const dec_linear *l, const float *x, float *y) {
+    return run_matvec(table, l->t, l->w, l->rows, l->K, x, y, l->row_ptr, l->blk_idx);
+}
+
+int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *h, const float *cos,
+                    const float *sin, int pos) {
+    const int D = p->D, H = p->H, KV = p->KV, hd = p->hd, F = p->F;
+    float *x = p->scratch, *qkv = x + D, *attn = qkv + (size_t)(H + 2 * KV) * hd;
+    float *proj = attn + (size_t)H * hd, *gu = proj + D, *act = gu + 2 * (size_t)F;
+    const int lo = p->window > 0 && pos + 1 > p->window ? pos + 1 - p->window : 0;
+    const size_t layer_cache = (size_t)KV * p->n_ctx * hd * (p->f16 ? 2 : 4);
+    for (int i = 0; i < p->n_layers; i++) {
+        const dec_layer *L = &p->layers[i];
+        rms_norm(h, L->attn_norm, D, p->eps, x);
+        if (matvec(table, &L->qkv, x, qkv)) return -1;
+        float *q = qkv, *k = qkv + (size_t)H * hd, *v = k + (size_t)KV * hd;
+        rope(q, H, hd, cos, sin);
+        rope(k, KV, hd, cos, sin);
+        store_kv(p, i, pos, k, v);
+        const attention_args a = {q, (const char *)p->k_cache + i * layer_cache,
+                                  (const char *)p->v_cache + i * layer_cache, attn, H, KV, hd, p->n_ctx, lo,
+                                  pos + 1, p->f16};
+        if (run_attention(&a, simd)) return -1;
+        if (matvec(table, &L->o, attn, proj)) return -1;
+        for (int j = 0; j < D; j++) h[j] += proj[j];
+        rms_norm(h, L->ffn_norm, D, p->eps, x);
+        if (matvec(table, &L->gate_up, x, gu)) return -1;
+        for (int j = 0; j < F; j++) act[j] = gu[j] / (1.0f + expf(-gu[j])) * gu[F + j];
+        if (matvec(table, &L->down, act, proj)) return -1;
+        for (int j = 0; j < D; j++) h[j] += proj[j];
+    }
+    return 0;
+}
+
+size_t decode_scratch_floats(const decode_plan *p) {
+    return (size_t)p->D * 2 + (size_t)(p->H + 2 * p->KV) * p->hd + (size_t)p->H * p->hd + (size_t)p->F * 3;
+}
