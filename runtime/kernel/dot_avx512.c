@@ -1,7 +1,7 @@
 /* AVX-512 (F, BW, VL) + VNNI dot products (Ice Lake, Sapphire Rapids, Zen 4 and later), with
  * `vpdpbusd` for the u8 x s8 sums: packed Q4_0 and Q8_0 in 512-bit registers, raw Q4_0/Q4_1 per
- * block in 256-bit ones; the K-quants use the AVX2 kernels (fallback). Same integer sums and
- * per-block float formula as dot_scalar.c. CPUs with AVX-512 but no VNNI use the AVX2 path. */
+ * block in 256-bit ones; Q4_K and Q6_K with 64-byte code loads and `vpmaddubsw` + `vpmaddwd` for
+ * their sub-block scales. Same integer sums and per-block float formula as dot_scalar.c. CPUs with AVX-512 but no VNNI use the AVX2 path. */
 #include "kernel.h"
 
 #if defined(POCKETLM_X86)
@@ -161,14 +161,109 @@ INLINE float q4_0_packed(const uint8_t *row, const q8_act *a, int nb_row, const 
     return _mm512_reduce_add_ps(all) - 8.0f * _mm512_reduce_add_ps(c);
 }
 
+/* i16 lanes 16h..16h+15 of the result = v16[2*pair + h] for h in 0, 1 (v16: 8 or 16 int16). */
+INLINE __m512i spread_pairs(__m512i v16, int first) {
+    const __m512i lo = _mm512_set1_epi16((short)first), hi = _mm512_set1_epi16((short)(first + 1));
+    return _mm512_permutexvar_epi16(_mm512_mask_blend_epi16(0xFFFF0000u, lo, hi), v16);
+}
+
+/* Q4_K (same integers as dot_scalar.c): 64-byte loads of the codes; the nibbles of each half
+ * rearranged into value order (values 0..63 / 64..127 of the super-block's 128-byte half) so the
+ * activation is read with plain loads; u8 x s8 pair sums (`vpmaddubsw`, at most 2*15*127) times
+ * the 6-bit scales (`vpmaddwd`) into int32; min term and float FMA once per super-block. */
+INLINE float q4_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    /* 64-bit lanes: [lo.0 lo.1 lo.2 lo.3 | hi.0 ...] -> [lo 0-3 | hi 0-3] (values 0..63) and the rest */
+    const __m512i first = _mm512_set_epi64(11, 10, 9, 8, 3, 2, 1, 0), second = _mm512_set_epi64(15, 14, 13, 12, 7, 6, 5, 4);
+    __m512 acc = _mm512_setzero_ps();
+    float acc_min = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const int b = BLOCK_ID(i);
+        const uint8_t *blk = row + (size_t)b * 144, *qs = blk + 16;
+        const int8_t *aq = a->qs + (size_t)b * QK_K;
+        prefetch_ahead(row, idx, i, n, nb_row, 144);
+        prefetch_ahead(row + 64, idx, i, n, nb_row, 144);
+        prefetch_ahead(row + 128, idx, i, n, nb_row, 144);
+        uint8_t sc[8], mn[8];
+        q4k_scales_mins(blk + 4, sc, mn);
+        const __m128i bs_lo = _mm_loadu_si128((const __m128i *)(a->bsums + b * 16));
+        const __m128i bs_hi = _mm_loadu_si128((const __m128i *)(a->bsums + b * 16 + 8));
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mn));
+        __m128i pm = _mm_madd_epi16(_mm_hadd_epi16(bs_lo, bs_hi), mins);
+        pm = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0x4E));
+        pm = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0xB1));
+        const __m512i sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
+        __m512i sumi = _mm512_setzero_si512();
+        for (int c = 0; c < 2; c++) { /* 64 code bytes: sub-blocks 4c .. 4c+3 */
+            const __m512i v = _mm512_loadu_si512(qs + 64 * c);
+            const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            const __m512i q0 = _mm512_permutex2var_epi64(lo, first, hi);  /* sub-blocks 4c, 4c+1 */
+            const __m512i q1 = _mm512_permutex2var_epi64(lo, second, hi); /* 4c+2, 4c+3 */
+            const __m512i p0 = _mm512_maddubs_epi16(q0, _mm512_loadu_si512(aq + 128 * c));
+            const __m512i p1 = _mm512_maddubs_epi16(q1, _mm512_loadu_si512(aq + 128 * c + 64));
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p0, spread_pairs(sc16, 4 * c)));
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p1, spread_pairs(sc16, 4 * c + 2)));
+        }
+        const float da = a->d[b];
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(half(blk) * da), _mm512_cvtepi32_ps(sumi), acc);
+        acc_min += half(blk + 2) * da * (float)_mm_cvtsi128_si32(pm);
+    }
+    return _mm512_reduce_add_ps(acc) - acc_min;
+}
+
+/* Q6_K: per 128-value half, one 64-byte load of low nibbles gives values 0..63 (low) and 64..127
+ * (high) in order; the 2 high bits come from the 32 qh bytes, each 256-bit half shifted by its own
+ * count. Codes 0..63 (u8) x s8 pair sums times the int8 scales of the 16-value sub-blocks, minus
+ * 32 * sum_j sc_j * bsums_j: the same integers as dot_scalar.c. */
+INLINE float q6_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x30);
+    /* bits 2k..2k+1 of qh to bits 4..5: value group k = 0, 1 (first 64 values), 2, 3 (next 64) */
+    const __m512i shift01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i shift23 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i++) {
+        const int b = BLOCK_ID(i);
+        const uint8_t *blk = row + (size_t)b * 210;
+        const int8_t *aq = a->qs + (size_t)b * QK_K;
+        for (int line = 0; line < 256; line += 64) prefetch_ahead(row + line, idx, i, n, nb_row, 210);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+        const __m256i offset = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a->bsums + b * 16)));
+        const __m512i scz = _mm512_castsi256_si512(sc16);
+        __m512i sumi = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) {
+            const __m512i v = _mm512_loadu_si512(blk + 64 * h);
+            const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
+            const __m512i q0 = _mm512_or_si512(_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_sllv_epi16(hb, shift01), m2));
+            const __m512i q1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
+                                               _mm512_and_si512(_mm512_srlv_epi16(hb, shift23), m2));
+            const __m512i p0 = _mm512_maddubs_epi16(q0, _mm512_loadu_si512(aq + 128 * h));
+            const __m512i p1 = _mm512_maddubs_epi16(q1, _mm512_loadu_si512(aq + 128 * h + 64));
+            const __m512i s0 = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_srli_epi16(
+                _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11,
+                                 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3), _mm512_set1_epi16((short)(8 * h))), scz);
+            const __m512i s1 = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_srli_epi16(
+                _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11,
+                                 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3), _mm512_set1_epi16((short)(8 * h + 4))), scz);
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p0, s0));
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p1, s1));
+        }
+        const __m512i off = _mm512_castsi256_si512(_mm256_slli_epi32(offset, 5));
+        sumi = _mm512_sub_epi32(sumi, _mm512_inserti64x4(off, _mm256_setzero_si256(), 1));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(half(blk + 208) * a->d[b]), _mm512_cvtepi32_ps(sumi), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 DEFINE_DOT(dot_q4_0, q4_0)
 DEFINE_DOT(dot_q4_0_packed, q4_0_packed)
 DEFINE_DOT(dot_q4_1, q4_1)
 DEFINE_DOT(dot_q8_0, q8_0)
+DEFINE_DOT(dot_q4_k, q4_k)
+DEFINE_DOT(dot_q6_k, q6_k)
 
 const kernel_path path_avx512 = {
     .name = "avx512",
-    .dot = {dot_q4_0, dot_q4_1, dot_q8_0, NULL, NULL, dot_q4_0_packed},
+    .dot = {dot_q4_0, dot_q4_1, dot_q8_0, dot_q4_k, dot_q6_k, dot_q4_0_packed},
     .fallback = "avx2",
     .gemm = &gemm_avx512,
 };
