@@ -5,20 +5,24 @@
 
 For each file (built once and cached by make_phi3_mini_gguf.py) and thread count, each engine runs
 in its own subprocess (so peak RSS is that engine's alone): load, prefill a 128-token prompt, then
-decode 64 tokens greedily (argmax, end-of-text ignored), context 512. Also measured: the machine's
-read bandwidth (numpy sum over a 2 GB array, 1 and 2 threads) and the decode roofline it implies
-(bandwidth / bytes of weights read per token); pocketlm's time to load the file and produce the
-first token of a 16-token prompt (fresh process, warm page cache); pocketlm's Python overhead per
-decoded token (1 - time inside kernel calls / decode time, instrumented in the model loop).
+decode 64 tokens greedily (argmax, end-of-text ignored), context 512. The third engine is
+onnxruntime-genai on pocketlm's ONNX export of the same file (`pocketlm.bench.ensure_onnx`: exported
+once, cached under ~/.cache/pocketlm/bench-onnx; its decode includes its greedy search step). Also
+measured: the machine's read bandwidth (numpy sum over a 2 GB array, 1 and 2 threads) and the decode
+roofline it implies (bandwidth / bytes of weights read per token); pocketlm's time to load the file
+and produce the first token of a 16-token prompt (fresh process, warm page cache); pocketlm's Python
+overhead per decoded token (1 - time inside kernel calls / decode time, instrumented in the model
+loop).
 
-llama.cpp runs with its extra buffer types (REPACK: a load-time interleaved copy of the weights,
-its fastest CPU path) unless its build has AMX: llama-cpp-python built with AMX crashes on this
+llama.cpp runs with its extra buffer types (REPACK: a load-time interleaved copy of the weights, its
+fastest CPU path) unless its build has AMX: llama-cpp-python built with AMX crashes on this
 machine's AMX unit, so such a build runs without them (`pocketlm.bench.llama_cpp_use_repack`; the
 README tells how to build it without AMX). The table says which.
 
-Targets (issue 5): decode >= 1.05x llama.cpp on Q4_0 (>= 0.9x on Q4_K_M, Q8_0), prefill >= 0.8x,
-peak RSS <= file + KV cache + 250 MB, load + first token < 2 s, Python overhead < 10 %.
-Numbers are only meaningful on a quiet machine: the script prints the load average it saw.
+Targets (issue 5): decode >= 1.05x llama.cpp and onnxruntime-genai on Q4_0 (>= 0.9x llama.cpp on
+Q4_K_M, Q8_0), prefill >= 0.8x, peak RSS <= file + KV cache + 250 MB, load + first token < 2 s,
+Python overhead < 10 %. Numbers are only meaningful on a quiet machine: the script prints the load
+average it saw.
 """
 
 from __future__ import annotations
@@ -108,6 +112,19 @@ def child_llama(path: str, threads: int, n_prompt: int, n_decode: int, ctx: int)
             "peak_rss_mb": peak_rss_mb(), "repack": repack}
 
 
+def child_onnxruntime(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
+    """onnxruntime-genai on pocketlm's ONNX export of the same file (exported once, cached)."""
+    from pocketlm.bench import Progress, ensure_onnx
+    from pocketlm.bench import child_onnxruntime as run_genai
+
+    progress = Progress("onnxruntime", stream=sys.stderr)
+    folder = ensure_onnx(path, None, progress)
+    r = run_genai({"onnx": str(folder), "threads": threads, "prompt": n_prompt, "gen": n_decode,
+                   "vocab": 32064}, progress)
+    return {"load_s": r["load_s"], "prefill_tps": r["prefill_tok_s"], "decode_tps": r["decode_tok_s"],
+            "peak_rss_mb": r["peak_rss_bytes"] / MB}
+
+
 def run_child(*args: str) -> dict:
     # as `pocketlm run` does (pocketlm/cli.py): numpy's BLAS single-threaded beside the kernel's pool,
     # else its spinning threads fight the pool for the 2 cores
@@ -170,6 +187,9 @@ def report_file(recipe: str, args: argparse.Namespace, bw: dict[int, float]) -> 
         roof = bw[t] * 1e9 / per_tok
         theirs = best_of(args.repeat, "llama", str(path), str(t), *common)
         print_row(t, "llama.cpp" + (" repack" if theirs.get("repack") else ""), theirs, roof)
+        genai = best_of(args.repeat, "onnxruntime", str(path), str(t), *common) if args.onnx else None
+        if genai is not None:
+            print_row(t, "onnxruntime-genai", genai, roof)
         for kv in args.kv:
             ours = best_of(args.repeat, "pocketlm", str(path), str(t), *common, "--kv", kv)
             print_row(t, f"pocketlm kv={kv}", ours, roof)
@@ -178,6 +198,9 @@ def report_file(recipe: str, args: argparse.Namespace, bw: dict[int, float]) -> 
             budget = size_mb + ours["kv_mb"] + 250
             decode = ours["decode_tps"] / theirs["decode_tps"]
             prefill = ours["prefill_tps"] / theirs["prefill_tps"]
+            if genai is not None and "error" not in genai:
+                print(f"    pocketlm/onnxruntime-genai: decode {ours['decode_tps'] / genai['decode_tps']:.2f}x, "
+                      f"prefill {ours['prefill_tps'] / genai['prefill_tps']:.2f}x")
             print(f"    pocketlm/llama.cpp: decode {decode:.2f}x, prefill {prefill:.2f}x; peak RSS "
                   f"{ours['peak_rss_mb']:.0f} MB vs budget {budget:.0f} MB (file + KV {ours['kv_mb']:.0f} MB "
                   f"+ 250 MB)")
@@ -201,6 +224,8 @@ def main() -> None:
     ap.add_argument("--kv", nargs="+", default=["f16"], choices=("f16", "int8", "f32"),
                     help="pocketlm KV cache type(s) to measure")
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement, best kept")
+    ap.add_argument("--no-onnx", dest="onnx", action="store_false",
+                    help="skip onnxruntime-genai (it runs pocketlm's ONNX export of the file, made once and cached)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -209,6 +234,8 @@ def main() -> None:
             out = child_pocketlm(path, int(threads), args.prompt, args.decode, args.ctx, args.kv[0])
         elif kind == "first":
             out = child_first_token(path, int(threads), args.ctx, args.kv[0])
+        elif kind == "onnxruntime":
+            out = child_onnxruntime(path, int(threads), args.prompt, args.decode)
         else:
             out = child_llama(path, int(threads), args.prompt, args.decode, args.ctx)
         print(json.dumps(out))
