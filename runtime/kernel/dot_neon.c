@@ -135,6 +135,7 @@ const kernel_path path_neon_dotprod = {
     .dot = {dot_q4_0_dotprod, dot_q4_1_dotprod, dot_q8_0_dotprod, dot_q4_k_dotprod, dot_q6_k_dotprod,
             dot_q4_0_packed_dotprod},
     .fallback = "neon",
+    .gemm = &gemm_neon_dotprod,
 };
 /* single-row dots come from neon_dotprod; i8mm adds the 2x2 kernels of the batched product */
 const kernel_path path_neon_i8mm = {
@@ -142,5 +143,6 @@ const kernel_path path_neon_i8mm = {
     .dot = {NULL},
     .fallback = "neon_dotprod",
     .dot2x2 = {q4_0_2x2, q4_1_2x2, q8_0_2x2, NULL, NULL, NULL},
+    .gemm = &gemm_neon_dotprod, /* from GEMM_MIN_M activations on; the 2x2 kernels below that */
 };
 #endif

@@ -80,30 +80,34 @@ typedef struct {
 
 static void tile_task(void *ctx, int chunk, int n_chunks) {
     tile_job *j = (tile_job *)ctx;
-    const int K = j->K, L = j->gk->lanes, tiles = (j->rows + GEMM_R - 1) / GEMM_R;
+    const int K = j->K, L = j->gk->lanes, R = j->gk->rows, tiles = (j->rows + R - 1) / R;
     const gemm_shape s = gemm_shape_of(j->t);
     const int t0 = (int)((int64_t)tiles * chunk / n_chunks), t1 = (int)((int64_t)tiles * (chunk + 1) / n_chunks);
-    const size_t nq = (size_t)GEMM_R * K, nsb = (size_t)GEMM_R * (K / 16);
-    uint8_t *mem = alloc_aligned(nq + nsb * 4 * 2 + (size_t)GEMM_R * (K / 32) * 4 + (size_t)GEMM_R * L * 4 + 256);
-    if (!mem) {
+    /* codes, scales and corrections sized for 16-value sub-blocks (the smallest), mins per 32 */
+    const size_t nq = (size_t)R * K, nsb = (size_t)R * (K / 16), nmin = (size_t)R * (K / 32);
+    const size_t rq = (size_t)K, rsb = (size_t)K / 16, rmin = (size_t)K / 32;
+    float *fmem = alloc_aligned(4 * (nsb * 2 + nmin + rsb * 2 + rmin + (size_t)R * L));
+    int8_t *qmem = alloc_aligned(nq + rq);
+    if (!fmem || !qmem) {
+        free(fmem);
+        free(qmem);
         j->ok = 0;
         return;
     }
-    wtile w = {K, (int8_t *)mem, (float *)(mem + nq), (float *)(mem + nq + nsb * 4),
-               (int32_t *)(mem + nq + nsb * 4 + (size_t)GEMM_R * (K / 32) * 4)};
-    float *out = (float *)(mem + nq + nsb * 8 + (size_t)GEMM_R * (K / 32) * 4);
+    float *f = fmem;
+    wtile w = {K, R, qmem, f, f + nsb, (int32_t *)(f + nsb + nmin), qmem + nq, f + 2 * nsb + nmin,
+               f + 2 * nsb + nmin + rsb, (int32_t *)(f + 2 * nsb + nmin + rsb + rmin)};
+    float *out = f + 2 * nsb + nmin + 2 * rsb + rmin;
     const int groups = (j->M + L - 1) / L;
     for (int tile = t0; tile < t1; tile++) {
-        const int r0 = tile * GEMM_R, nr = j->rows - r0 < GEMM_R ? j->rows - r0 : GEMM_R;
-        for (int r = 0; r < GEMM_R; r++) {
-            if (r < nr) {
-                j->gk->decode(j->t, j->w + (size_t)(r0 + r) * j->row_bytes, K, r, &w);
-            } else { /* past the last row: a zero row (its outputs are dropped) */
-                memset(w.q + (size_t)r * K, 0, (size_t)K);
-                for (int b = 0; b < K / s.sb; b++) w.scale[(size_t)r * (K / s.sb) + b] = 0.0f, w.corr[(size_t)r * (K / s.sb) + b] = 0;
-                for (int b = 0; b < K / 32; b++) w.minv[(size_t)r * (K / 32) + b] = 0.0f;
-            }
+        const int r0 = tile * R, nr = j->rows - r0 < R ? j->rows - r0 : R;
+        if (nr < R) { /* rows past the last one: zeros whatever the layout (their outputs are dropped) */
+            memset(w.q, 0, nq);
+            memset(w.scale, 0, nsb * 4);
+            memset(w.minv, 0, nmin * 4);
+            memset(w.corr, 0, nsb * 4);
         }
+        for (int r = 0; r < nr; r++) j->gk->decode(j->t, j->w + (size_t)(r0 + r) * j->row_bytes, K, r, &w);
         for (int g = 0; g < groups; g++) {
             const agroup a = {j->act->qs + (size_t)g * K * L, j->act->d + (size_t)g * (K / s.ab) * L,
                               j->act->xs + (size_t)g * (K / 32) * L};
@@ -113,7 +117,8 @@ static void tile_task(void *ctx, int chunk, int n_chunks) {
                 for (int l = 0; l < nm; l++) j->Y[(size_t)(m0 + l) * j->rows + r0 + r] = out[r * L + l];
         }
     }
-    free(mem);
+    free(fmem);
+    free(qmem);
 }
 
 int run_gemm(const gemm_kernel *gk, const gtype_info *t, const uint8_t *w, int rows, int K, const float *X, int M,
@@ -128,7 +133,7 @@ int run_gemm(const gemm_kernel *gk, const gtype_info *t, const uint8_t *w, int r
         pool_run(act_task, &act, pool_chunks(groups * L, 8));
         if (act.ok) {
             tile_job j = {gk, t, w, (size_t)(K / t->block_values) * t->block_bytes, rows, K, M, &act, Y, 1};
-            const int tiles = (rows + GEMM_R - 1) / GEMM_R;
+            const int tiles = (rows + gk->rows - 1) / gk->rows;
             pool_run(tile_task, &j, pool_chunks(tiles, 4));
             rc = j.ok ? 0 : -1;
         }
@@ -141,15 +146,19 @@ int run_gemm(const gemm_kernel *gk, const gtype_info *t, const uint8_t *w, int r
 
 /* ---- portable micro-kernel ------------------------------------------------------------------ */
 
+#define SCALAR_ROWS 4
 #define SCALAR_LANES 4
 
+/* Row-major tile (also the AVX-512 kernel's layout). */
 static void decode_scalar(const gtype_info *t, const uint8_t *row, int K, int r, wtile *w) {
-    gemm_decode_body(t, row, K, r, w);
+    const int nsb = K / (t->gtype == GT_Q6_K ? 16 : 32);
+    gemm_decode_row(t, row, K, w->q + (size_t)r * K, w->scale + (size_t)r * nsb, w->minv + (size_t)r * (K / 32),
+                    w->corr + (size_t)r * nsb);
 }
 
 static void tile_scalar(const wtile *w, const agroup *a, gemm_shape s, float *out) {
     const int K = w->K, L = SCALAR_LANES, nsb = K / s.sb, per_ab = s.ab / s.sb;
-    for (int r = 0; r < GEMM_R; r++)
+    for (int r = 0; r < SCALAR_ROWS; r++)
         for (int l = 0; l < L; l++) {
             float acc = 0.0f, part = 0.0f;
             for (int j = 0; j < nsb; j++) {
@@ -174,4 +183,4 @@ static void tile_scalar(const wtile *w, const agroup *a, gemm_shape s, float *ou
         }
 }
 
-const gemm_kernel gemm_scalar = {"scalar", SCALAR_LANES, decode_scalar, tile_scalar};
+const gemm_kernel gemm_scalar = {"scalar", SCALAR_ROWS, SCALAR_LANES, decode_scalar, tile_scalar};

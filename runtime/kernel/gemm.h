@@ -5,13 +5,15 @@
  *     scale), stored +128 as uint8 and interleaved by lane groups of `lanes` rows: for every 4
  *     consecutive values k..k+3 one 4-byte slot per activation row, so one vector load holds the
  *     same 4 values of `lanes` rows;
- *   - weights (per thread, GEMM_R rows at a time, kept in L1): every block type decoded to signed
- *     int8 codes in value order + one float scale per sub-block (+ one float min per 32 values for
- *     Q4_1 / Q4_K) + the integer correction -128 * sum(codes) of each sub-block that undoes the +128
- *     of the activations.
- * The micro-kernel then runs `vpdpbusd`-style u8 x s8 dot products: the 4 codes of one weight row,
- * broadcast, times the 4-value slots of `lanes` activation rows, so each code loaded serves `lanes`
- * activations and each activation vector serves GEMM_R rows. The integer sums are exactly the
+ *   - weights (per thread, `rows` of them at a time, kept in L1): every block type decoded to signed
+ *     int8 codes + one float scale per sub-block (+ one float min per 32 values for Q4_1 / Q4_K)
+ *     + the integer correction -128 * sum(codes) of each sub-block that undoes the +128 of the
+ *     activations (kernels that multiply signed activations leave it unused). The tile's layout is
+ *     the kernel's own, written by its `decode` and read by its `tile`: row-major (scalar, AVX-512:
+ *     codes in value order per row, factors [row][sub-block]) or interleaved (NEON: see gemm_neon.c).
+ * The micro-kernel then runs `vpdpbusd` / `sdot` style 4-value int8 dot products: a 4-code group of
+ * weight rows times the 4-value slots of `lanes` activation rows, so each code loaded serves several
+ * activations and each activation vector serves several rows. The integer sums are exactly the
  * matvec's; only the float summation order differs.
  *
  *   weight value = scale_j * q + min_j        (min only for Q4_1 / Q4_K)
@@ -22,14 +24,16 @@
 
 #include "kernel.h"
 
-#define GEMM_R 4 /* weight rows per tile */
-
 typedef struct {
-    int K;
-    int8_t *q;      /* [GEMM_R][K] codes, value order */
-    float *scale;   /* [GEMM_R][K / sb] */
-    float *minv;    /* [GEMM_R][K / 32] (types with a min; else unused) */
-    int32_t *corr;  /* [GEMM_R][K / sb]: -128 * sum of the sub-block's codes */
+    int K, rows;    /* rows: the kernel's rows per tile */
+    int8_t *q;      /* [rows * K] codes */
+    float *scale;   /* [rows * K / sb] */
+    float *minv;    /* [rows * K / 32] (types with a min; else unused) */
+    int32_t *corr;  /* [rows * K / sb]: -128 * sum of a sub-block's codes (u8-activation kernels) */
+    /* one row decoded in value order, for kernels that interleave rows: */
+    int8_t *row_q;
+    float *row_scale, *row_minv;
+    int32_t *row_corr;
 } wtile;
 
 /* One group of `lanes` activation rows (rows past M are zeros). */
@@ -45,23 +49,23 @@ typedef struct {
 
 struct gemm_kernel {
     const char *name;
+    int rows;  /* weight rows per tile */
     int lanes; /* activation rows per group */
     /* Decode weight row `row` (raw bytes of type t, length K) into tile row r of w. */
     void (*decode)(const gtype_info *t, const uint8_t *row, int K, int r, wtile *w);
-    /* out[r * lanes + l] = dot of tile row r with group row l, for r < GEMM_R, l < lanes. */
+    /* out[r * lanes + l] = dot of tile row r with group row l, for r < rows, l < lanes. */
     void (*tile)(const wtile *w, const agroup *a, gemm_shape s, float *out);
 };
 
 gemm_shape gemm_shape_of(const gtype_info *t);
 
-/* The decoding of one weight row, written once (static inline) so that each path compiles it with
- * its own target flags; scalar reference semantics as in dot_scalar.c. */
-static inline __attribute__((always_inline)) void gemm_decode_body(const gtype_info *t, const uint8_t *row, int K,
-                                                                   int r, wtile *w) {
+/* The decoding of one weight row into codes q[K] in value order, scale[K/sb], minv[K/32] and
+ * corr[K/sb]; written once (static inline) so that each path compiles it with its own target
+ * flags. Semantics as in dot_scalar.c. */
+static inline __attribute__((always_inline)) void gemm_decode_row(const gtype_info *t, const uint8_t *row, int K,
+                                                                  int8_t *q, float *scale, float *minv,
+                                                                  int32_t *corr) {
     const int sb = t->gtype == GT_Q6_K ? 16 : 32, nsb = K / sb;
-    int8_t *q = w->q + (size_t)r * K;
-    float *scale = w->scale + (size_t)r * nsb, *minv = w->minv + (size_t)r * (K / 32);
-    int32_t *corr = w->corr + (size_t)r * nsb;
     switch (t->gtype) {
     case GT_Q4_0:
         for (int b = 0; b < K / 32; b++) {

@@ -11,8 +11,9 @@
 #define TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define INLINE static inline __attribute__((always_inline)) TARGET
 #define LANES 32
+#define GEMM_R 4 /* weight rows per tile (row-major, as the scalar kernel) */
 
-/* ---- weight decoding (the same codes and factors as gemm_decode_body, 32 or 64 at a time) ---- */
+/* ---- weight decoding (the same codes and factors as gemm_decode_row, 32 or 64 at a time) ---- */
 
 /* 32 nibbles of 16 bytes in value order (low nibbles, then high), as unsigned 0..15. */
 INLINE __m256i nibbles32(const uint8_t *qs) {
@@ -123,7 +124,7 @@ TARGET static void decode_avx512(const gtype_info *t, const uint8_t *row, int K,
         break;
     }
     default:
-        gemm_decode_body(t, row, K, r, w);
+        gemm_decode_row(t, row, K, q, scale, minv, w->corr + (size_t)r * nsb);
         return;
     }
     code_sums(q, K, sb, w->corr + (size_t)r * nsb);
@@ -234,6 +235,6 @@ TARGET static void tile_avx512(const wtile *w, const agroup *a, gemm_shape s, fl
     }
 }
 
-const gemm_kernel gemm_avx512 = {"avx512", LANES, decode_avx512, tile_avx512};
+const gemm_kernel gemm_avx512 = {"avx512", GEMM_R, LANES, decode_avx512, tile_avx512};
 
 #endif

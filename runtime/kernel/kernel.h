@@ -6,7 +6,8 @@
  *
  * Files: module.c (Python binding, argument checks), dispatch.c (CPU features, path choice),
  * types.c (type table, fp16, empty/corrupt block tests, Q4_0 repacking), q8_activations.c,
- * matmul.c (drivers), gemm.h + gemm.c + gemm_avx512.c (the register-tiled batched path for prefill),
+ * matmul.c (drivers), gemm.h + gemm.c + gemm_avx512.c + gemm_neon.c (the register-tiled batched path
+ * for prefill), decode.c (one decode step through every layer),
  * attention.c (decode attention over the KV cache), threadpool.c,
  * dot_scalar.c (the reference), dot_avx2.c, dot_avx512.c,
  * dot_neon.c + dot_neon_body.h (plain NEON, dotprod, i8mm), selftest.c + cross_test_arm64.sh
@@ -101,6 +102,7 @@ extern const gemm_kernel gemm_avx512;
 extern const kernel_path path_neon;
 extern const kernel_path path_neon_dotprod;
 extern const kernel_path path_neon_i8mm;
+extern const gemm_kernel gemm_neon_dotprod;
 #endif
 
 /* dispatch.c: CPU features and the table of usable paths. */
