@@ -216,6 +216,7 @@ const kernel_path path_avx2 = {
     .name = "avx2",
     .dot = {dot_q4_0, dot_q4_1, dot_q8_0, dot_q4_k, dot_q6_k, dot_q4_0_packed},
     .fallback = "scalar",
+    .gemm = &gemm_avx2,
 };
 
 #endif

@@ -121,6 +121,8 @@ static void tile_task(void *ctx, int chunk, int n_chunks) {
     free(qmem);
 }
 
+int gemm_supports(const gemm_kernel *gk, const gtype_info *t) { return !gk->supports || gk->supports(t); }
+
 int run_gemm(const gemm_kernel *gk, const gtype_info *t, const uint8_t *w, int rows, int K, const float *X, int M,
              float *Y) {
     const int L = gk->lanes, groups = (M + L - 1) / L, ab = t->act_block;
@@ -183,4 +185,4 @@ static void tile_scalar(const wtile *w, const agroup *a, gemm_shape s, float *ou
         }
 }
 
-const gemm_kernel gemm_scalar = {"scalar", SCALAR_ROWS, SCALAR_LANES, decode_scalar, tile_scalar};
+const gemm_kernel gemm_scalar = {"scalar", SCALAR_ROWS, SCALAR_LANES, decode_scalar, tile_scalar, NULL};

@@ -55,6 +55,8 @@ struct gemm_kernel {
     void (*decode)(const gtype_info *t, const uint8_t *row, int K, int r, wtile *w);
     /* out[r * lanes + l] = dot of tile row r with group row l, for r < rows, l < lanes. */
     void (*tile)(const wtile *w, const agroup *a, gemm_shape s, float *out);
+    /* NULL: every type; else 0 for types that keep the row-by-row batched path */
+    int (*supports)(const gtype_info *t);
 };
 
 gemm_shape gemm_shape_of(const gtype_info *t);

@@ -235,6 +235,6 @@ TARGET static void tile_avx512(const wtile *w, const agroup *a, gemm_shape s, fl
     }
 }
 
-const gemm_kernel gemm_avx512 = {"avx512", GEMM_R, LANES, decode_avx512, tile_avx512};
+const gemm_kernel gemm_avx512 = {"avx512", GEMM_R, LANES, decode_avx512, tile_avx512, NULL};
 
 #endif

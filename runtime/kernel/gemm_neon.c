@@ -133,6 +133,6 @@ TARGET static void tile_neon(const wtile *w, const agroup *a, gemm_shape s, floa
     }
 }
 
-const gemm_kernel gemm_neon_dotprod = {"neon_dotprod", ROWS, LANES, decode_neon, tile_neon};
+const gemm_kernel gemm_neon_dotprod = {"neon_dotprod", ROWS, LANES, decode_neon, tile_neon, NULL};
 
 #endif

@@ -6,7 +6,7 @@
  *
  * Files: module.c (Python binding, argument checks), dispatch.c (CPU features, path choice),
  * types.c (type table, fp16, empty/corrupt block tests, Q4_0 repacking), q8_activations.c,
- * matmul.c (drivers), gemm.h + gemm.c + gemm_avx512.c + gemm_neon.c (the register-tiled batched path
+ * matmul.c (drivers), gemm.h + gemm.c + gemm_avx2.c + gemm_avx512.c + gemm_neon.c (the register-tiled batched path
  * for prefill), decode.c (one decode step through every layer),
  * attention.c (decode attention over the KV cache), threadpool.c,
  * dot_scalar.c (the reference), dot_avx2.c, dot_avx512.c,
@@ -96,6 +96,7 @@ extern const gemm_kernel gemm_scalar;
 extern const kernel_path path_avx2;
 extern const kernel_path path_avx512;
 extern const gemm_kernel gemm_avx512;
+extern const gemm_kernel gemm_avx2;
 #endif
 #if defined(__aarch64__)
 #define POCKETLM_ARM64 1
@@ -181,7 +182,8 @@ int run_matvec(const dot_fn *table, const gtype_info *t, const uint8_t *w, int r
 #define GEMM_MIN_M 16
 int run_matmul(const dot_fn *table, const dot2x2_fn *table2, const gemm_kernel *gemm, const gtype_info *t,
                const uint8_t *w, int rows, int K, const float *X, int M, float *Y);
-/* gemm.c: the tiled batched path. Returns 0 or -1 on OOM. */
+/* gemm.c: the tiled batched path. Returns 0 or -1 on OOM. gemm_supports: whether gk runs type t. */
+int gemm_supports(const gemm_kernel *gk, const gtype_info *t);
 int run_gemm(const gemm_kernel *gk, const gtype_info *t, const uint8_t *w, int rows, int K, const float *X, int M,
              float *Y);
 

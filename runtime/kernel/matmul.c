@@ -102,7 +102,7 @@ int run_matvec(const dot_fn *table, const gtype_info *t, const uint8_t *w, int r
 
 int run_matmul(const dot_fn *table, const dot2x2_fn *table2, const gemm_kernel *gemm, const gtype_info *t,
                const uint8_t *w, int rows, int K, const float *X, int M, float *Y) {
-    if (gemm && M >= GEMM_MIN_M) return run_gemm(gemm, t, w, rows, K, X, M, Y);
+    if (gemm && M >= GEMM_MIN_M && gemm_supports(gemm, t)) return run_gemm(gemm, t, w, rows, K, X, M, Y);
     const size_t per = act_bytes(K);
     uint8_t *mem = alloc_aligned(per * (size_t)M);
     q8_act *acts = malloc(sizeof(q8_act) * (size_t)(M ? M : 1));
