@@ -10,10 +10,10 @@ One forward step (h [T, D]; T = 1 while decoding, a chunk of the prompt while pr
     per layer:  h += o_proj(attention(rope(qkv(rms_norm(h)))))     4 kernel calls per layer:
                 h += down(silu(gate) * up)                          qkv, o, gate_up, down (fused)
     logits = output(rms_norm(h))
-Decoding (T = 1) with quantized linears and an f16/f32 KV cache runs every layer in one kernel call
-(`_kernel.decode_step`, runtime/kernel/decode.c: norms, RoPE, cache write, attention with fp16 keys
-and values converted in registers, SwiGLU, residuals), so no Python runs between the matvecs;
-`_layers_numpy` is the same loop in numpy + kernel calls, used for the int8 cache and dense weights.
+Decoding (T = 1) with quantized linears runs every layer in one kernel call (`_kernel.decode_step`,
+runtime/kernel/decode.c: norms, RoPE, cache write, attention over the fp16/fp32/int8 cache converted
+in registers, SwiGLU, residuals), so no Python runs between the matvecs; `_layers_numpy` is the same
+loop in numpy + kernel calls, used for dense weights and as the tests' reference.
 Prefill runs the batched kernel for the matmuls and numpy for the rest.
 
 Policies (documented here, tested in tests/test_runtime.py):
@@ -417,11 +417,11 @@ class Model:
 
     def _decode_plan(self) -> Any:
         """The kernel's decode-step plan (weights, norms, KV cache), or None where the layers need
-        numpy: dense (F16/F32) linears or the int8 cache. Rebuilt if the cache arrays change."""
+        numpy: dense (F16/F32/BF16) linears. Rebuilt if the cache arrays change."""
         if self._plan is not None and self._plan[0] is self.cache.k:
             return self._plan[1]
         linears = [lin for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down)]
-        if self.cache.kind == "int8" or any(lin.dense is not None for lin in linears):
+        if any(lin.dense is not None for lin in linears):
             return None
         cfg = self.cfg
         layers = [(L.attn_norm, L.ffn_norm, *((lin.raw, lin.gtype, lin.index) for lin in (L.qkv, L.o, L.gate_up,
@@ -429,12 +429,13 @@ class Model:
                   for L in self.layers]
         dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.intermediate_size, self.n_ctx, cfg.sliding_window or 0, cfg.rms_norm_eps)
-        self._plan = (self.cache.k, _kernel.decode_plan(layers, dims, self.cache.k, self.cache.v))
+        scales = (self.cache.k_scale, self.cache.v_scale) if self.cache.kind == "int8" else ()
+        self._plan = (self.cache.k, _kernel.decode_plan(layers, dims, self.cache.k, self.cache.v, *scales))
         return self._plan[1]
 
     def _layers_numpy(self, pos: int, cos: np.ndarray, sin: np.ndarray) -> float:
-        """The layers of one decode step in numpy + kernel calls (int8 cache, dense weights; also the
-        reference for the kernel's decode_step). Returns the updated kernel-seconds counter."""
+        """The layers of one decode step in numpy + kernel calls (dense weights; also the reference
+        for the kernel's decode_step). Returns the updated kernel-seconds counter."""
         cfg, b, cache = self.cfg, self._buf, self.cache
         n_h, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         eps = cfg.rms_norm_eps

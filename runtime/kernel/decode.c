@@ -1,7 +1,7 @@
 /* One decode step (one token) through every layer in C: the model loop of runtime/model.py's
- * `_decode_one_numpy` for the common case (quantized linears, fp16/fp32 KV cache), so that the
+ * `_layers_numpy` for quantized linears, so that the
  * ~12 small numpy operations per layer neither cost Python time nor leave the memory bus idle
- * between the matvecs, and the thread pool never falls asleep in a step.
+ * between the matvecs, and the thread pool never falls asleep in a step. KV cache fp16, fp32 or int8.
  *
  * Per layer (h [D] is the residual stream, updated in place):
  *   x = rms_norm(h) * attn_norm;  qkv = W_qkv x;  rope(q), rope(k) (NEOX halves);  cache[pos] = k, v
@@ -54,17 +54,33 @@ static void rope(float *x, int n_heads, int hd, const float *cos, const float *s
         }
 }
 
+/* int8 row as KVCache._quantize_into: fp16 scale amax/127, codes rint(x / scale) clipped to 127. */
+static void quantize_row_i8(const float *x, int n, int8_t *q, uint16_t *scale) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    *scale = fp32_to_fp16(amax / 127.0f);
+    const float s = fp16_to_fp32(*scale), inv = s > 0.0f ? 1.0f / s : 0.0f;
+    for (int i = 0; i < n; i++) {
+        const float v = nearbyintf(x[i] * inv); /* round half to even, as numpy's rint */
+        q[i] = (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : v);
+    }
+}
+
 static void store_kv(const decode_plan *p, int layer, int pos, const float *k, const float *v) {
     const size_t per_head = (size_t)p->n_ctx * p->hd, per_layer = (size_t)p->KV * per_head;
     for (int g = 0; g < p->KV; g++) {
         const size_t at = (size_t)layer * per_layer + g * per_head + (size_t)pos * p->hd;
         const float *ks = k + (size_t)g * p->hd, *vs = v + (size_t)g * p->hd;
-        if (p->f16) {
+        if (p->kv_kind == KV_F16) {
             uint16_t *kd = (uint16_t *)p->k_cache + at, *vd = (uint16_t *)p->v_cache + at;
             for (int i = 0; i < p->hd; i++) {
                 kd[i] = fp32_to_fp16(ks[i]);
                 vd[i] = fp32_to_fp16(vs[i]);
             }
+        } else if (p->kv_kind == KV_I8) {
+            const size_t srow = ((size_t)layer * p->KV + g) * p->n_ctx + pos;
+            quantize_row_i8(ks, p->hd, (int8_t *)p->k_cache + at, p->k_scale + srow);
+            quantize_row_i8(vs, p->hd, (int8_t *)p->v_cache + at, p->v_scale + srow);
         } else {
             memcpy((float *)p->k_cache + at, ks, sizeof(float) * p->hd);
             memcpy((float *)p->v_cache + at, vs, sizeof(float) * p->hd);
@@ -82,7 +98,8 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
     float *x = p->scratch, *qkv = x + D, *attn = qkv + (size_t)(H + 2 * KV) * hd;
     float *proj = attn + (size_t)H * hd, *gu = proj + D, *act = gu + 2 * (size_t)F;
     const int lo = p->window > 0 && pos + 1 > p->window ? pos + 1 - p->window : 0;
-    const size_t layer_cache = (size_t)KV * p->n_ctx * hd * (p->f16 ? 2 : 4);
+    static const size_t ELEM[3] = {4, 2, 1};
+    const size_t layer_cache = (size_t)KV * p->n_ctx * hd * ELEM[p->kv_kind], layer_scales = (size_t)KV * p->n_ctx;
     for (int i = 0; i < p->n_layers; i++) {
         const dec_layer *L = &p->layers[i];
         rms_norm(h, L->attn_norm, D, p->eps, x);
@@ -91,9 +108,11 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
         rope(q, H, hd, cos, sin);
         rope(k, KV, hd, cos, sin);
         store_kv(p, i, pos, k, v);
+        const int i8 = p->kv_kind == KV_I8;
         const attention_args a = {q, (const char *)p->k_cache + i * layer_cache,
-                                  (const char *)p->v_cache + i * layer_cache, attn, H, KV, hd, p->n_ctx, lo,
-                                  pos + 1, p->f16};
+                                  (const char *)p->v_cache + i * layer_cache,
+                                  i8 ? p->k_scale + i * layer_scales : NULL, i8 ? p->v_scale + i * layer_scales : NULL,
+                                  attn, H, KV, hd, p->n_ctx, lo, pos + 1, p->kv_kind};
         if (run_attention(&a, simd)) return -1;
         if (matvec(table, &L->o, attn, proj)) return -1;
         for (int j = 0; j < D; j++) h[j] += proj[j];

@@ -188,21 +188,24 @@ int run_gemm(const gemm_kernel *gk, const gtype_info *t, const uint8_t *w, int r
              float *Y);
 
 /* attention.c: single-token decode attention over one layer's KV cache.
- * q [H, hd] float32; k, v [KV, n_ctx, hd] fp16 (f16 = 1) or float32 (f16 = 0), the KVCache layout;
- * attends positions [lo, hi) (0 <= lo < hi <= n_ctx); H % KV == 0 (query head h reads kv head
- * h / (H / KV)); scale 1/sqrt(hd); out [H, hd] float32 (must not overlap k, v). simd = 0 selects
- * the portable C (the scalar path), otherwise F16C/AVX2 on x86 or NEON on ARM64.
+ * q [H, hd] float32; k, v [KV, n_ctx, hd] in the KVCache layout, of element kind KV_F32, KV_F16 or
+ * KV_I8 (int8 codes with one fp16 scale per head and position: k_scale, v_scale [KV, n_ctx];
+ * NULL otherwise); attends positions [lo, hi) (0 <= lo < hi <= n_ctx); H % KV == 0 (query head h
+ * reads kv head h / (H / KV)); scale 1/sqrt(hd); out [H, hd] float32 (must not overlap k, v).
+ * simd = 0 selects the portable C (the scalar path), otherwise F16C/AVX2 on x86 or NEON on ARM64.
  * Returns 0, or -1 when the scratch scores [H, hi - lo] cannot be allocated. */
+enum { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 };
 typedef struct {
     const float *q;
     const void *k, *v;
+    const uint16_t *k_scale, *v_scale;
     float *out;
-    int H, KV, hd, n_ctx, lo, hi, f16;
+    int H, KV, hd, n_ctx, lo, hi, kind;
 } attention_args;
 int run_attention(const attention_args *a, int simd);
 
-/* decode.c: one token through every layer (see decode.c); quantized linears and an fp16 / fp32 KV
- * cache [n_layers, KV, n_ctx, hd]. All sizes are checked by the binding when the plan is built. */
+/* decode.c: one token through every layer (see decode.c); quantized linears and an fp16 / fp32 /
+ * int8 KV cache [n_layers, KV, n_ctx, hd]. All sizes are checked by the binding when the plan is built. */
 typedef struct {
     const uint8_t *w;
     const gtype_info *t;
@@ -215,10 +218,11 @@ typedef struct {
     dec_linear qkv, o, gate_up, down;  /* [(H+2KV)hd, D], [D, H hd], [2F, D], [D, F] */
 } dec_layer;
 typedef struct {
-    int n_layers, D, H, KV, hd, F, n_ctx, window, f16; /* window 0: none */
+    int n_layers, D, H, KV, hd, F, n_ctx, window, kv_kind; /* window 0: none; KV_* */
     float eps;
     const dec_layer *layers;
     void *k_cache, *v_cache;
+    uint16_t *k_scale, *v_scale; /* KV_I8: fp16 [n_layers, KV, n_ctx] */
     float *scratch; /* decode_scratch_floats(plan) floats */
 } decode_plan;
 size_t decode_scratch_floats(const decode_plan *p);

@@ -257,29 +257,33 @@ fail_w:
     return NULL;
 }
 
-/* One layer's K or V cache [KV, n_ctx, hd]: fp16 (numpy float16 'e' or uint16 'H') or float32 'f',
- * C-contiguous, exactly KV*n_ctx*hd elements. Sets *f16 (1 for 2-byte values). */
-static int get_cache(PyObject *o, Py_buffer *v, Py_ssize_t n, int *f16, const char *what) {
+/* A K or V cache of exactly n elements, C-contiguous: fp16 (numpy float16 'e' or uint16 'H'),
+ * float32 'f', or (allow_i8) int8 'b'. Sets *kind to KV_F16 / KV_F32 / KV_I8. */
+static int get_cache(PyObject *o, Py_buffer *v, Py_ssize_t n, int allow_i8, int *kind, const char *what) {
     if (PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous float16/uint16/float32 array (got %s)", what,
-                     Py_TYPE(o)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous float16/uint16/float32%s array (got %s)", what,
+                     allow_i8 ? "/int8" : "", Py_TYPE(o)->tp_name);
         return -1;
     }
-    const char kind = buf_kind(v);
-    if (!((kind == 'e' || kind == 'H') && v->itemsize == 2) && !(kind == 'f' && v->itemsize == 4)) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype float16, uint16 or float32 (buffer format '%s')", what,
-                     v->format ? v->format : "B");
+    const char c = buf_kind(v);
+    if ((c == 'e' || c == 'H') && v->itemsize == 2) {
+        *kind = KV_F16;
+    } else if (c == 'f' && v->itemsize == 4) {
+        *kind = KV_F32;
+    } else if (allow_i8 && c == 'b' && v->itemsize == 1) {
+        *kind = KV_I8;
+    } else {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype float16, uint16, float32%s (buffer format '%s')", what,
+                     allow_i8 ? " or int8" : "", v->format ? v->format : "B");
         PyBuffer_Release(v);
         return -1;
     }
     if (v->len != n * v->itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s has %zd elements, expected kv_heads*n_ctx*head_dim = %zd", what,
-                     v->len / v->itemsize, n);
+        PyErr_Format(PyExc_ValueError, "%s has %zd elements, expected %zd", what, v->len / v->itemsize, n);
         PyBuffer_Release(v);
         return -1;
     }
-    *f16 = v->itemsize == 2;
     return 0;
 }
 
@@ -311,8 +315,8 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     const Py_ssize_t n_cache = (Py_ssize_t)KV * n_ctx * hd; /* each factor < 2^31: fits 64 bits */
     Py_buffer q, k, v, out;
     if (get_f32(qo, &q, (Py_ssize_t)H * hd, 0, "q") != 0) return NULL;
-    if (get_cache(ko, &k, n_cache, &k16, "k") != 0) goto fail_q;
-    if (get_cache(vo, &v, n_cache, &v16, "v") != 0) goto fail_k;
+    if (get_cache(ko, &k, n_cache, 0, &k16, "k") != 0) goto fail_q;
+    if (get_cache(vo, &v, n_cache, 0, &v16, "v") != 0) goto fail_k;
     if (k16 != v16) {
         PyErr_SetString(PyExc_TypeError, "k and v must have the same element size (both fp16 or both float32)");
         goto fail_v;
@@ -323,7 +327,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
         goto fail_out;
     }
     if (check_finite(q.buf, (size_t)H * hd, "q") != 0) goto fail_out;
-    const attention_args a = {q.buf, k.buf, v.buf, out.buf, H, KV, hd, n_ctx, lo, hi, k16};
+    const attention_args a = {q.buf, k.buf, v.buf, NULL, NULL, out.buf, H, KV, hd, n_ctx, lo, hi, k16};
     const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
     Py_BEGIN_ALLOW_THREADS
     rc = run_attention(&a, simd);
@@ -401,15 +405,17 @@ static int plan_linear(plan_holder *p, PyObject *spec, int rows, int K, const ch
     return 0;
 }
 
-/* decode_plan(layers, (D, H, KV, hd, F, n_ctx, window, eps), k_cache, v_cache) -> capsule.
- * layers: sequence of (attn_norm, ffn_norm, qkv, o, gate_up, down), each linear (raw, gtype, index);
- * caches [n_layers, KV, n_ctx, hd] fp16 or float32. */
+/* decode_plan(layers, (D, H, KV, hd, F, n_ctx, window, eps), k_cache, v_cache[, k_scale, v_scale])
+ * -> capsule. layers: sequence of (attn_norm, ffn_norm, qkv, o, gate_up, down), each linear (raw,
+ * gtype, index); caches [n_layers, KV, n_ctx, hd] fp16, float32 or int8 (then with fp16 scales
+ * [n_layers, KV, n_ctx]). */
 static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *lo, *ko, *vo;
+    PyObject *lo, *ko, *vo, *kso = Py_None, *vso = Py_None;
     int D, H, KV, hd, F, n_ctx, window;
     double eps;
-    if (!PyArg_ParseTuple(args, "O(iiiiiiid)OO", &lo, &D, &H, &KV, &hd, &F, &n_ctx, &window, &eps, &ko, &vo))
+    if (!PyArg_ParseTuple(args, "O(iiiiiiid)OO|OO", &lo, &D, &H, &KV, &hd, &F, &n_ctx, &window, &eps, &ko, &vo,
+                          &kso, &vso))
         return NULL;
     if (D < 1 || H < 1 || KV < 1 || hd < 2 || F < 1 || n_ctx < 1 || window < 0 || H > 65536 || hd > 65536 ||
         hd % 2 || H % KV || !(eps > 0)) {
@@ -430,10 +436,11 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
         return NULL;
     }
     p->layers = calloc((size_t)n_layers, sizeof(dec_layer));
-    p->bufs = calloc((size_t)n_layers * 6 + 2, sizeof(Py_buffer));
+    p->bufs = calloc((size_t)n_layers * 6 + 4, sizeof(Py_buffer));
     p->indexes = calloc((size_t)n_layers * 4, sizeof(PyObject *));
     decode_plan *pl = &p->plan;
-    *pl = (decode_plan){(int)n_layers, D, H, KV, hd, F, n_ctx, window, 0, (float)eps, p->layers, NULL, NULL, NULL};
+    *pl = (decode_plan){(int)n_layers, D, H, KV, hd, F, n_ctx, window, 0, (float)eps, p->layers, NULL, NULL,
+                        NULL, NULL, NULL};
     pl->scratch = malloc(sizeof(float) * decode_scratch_floats(pl));
     cap = PyCapsule_New(p, PLAN_CAPSULE, plan_free); /* from here on plan_free cleans up */
     if (!cap) {
@@ -450,16 +457,36 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
         goto fail;
     }
     const Py_ssize_t n_cache = (Py_ssize_t)n_layers * KV * n_ctx * hd;
-    int k16, v16;
-    if (get_cache(ko, &p->bufs[p->n_bufs], n_cache, &k16, "k_cache") != 0) goto fail;
+    int kk, vk;
+    if (get_cache(ko, &p->bufs[p->n_bufs], n_cache, 1, &kk, "k_cache") != 0) goto fail;
     pl->k_cache = p->bufs[p->n_bufs++].buf;
-    if (get_cache(vo, &p->bufs[p->n_bufs], n_cache, &v16, "v_cache") != 0) goto fail;
+    if (get_cache(vo, &p->bufs[p->n_bufs], n_cache, 1, &vk, "v_cache") != 0) goto fail;
     pl->v_cache = p->bufs[p->n_bufs++].buf;
-    if (k16 != v16) {
-        PyErr_SetString(PyExc_TypeError, "k_cache and v_cache must have the same element size");
+    if (kk != vk) {
+        PyErr_SetString(PyExc_TypeError, "k_cache and v_cache must have the same dtype");
         goto fail;
     }
-    pl->f16 = k16;
+    pl->kv_kind = kk;
+    if ((kk == KV_I8) != (kso != Py_None) || (kso == Py_None) != (vso == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "k_scale and v_scale go with (and only with) an int8 cache");
+        goto fail;
+    }
+    if (kk == KV_I8) {
+        const Py_ssize_t n_scales = (Py_ssize_t)n_layers * KV * n_ctx;
+        int sk;
+        if (get_cache(kso, &p->bufs[p->n_bufs], n_scales, 0, &sk, "k_scale") != 0) goto fail;
+        pl->k_scale = p->bufs[p->n_bufs++].buf;
+        if (sk != KV_F16) {
+            PyErr_SetString(PyExc_TypeError, "k_scale must be float16");
+            goto fail;
+        }
+        if (get_cache(vso, &p->bufs[p->n_bufs], n_scales, 0, &sk, "v_scale") != 0) goto fail;
+        pl->v_scale = p->bufs[p->n_bufs++].buf;
+        if (sk != KV_F16) {
+            PyErr_SetString(PyExc_TypeError, "v_scale must be float16");
+            goto fail;
+        }
+    }
     for (Py_ssize_t i = 0; i < n_layers; i++) {
         PyObject *an, *fn, *qkv, *o, *gu, *down;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOOOOO", &an, &fn, &qkv, &o, &gu, &down)) goto fail;

@@ -217,7 +217,7 @@ static double half_to_double(uint16_t h) {
     return ((h >> 15) ? -1.0 : 1.0) * ldexp(m, (int)((h >> 10) & 0x1F) - 15);
 }
 
-/* Decode attention (attention.c), fp16 and float32 caches, portable and SIMD code, 1 and 2
+/* Decode attention (attention.c), float32, fp16 and int8 caches, portable and SIMD code, 1 and 2
  * threads, against float64: GQA 8 query heads over 2 kv heads, window [lo, hi) of a 300-slot cache. */
 static void test_attention(void) {
     const int H = 8, KV = 2, n_ctx = 300, hds[] = {64, 96, 20};
@@ -228,6 +228,9 @@ static void test_attention(void) {
         float *q = malloc(sizeof(float) * H * hd), *out = malloc(sizeof(float) * H * hd);
         float *k32 = malloc(sizeof(float) * n), *v32 = malloc(sizeof(float) * n);
         uint16_t *k16 = malloc(2 * n), *v16 = malloc(2 * n);
+        int8_t *k8 = malloc(n), *v8 = malloc(n);
+        uint16_t *ks = malloc(2 * (size_t)KV * n_ctx), *vs = malloc(2 * (size_t)KV * n_ctx);
+        float *kd = malloc(sizeof(float) * n), *vd = malloc(sizeof(float) * n); /* the kind's values */
         double *ref = malloc(sizeof(double) * H * hd), *p = malloc(sizeof(double) * n_ctx);
         for (int i = 0; i < H * hd; i++) q[i] = rnd_gauss();
         for (size_t i = 0; i < n; i++) { /* random normal fp16 in +-[2^-4, 2^1) */
@@ -235,42 +238,57 @@ static void test_attention(void) {
             v16[i] = (uint16_t)((rnd() & 0x83FF) | (uint16_t)((11 + rnd() % 5) << 10));
             k32[i] = (float)half_to_double(k16[i]);
             v32[i] = (float)half_to_double(v16[i]);
+            k8[i] = (int8_t)(rnd() % 255 - 127);
+            v8[i] = (int8_t)(rnd() % 255 - 127);
         }
-        for (int r = 0; r < 3; r++) {
-            const int lo = ranges[r][0], hi = ranges[r][1];
-            double amax = 0;
-            for (int h = 0; h < H; h++) {
-                const size_t base = (size_t)(h / (H / KV)) * n_ctx * hd;
-                double mx = -INFINITY, sum = 0;
-                for (int t = lo; t < hi; t++) {
-                    double s = 0;
-                    for (int i = 0; i < hd; i++) s += (double)q[h * hd + i] * k32[base + (size_t)t * hd + i];
-                    p[t] = s / sqrt((double)hd);
-                    if (p[t] > mx) mx = p[t];
-                }
-                for (int t = lo; t < hi; t++) sum += (p[t] = exp(p[t] - mx));
-                for (int i = 0; i < hd; i++) {
-                    double o = 0;
-                    for (int t = lo; t < hi; t++) o += p[t] / sum * v32[base + (size_t)t * hd + i];
-                    ref[h * hd + i] = o;
-                    if (fabs(o) > amax) amax = fabs(o);
-                }
+        for (int i = 0; i < KV * n_ctx; i++) { /* positive fp16 scales in [2^-8, 2^-6) */
+            ks[i] = (uint16_t)((rnd() & 0x3FF) | (uint16_t)((7 + rnd() % 2) << 10));
+            vs[i] = (uint16_t)((rnd() & 0x3FF) | (uint16_t)((7 + rnd() % 2) << 10));
+        }
+        for (int kind = KV_F32; kind <= KV_I8; kind++) {
+            for (size_t i = 0; i < n; i++) {
+                const size_t row = i / hd; /* [kv, t] */
+                kd[i] = kind == KV_I8 ? (float)(k8[i] * half_to_double(ks[row])) : k32[i];
+                vd[i] = kind == KV_I8 ? (float)(v8[i] * half_to_double(vs[row])) : v32[i];
             }
-            for (int f16 = 0; f16 < 2; f16++)
+            for (int r = 0; r < 3; r++) {
+                const int lo = ranges[r][0], hi = ranges[r][1];
+                double amax = 0;
+                for (int h = 0; h < H; h++) {
+                    const size_t base = (size_t)(h / (H / KV)) * n_ctx * hd;
+                    double mx = -INFINITY, sum = 0;
+                    for (int t = lo; t < hi; t++) {
+                        double s = 0;
+                        for (int i = 0; i < hd; i++) s += (double)q[h * hd + i] * kd[base + (size_t)t * hd + i];
+                        p[t] = s / sqrt((double)hd);
+                        if (p[t] > mx) mx = p[t];
+                    }
+                    for (int t = lo; t < hi; t++) sum += (p[t] = exp(p[t] - mx));
+                    for (int i = 0; i < hd; i++) {
+                        double o = 0;
+                        for (int t = lo; t < hi; t++) o += p[t] / sum * vd[base + (size_t)t * hd + i];
+                        ref[h * hd + i] = o;
+                        if (fabs(o) > amax) amax = fabs(o);
+                    }
+                }
+                const void *kc = kind == KV_I8 ? (const void *)k8 : kind == KV_F16 ? (const void *)k16 : k32;
+                const void *vc = kind == KV_I8 ? (const void *)v8 : kind == KV_F16 ? (const void *)v16 : v32;
                 for (int simd = 0; simd < 2; simd++)
                     for (int threads = 1; threads <= 2; threads++) {
                         pool_set_threads(threads);
-                        const attention_args a = {q, f16 ? (const void *)k16 : k32, f16 ? (const void *)v16 : v32,
-                                                  out, H, KV, hd, n_ctx, lo, hi, f16};
+                        const attention_args a = {q, kc, vc, kind == KV_I8 ? ks : NULL, kind == KV_I8 ? vs : NULL,
+                                                  out, H, KV, hd, n_ctx, lo, hi, kind};
                         CHECK(run_attention(&a, simd) == 0, "attention: out of memory");
                         double err = 0;
                         for (int i = 0; i < H * hd; i++) err = fmax(err, fabs(out[i] - ref[i]));
-                        CHECK(err <= 1e-5 * amax + 1e-7, "attention hd=%d [%d,%d) f16=%d simd=%d threads=%d: "
-                              "max error %g (output scale %g)", hd, lo, hi, f16, simd, threads, err, amax);
+                        CHECK(err <= 1e-5 * amax + 1e-7, "attention hd=%d [%d,%d) kind=%d simd=%d threads=%d: "
+                              "max error %g (output scale %g)", hd, lo, hi, kind, simd, threads, err, amax);
                     }
+            }
         }
         pool_set_threads(1);
         free(q), free(out), free(k32), free(v32), free(k16), free(v16), free(ref), free(p);
+        free(k8), free(v8), free(ks), free(vs), free(kd), free(vd);
     }
 }
 
