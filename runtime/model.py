@@ -14,7 +14,8 @@ Decoding (T = 1) with quantized linears runs every layer in one kernel call (`_k
 runtime/kernel/decode.c: norms, RoPE, cache write, attention over the fp16/fp32/int8 cache converted
 in registers, SwiGLU, residuals), so no Python runs between the matvecs; `_layers_numpy` is the same
 loop in numpy + kernel calls, used for dense weights and as the tests' reference.
-Prefill runs the batched kernel for the matmuls and numpy for the rest.
+Prefill runs the kernel's batched matmul and its row-wise RMSNorm, RoPE and SwiGLU on the thread pool;
+the prompt's attention and the cache writes stay in numpy.
 
 Policies (documented here, tested in tests/test_runtime.py):
   * LongRoPE: `longrope="context"` (the default, llama.cpp's rule): long factors for every position
@@ -505,19 +506,21 @@ class Model:
         f, eps = cfg.intermediate_size, cfg.rms_norm_eps
         cos_t, sin_t = self._rope[self._use_long(pos + t)]
         cos, sin = cos_t[pos:pos + t], sin_t[pos:pos + t]                  # [T, hd/2]
-        h = self.embed(ids)                                                # [T, D]
+        h = np.ascontiguousarray(self.embed(ids), dtype=np.float32)        # [T, D]
+        x = np.empty_like(h)
+        act = np.empty((t, f), dtype=np.float32)
         for i, L in enumerate(self.layers):
-            qkv = L.qkv.mat(_rms_norm(h, L.attn_norm, eps))                # [T, (H+2KV) hd]
+            _kernel.rms_norm(h, L.attn_norm, eps, x)
+            qkv = L.qkv.mat(x)                                             # [T, (H+2KV) hd]
+            _kernel.rope(qkv, n_h + n_kv, hd, cos, sin)                    # q and k heads, in place
             q = qkv[:, :n_h * hd].reshape(t, n_h, hd).transpose(1, 0, 2)  # [H, T, hd]
             k = qkv[:, n_h * hd:(n_h + n_kv) * hd].reshape(t, n_kv, hd).transpose(1, 0, 2)
             v = qkv[:, (n_h + n_kv) * hd:].reshape(t, n_kv, hd).transpose(1, 0, 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             cache.write(i, pos, k, v)
             a = self._attend_chunk(i, q, pos)                              # [T, H hd]
             h += L.o.mat(a)
-            gu = L.gate_up.mat(_rms_norm(h, L.ffn_norm, eps))              # [T, 2F]
-            act = np.empty((t, f), dtype=np.float32)
-            _swiglu(gu[:, :f], gu[:, f:], act)
+            _kernel.rms_norm(h, L.ffn_norm, eps, x)
+            _kernel.swiglu(L.gate_up.mat(x), act)                          # [T, 2F] -> [T, F]
             h += L.down.mat(act)
         cache.length = pos + t
         self.tokens.extend(int(x) for x in ids)
@@ -592,13 +595,6 @@ def _rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     x[:, :half] = x1 * cos - x2 * sin
     x2 *= cos
     x2 += x1 * sin
-
-
-def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """NEOX rotation of x [heads, T, hd] with cos/sin [T, hd/2] -> new array."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def _release_pages(view: np.ndarray) -> None:

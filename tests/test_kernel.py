@@ -423,3 +423,44 @@ def test_arm64_selftest_under_qemu() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     for cpu in ("max", "cortex-a76", "cortex-a53"):
         assert f"qemu -cpu {cpu}: PASS" in r.stdout, r.stdout
+
+
+def test_row_ops_match_numpy_and_check_shapes() -> None:
+    """Prefill's element-wise steps (rowops.c) against float64 numpy; bad shapes raise."""
+    rng = np.random.default_rng(30)
+    T, D, H, hd, F = 37, 96, 5, 16, 80
+    h = rng.standard_normal((T, D)).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
+    for threads in (1, 2):
+        k.set_threads(threads)
+        out = np.empty_like(h)
+        _kernel.rms_norm(h, w, 1e-5, out)
+        h64 = h.astype(np.float64)
+        want = h64 / np.sqrt((h64 ** 2).mean(axis=1, keepdims=True) + 1e-5) * w
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+        x = rng.standard_normal((T, H * hd + 7)).astype(np.float32)  # 7 trailing columns untouched
+        ang = rng.uniform(0, 6, (T, hd // 2))
+        cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        got = x.copy()
+        _kernel.rope(got, H, hd, cos, sin)
+        x1, x2 = x[:, :H * hd].reshape(T, H, 2, hd // 2).transpose(2, 0, 1, 3).astype(np.float64)
+        c, s = cos[:, None].astype(np.float64), sin[:, None].astype(np.float64)
+        want = np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(T, H * hd)
+        np.testing.assert_allclose(got[:, :H * hd], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got[:, H * hd:], x[:, H * hd:])
+        gu = rng.standard_normal((T, 2 * F)).astype(np.float32) * 4
+        act = np.empty((T, F), np.float32)
+        _kernel.swiglu(gu, act)
+        g, u = gu[:, :F].astype(np.float64), gu[:, F:].astype(np.float64)
+        np.testing.assert_allclose(act, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+    bad = {
+        "h's shape": lambda: _kernel.rms_norm(h, w, 1e-5, np.empty((T, D + 1), np.float32)),
+        "w has": lambda: _kernel.rms_norm(h, w[:-1], 1e-5, np.empty_like(h)),
+        "do not fit": lambda: _kernel.rope(h, 7, 16, cos, sin),
+        "cos has": lambda: _kernel.rope(h, 2, 16, cos[:-1], sin),
+        "out must be": lambda: _kernel.swiglu(gu, np.empty((T, F + 1), np.float32)),
+        "2-D float32": lambda: _kernel.swiglu(gu[0], act),
+    }
+    for message, call in bad.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            call()

@@ -118,7 +118,7 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
         for (int j = 0; j < D; j++) h[j] += proj[j];
         rms_norm(h, L->ffn_norm, D, p->eps, x);
         if (matvec(table, &L->gate_up, x, gu)) return -1;
-        for (int j = 0; j < F; j++) act[j] = gu[j] / (1.0f + expf(-gu[j])) * gu[F + j];
+        for (int j = 0; j < F; j++) act[j] = gu[j] / (1.0f + exp_approx(-gu[j])) * gu[F + j];
         if (matvec(table, &L->down, act, proj)) return -1;
         for (int j = 0; j < D; j++) h[j] += proj[j];
     }

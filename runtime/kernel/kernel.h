@@ -7,7 +7,7 @@
  * Files: module.c (Python binding, argument checks), dispatch.c (CPU features, path choice),
  * types.c (type table, fp16, empty/corrupt block tests, Q4_0 repacking), q8_activations.c,
  * matmul.c (drivers), gemm.h + gemm.c + gemm_avx2.c + gemm_avx512.c + gemm_neon.c (the register-tiled batched path
- * for prefill), decode.c (one decode step through every layer),
+ * for prefill), decode.c (one decode step through every layer), rowops.c (prefill's element-wise steps),
  * attention.c (decode attention over the KV cache), threadpool.c,
  * dot_scalar.c (the reference), dot_avx2.c, dot_avx512.c,
  * dot_neon.c + dot_neon_body.h (plain NEON, dotprod, i8mm), selftest.c + cross_test_arm64.sh
@@ -18,6 +18,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 /* GGML type ids as stored in GGUF. */
@@ -229,6 +230,33 @@ size_t decode_scratch_floats(const decode_plan *p);
 /* h [D] in place; cos, sin [hd/2] of position pos (0 <= pos < n_ctx). 0, or -1 on OOM. */
 int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *h, const float *cos,
                     const float *sin, int pos);
+
+/* exp(x) for float32, relative error below 3e-7 over [-87, 88] (finite inputs are clamped to it):
+ * no library call and no branch (the clamps are arithmetic selects), so loops over it vectorize.
+ * x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial, 2^n built in the exponent. */
+static inline float exp_approx(float x) {
+    x += (float)(x < -87.0f) * (-87.0f - x);
+    x += (float)(x > 88.0f) * (88.0f - x);
+    const float t = x * 1.44269504f;
+    const float n = (float)(int)(t + copysignf(0.5f, t)); /* round half away (roundf would be a call) */
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f; /* ln2 in two parts: r stays exact */
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const union { int32_t i; float f; } two_n = {((int32_t)n + 127) * (1 << 23)};
+    return p * two_n.f;
+}
+
+/* rowops.c: element-wise steps over T rows on the pool. rms_norm: out[t] = h[t] / rms(h[t]) * w
+ * ([T, D]); rope: NEOX rotation in place of the first n_heads * hd values of each row of x (row
+ * stride `stride` floats), cos/sin [T, hd/2]; swiglu: out[t] = silu(gu[t, :F]) * gu[t, F:]. */
+void run_rms_norm_rows(const float *h, const float *w, int T, int D, float eps, float *out);
+void run_rope_rows(float *x, int T, int stride, int n_heads, int hd, const float *cos, const float *sin);
+void run_swiglu_rows(const float *gu, int T, int F, float *out);
 
 /* threadpool.c: run fn(ctx, c, n) for every chunk c in 0..n-1 on the pool (the caller included);
  * returns when all are done. Chunks are taken dynamically, so results must not depend on who runs

@@ -3,6 +3,7 @@
  * No numpy C API: arrays come in through the buffer protocol; outputs are caller-allocated. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -552,6 +553,114 @@ fail_h:
     return NULL;
 }
 
+/* ---- prefill's element-wise steps ---------------------------------------------------------- */
+
+/* A 2-D C-contiguous float32 array: its buffer and shape. */
+static int get_f32_2d(PyObject *o, Py_buffer *v, int writable, const char *what, int *rows, int *cols) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(o, v, flags) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous%s float32 array (got %s)", what,
+                     writable ? " writable" : "", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (buf_kind(v) != 'f' || v->itemsize != 4 || v->ndim != 2 || v->shape[0] < 1 || v->shape[1] < 1 ||
+        v->shape[0] > INT_MAX || v->shape[1] > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s must be a non-empty 2-D float32 array", what);
+        PyBuffer_Release(v);
+        return -1;
+    }
+    *rows = (int)v->shape[0];
+    *cols = (int)v->shape[1];
+    return 0;
+}
+
+/* rms_norm(h [T, D], w [D], eps, out [T, D]) */
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ho, *wo, *oo;
+    double eps;
+    if (!PyArg_ParseTuple(args, "OOdO", &ho, &wo, &eps, &oo)) return NULL;
+    Py_buffer h, w, o;
+    int T, D, T2, D2;
+    if (get_f32_2d(ho, &h, 0, "h", &T, &D) != 0) return NULL;
+    if (get_f32(wo, &w, D, 0, "w") != 0) goto fail_h;
+    if (get_f32_2d(oo, &o, 1, "out", &T2, &D2) != 0) goto fail_w;
+    if (T2 != T || D2 != D || !(eps > 0)) {
+        PyErr_Format(PyExc_ValueError, "out must have h's shape (%d, %d) and eps be > 0", T, D);
+        goto fail_o;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    run_rms_norm_rows(h.buf, w.buf, T, D, (float)eps, o.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&o);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&h);
+    Py_RETURN_NONE;
+fail_o:
+    PyBuffer_Release(&o);
+fail_w:
+    PyBuffer_Release(&w);
+fail_h:
+    PyBuffer_Release(&h);
+    return NULL;
+}
+
+/* rope(x [T, width], n_heads, hd, cos [T, hd/2], sin [T, hd/2]): the first n_heads * hd columns. */
+static PyObject *py_rope(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *xo, *co, *so;
+    int n_heads, hd;
+    if (!PyArg_ParseTuple(args, "OiiOO", &xo, &n_heads, &hd, &co, &so)) return NULL;
+    Py_buffer x, c, s;
+    int T, width;
+    if (get_f32_2d(xo, &x, 1, "x", &T, &width) != 0) return NULL;
+    if (n_heads < 1 || hd < 2 || hd % 2 || (int64_t)n_heads * hd > width) {
+        PyErr_Format(PyExc_ValueError, "%d heads of %d (even) values do not fit rows of %d", n_heads, hd, width);
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    if (get_f32(co, &c, (Py_ssize_t)T * (hd / 2), 0, "cos") != 0) goto fail_x;
+    if (get_f32(so, &s, (Py_ssize_t)T * (hd / 2), 0, "sin") != 0) goto fail_c;
+    Py_BEGIN_ALLOW_THREADS
+    run_rope_rows(x.buf, T, width, n_heads, hd, c.buf, s.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&x);
+    Py_RETURN_NONE;
+fail_c:
+    PyBuffer_Release(&c);
+fail_x:
+    PyBuffer_Release(&x);
+    return NULL;
+}
+
+/* swiglu(gu [T, 2F], out [T, F]) */
+static PyObject *py_swiglu(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *go, *oo;
+    if (!PyArg_ParseTuple(args, "OO", &go, &oo)) return NULL;
+    Py_buffer g, o;
+    int T, F2, T2, F;
+    if (get_f32_2d(go, &g, 0, "gu", &T, &F2) != 0) return NULL;
+    if (get_f32_2d(oo, &o, 1, "out", &T2, &F) != 0) {
+        PyBuffer_Release(&g);
+        return NULL;
+    }
+    if (T2 != T || (int64_t)F * 2 != F2) {
+        PyErr_Format(PyExc_ValueError, "out must be (%d, %d) for gu of shape (%d, %d)", T, F2 / 2, T, F2);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        run_swiglu_rows(g.buf, T, F, o.buf);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&o);
+    PyBuffer_Release(&g);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* Index of the first block with a NaN/inf scale field, or -1. */
 static PyObject *py_check_blocks(PyObject *self, PyObject *args) {
     (void)self;
@@ -724,6 +833,9 @@ static PyMethodDef METHODS[] = {
     {"get_threads", py_get_threads, METH_NOARGS, "the worker thread count"},
     {"decode_plan", py_decode_plan, METH_VARARGS, "decode_plan(layers, dims, k_cache, v_cache): a decode-step plan"},
     {"decode_step", py_decode_step, METH_VARARGS, "decode_step(plan, h, cos, sin, pos): one token through every layer"},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(h, w, eps, out): RMSNorm of each row"},
+    {"rope", py_rope, METH_VARARGS, "rope(x, n_heads, hd, cos, sin): NEOX RoPE in place on each row"},
+    {"swiglu", py_swiglu, METH_VARARGS, "swiglu(gu, out): silu(gate) * up of each row"},
     {"repack", py_repack, METH_VARARGS, "repack(w, 2, rows, K, out): Q4_0 -> packed layout (type 1002)"},
     {"native_kernel", py_native_kernel, METH_VARARGS, "True if the active path has its own kernel for a type"},
     {"type_info", py_type_info, METH_VARARGS, "(block_values, block_bytes) of a GGML type"},
