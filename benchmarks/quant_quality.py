@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         score(f"llama.cpp {ftype}", "llama.cpp", dst, llama_quantize(f16, dst, ftype), ftype.lower())
 
     opts = Options(act_order=not args.no_act_order, percdamp=args.damp, sequential=args.sequential,
-                   float_target=not args.no_float_target, target_damp=args.target_damp,
+                   float_target=not args.no_float_target,
                    embedding_gptq=not args.no_embedding_gptq)
     calib = dict(calib_samples=args.calib_samples, calib_len=args.calib_len, threads=args.threads,
                  options=opts)
@@ -141,7 +141,6 @@ def main() -> None:
     seq.add_argument("--no-sequential", dest="sequential", action="store_const", const=False)
     ap.add_argument("--no-float-target", action="store_true", help="gptq: plain GPTQ objective (ablation)")
     ap.add_argument("--no-embedding-gptq", action="store_true", help="gptq: token_embd by mse (ablation)")
-    ap.add_argument("--target-damp", type=float, default=0.1, help="gptq float target: ridge")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = ap.parse_args()

@@ -16,14 +16,17 @@ For each decoder layer i:
      layer, drop the layer.
 GPTQ's float target (`Options.float_target`, on by default, needs sequential calibration): a
 second stream hf [N, L, D] runs through the float model; each linear's inputs from both streams
-(`float_layer`, paired sequence by sequence) give W*, the weight that best maps the quantized
+(`layer_inputs`, paired sequence by sequence) give W*, the weight that best maps the quantized
 model's inputs to the float model's outputs (gptq.float_target_weight), and GPTQ rounds W*. So
 each layer also compensates the error that the quantized layers before it (and the embedding)
-left in its inputs. On the built-in model (q4_0) this takes the KLD from 0.00238 to 0.00139.
-Peak memory: one layer in float32, its statistics (an [in, in] float64 Hessian per linear for
-GPTQ) and the calibration activations; never the whole model. Measured on a phi-3-mini-shaped
-checkpoint (benchmarks/quant_scale.py): rtn 1.5 GB peak RSS; gptq with 2 threads about 6 GB (two
-GPTQ solves of the 8192-input ffn_down / 16384-row ffn_up at once).
+left in its inputs. On the built-in model (q4_0) this takes the KLD from 0.00238 to 0.00140.
+Peak memory: one layer in float32, the statistics of the linear being quantized (float32
+[in, in] X^T X and, for the float target, D), GPTQ's working set (gptq.py: two more [in, in]
+matrices and a chunk of rows) and the calibration activations (h, hf, one sequence's layer
+inputs); never the whole model. Once ffn_down's statistics are in, the copies of the layer's
+other linears are dropped before its solve (the largest). Measured on a phi-3-mini-shaped
+checkpoint (benchmarks/quant_scale.py): rtn 1.4 GB peak RSS; gptq (4 x 128 calibration tokens)
+2.4 GB, 52 s per decoder layer.
 
 Methods (`METHODS`): a rounding method, optionally after AWQ scaling ("awq+gptq"):
   rtn      llama.cpp's reference rounding (no calibration)
@@ -44,12 +47,14 @@ written. An exception or Ctrl-C leaves no output file (the writer removes its te
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +67,7 @@ from pocketlm.reference import Phi3Reference, rms_norm, uses_long_factors
 from .awq import awq_search, imatrix_rounding, rtn_rounding
 from .calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, Calibration, load_calibration
 from .formats import GGMLType, dequantize, quantize, tensor_bytes
-from .gptq import HessianAccumulator, float_target_weight, gptq_quantize
+from .gptq import TARGET_DAMP, HessianAccumulator, gptq_quantize
 from .recipes import Recipe, get_recipe
 from .search import search_quantize
 
@@ -174,15 +179,31 @@ def run_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.
     return np.stack([ref.layer(i, seq, positions, _NoCache(), long_rope, tap) for seq in h])
 
 
-FloatInputs = dict[str, list[np.ndarray]]  # linear name -> its input [L, in] per calibration sequence
+class _InputsSeen(Exception):
+    """Raised by layer_inputs' tap: the wanted inputs are recorded, the rest of the layer is not needed."""
 
 
-def float_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray
-                ) -> tuple[FloatInputs, np.ndarray]:
-    """Layer i of the float model on h [N, L, D]: (the inputs of its linears, its output [N, L, D])."""
-    inputs: FloatInputs = {}
-    out = run_layer(cfg, i, weights, h, tap=lambda name, x: inputs.setdefault(name, []).append(x))
-    return inputs, out
+def layer_inputs(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
+                 names: set[str]) -> Iterator[dict[str, np.ndarray]]:
+    """For each calibration sequence of h [N, L, D]: name -> input [L, in] of layer i's linears
+    `names`, running the layer only as far as the last of them (attn_qkv's input costs a norm,
+    ffn_down's about 80 % of the layer)."""
+    ref = Phi3Reference(cfg, weights)
+    positions = np.arange(h.shape[1])
+    long_rope = uses_long_factors(cfg, h.shape[1])
+    seen: dict[str, np.ndarray] = {}
+
+    def tap(name: str, x: np.ndarray) -> None:
+        if name in names:
+            seen[name] = x
+            if len(seen) == len(names):
+                raise _InputsSeen
+
+    for seq in h:
+        seen.clear()
+        with contextlib.suppress(_InputsSeen):
+            ref.layer(i, seq, positions, _NoCache(), long_rope, tap)
+        yield dict(seen)
 
 
 # ---------------------------------------------------------------------------- one tensor
@@ -197,14 +218,15 @@ class Options:
     sequential: bool | None = None  # quantize a layer's linears one after the other (_sequential_linears);
     #                                 None: exactly when the float target is used
     float_target: bool = True    # GPTQ: fit the float model's outputs, not the quantized prefix's (module doc)
-    target_damp: float = 0.1     # GPTQ float target: ridge, fraction of mean(diag X^T X)
+    target_damp: float = TARGET_DAMP  # GPTQ float target: ridge, fraction of mean(diag X^T X)
     embedding_gptq: bool = True  # GPTQ: the token embedding too, with `embedding_hessian`
     fallbacks: list[str] = field(default_factory=list)  # what fell back, for the summary
 
 
 def round_tensor(name: str, w: np.ndarray, gtype: GGMLType, rounding: str, stats: LinearStats | None,
-                 opts: Options) -> np.ndarray:
-    """w [out, in] float32 -> the tensor's GGUF bytes (uint8 [out, row_bytes]) in gtype."""
+                 opts: Options, workers: int = 1) -> np.ndarray:
+    """w [out, in] float32 -> the tensor's GGUF bytes (uint8 [out, row_bytes]) in gtype.
+    workers: threads for GPTQ's row chunks."""
     if gtype in PLAIN:
         return quantize(w, gtype, name)
     if rounding in CALIBRATED and (stats is None or stats.dead):
@@ -217,10 +239,10 @@ def round_tensor(name: str, w: np.ndarray, gtype: GGMLType, rounding: str, stats
         return search_quantize(w, gtype, None, name)
     if rounding == "imatrix":
         return search_quantize(w, gtype, stats.importance, name)
-    w = float_target_weight(w, stats.hess, opts.target_damp)  # unchanged without paired statistics
-    try:
-        return gptq_quantize(w, gtype, stats.hess.hessian, stats.importance, act_order=opts.act_order,
-                             percdamp=opts.percdamp, name=name)
+    try:  # X^T X: any multiple of H will do; cross: the float target's statistics (None: plain GPTQ)
+        return gptq_quantize(w, gtype, stats.hess.xtx, stats.importance, act_order=opts.act_order,
+                             percdamp=opts.percdamp, cross=stats.hess.cross, target_damp=opts.target_damp,
+                             workers=workers, name=name)
     except (np.linalg.LinAlgError, FloatingPointError) as e:
         opts.fallbacks.append(f"{name}: GPTQ failed ({e}), used imatrix")
         return search_quantize(w, gtype, stats.importance, name)
@@ -285,7 +307,8 @@ class _Quantizer:
         self.ckpt, self.cfg, self.recipe, self.method = ckpt, ckpt.config, recipe, method
         self.types = recipe.tensor_types(self.cfg)
         self.specs = {s.name: s for s in tensor_specs(self.cfg)}
-        self.pool = ThreadPoolExecutor(max(1, threads))
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(self.threads)
         self.opts = opts
         # The float target only with sequential calibration: in parallel mode attn_output's inputs
         # (say) are computed with the float attn_qkv, so attn_qkv and attn_output would each
@@ -294,10 +317,11 @@ class _Quantizer:
         self.sequential = self.float_target if opts.sequential is None else opts.sequential
 
     def collect(self, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
-                linears: tuple[str, ...] = LAYER_LINEARS, x_float: FloatInputs | None = None
-                ) -> dict[str, LinearStats]:
+                linears: tuple[str, ...] = LAYER_LINEARS, floats: Mapping[str, np.ndarray] | None = None,
+                hf: np.ndarray | None = None) -> dict[str, LinearStats]:
         """Statistics of the inputs of layer i's `linears`, h [N, L, D] from the quantized prefix;
-        x_float: the same inputs in the float model (`float_layer`), paired sequence by sequence."""
+        with the float layer `floats` and the float model's hidden states hf [N, L, D], paired with
+        the same inputs in the float model (GPTQ's float target)."""
         p = f"blk.{i}."
         stride = max(1, h.shape[0] * h.shape[1] // AWQ_SAMPLE_ROWS) if self.method.awq else 0
         stats = {p + f"{lin}.weight": LinearStats(self.specs[p + f"{lin}.weight"].shape[1],
@@ -305,15 +329,12 @@ class _Quantizer:
                                                    stride if lin in AWQ_FOLDS else 0)
                  for lin in linears}
 
-        seen = dict.fromkeys(stats, 0)  # sequences seen per linear
-
-        def tap(name: str, x: np.ndarray) -> None:
-            if name in stats:
-                xf = None if x_float is None else x_float[name][seen[name]]
-                seen[name] += 1
-                stats[name].add(x, xf)
-
-        run_layer(self.cfg, i, weights, h, tap=tap)
+        names = set(stats)
+        quantized = layer_inputs(self.cfg, i, weights, h, names)
+        floats_in = repeat(None) if hf is None else layer_inputs(self.cfg, i, floats, hf, names)
+        for xs, xfs in zip(quantized, floats_in, strict=False):  # one calibration sequence at a time
+            for name, x in xs.items():
+                stats[name].add(x, None if xfs is None else xfs[name])
         return stats
 
     def apply_awq(self, i: int, weights: dict[str, np.ndarray], stats: dict[str, LinearStats]) -> None:
@@ -338,8 +359,11 @@ class _Quantizer:
 
     def quantize_many(self, items: list[tuple[str, np.ndarray, LinearStats | None, str]]
                       ) -> dict[str, np.ndarray]:
-        """name -> GGUF bytes for several tensors at once (thread pool)."""
-        futures = {name: self.pool.submit(round_tensor, name, w, self.types[name], rounding, st, self.opts)
+        """name -> GGUF bytes for several tensors at once (thread pool; threads left over, e.g. all
+        of them for the one tensor of sequential calibration, go to GPTQ's row chunks)."""
+        workers = max(1, self.threads // len(items))
+        futures = {name: self.pool.submit(round_tensor, name, w, self.types[name], rounding, st, self.opts,
+                                          workers)
                    for name, w, st, rounding in items}
         pending = set(futures.values())
         while pending:  # short waits: Ctrl-C may land on a worker thread; the main thread must see it
@@ -391,7 +415,8 @@ def _quantize_embedding(q: _Quantizer, emb: np.ndarray) -> np.ndarray:
         return q.quantize_many([(name, emb, None, _embedding_rounding(q.method))])[name]
     try:
         hess = embedding_hessian(q.ckpt.tensor, q.cfg.hidden_size)
-        return gptq_quantize(emb, gtype, hess, act_order=q.opts.act_order, percdamp=q.opts.percdamp, name=name)
+        return gptq_quantize(emb, gtype, hess, act_order=q.opts.act_order, percdamp=q.opts.percdamp,
+                             workers=q.threads, name=name)
     except (np.linalg.LinAlgError, FloatingPointError) as e:
         q.opts.fallbacks.append(f"{name}: GPTQ failed ({e}), used mse")
         return search_quantize(emb, gtype, None, name)
@@ -499,51 +524,64 @@ def _stream(q: _Quantizer, writer, calibration: Calibration | None, bar: Progres
 def _quantize_layer(q: _Quantizer, writer, i: int, h: np.ndarray | None, hf: np.ndarray | None
                     ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Quantize and write layer i; advance the calibration hidden states h (quantized model) and hf
-    (float model, None without the float target) through it."""
+    (float model, None without the float target, which implies sequential calibration) through it."""
     p = f"blk.{i}."
     names = [n for n in q.specs if n.startswith(p)]
     weights = {n: q.ckpt.tensor(n) for n in names}  # this layer only, float32
-    x_float = None
-    if hf is not None:  # before AWQ folds scales into `weights` (the float model is the same anyway)
-        x_float, hf = float_layer(q.cfg, i, weights, hf)
+    hf_next = None if hf is None else run_layer(q.cfg, i, weights, hf)  # before AWQ touches `weights`
     if h is not None and q.sequential:
-        raws = _sequential_linears(q, i, weights, h, x_float)
+        raws = _sequential_linears(q, i, weights, h, hf)
     else:
         stats: dict[str, LinearStats] = {}
         if h is not None:
-            stats = q.collect(i, weights, h, x_float=x_float)
+            stats = q.collect(i, weights, h)
             if q.method.awq:
                 q.apply_awq(i, weights, stats)
         items = [(p + f"{lin}.weight", weights[p + f"{lin}.weight"], stats.get(p + f"{lin}.weight"),
                   q.method.rounding) for lin in LAYER_LINEARS]
         raws = q.quantize_many(items)
+        del stats, items
     deq: dict[str, np.ndarray] = {}
     for n in names:
-        spec = q.specs[n]
-        raw = raws[n] if n in raws else quantize(weights[n], q.types[n], n)
-        deq[n] = checked_dequantize(n, raw, q.types[n], spec.shape)
+        raw = raws.pop(n) if n in raws else quantize(weights[n], q.types[n], n)
+        deq[n] = checked_dequantize(n, raw, q.types[n], q.specs[n].shape)
         writer.write_tensor(n, raw)
-    del x_float
+        weights.pop(n, None)  # float and dequantized copies of the layer do not pile up
+        del raw
     if h is not None:
         h = run_layer(q.cfg, i, deq, h)
-    return h, hf
+    return h, hf_next
 
 
 def _sequential_linears(q: _Quantizer, i: int, weights: dict[str, np.ndarray], h: np.ndarray,
-                        x_float: FloatInputs | None = None) -> dict[str, np.ndarray]:
+                        hf: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Quantize layer i's linears one after the other, each calibrated on inputs that already went
-    through the quantized ones before it (GPTQ's "true sequential"); `weights` ends up holding the
-    folded norms. Returns name -> GGUF bytes."""
+    through the quantized ones before it (GPTQ's "true sequential"); with hf [N, L, D], the float
+    model's hidden states, each also gets the same inputs in the float layer (the float target).
+    Returns name -> GGUF bytes; `weights` ends up holding only the (possibly AWQ-folded) norms:
+    once the last linear's statistics are collected, no copy of the others is kept (the float
+    and dequantized copies of qkv, attn_output and ffn_up would otherwise sit beside the largest
+    GPTQ solve, ffn_down's)."""
+    floats = dict(weights) if hf is not None else None  # the float layer (AWQ replaces entries of current)
     current = dict(weights)  # float32, replaced by dequantized weights as they are quantized
+    linears = [f"blk.{i}.{lin}.weight" for lin in LAYER_LINEARS]
     raws: dict[str, np.ndarray] = {}
-    for lin in LAYER_LINEARS:
-        name = f"blk.{i}.{lin}.weight"
-        stats = q.collect(i, current, h, (lin,), x_float)
+    for k, (lin, name) in enumerate(zip(LAYER_LINEARS, linears, strict=True)):
+        stats = q.collect(i, current, h, (lin,), floats, hf)
+        last = k == len(linears) - 1
+        if last:
+            floats = None
+            for other in linears:
+                weights.pop(other)
+                if other != name:
+                    current.pop(other)
         if q.method.awq:
             q.apply_awq(i, current, stats)
         raws[name] = q.quantize_many([(name, current[name], stats[name], q.method.rounding)])[name]
-        current[name] = checked_dequantize(name, raws[name], q.types[name], current[name].shape)
-    for name, w in current.items():  # the norms (possibly folded); linears stay float for writing
+        del stats  # the Hessians before the next linear's are collected
+        if not last:
+            current[name] = checked_dequantize(name, raws[name], q.types[name], current[name].shape)
+    for name, w in current.items():  # the norms (possibly folded)
         if name not in raws:
             weights[name] = w
     return raws

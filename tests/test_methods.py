@@ -246,27 +246,42 @@ def test_float_target_is_the_least_squares_fit(layer):
     x64, f64 = x.astype(np.float64), x_f.astype(np.float64)
     np.testing.assert_allclose(acc.xtx, x64.T @ x64, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(acc.cross, (f64 - x64).T @ x64, rtol=1e-4, atol=1e-3)
-    w_star = gptq.float_target_weight(layer["w"], acc, damp=1e-9).astype(np.float64)
+    w_star = gptq.float_target_weight(layer["w"], acc.xtx, acc.cross, damp=1e-9).astype(np.float64)
     residual = x64 @ w_star.T - f64 @ layer["w"].T.astype(np.float64)  # [n, out]
     normal = x64.T @ residual  # zero at the least-squares optimum
     assert np.abs(normal).max() < 1e-4 * np.abs(x64.T @ (f64 @ layer["w"].T)).max()
     same = paired_accumulator(x_f, x_f)
-    np.testing.assert_array_equal(gptq.float_target_weight(layer["w"], same, 0.1), layer["w"])
+    np.testing.assert_array_equal(gptq.float_target_weight(layer["w"], same.xtx, same.cross, 0.1), layer["w"])
     plain = gptq.HessianAccumulator(K_IN)
     plain.add(x)
-    assert gptq.float_target_weight(layer["w"], plain, 0.1) is layer["w"]  # no pairs: unchanged
+    assert plain.cross is None
+    with pytest.raises(PocketLMError, match="all be paired"):
+        plain.add_pair(x[:10], x_f[:10])
 
 
-def test_float_target_accumulator_follows_input_scaling(layer):
-    """AWQ divides the inputs by s: scaling the statistics equals accumulating scaled inputs."""
-    x_f = layer["x"][:256]
-    x = upstream_error(layer, x_f)
-    s = np.random.default_rng(4).uniform(0.5, 2.0, K_IN).astype(np.float32)
-    scaled_after = paired_accumulator(x_f, x)
-    scaled_after.scale_inputs(s)
-    scaled_before = paired_accumulator(x_f / s, x / s)
-    np.testing.assert_allclose(scaled_after.xtx, scaled_before.xtx, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(scaled_after.cross, scaled_before.cross, rtol=1e-3, atol=1e-4)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_float_target_from_its_cholesky_factor(act_order, layer):
+    """gptq_quantize(cross=D) forms W* from an inverse Cholesky factor (in sweep order) by matrix
+    products, in row chunks and threads: equal to the reference W* (one float64 solve); the codes
+    do not depend on the row chunking or the threads."""
+    x_f = layer["x"]
+    acc = paired_accumulator(x_f, upstream_error(layer, x_f))
+    w = layer["w"][:40]
+    xtx = acc.xtx.astype(np.float64)
+    perm = np.argsort(-np.diag(xtx), kind="stable") if act_order else np.arange(K_IN)
+    dead = np.zeros(K_IN, bool)
+    reference = gptq.float_target_weight(w, xtx, acc.cross, damp=0.1)
+    for chunk, workers in ((40, 1), (7, 3)):  # 40 rows < 512 inputs: three products per chunk
+        ours = gptq._float_target(w, xtx, acc.cross, perm, dead, 0.1, np.float64, chunk, workers)
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+    u, _ = gptq.inverse_cholesky(xtx[np.ix_(perm, perm)], 0.1)  # M = U^T U D^T formed once
+    corr_t = gptq._float_target_operator(acc.cross, u, perm, 10 * K_IN, np.float64)(w.astype(np.float64))
+    np.testing.assert_allclose(corr_t[np.argsort(perm)].T, reference - w, rtol=1e-4, atol=1e-6)
+    gtype = F.GGMLType.Q4_0
+    whole = gptq.gptq_quantize(w, gtype, xtx, act_order=act_order, cross=acc.cross)
+    for kw in (dict(row_chunk=7), dict(workers=3)):
+        np.testing.assert_array_equal(gptq.gptq_quantize(w, gtype, xtx, act_order=act_order, cross=acc.cross,
+                                                         **kw), whole)
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K"])
@@ -284,9 +299,28 @@ def test_gptq_with_float_target_fits_the_float_outputs(name, layer):
     def err(raw: np.ndarray) -> float:
         return float(np.linalg.norm(ref - xt @ F.dequantize(raw, gtype, layer["w"].shape).T) / np.linalg.norm(ref))
 
-    plain = err(gptq.gptq_quantize(layer["w"], gtype, acc.hessian))
-    target = err(gptq.gptq_quantize(gptq.float_target_weight(layer["w"], acc, 0.1), gtype, acc.hessian))
+    plain = err(gptq.gptq_quantize(layer["w"], gtype, acc.xtx))
+    target = err(gptq.gptq_quantize(layer["w"], gtype, acc.xtx, cross=acc.cross))
     assert target < 0.75 * plain, (target, plain)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_in_place_cholesky_and_triangular_inverse(dtype):
+    """The blocked in-place factorization GPTQ uses (no second [n, n] array) against LAPACK, on a
+    size that is not a multiple of the block sizes."""
+    n = 700
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2 * n, n))
+    a = x.T @ x / (2 * n) + 0.05 * np.eye(n)
+    m = a.astype(dtype)
+    gptq._cholesky_inplace(m)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    assert m.dtype == dtype and (np.triu(m, 1) == 0).all()
+    np.testing.assert_allclose(m, np.linalg.cholesky(a), rtol=tol, atol=tol)
+    gptq._invert_lower(m)
+    np.testing.assert_allclose(m, np.linalg.inv(np.linalg.cholesky(a)), rtol=20 * tol, atol=20 * tol)
+    with pytest.raises(np.linalg.LinAlgError):
+        gptq._cholesky_inplace(-a.astype(dtype))
 
 
 def test_gptq_indefinite_hessian_is_damped_until_positive():

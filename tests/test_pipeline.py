@@ -186,10 +186,11 @@ def test_dead_inputs_fall_back_and_never_write_nan(tmp_path):
         assert np.isfinite(gguf.quants.dequantize(t.data, t.tensor_type)).all(), t.name
 
 
-def test_threads_do_not_change_the_bytes(ckpt, tmp_path):
-    one = quantize_checkpoint(ckpt, tmp_path / "one.gguf", recipe="q4_0", method="imatrix", threads=1,
+@pytest.mark.parametrize("method", ["imatrix", "gptq"])  # gptq: sequential, threads sweep row chunks
+def test_threads_do_not_change_the_bytes(ckpt, tmp_path, method):
+    one = quantize_checkpoint(ckpt, tmp_path / "one.gguf", recipe="q4_0", method=method, threads=1,
                               **SMALL_CALIB)
-    two = quantize_checkpoint(ckpt, tmp_path / "two.gguf", recipe="q4_0", method="imatrix", threads=2,
+    two = quantize_checkpoint(ckpt, tmp_path / "two.gguf", recipe="q4_0", method=method, threads=2,
                               **SMALL_CALIB)
     assert Path(one.path).read_bytes() == Path(two.path).read_bytes()
 
