@@ -5,7 +5,9 @@ bandwidth a plain numpy sum achieves. For phi-3-mini shapes (qkv 3072->9216, gat
 down 8192->3072), each weight type and each code path the CPU supports, with 1 and 2 threads, this
 prints GB/s of weights read and the fraction of the measured read bandwidth. Matrices are laid out
 consecutively in a buffer much larger than the caches (like the layers of a model) and each timed
-pass walks all of them. Then: block-sparse matvec cost with 0/25/50 % empty blocks.
+pass walks all of them. Then: block-sparse matvec cost with 0/25/50 % empty blocks. Then the
+batched (prefill) product, one thread, 3072 x 3072: GMAC/s with 15 activation rows (below
+GEMM_MIN_M: row by row) and with 128 (the register-tiled path where the code path has one).
 
     python benchmarks/bench_kernel.py [--buffer-mb 1536] [--paths avx2 avx512] [--types Q4_0 Q8_0]
 """
@@ -146,6 +148,36 @@ def bench_sparse(buf: np.ndarray, paths: list[str], threads: list[int], repeats:
                           f"(non-empty share {index[0].density:4.2f})", flush=True)
 
 
+def bench_batched(types: list[str], paths: list[str], repeats: int) -> None:
+    rows = K = 3072
+    print("\nbatched product, 1 thread, 3072 x 3072: GMAC/s row by row (M=15) -> tiled (M=128)")
+    kernel.set_threads(1)
+    rng = np.random.default_rng(2)
+    for name in types:
+        gtype = TYPES[name]
+        bv, bb = kernel.block_shape(gtype)
+        w = np.frombuffer(rng.bytes(rows * K // bv * bb), dtype=np.uint8).copy()
+        fill_blocks(w, gtype if gtype != kernel.Q4_0_PACKED else Q4_0)
+        if gtype == kernel.Q4_0_PACKED:
+            w = kernel.repack(w, Q4_0, rows, K)
+        cells = []
+        for path in paths:
+            kernel.use_path(path)
+            speed = []
+            for M in (15, 128):
+                X = rng.standard_normal((M, K)).astype(np.float32)
+                best = min(_timed_matmul(w, gtype, rows, K, X) for _ in range(repeats))
+                speed.append(rows * K * M / best / 1e9)
+            cells.append(f"{path} {speed[0]:.0f} -> {speed[1]:.0f}")
+        print(f"  {name:<12} " + "   ".join(cells))
+
+
+def _timed_matmul(w: np.ndarray, gtype: int, rows: int, K: int, X: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    kernel.matmul(w, gtype, rows, K, X)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--buffer-mb", type=int, default=1536, help="weights buffer walked per pass (>> caches)")
@@ -154,6 +186,7 @@ def main() -> None:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-sparse", action="store_true")
+    ap.add_argument("--skip-batched", action="store_true")
     args = ap.parse_args()
 
     print(f"cpu features: {' '.join(kernel.cpu_features())}; paths: {' '.join(kernel.available_paths())}")
@@ -163,6 +196,8 @@ def main() -> None:
     bench_dense(buf, args.types, args.paths, args.threads, bw, args.repeats)
     if not args.skip_sparse:
         bench_sparse(buf, args.paths, args.threads, args.repeats)
+    if not args.skip_batched:
+        bench_batched(args.types, args.paths, args.repeats)
 
 
 if __name__ == "__main__":
