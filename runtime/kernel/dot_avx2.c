@@ -142,14 +142,6 @@ INLINE float q4_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
         prefetch_ahead(row + 128, idx, i, n, nb_row, 144);
         uint8_t sc[8], mn[8];
         q4k_scales_mins(blk + 4, sc, mn);
-        /* sum_j m_j * (bsums[2j] + bsums[2j+1]) */
-        const __m128i bs_lo = _mm_loadu_si128((const __m128i *)(a->bsums + b * 16));
-        const __m128i bs_hi = _mm_loadu_si128((const __m128i *)(a->bsums + b * 16 + 8));
-        const __m128i pairs = _mm_hadd_epi16(bs_lo, bs_hi);
-        const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mn));
-        __m128i pm = _mm_madd_epi16(pairs, mins);
-        pm = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0x4E));
-        pm = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0xB1));
         __m256i sumi = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
@@ -161,7 +153,7 @@ INLINE float q4_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
         }
         const float da = a->d[b];
         acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * da), _mm256_cvtepi32_ps(sumi), acc);
-        acc_min += half(blk + 2) * da * (float)_mm_cvtsi128_si32(pm);
+        acc_min += half(blk + 2) * da * (float)q4k_min_sum(a->bsums + b * 16, mn);
     }
     return hsum8(acc) - acc_min;
 }

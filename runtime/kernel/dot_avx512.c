@@ -186,12 +186,6 @@ INLINE float q4_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
         prefetch_ahead(row + 128, idx, i, n, nb_row, 144);
         uint8_t sc[8], mn[8];
         q4k_scales_mins(blk + 4, sc, mn);
-        const __m128i bs_lo = _mm_loadu_si128((const __m128i *)(a->bsums + b * 16));
-        const __m128i bs_hi = _mm_loadu_si128((const __m128i *)(a->bsums + b * 16 + 8));
-        const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mn));
-        __m128i pm = _mm_madd_epi16(_mm_hadd_epi16(bs_lo, bs_hi), mins);
-        pm = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0x4E));
-        pm = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0xB1));
         const __m512i sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
         __m512i sumi = _mm512_setzero_si512();
         for (int c = 0; c < 2; c++) { /* 64 code bytes: sub-blocks 4c .. 4c+3 */
@@ -206,7 +200,7 @@ INLINE float q4_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
         }
         const float da = a->d[b];
         acc = _mm512_fmadd_ps(_mm512_set1_ps(half(blk) * da), _mm512_cvtepi32_ps(sumi), acc);
-        acc_min += half(blk + 2) * da * (float)_mm_cvtsi128_si32(pm);
+        acc_min += half(blk + 2) * da * (float)q4k_min_sum(a->bsums + b * 16, mn);
     }
     return _mm512_reduce_add_ps(acc) - acc_min;
 }

@@ -61,6 +61,22 @@ struct gemm_kernel {
 
 gemm_shape gemm_shape_of(const gtype_info *t);
 
+/* A kernel's `tile`: one instantiation of its tile_32(w, a, has_min, out) / tile_k(w, a, sb, has_min,
+ * out) bodies per shape, so that every loop bound is a constant. */
+#define GEMM_DEFINE_TILE(name, attrs)                                                              \
+    attrs static void name(const wtile *w, const agroup *a, gemm_shape s, float *out) {           \
+        if (s.ab == 32) {                                                                          \
+            if (s.has_min)                                                                         \
+                tile_32(w, a, 1, out);                                                             \
+            else                                                                                   \
+                tile_32(w, a, 0, out);                                                             \
+        } else if (s.sb == 16) {                                                                   \
+            tile_k(w, a, 16, 0, out);                                                              \
+        } else {                                                                                   \
+            tile_k(w, a, 32, 1, out);                                                              \
+        }                                                                                          \
+    }
+
 /* The decoding of one weight row into codes q[K] in value order, scale[K/sb], minv[K/32] and
  * corr[K/sb]; written once (static inline) so that each path compiles it with its own target
  * flags. Semantics as in dot_scalar.c. */

@@ -87,18 +87,7 @@ INLINE void tile_k(const wtile *w, const agroup *a, int sb, int has_min, float *
     for (int r = 0; r < ROWS; r++) _mm256_storeu_ps(out + r * LANES, acc[r]);
 }
 
-TARGET static void tile_avx2(const wtile *w, const agroup *a, gemm_shape s, float *out) {
-    if (s.ab == 32) {
-        if (s.has_min)
-            tile_32(w, a, 1, out);
-        else
-            tile_32(w, a, 0, out);
-    } else if (s.sb == 16) {
-        tile_k(w, a, 16, 0, out);
-    } else {
-        tile_k(w, a, 32, 1, out);
-    }
-}
+GEMM_DEFINE_TILE(tile_avx2, TARGET)
 
 const gemm_kernel gemm_avx2 = {"avx2", ROWS, LANES, decode_avx2, tile_avx2, supports_avx2};
 

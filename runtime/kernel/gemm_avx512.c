@@ -221,19 +221,7 @@ INLINE void tile_k(const wtile *w, const agroup *a, int sb, int has_min, float *
     }
 }
 
-/* One instantiation per shape, so every loop bound is a constant. */
-TARGET static void tile_avx512(const wtile *w, const agroup *a, gemm_shape s, float *out) {
-    if (s.ab == 32) {
-        if (s.has_min)
-            tile_32(w, a, 1, out);
-        else
-            tile_32(w, a, 0, out);
-    } else if (s.sb == 16) {
-        tile_k(w, a, 16, 0, out);
-    } else {
-        tile_k(w, a, 32, 1, out);
-    }
-}
+GEMM_DEFINE_TILE(tile_avx512, TARGET)
 
 const gemm_kernel gemm_avx512 = {"avx512", GEMM_R, LANES, decode_avx512, tile_avx512, NULL};
 

@@ -120,18 +120,7 @@ INLINE void tile_k(const wtile *w, const agroup *a, int sb, int has_min, float *
     store_tile(acc, out);
 }
 
-TARGET static void tile_neon(const wtile *w, const agroup *a, gemm_shape s, float *out) {
-    if (s.ab == 32) {
-        if (s.has_min)
-            tile_32(w, a, 1, out);
-        else
-            tile_32(w, a, 0, out);
-    } else if (s.sb == 16) {
-        tile_k(w, a, 16, 0, out);
-    } else {
-        tile_k(w, a, 32, 1, out);
-    }
-}
+GEMM_DEFINE_TILE(tile_neon, TARGET)
 
 const gemm_kernel gemm_neon_dotprod = {"neon_dotprod", ROWS, LANES, decode_neon, tile_neon, NULL};
 

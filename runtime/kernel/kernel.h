@@ -170,6 +170,13 @@ static inline void q4k_scales_mins(const uint8_t *q, uint8_t sc[8], uint8_t m[8]
     memcpy(m, out + 2, 8);
 }
 
+/* Q4_K's min term of one super-block: sum_j m_j * (bsums[2j] + bsums[2j+1]) (8 products). */
+static inline int q4k_min_sum(const int16_t *bsums, const uint8_t m[8]) {
+    int s = 0;
+    for (int j = 0; j < 8; j++) s += m[j] * (bsums[2 * j] + bsums[2 * j + 1]);
+    return s;
+}
+
 /* blocks.c: block inspection done once at load. */
 /* 1 if the block contributes exactly zero whatever its data (all scale fields zero). */
 int block_is_empty(const gtype_info *t, const uint8_t *blk);
