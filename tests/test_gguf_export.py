@@ -7,8 +7,9 @@ LongRoPE), carrying the real Phi-3 vocabulary (an HF tokenizer built by transfor
 - gguf-py reads the export: metadata types are the ones llama.cpp's own vocabulary file uses,
   tensor types/shapes/bytes are the HF weights (F16-rounded; norms and rope factors F32).
 - llama.cpp loads the export and its logits agree with `Phi3ForCausalLM` on the same weights:
-  with an F32 KV cache to 1e-4 (top-1 identical everywhere), with llama.cpp's default F16 cache to
-  1e-2. LongRoPE is compared under llama.cpp's rule (long factors iff n_ctx > original context;
+  with an F32 KV cache to 2e-3 (llama.cpp's CPU path rounds activations to F16 for F16 weights;
+  top-1 identical wherever the error cannot flip it), with llama.cpp's default F16 cache to 1e-2.
+  LongRoPE is compared under llama.cpp's rule (long factors iff n_ctx > original context;
   llama.cpp pads n_ctx to a multiple of 256) and transformers' rule (long iff the sequence is
   longer than the original context): short factors with n_ctx = original context and a short
   prompt, long factors with n_ctx > original and a prompt longer than the original context.
@@ -131,6 +132,12 @@ def _llama_logits(path: Path, ids: list[int], n_ctx: int, f32_cache: bool) -> np
         llm.close()
 
 
+# llama.cpp's regular CPU path multiplies F16 weights with activations rounded to F16 (about 1e-3
+# relative); builds whose extra buffer types take F16 matmuls (AMX, here) compute them in float and
+# land within 1e-6. The bound admits the first; a wrong layout or name is off by O(1).
+F16_MATMUL_TOL = 2e-3
+
+
 def _prompt(n: int, seed: int = 3) -> list[int]:
     return [1, *np.random.default_rng(seed).integers(2, 32000, n - 1).tolist()]
 
@@ -218,7 +225,7 @@ def test_llama_cpp_logits_match_transformers(exports, name):
     ckpt, path = exports[name]
     ids = _prompt(40)
     ref = _hf_logits(ckpt, ids, round_to_f16=True)
-    _assert_logits_agree(_llama_logits(path, ids, 256, f32_cache=True), ref, 1e-4, all_top1=True)
+    _assert_logits_agree(_llama_logits(path, ids, 256, f32_cache=True), ref, F16_MATMUL_TOL, all_top1=False)
     _assert_logits_agree(_llama_logits(path, ids, 256, f32_cache=False), ref, 1e-2, all_top1=False)
 
 
@@ -227,7 +234,7 @@ def test_llama_cpp_longrope_short_factors(exports):
     ckpt, path = exports["gqa-longrope"]
     ids = _prompt(40)
     ref = _hf_logits(ckpt, ids, round_to_f16=True)
-    _assert_logits_agree(_llama_logits(path, ids, 256, f32_cache=True), ref, 1e-4, all_top1=True)
+    _assert_logits_agree(_llama_logits(path, ids, 256, f32_cache=True), ref, F16_MATMUL_TOL, all_top1=False)
 
 
 def test_llama_cpp_longrope_long_factors(exports):
@@ -236,7 +243,7 @@ def test_llama_cpp_longrope_long_factors(exports):
     ids = _prompt(300)
     ref = _hf_logits(ckpt, ids, round_to_f16=True)
     ours = _llama_logits(path, ids, 512, f32_cache=True)
-    _assert_logits_agree(ours, ref, 1e-4, all_top1=True)
+    _assert_logits_agree(ours, ref, F16_MATMUL_TOL, all_top1=False)
     short_rule = _hf_logits(ckpt, ids[:40], round_to_f16=True)  # the factor choice is visible
     assert np.abs(ours[:40] - short_rule).max() > 1e-2
 
