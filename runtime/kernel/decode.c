@@ -36,24 +36,6 @@ static uint16_t fp32_to_fp16(float f) {
     return (uint16_t)(sign | (base + (rem > 0x1000 || (rem == 0x1000 && (base & 1)))));
 }
 
-static void rms_norm(const float *h, const float *w, int D, float eps, float *out) {
-    double ss = 0.0;
-    for (int i = 0; i < D; i++) ss += (double)h[i] * h[i];
-    const float scale = (float)(1.0 / sqrt(ss / D + eps));
-    for (int i = 0; i < D; i++) out[i] = h[i] * w[i] * scale;
-}
-
-/* NEOX rotation of n_heads rows of hd values: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s). */
-static void rope(float *x, int n_heads, int hd, const float *cos, const float *sin) {
-    const int half = hd / 2;
-    for (int h = 0; h < n_heads; h++, x += hd)
-        for (int i = 0; i < half; i++) {
-            const float x1 = x[i], x2 = x[half + i];
-            x[i] = x1 * cos[i] - x2 * sin[i];
-            x[half + i] = x2 * cos[i] + x1 * sin[i];
-        }
-}
-
 /* int8 row as KVCache._quantize_into: fp16 scale amax/127, codes rint(x / scale) clipped to 127. */
 static void quantize_row_i8(const float *x, int n, int8_t *q, uint16_t *scale) {
     float amax = 0.0f;
@@ -102,11 +84,11 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
     const size_t layer_cache = (size_t)KV * p->n_ctx * hd * ELEM[p->kv_kind], layer_scales = (size_t)KV * p->n_ctx;
     for (int i = 0; i < p->n_layers; i++) {
         const dec_layer *L = &p->layers[i];
-        rms_norm(h, L->attn_norm, D, p->eps, x);
+        rms_norm_row(h, L->attn_norm, D, p->eps, x);
         if (matvec(table, &L->qkv, x, qkv)) return -1;
         float *q = qkv, *k = qkv + (size_t)H * hd, *v = k + (size_t)KV * hd;
-        rope(q, H, hd, cos, sin);
-        rope(k, KV, hd, cos, sin);
+        rope_row(q, H, hd, cos, sin);
+        rope_row(k, KV, hd, cos, sin);
         store_kv(p, i, pos, k, v);
         const int i8 = p->kv_kind == KV_I8;
         const attention_args a = {q, (const char *)p->k_cache + i * layer_cache,
@@ -116,9 +98,9 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
         if (run_attention(&a, simd)) return -1;
         if (matvec(table, &L->o, attn, proj)) return -1;
         for (int j = 0; j < D; j++) h[j] += proj[j];
-        rms_norm(h, L->ffn_norm, D, p->eps, x);
+        rms_norm_row(h, L->ffn_norm, D, p->eps, x);
         if (matvec(table, &L->gate_up, x, gu)) return -1;
-        for (int j = 0; j < F; j++) act[j] = gu[j] / (1.0f + exp_approx(-gu[j])) * gu[F + j];
+        swiglu_row(gu, F, act);
         if (matvec(table, &L->down, act, proj)) return -1;
         for (int j = 0; j < D; j++) h[j] += proj[j];
     }

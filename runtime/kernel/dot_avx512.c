@@ -214,6 +214,10 @@ INLINE float q6_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
     /* bits 2k..2k+1 of qh to bits 4..5: value group k = 0, 1 (first 64 values), 2, 3 (next 64) */
     const __m512i shift01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
     const __m512i shift23 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    /* i16 lane t of a 64-value register covers values 2t, 2t+1: sub-block t / 8 of its four */
+    const __m512i lane_sub = _mm512_srli_epi16(
+        _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8,
+                         7, 6, 5, 4, 3, 2, 1, 0), 3);
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < n; i++) {
         const int b = BLOCK_ID(i);
@@ -232,12 +236,9 @@ INLINE float q6_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
                                                _mm512_and_si512(_mm512_srlv_epi16(hb, shift23), m2));
             const __m512i p0 = _mm512_maddubs_epi16(q0, _mm512_loadu_si512(aq + 128 * h));
             const __m512i p1 = _mm512_maddubs_epi16(q1, _mm512_loadu_si512(aq + 128 * h + 64));
-            const __m512i s0 = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_srli_epi16(
-                _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11,
-                                 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3), _mm512_set1_epi16((short)(8 * h))), scz);
-            const __m512i s1 = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_srli_epi16(
-                _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11,
-                                 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3), _mm512_set1_epi16((short)(8 * h + 4))), scz);
+            const __m512i s0 = _mm512_permutexvar_epi16(_mm512_add_epi16(lane_sub, _mm512_set1_epi16((short)(8 * h))), scz);
+            const __m512i s1 = _mm512_permutexvar_epi16(_mm512_add_epi16(lane_sub, _mm512_set1_epi16((short)(8 * h + 4))),
+                                                        scz);
             sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p0, s0));
             sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p1, s1));
         }

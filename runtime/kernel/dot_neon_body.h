@@ -64,14 +64,12 @@ NEON_INLINE float NEON_FN(q4_k_)(const uint8_t *row, const q8_act *a, const int3
         const int b = BLOCK_ID(i);
         const uint8_t *blk = row + (size_t)b * 144, *qs = blk + 16;
         const int8_t *aq = a->qs + (size_t)b * QK_K;
-        const int16_t *bs = a->bsums + b * 16;
         int32x4_t sumi = vdupq_n_s32(0);
-        int summ = 0;
         uint8_t sc[8], mn[8];
         q4k_scales_mins(blk + 4, sc, mn);
+        const int summ = q4k_min_sum(a->bsums + b * 16, mn);
         for (int c = 0; c < 4; c++) {
-            const int sc0 = sc[2 * c], m0 = mn[2 * c], sc1 = sc[2 * c + 1], m1 = mn[2 * c + 1];
-            summ += m0 * (bs[4 * c] + bs[4 * c + 1]) + m1 * (bs[4 * c + 2] + bs[4 * c + 3]);
+            const int sc0 = sc[2 * c], sc1 = sc[2 * c + 1];
             const uint8x16_t q0 = vld1q_u8(qs + 32 * c), q1 = vld1q_u8(qs + 32 * c + 16);
             int32x4_t plo = NEON_DOT16(vdupq_n_s32(0), vreinterpretq_s8_u8(vandq_u8(q0, m4)), vld1q_s8(aq + 64 * c));
             plo = NEON_DOT16(plo, vreinterpretq_s8_u8(vandq_u8(q1, m4)), vld1q_s8(aq + 64 * c + 16));

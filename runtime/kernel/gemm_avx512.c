@@ -1,4 +1,4 @@
-/* AVX-512 VNNI micro-kernel of the batched path (gemm.h): GEMM_R = 4 weight rows x 32 activation
+/* AVX-512 VNNI micro-kernel of the batched path (gemm.h): ROWS = 4 weight rows x 32 activation
  * rows (two 16-lane registers) per tile. Per 4 values: two 64-byte activation loads, four 4-byte
  * weight broadcasts, eight `vpdpbusd`; per sub-block: one int->float conversion and two float ops
  * per accumulator. 8 integer + 8 float accumulators (+ 8 partial sums for the K-quants, whose
@@ -11,7 +11,7 @@
 #define TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define INLINE static inline __attribute__((always_inline)) TARGET
 #define LANES 32
-#define GEMM_R 4 /* weight rows per tile (row-major, as the scalar kernel) */
+#define ROWS 4 /* weight rows per tile (row-major, as the scalar kernel) */
 
 /* ---- weight decoding (the same codes and factors as gemm_decode_row, 32 or 64 at a time) ---- */
 
@@ -137,14 +137,14 @@ INLINE __m512i bcast4(const int8_t *p) {
 }
 
 /* Integer dots of sub-block j (sb values) for the 4 rows x 2 halves, starting from the corrections. */
-INLINE void subblock_dots(const wtile *w, const agroup *a, int sb, int nsb, int j, __m512i P[GEMM_R][2]) {
+INLINE void subblock_dots(const wtile *w, const agroup *a, int sb, int nsb, int j, __m512i P[ROWS][2]) {
     const int K = w->K;
-    for (int r = 0; r < GEMM_R; r++) P[r][0] = P[r][1] = _mm512_set1_epi32(w->corr[r * nsb + j]);
+    for (int r = 0; r < ROWS; r++) P[r][0] = P[r][1] = _mm512_set1_epi32(w->corr[r * nsb + j]);
     const uint8_t *ap = a->qs + (size_t)j * (sb / 4) * LANES * 4;
     const int8_t *wq = w->q + (size_t)j * sb;
     for (int c = 0; c < sb / 4; c++, ap += LANES * 4, wq += 4) {
         const __m512i A0 = _mm512_loadu_si512(ap), A1 = _mm512_loadu_si512(ap + 64);
-        for (int r = 0; r < GEMM_R; r++) {
+        for (int r = 0; r < ROWS; r++) {
             const __m512i wv = bcast4(wq + (size_t)r * K);
             P[r][0] = _mm512_dpbusd_epi32(P[r][0], A0, wv);
             P[r][1] = _mm512_dpbusd_epi32(P[r][1], A1, wv);
@@ -155,27 +155,27 @@ INLINE void subblock_dots(const wtile *w, const agroup *a, int sb, int nsb, int 
 /* Activation scale per sub-block (Q4_0, Q4_1, Q8_0, packed Q4_0). */
 INLINE void tile_32(const wtile *w, const agroup *a, int has_min, float *out) {
     const int K = w->K, nsb = K / 32;
-    __m512 acc[GEMM_R][2];
-    for (int r = 0; r < GEMM_R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int j = 0; j < nsb; j++) {
-        __m512i P[GEMM_R][2];
+        __m512i P[ROWS][2];
         subblock_dots(w, a, 32, nsb, j, P);
         const __m512 d0 = _mm512_loadu_ps(a->d + (size_t)j * LANES), d1 = _mm512_loadu_ps(a->d + (size_t)j * LANES + 16);
-        for (int r = 0; r < GEMM_R; r++) {
+        for (int r = 0; r < ROWS; r++) {
             const __m512 s = _mm512_set1_ps(w->scale[r * nsb + j]);
             acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(P[r][0]), _mm512_mul_ps(d0, s), acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(P[r][1]), _mm512_mul_ps(d1, s), acc[r][1]);
         }
         if (has_min) {
             const __m512 x0 = _mm512_loadu_ps(a->xs + (size_t)j * LANES), x1 = _mm512_loadu_ps(a->xs + (size_t)j * LANES + 16);
-            for (int r = 0; r < GEMM_R; r++) {
+            for (int r = 0; r < ROWS; r++) {
                 const __m512 m = _mm512_set1_ps(w->minv[r * nsb + j]);
                 acc[r][0] = _mm512_fmadd_ps(x0, m, acc[r][0]);
                 acc[r][1] = _mm512_fmadd_ps(x1, m, acc[r][1]);
             }
         }
     }
-    for (int r = 0; r < GEMM_R; r++) {
+    for (int r = 0; r < ROWS; r++) {
         _mm512_storeu_ps(out + r * LANES, acc[r][0]);
         _mm512_storeu_ps(out + r * LANES + 16, acc[r][1]);
     }
@@ -185,16 +185,16 @@ INLINE void tile_32(const wtile *w, const agroup *a, int has_min, float *out) {
  * a partial sum first and scaled once. */
 INLINE void tile_k(const wtile *w, const agroup *a, int sb, int has_min, float *out) {
     const int K = w->K, nsb = K / sb, per = QK_K / sb;
-    __m512 acc[GEMM_R][2];
-    for (int r = 0; r < GEMM_R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int b = 0; b < K / QK_K; b++) {
-        __m512 part[GEMM_R][2];
-        for (int r = 0; r < GEMM_R; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();
+        __m512 part[ROWS][2];
+        for (int r = 0; r < ROWS; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();
         for (int jj = 0; jj < per; jj++) {
             const int j = b * per + jj;
-            __m512i P[GEMM_R][2];
+            __m512i P[ROWS][2];
             subblock_dots(w, a, sb, nsb, j, P);
-            for (int r = 0; r < GEMM_R; r++) {
+            for (int r = 0; r < ROWS; r++) {
                 const __m512 s = _mm512_set1_ps(w->scale[r * nsb + j]);
                 part[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(P[r][0]), s, part[r][0]);
                 part[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(P[r][1]), s, part[r][1]);
@@ -202,7 +202,7 @@ INLINE void tile_k(const wtile *w, const agroup *a, int sb, int has_min, float *
             if (has_min) { /* sb == 32 */
                 const __m512 x0 = _mm512_loadu_ps(a->xs + (size_t)j * LANES);
                 const __m512 x1 = _mm512_loadu_ps(a->xs + (size_t)j * LANES + 16);
-                for (int r = 0; r < GEMM_R; r++) {
+                for (int r = 0; r < ROWS; r++) {
                     const __m512 m = _mm512_set1_ps(w->minv[r * (K / 32) + j]);
                     part[r][0] = _mm512_fmadd_ps(x0, m, part[r][0]);
                     part[r][1] = _mm512_fmadd_ps(x1, m, part[r][1]);
@@ -210,12 +210,12 @@ INLINE void tile_k(const wtile *w, const agroup *a, int sb, int has_min, float *
             }
         }
         const __m512 d0 = _mm512_loadu_ps(a->d + (size_t)b * LANES), d1 = _mm512_loadu_ps(a->d + (size_t)b * LANES + 16);
-        for (int r = 0; r < GEMM_R; r++) {
+        for (int r = 0; r < ROWS; r++) {
             acc[r][0] = _mm512_fmadd_ps(part[r][0], d0, acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(part[r][1], d1, acc[r][1]);
         }
     }
-    for (int r = 0; r < GEMM_R; r++) {
+    for (int r = 0; r < ROWS; r++) {
         _mm512_storeu_ps(out + r * LANES, acc[r][0]);
         _mm512_storeu_ps(out + r * LANES + 16, acc[r][1]);
     }
@@ -223,6 +223,6 @@ INLINE void tile_k(const wtile *w, const agroup *a, int sb, int has_min, float *
 
 GEMM_DEFINE_TILE(tile_avx512, TARGET)
 
-const gemm_kernel gemm_avx512 = {"avx512", GEMM_R, LANES, decode_avx512, tile_avx512, NULL};
+const gemm_kernel gemm_avx512 = {"avx512", ROWS, LANES, decode_avx512, tile_avx512, NULL};
 
 #endif

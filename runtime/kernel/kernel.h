@@ -258,9 +258,12 @@ static inline float exp_approx(float x) {
     return p * two_n.f;
 }
 
-/* rowops.c: element-wise steps over T rows on the pool. rms_norm: out[t] = h[t] / rms(h[t]) * w
+/* rowops.c: element-wise steps on one row, or over T rows on the pool. rms_norm: out[t] = h[t] / rms(h[t]) * w
  * ([T, D]); rope: NEOX rotation in place of the first n_heads * hd values of each row of x (row
  * stride `stride` floats), cos/sin [T, hd/2]; swiglu: out[t] = silu(gu[t, :F]) * gu[t, F:]. */
+void rms_norm_row(const float *h, const float *w, int D, float eps, float *out);
+void rope_row(float *x, int n_heads, int hd, const float *cos, const float *sin); /* n_heads rows of hd */
+void swiglu_row(const float *gu, int F, float *out);                           /* gu [2F] -> out [F] */
 void run_rms_norm_rows(const float *h, const float *w, int T, int D, float eps, float *out);
 void run_rope_rows(float *x, int T, int stride, int n_heads, int hd, const float *cos, const float *sin);
 void run_swiglu_rows(const float *gu, int T, int F, float *out);

@@ -1,5 +1,5 @@
-/* Element-wise steps of a prompt chunk (T rows at once) on the thread pool: RMSNorm, NEOX RoPE in
- * place, SwiGLU. The same arithmetic as the decode step's (decode.c) and the numpy reference. */
+/* Element-wise steps, one row (the decode step, decode.c) or T rows of a prompt chunk on the thread
+ * pool: RMSNorm, NEOX RoPE in place, SwiGLU. */
 #include <math.h>
 
 #include "kernel.h"
@@ -16,18 +16,32 @@ static void rows_of(int chunk, int n_chunks, int T, int *t0, int *t1) {
     *t1 = (int)((int64_t)T * (chunk + 1) / n_chunks);
 }
 
+void rms_norm_row(const float *h, const float *w, int D, float eps, float *out) {
+    double ss = 0.0;
+    for (int i = 0; i < D; i++) ss += (double)h[i] * h[i];
+    const float scale = (float)(1.0 / sqrt(ss / D + eps));
+    for (int i = 0; i < D; i++) out[i] = h[i] * w[i] * scale;
+}
+
+void rope_row(float *x, int n_heads, int hd, const float *cos, const float *sin) {
+    const int half = hd / 2;
+    for (int h = 0; h < n_heads; h++, x += hd)
+        for (int i = 0; i < half; i++) {
+            const float x1 = x[i], x2 = x[half + i];
+            x[i] = x1 * cos[i] - x2 * sin[i];
+            x[half + i] = x2 * cos[i] + x1 * sin[i];
+        }
+}
+
+void swiglu_row(const float *gu, int F, float *out) {
+    for (int i = 0; i < F; i++) out[i] = gu[i] / (1.0f + exp_approx(-gu[i])) * gu[F + i];
+}
+
 static void rms_task(void *ctx, int chunk, int n_chunks) {
     const rows_job *j = ctx;
     int t0, t1;
     rows_of(chunk, n_chunks, j->T, &t0, &t1);
-    for (int t = t0; t < t1; t++) {
-        const float *h = j->in + (size_t)t * j->D;
-        float *o = j->out + (size_t)t * j->D;
-        double ss = 0.0;
-        for (int i = 0; i < j->D; i++) ss += (double)h[i] * h[i];
-        const float scale = (float)(1.0 / sqrt(ss / j->D + j->eps));
-        for (int i = 0; i < j->D; i++) o[i] = h[i] * j->w[i] * scale;
-    }
+    for (int t = t0; t < t1; t++) rms_norm_row(j->in + (size_t)t * j->D, j->w, j->D, j->eps, j->out + (size_t)t * j->D);
 }
 
 static void rope_task(void *ctx, int chunk, int n_chunks) {
@@ -35,27 +49,15 @@ static void rope_task(void *ctx, int chunk, int n_chunks) {
     const int half = j->hd / 2;
     int t0, t1;
     rows_of(chunk, n_chunks, j->T, &t0, &t1);
-    for (int t = t0; t < t1; t++) {
-        const float *c = j->cos + (size_t)t * half, *s = j->sin + (size_t)t * half;
-        float *x = j->out + (size_t)t * j->stride;
-        for (int h = 0; h < j->n_heads; h++, x += j->hd)
-            for (int i = 0; i < half; i++) {
-                const float x1 = x[i], x2 = x[half + i];
-                x[i] = x1 * c[i] - x2 * s[i];
-                x[half + i] = x2 * c[i] + x1 * s[i];
-            }
-    }
+    for (int t = t0; t < t1; t++)
+        rope_row(j->out + (size_t)t * j->stride, j->n_heads, j->hd, j->cos + (size_t)t * half, j->sin + (size_t)t * half);
 }
 
 static void swiglu_task(void *ctx, int chunk, int n_chunks) {
     const rows_job *j = ctx;
     int t0, t1;
     rows_of(chunk, n_chunks, j->T, &t0, &t1);
-    for (int t = t0; t < t1; t++) {
-        const float *g = j->in + (size_t)t * 2 * j->D, *u = g + j->D;
-        float *o = j->out + (size_t)t * j->D;
-        for (int i = 0; i < j->D; i++) o[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
-    }
+    for (int t = t0; t < t1; t++) swiglu_row(j->in + (size_t)t * 2 * j->D, j->D, j->out + (size_t)t * j->D);
 }
 
 static int chunks(int T, int D) { return (size_t)T * D < 16384 ? 1 : pool_chunks(T, 1); }
