@@ -1,11 +1,28 @@
-/* Single-token decode attention over one layer's KV cache (fp16, fp32 or int8 with per-row fp16
- * scales), in place of numpy's widening of the whole cache every step.
+/* Attention of T query rows over one layer's KV cache (fp32, fp16, or int8 with fp16 per-row
+ * scales): decode (T = 1) and prompt chunks (T > 1, whose keys/values are already in the cache),
+ * dense causal, sliding window, and Phi-3-small's block-sparse pattern (pocketlm/blocksparse.py).
  *
- * For query head h (kv head h / group): s[t] = q[h] . k[kv, t] / sqrt(hd) for t in [lo, hi),
- * p = softmax(s) (max subtracted), out[h] = sum_t p[t] v[kv, t]. Float32 throughout; the cached
- * fp16 rows are converted in registers (F16C on x86, vcvt_f32_f16 on ARM64, fp16_to_fp32 in the
- * portable path). Query heads are split over the thread pool (one chunk per head). */
+ * For query row t (position p = pos + t) and query head h (kv head g = h / (H / KV)):
+ *   key j is visible iff j <= p, j > p - window (window > 0), and, with a block-sparse
+ *   descriptor, key block jb = j / block is visible from query block ib = p / block for head h:
+ *     ib - jb < local_blocks  or  (jb + h * head_step + 1) % vert_stride == 0
+ *   s_j = scale * q[t, h] . k[g, j];  out[t, h] = sum_j softmax(s)_j v[g, j]   (float32)
+ *
+ * Flash-style: keys are visited in chunks of at most KCHUNK rows on a grid aligned to absolute
+ * positions (inside each visible block), with an online softmax per (row, head): running max m,
+ * running sum l, accumulator acc[hd]; a chunk that raises the max rescales l and acc by exp(m_old -
+ * m_new). Only visible blocks are read (no dense mask), and memory is O(KCHUNK * hd) per work item
+ * whatever the prompt length. A chunk is converted once to fp32 (int8: times its row scale) and
+ * then serves every (row, head) of the work item that sees it: the query heads of one GQA group and
+ * up to TQ prompt rows share each K/V read. Because the chunk grid is absolute, a row's result does
+ * not depend on how the prompt was split into calls or work items (decode at p gives the same bits
+ * as row p of a prompt), nor on the thread count.
+ *
+ * simd = 0 runs the portable C (the reference); otherwise AVX2+FMA+F16C on x86 or NEON on ARM64
+ * (same loop structure, vector inner products). Work items (query-row tile x kv head x head
+ * subgroup) run on the thread pool, the heaviest (last) tiles first. */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,47 +35,43 @@
 #include <arm_neon.h>
 #endif
 
-/* One row of the cache: dot with q, and out += p * row; hd values each. */
-typedef float (*row_dot_fn)(const float *q, const void *row, int hd);
-typedef void (*row_axpy_fn)(float *out, float p, const void *row, int hd);
+#define KCHUNK 64 /* keys converted and scored at once: 2 x 64 x hd floats of scratch (64 KB at hd 128) */
+#define TQ 16     /* prompt rows per work item (they share each chunk's conversion and cache reads) */
 
-/* ---- portable ---------------------------------------------------------------------------- */
+/* n cache rows of hd values -> fp32 dst [n, hd]; int8 rows are multiplied by their fp16 scale. */
+typedef void (*cvt_fn)(float *dst, const void *src, const uint16_t *scale, int n, int hd);
+/* s[r] = scale * q . K[r] for r < n; K [n, hd] fp32. */
+typedef void (*scores_fn)(const float *q, const float *K, int n, int hd, float scale, float *s);
+/* acc[hd] += sum_r p[r] V[r] for r < n; V [n, hd] fp32. */
+typedef void (*accum_fn)(float *acc, const float *p, const float *V, int n, int hd);
 
-static float dot_f16_scalar(const float *q, const void *row, int hd) {
-    const uint16_t *r = row;
-    float s = 0.0f;
-    for (int i = 0; i < hd; i++) s += q[i] * fp16_to_fp32(r[i]);
-    return s;
+/* ---- portable (the reference) -------------------------------------------------------------- */
+
+static void cvt_f16_scalar(float *dst, const void *src, const uint16_t *scale, int n, int hd) {
+    (void)scale;
+    const uint16_t *r = src;
+    for (size_t i = 0; i < (size_t)n * hd; i++) dst[i] = fp16_to_fp32(r[i]);
 }
 
-static void axpy_f16_scalar(float *out, float p, const void *row, int hd) {
-    const uint16_t *r = row;
-    for (int i = 0; i < hd; i++) out[i] += p * fp16_to_fp32(r[i]);
+static void cvt_i8_scalar(float *dst, const void *src, const uint16_t *scale, int n, int hd) {
+    const int8_t *r = src;
+    for (int t = 0; t < n; t++) {
+        const float s = fp16_to_fp32(scale[t]);
+        for (int i = 0; i < hd; i++) dst[(size_t)t * hd + i] = (float)r[(size_t)t * hd + i] * s;
+    }
 }
 
-static float dot_f32_scalar(const float *q, const void *row, int hd) {
-    const float *r = row;
-    float s = 0.0f;
-    for (int i = 0; i < hd; i++) s += q[i] * r[i];
-    return s;
+static void scores_scalar(const float *q, const float *K, int n, int hd, float scale, float *s) {
+    for (int r = 0; r < n; r++) {
+        float d = 0.0f;
+        for (int i = 0; i < hd; i++) d += q[i] * K[(size_t)r * hd + i];
+        s[r] = d * scale;
+    }
 }
 
-static void axpy_f32_scalar(float *out, float p, const void *row, int hd) {
-    const float *r = row;
-    for (int i = 0; i < hd; i++) out[i] += p * r[i];
-}
-
-/* int8 rows: the caller folds the row's scale into the score (dot) or the probability (axpy) */
-static float dot_i8_scalar(const float *q, const void *row, int hd) {
-    const int8_t *r = row;
-    float s = 0.0f;
-    for (int i = 0; i < hd; i++) s += q[i] * (float)r[i];
-    return s;
-}
-
-static void axpy_i8_scalar(float *out, float p, const void *row, int hd) {
-    const int8_t *r = row;
-    for (int i = 0; i < hd; i++) out[i] += p * (float)r[i];
+static void accum_scalar(float *acc, const float *p, const float *V, int n, int hd) {
+    for (int r = 0; r < n; r++)
+        for (int i = 0; i < hd; i++) acc[i] += p[r] * V[(size_t)r * hd + i];
 }
 
 /* ---- x86: AVX2 + F16C + FMA (every non-scalar x86 path requires all three, see dispatch.c) -- */
@@ -73,205 +86,351 @@ X86_TARGET static float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-X86_TARGET static float dot_f16_avx2(const float *q, const void *row, int hd) {
-    const uint16_t *r = row;
-    __m256 acc = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= hd; i += 8) {
-        const __m256 k = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i)));
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), k, acc);
+X86_TARGET static void cvt_f16_avx2(float *dst, const void *src, const uint16_t *scale, int n, int hd) {
+    (void)scale;
+    const uint16_t *r = src;
+    const size_t len = (size_t)n * hd; /* the rows are contiguous in the cache */
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))));
+    for (; i < len; i++) dst[i] = fp16_to_fp32(r[i]);
+}
+
+X86_TARGET static void cvt_i8_avx2(float *dst, const void *src, const uint16_t *scale, int n, int hd) {
+    const int8_t *r = src;
+    for (int t = 0; t < n; t++, r += hd, dst += hd) {
+        const float s = fp16_to_fp32(scale[t]);
+        const __m256 sv = _mm256_set1_ps(s);
+        int i = 0;
+        for (; i + 8 <= hd; i += 8) {
+            const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(r + i))));
+            _mm256_storeu_ps(dst + i, _mm256_mul_ps(x, sv));
+        }
+        for (; i < hd; i++) dst[i] = (float)r[i] * s;
     }
-    float s = hsum256(acc);
-    for (; i < hd; i++) s += q[i] * fp16_to_fp32(r[i]);
-    return s;
 }
 
-X86_TARGET static void axpy_f16_avx2(float *out, float p, const void *row, int hd) {
-    const uint16_t *r = row;
-    const __m256 pv = _mm256_set1_ps(p);
-    int i = 0;
-    for (; i + 8 <= hd; i += 8) {
-        const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i)));
-        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, v, _mm256_loadu_ps(out + i)));
+/* 4 keys per pass: each q load feeds 4 FMAs */
+X86_TARGET static void scores_avx2(const float *q, const float *K, int n, int hd, float scale, float *s) {
+    int r = 0;
+    for (; r + 4 <= n; r += 4) {
+        const float *k0 = K + (size_t)r * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int i = 0;
+        for (; i + 8 <= hd; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+        }
+        float d0 = hsum256(a0), d1 = hsum256(a1), d2 = hsum256(a2), d3 = hsum256(a3);
+        for (; i < hd; i++) {
+            d0 += q[i] * k0[i];
+            d1 += q[i] * k1[i];
+            d2 += q[i] * k2[i];
+            d3 += q[i] * k3[i];
+        }
+        s[r] = d0 * scale, s[r + 1] = d1 * scale, s[r + 2] = d2 * scale, s[r + 3] = d3 * scale;
     }
-    for (; i < hd; i++) out[i] += p * fp16_to_fp32(r[i]);
-}
-
-X86_TARGET static float dot_f32_avx2(const float *q, const void *row, int hd) {
-    const float *r = row;
-    __m256 acc = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(r + i), acc);
-    float s = hsum256(acc);
-    for (; i < hd; i++) s += q[i] * r[i];
-    return s;
-}
-
-X86_TARGET static float dot_i8_avx2(const float *q, const void *row, int hd) {
-    const int8_t *r = row;
-    __m256 acc = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= hd; i += 8) {
-        const __m256 k = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(r + i))));
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), k, acc);
+    for (; r < n; r++) {
+        const float *k0 = K + (size_t)r * hd;
+        __m256 a0 = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= hd; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k0 + i), a0);
+        float d0 = hsum256(a0);
+        for (; i < hd; i++) d0 += q[i] * k0[i];
+        s[r] = d0 * scale;
     }
-    float s = hsum256(acc);
-    for (; i < hd; i++) s += q[i] * (float)r[i];
-    return s;
 }
 
-X86_TARGET static void axpy_i8_avx2(float *out, float p, const void *row, int hd) {
-    const int8_t *r = row;
-    const __m256 pv = _mm256_set1_ps(p);
+/* 32 accumulator lanes stay in registers over all n keys */
+X86_TARGET static void accum_avx2(float *acc, const float *p, const float *V, int n, int hd) {
     int i = 0;
-    for (; i + 8 <= hd; i += 8) {
-        const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(r + i))));
-        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, v, _mm256_loadu_ps(out + i)));
+    for (; i + 32 <= hd; i += 32) {
+        __m256 a0 = _mm256_loadu_ps(acc + i), a1 = _mm256_loadu_ps(acc + i + 8);
+        __m256 a2 = _mm256_loadu_ps(acc + i + 16), a3 = _mm256_loadu_ps(acc + i + 24);
+        for (int r = 0; r < n; r++) {
+            const __m256 pv = _mm256_set1_ps(p[r]);
+            const float *v = V + (size_t)r * hd + i;
+            a0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v), a0);
+            a1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 16), a2);
+            a3 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 24), a3);
+        }
+        _mm256_storeu_ps(acc + i, a0), _mm256_storeu_ps(acc + i + 8, a1);
+        _mm256_storeu_ps(acc + i + 16, a2), _mm256_storeu_ps(acc + i + 24, a3);
     }
-    for (; i < hd; i++) out[i] += p * (float)r[i];
-}
-
-X86_TARGET static void axpy_f32_avx2(float *out, float p, const void *row, int hd) {
-    const float *r = row;
-    const __m256 pv = _mm256_set1_ps(p);
-    int i = 0;
-    for (; i + 8 <= hd; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(r + i), _mm256_loadu_ps(out + i)));
-    for (; i < hd; i++) out[i] += p * r[i];
+    for (; i + 8 <= hd; i += 8) {
+        __m256 a0 = _mm256_loadu_ps(acc + i);
+        for (int r = 0; r < n; r++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[r]), _mm256_loadu_ps(V + (size_t)r * hd + i), a0);
+        _mm256_storeu_ps(acc + i, a0);
+    }
+    for (; i < hd; i++)
+        for (int r = 0; r < n; r++) acc[i] += p[r] * V[(size_t)r * hd + i];
 }
 #endif
 
 /* ---- ARM64: NEON (fp16 <-> fp32 conversion is part of base AArch64) ----------------------- */
 
 #if defined(POCKETLM_ARM64)
-static float dot_f16_neon(const float *q, const void *row, int hd) {
-    const uint16_t *r = row;
-    float32x4_t acc = vdupq_n_f32(0.0f);
-    int i = 0;
-    for (; i + 4 <= hd; i += 4) {
-        const float32x4_t k = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(r + i)));
-        acc = vfmaq_f32(acc, vld1q_f32(q + i), k);
+static void cvt_f16_neon(float *dst, const void *src, const uint16_t *scale, int n, int hd) {
+    (void)scale;
+    const uint16_t *r = src;
+    const size_t len = (size_t)n * hd; /* the rows are contiguous in the cache */
+    size_t i = 0;
+    for (; i + 4 <= len; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(r + i))));
+    for (; i < len; i++) dst[i] = fp16_to_fp32(r[i]);
+}
+
+static void cvt_i8_neon(float *dst, const void *src, const uint16_t *scale, int n, int hd) {
+    const int8_t *r = src;
+    for (int t = 0; t < n; t++, r += hd, dst += hd) {
+        const float s = fp16_to_fp32(scale[t]);
+        int i = 0;
+        for (; i + 8 <= hd; i += 8) {
+            const int16x8_t w = vmovl_s8(vld1_s8(r + i));
+            vst1q_f32(dst + i, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), s));
+            vst1q_f32(dst + i + 4, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(w))), s));
+        }
+        for (; i < hd; i++) dst[i] = (float)r[i] * s;
     }
-    float s = vaddvq_f32(acc);
-    for (; i < hd; i++) s += q[i] * fp16_to_fp32(r[i]);
-    return s;
 }
 
-static void axpy_f16_neon(float *out, float p, const void *row, int hd) {
-    const uint16_t *r = row;
-    int i = 0;
-    for (; i + 4 <= hd; i += 4) {
-        const float32x4_t v = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(r + i)));
-        vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), v, p));
+static void scores_neon(const float *q, const float *K, int n, int hd, float scale, float *s) {
+    int r = 0;
+    for (; r + 4 <= n; r += 4) {
+        const float *k0 = K + (size_t)r * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+        int i = 0;
+        for (; i + 4 <= hd; i += 4) {
+            const float32x4_t qv = vld1q_f32(q + i);
+            a0 = vfmaq_f32(a0, qv, vld1q_f32(k0 + i));
+            a1 = vfmaq_f32(a1, qv, vld1q_f32(k1 + i));
+            a2 = vfmaq_f32(a2, qv, vld1q_f32(k2 + i));
+            a3 = vfmaq_f32(a3, qv, vld1q_f32(k3 + i));
+        }
+        float d0 = vaddvq_f32(a0), d1 = vaddvq_f32(a1), d2 = vaddvq_f32(a2), d3 = vaddvq_f32(a3);
+        for (; i < hd; i++) {
+            d0 += q[i] * k0[i];
+            d1 += q[i] * k1[i];
+            d2 += q[i] * k2[i];
+            d3 += q[i] * k3[i];
+        }
+        s[r] = d0 * scale, s[r + 1] = d1 * scale, s[r + 2] = d2 * scale, s[r + 3] = d3 * scale;
     }
-    for (; i < hd; i++) out[i] += p * fp16_to_fp32(r[i]);
+    for (; r < n; r++) {
+        const float *k0 = K + (size_t)r * hd;
+        float32x4_t a0 = vdupq_n_f32(0.0f);
+        int i = 0;
+        for (; i + 4 <= hd; i += 4) a0 = vfmaq_f32(a0, vld1q_f32(q + i), vld1q_f32(k0 + i));
+        float d0 = vaddvq_f32(a0);
+        for (; i < hd; i++) d0 += q[i] * k0[i];
+        s[r] = d0 * scale;
+    }
 }
 
-static float dot_f32_neon(const float *q, const void *row, int hd) {
-    const float *r = row;
-    float32x4_t acc = vdupq_n_f32(0.0f);
+static void accum_neon(float *acc, const float *p, const float *V, int n, int hd) {
     int i = 0;
-    for (; i + 4 <= hd; i += 4) acc = vfmaq_f32(acc, vld1q_f32(q + i), vld1q_f32(r + i));
-    float s = vaddvq_f32(acc);
-    for (; i < hd; i++) s += q[i] * r[i];
-    return s;
-}
-
-static inline float32x4_t i8x4_to_f32(const int8_t *r) { /* 4 int8 -> float */
-    int32_t w;
-    memcpy(&w, r, 4);
-    const int16x4_t h = vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w))));
-    return vcvtq_f32_s32(vmovl_s16(h));
-}
-
-static float dot_i8_neon(const float *q, const void *row, int hd) {
-    const int8_t *r = row;
-    float32x4_t acc = vdupq_n_f32(0.0f);
-    int i = 0;
-    for (; i + 4 <= hd; i += 4) acc = vfmaq_f32(acc, vld1q_f32(q + i), i8x4_to_f32(r + i));
-    float s = vaddvq_f32(acc);
-    for (; i < hd; i++) s += q[i] * (float)r[i];
-    return s;
-}
-
-static void axpy_i8_neon(float *out, float p, const void *row, int hd) {
-    const int8_t *r = row;
-    int i = 0;
-    for (; i + 4 <= hd; i += 4) vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), i8x4_to_f32(r + i), p));
-    for (; i < hd; i++) out[i] += p * (float)r[i];
-}
-
-static void axpy_f32_neon(float *out, float p, const void *row, int hd) {
-    const float *r = row;
-    int i = 0;
-    for (; i + 4 <= hd; i += 4) vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), vld1q_f32(r + i), p));
-    for (; i < hd; i++) out[i] += p * r[i];
+    for (; i + 16 <= hd; i += 16) {
+        float32x4_t a0 = vld1q_f32(acc + i), a1 = vld1q_f32(acc + i + 4);
+        float32x4_t a2 = vld1q_f32(acc + i + 8), a3 = vld1q_f32(acc + i + 12);
+        for (int r = 0; r < n; r++) {
+            const float *v = V + (size_t)r * hd + i;
+            a0 = vfmaq_n_f32(a0, vld1q_f32(v), p[r]);
+            a1 = vfmaq_n_f32(a1, vld1q_f32(v + 4), p[r]);
+            a2 = vfmaq_n_f32(a2, vld1q_f32(v + 8), p[r]);
+            a3 = vfmaq_n_f32(a3, vld1q_f32(v + 12), p[r]);
+        }
+        vst1q_f32(acc + i, a0), vst1q_f32(acc + i + 4, a1), vst1q_f32(acc + i + 8, a2), vst1q_f32(acc + i + 12, a3);
+    }
+    for (; i + 4 <= hd; i += 4) {
+        float32x4_t a0 = vld1q_f32(acc + i);
+        for (int r = 0; r < n; r++) a0 = vfmaq_n_f32(a0, vld1q_f32(V + (size_t)r * hd + i), p[r]);
+        vst1q_f32(acc + i, a0);
+    }
+    for (; i < hd; i++)
+        for (int r = 0; r < n; r++) acc[i] += p[r] * V[(size_t)r * hd + i];
 }
 #endif
+
+/* ---- argument check ---------------------------------------------------------------------- */
+
+const char *attention_args_error(const attention_args *a) {
+    if (a->H < 1 || a->KV < 1 || a->hd < 1 || a->n_ctx < 1 || a->T < 1 || a->H > 65536 || a->hd > 65536)
+        return "heads, kv_heads, head_dim, n_ctx and the row count must be >= 1 (heads, head_dim <= 65536)";
+    if (a->H % a->KV) return "heads is not a multiple of kv_heads";
+    if (a->kind < KV_F32 || a->kind > KV_I8) return "unknown cache kind";
+    if ((a->kind == KV_I8) != (a->k_scale != NULL) || (a->kind == KV_I8) != (a->v_scale != NULL))
+        return "k_scale and v_scale go with (and only with) an int8 cache";
+    if (a->q_stride < a->H * a->hd) return "the q row stride is smaller than heads * head_dim";
+    if (a->pos < 0 || a->pos > a->n_ctx - a->T) return "positions pos..pos+T-1 do not fit in the cache";
+    if (a->window < 0) return "window must be >= 0 (0: none)";
+    if (!(isfinite(a->scale) && a->scale > 0.0f)) return "scale must be a positive finite number";
+    const block_sparse *sp = a->sparse;
+    if (sp && (sp->block < 1 || sp->local_blocks < 1 || sp->vert_stride < 1 || sp->head_step < 0 ||
+               sp->block > 65536 || sp->vert_stride > 65536 || sp->head_step > 65536))
+        return "block-sparse block, local_blocks, vert_stride must be >= 1 and head_step >= 0 (each <= 65536)";
+    return NULL;
+}
 
 /* ---- driver ------------------------------------------------------------------------------ */
 
 typedef struct {
     const attention_args *a;
-    row_dot_fn dot;
-    row_axpy_fn axpy;
-    size_t elem;   /* bytes per cached value: 1, 2 or 4 */
-    float *scores; /* [H, hi - lo] scratch, one row per query head */
+    cvt_fn cvt;           /* NULL for fp32 caches: the cache rows are used in place */
+    scores_fn scores;
+    accum_fn accum;
+    size_t elem;          /* bytes per cached value: 4, 2 or 1 */
+    int rows_per_item;    /* TQ, or 1 for decode */
+    int n_tiles, heads_per_item, subs_per_group;
+    int B;                /* key block: the sparse block size, or KCHUNK when dense */
+    atomic_int failed;    /* a work item could not allocate its scratch */
 } attn_job;
 
-static void attend_head(void *ctx, int h, int n_chunks) {
-    (void)n_chunks;
-    const attn_job *j = ctx;
-    const attention_args *a = j->a;
-    const int S = a->hi - a->lo, hd = a->hd, kv = h / (a->H / a->KV);
-    const float *q = a->q + (size_t)h * hd;
-    /* row t of head kv: [kv, t, :] in the [KV, n_ctx, hd] cache; its int8 scale at [kv, t] */
-    const size_t first = (size_t)kv * a->n_ctx + a->lo, row_bytes = (size_t)hd * j->elem;
-    const uint8_t *k = (const uint8_t *)a->k + first * row_bytes, *v = (const uint8_t *)a->v + first * row_bytes;
-    const uint16_t *ks = a->kind == KV_I8 ? a->k_scale + first : NULL, *vs = a->kind == KV_I8 ? a->v_scale + first : NULL;
-    float *s = j->scores + (size_t)h * S, *out = a->out + (size_t)h * hd;
-    const float scale = 1.0f / sqrtf((float)hd);
+static inline int block_visible(const block_sparse *sp, int h, int ib, int jb) {
+    if (!sp) return 1;
+    return jb <= ib && (ib - jb < sp->local_blocks ||
+                        ((int64_t)jb + (int64_t)h * sp->head_step + 1) % sp->vert_stride == 0);
+}
 
-    float mx = -INFINITY;
-    for (int t = 0; t < S; t++) {
-        s[t] = j->dot(q, k + t * row_bytes, hd) * (ks ? fp16_to_fp32(ks[t]) * scale : scale);
-        if (s[t] > mx) mx = s[t];
+/* Lowest key position row p may see (window), and the first visible position overall. */
+static inline int first_key(const attention_args *a, int p) {
+    return a->window > 0 && p + 1 > a->window ? p + 1 - a->window : 0;
+}
+
+static void attend_item(void *ctx, int chunk, int n_chunks) {
+    attn_job *J = ctx;
+    const attention_args *a = J->a;
+    /* chunk -> (tile, kv head, head subgroup); tiles in reverse: the last rows have the most keys */
+    const int per_tile = a->KV * J->subs_per_group;
+    const int tile = J->n_tiles - 1 - chunk / per_tile, g = chunk % per_tile / J->subs_per_group;
+    const int sub = chunk % J->subs_per_group, G = a->H / a->KV, hd = a->hd;
+    const int t0 = tile * J->rows_per_item, t1 = t0 + J->rows_per_item < a->T ? t0 + J->rows_per_item : a->T;
+    const int h0 = g * G + sub * J->heads_per_item;
+    const int h1 = h0 + J->heads_per_item < (g + 1) * G ? h0 + J->heads_per_item : (g + 1) * G;
+    const int nr = t1 - t0, nh = h1 - h0, R = nr * nh; /* (row, head) pairs of this item */
+    (void)n_chunks;
+    if (nh <= 0) return;
+
+    /* scratch: Kf, Vf [KCHUNK, hd] (fp16/int8 only), s [KCHUNK], m [R], l [R], acc [R, hd] */
+    const size_t conv = J->cvt ? 2 * (size_t)KCHUNK * hd : 0;
+    float *mem = malloc(sizeof(float) * (conv + KCHUNK + 2 * (size_t)R + (size_t)R * hd));
+    if (!mem) {
+        atomic_store(&J->failed, 1);
+        return;
     }
-    float sum = 0.0f;
-    for (int t = 0; t < S; t++) sum += (s[t] = expf(s[t] - mx));
-    const float inv = 1.0f / sum; /* >= 1 term equals exp(0) = 1, so sum >= 1 */
-    for (int i = 0; i < hd; i++) out[i] = 0.0f;
-    for (int t = 0; t < S; t++)
-        j->axpy(out, s[t] * inv * (vs ? fp16_to_fp32(vs[t]) : 1.0f), v + t * row_bytes, hd);
+    float *Kf = mem, *Vf = mem + (conv ? (size_t)KCHUNK * hd : 0), *s = mem + conv;
+    float *m = s + KCHUNK, *l = m + R, *acc = l + R;
+    for (int r = 0; r < R; r++) m[r] = -INFINITY, l[r] = 0.0f;
+    memset(acc, 0, sizeof(float) * (size_t)R * hd);
+
+    const int B = J->B, p_first = a->pos + t0, p_last = a->pos + t1 - 1;
+    const int klo = first_key(a, p_first), khi = p_last + 1; /* keys any row of the item may see */
+    const size_t head_row0 = (size_t)g * a->n_ctx;            /* row [g, 0] of the [KV, n_ctx] cache */
+    const size_t row_bytes = (size_t)hd * J->elem;
+    const uint8_t *kc = a->k, *vc = a->v;
+    for (int jb = klo / B; jb <= (khi - 1) / B; jb++) {
+        if (a->sparse) { /* skip the block unless some (row, head) of the item sees it */
+            int any = 0;
+            for (int ib = p_first / B; ib <= p_last / B && !any; ib++)
+                for (int h = h0; h < h1 && !any; h++) any = block_visible(a->sparse, h, ib, jb);
+            if (!any) continue;
+        }
+        const int b0 = jb * B, b1 = b0 + B < khi ? b0 + B : khi;
+        /* chunks on the absolute grid b0 + k*KCHUNK, cut to the keys [klo, khi) */
+        for (int c0 = b0; c0 < b1; c0 += KCHUNK) {
+            const int c1 = c0 + KCHUNK < b1 ? c0 + KCHUNK : b1;
+            if (c1 <= klo) continue;
+            const int lo = c0 > klo ? c0 : klo; /* rows [lo, c1) of the chunk are read */
+            const size_t first = head_row0 + (size_t)lo;
+            const float *Kc, *Vc; /* fp32 rows for positions lo..c1-1 */
+            if (J->cvt) {
+                const int i8 = a->kind == KV_I8;
+                J->cvt(Kf, kc + first * row_bytes, i8 ? a->k_scale + first : NULL, c1 - lo, hd);
+                J->cvt(Vf, vc + first * row_bytes, i8 ? a->v_scale + first : NULL, c1 - lo, hd);
+                Kc = Kf, Vc = Vf;
+            } else {
+                Kc = (const float *)a->k + first * hd, Vc = (const float *)a->v + first * hd;
+            }
+            for (int t = t0; t < t1; t++) {
+                const int p = a->pos + t, ib = p / B;
+                const int k0 = first_key(a, p) > lo ? first_key(a, p) : lo, k1 = p + 1 < c1 ? p + 1 : c1;
+                if (k0 >= k1) continue;
+                const int n = k1 - k0;
+                const float *Kr = Kc + (size_t)(k0 - lo) * hd, *Vr = Vc + (size_t)(k0 - lo) * hd;
+                for (int h = h0; h < h1; h++) {
+                    if (!block_visible(a->sparse, h, ib, jb)) continue;
+                    const int r = (t - t0) * nh + (h - h0);
+                    const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * hd;
+                    J->scores(q, Kr, n, hd, a->scale, s);
+                    float cm = s[0];
+                    for (int i = 1; i < n; i++) cm = s[i] > cm ? s[i] : cm;
+                    float *o = acc + (size_t)r * hd;
+                    if (cm > m[r]) { /* new max: rescale what was summed so far (nothing, the first time) */
+                        if (m[r] != -INFINITY) {
+                            const float corr = exp_approx(m[r] - cm);
+                            l[r] *= corr;
+                            for (int i = 0; i < hd; i++) o[i] *= corr;
+                        }
+                        m[r] = cm;
+                    }
+                    float sum = 0.0f;
+                    for (int i = 0; i < n; i++) sum += (s[i] = exp_approx(s[i] - m[r]));
+                    l[r] += sum;
+                    J->accum(o, s, Vr, n, hd);
+                }
+            }
+        }
+    }
+    /* every (row, head) saw at least its own key (the diagonal block is local, the window >= 1):
+     * l >= exp(0) = 1 */
+    for (int t = t0; t < t1; t++)
+        for (int h = h0; h < h1; h++) {
+            const int r = (t - t0) * nh + (h - h0);
+            const float inv = 1.0f / l[r];
+            float *dst = a->out + (size_t)t * a->H * hd + (size_t)h * hd;
+            for (int i = 0; i < hd; i++) dst[i] = acc[(size_t)r * hd + i] * inv;
+        }
+    free(mem);
 }
 
 int run_attention(const attention_args *a, int simd) {
-    static const row_dot_fn DOT[3] = {dot_f32_scalar, dot_f16_scalar, dot_i8_scalar};
-    static const row_axpy_fn AXPY[3] = {axpy_f32_scalar, axpy_f16_scalar, axpy_i8_scalar};
+    if (attention_args_error(a)) return -2;
+    static const cvt_fn CVT[3] = {NULL, cvt_f16_scalar, cvt_i8_scalar};
     static const size_t ELEM[3] = {4, 2, 1};
-    attn_job j = {a, DOT[a->kind], AXPY[a->kind], ELEM[a->kind], NULL};
+    attn_job J = {.a = a, .cvt = CVT[a->kind], .scores = scores_scalar, .accum = accum_scalar,
+                  .elem = ELEM[a->kind]};
     if (simd) {
 #if defined(POCKETLM_X86)
-        static const row_dot_fn DOT_X86[3] = {dot_f32_avx2, dot_f16_avx2, dot_i8_avx2};
-        static const row_axpy_fn AXPY_X86[3] = {axpy_f32_avx2, axpy_f16_avx2, axpy_i8_avx2};
-        j.dot = DOT_X86[a->kind];
-        j.axpy = AXPY_X86[a->kind];
+        static const cvt_fn CVT_X86[3] = {NULL, cvt_f16_avx2, cvt_i8_avx2};
+        J.cvt = CVT_X86[a->kind], J.scores = scores_avx2, J.accum = accum_avx2;
 #elif defined(POCKETLM_ARM64)
-        static const row_dot_fn DOT_ARM[3] = {dot_f32_neon, dot_f16_neon, dot_i8_neon};
-        static const row_axpy_fn AXPY_ARM[3] = {axpy_f32_neon, axpy_f16_neon, axpy_i8_neon};
-        j.dot = DOT_ARM[a->kind];
-        j.axpy = AXPY_ARM[a->kind];
+        static const cvt_fn CVT_ARM[3] = {NULL, cvt_f16_neon, cvt_i8_neon};
+        J.cvt = CVT_ARM[a->kind], J.scores = scores_neon, J.accum = accum_neon;
 #endif
     }
-    j.scores = malloc(sizeof(float) * (size_t)a->H * (size_t)(a->hi - a->lo));
-    if (!j.scores) return -1;
-    /* small jobs stay on the caller: waking the pool costs more than a few hundred dot products */
-    const size_t work = (size_t)a->H * (size_t)(a->hi - a->lo) * (size_t)a->hd;
-    if (work < 65536) {
-        for (int h = 0; h < a->H; h++) attend_head(&j, h, a->H);
+    J.B = a->sparse ? a->sparse->block : KCHUNK;
+    J.rows_per_item = a->T == 1 ? 1 : TQ;
+    J.n_tiles = (a->T + J.rows_per_item - 1) / J.rows_per_item;
+    /* split GQA groups into head subgroups only when tiles x kv heads leave threads idle (decode
+     * with few kv heads): a whole group shares each chunk's conversion and cache reads */
+    const int G = a->H / a->KV, threads = pool_threads();
+    const int64_t items = (int64_t)J.n_tiles * a->KV;
+    int subs = items >= 4 * threads ? 1 : (int)((4 * threads + items - 1) / items);
+    subs = subs < G ? subs : G;
+    J.heads_per_item = (G + subs - 1) / subs;
+    J.subs_per_group = (G + J.heads_per_item - 1) / J.heads_per_item;
+    atomic_init(&J.failed, 0);
+    const int64_t n_items = items * J.subs_per_group;
+    if (n_items > (1 << 30)) return -2;
+    /* small jobs stay on the caller: waking the pool costs more than a few hundred dot products
+     * (work ~ query rows x heads x visible keys x hd, bounded here by the dense count) */
+    const int64_t span = a->window > 0 && a->window < a->pos + a->T ? a->window : a->pos + a->T;
+    const double work = (double)a->T * a->H * (double)span * a->hd;
+    if (work < 65536.0 || n_items == 1) {
+        for (int c = 0; c < (int)n_items; c++) attend_item(&J, c, (int)n_items);
     } else {
-        pool_run(attend_head, &j, a->H);
+        pool_run(attend_item, &J, (int)n_items);
     }
-    free(j.scores);
-    return 0;
+    return atomic_load(&J.failed) ? -1 : 0;
 }

@@ -79,7 +79,6 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
     const int D = p->D, H = p->H, KV = p->KV, hd = p->hd, F = p->F;
     float *x = p->scratch, *qkv = x + D, *attn = qkv + (size_t)(H + 2 * KV) * hd;
     float *proj = attn + (size_t)H * hd, *gu = proj + D, *act = gu + 2 * (size_t)F;
-    const int lo = p->window > 0 && pos + 1 > p->window ? pos + 1 - p->window : 0;
     static const size_t ELEM[3] = {4, 2, 1};
     const size_t layer_cache = (size_t)KV * p->n_ctx * hd * ELEM[p->kv_kind], layer_scales = (size_t)KV * p->n_ctx;
     for (int i = 0; i < p->n_layers; i++) {
@@ -91,10 +90,14 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
         rope_row(k, KV, hd, cos, sin);
         store_kv(p, i, pos, k, v);
         const int i8 = p->kv_kind == KV_I8;
-        const attention_args a = {q, (const char *)p->k_cache + i * layer_cache,
-                                  (const char *)p->v_cache + i * layer_cache,
-                                  i8 ? p->k_scale + i * layer_scales : NULL, i8 ? p->v_scale + i * layer_scales : NULL,
-                                  attn, H, KV, hd, p->n_ctx, lo, pos + 1, p->kv_kind};
+        const attention_args a = {.q = q, .q_stride = H * hd,
+                                  .k = (const char *)p->k_cache + i * layer_cache,
+                                  .v = (const char *)p->v_cache + i * layer_cache,
+                                  .k_scale = i8 ? p->k_scale + i * layer_scales : NULL,
+                                  .v_scale = i8 ? p->v_scale + i * layer_scales : NULL,
+                                  .out = attn, .H = H, .KV = KV, .hd = hd, .n_ctx = p->n_ctx,
+                                  .kind = p->kv_kind, .T = 1, .pos = pos, .window = p->window,
+                                  .scale = 1.0f / sqrtf((float)hd), .sparse = NULL};
         if (run_attention(&a, simd)) return -1;
         if (matvec(table, &L->o, attn, proj)) return -1;
         for (int j = 0; j < D; j++) h[j] += proj[j];

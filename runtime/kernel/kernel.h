@@ -8,7 +8,7 @@
  * types.c (type table, fp16, empty/corrupt block tests, Q4_0 repacking), q8_activations.c,
  * matmul.c (drivers), gemm.h + gemm.c + gemm_avx2.c + gemm_avx512.c + gemm_neon.c (the register-tiled batched path
  * for prefill), decode.c (one decode step through every layer), rowops.c (prefill's element-wise steps),
- * attention.c (decode attention over the KV cache), threadpool.c,
+ * attention.c (decode and prompt attention over the KV cache, dense / window / block-sparse), threadpool.c,
  * dot_scalar.c (the reference), dot_avx2.c, dot_avx512.c,
  * dot_neon.c + dot_neon_body.h (plain NEON, dotprod, i8mm), selftest.c + cross_test_arm64.sh
  * (standalone test for cross-builds).
@@ -195,21 +195,38 @@ int gemm_supports(const gemm_kernel *gk, const gtype_info *t);
 int run_gemm(const gemm_kernel *gk, const gtype_info *t, const uint8_t *w, int rows, int K, const float *X, int M,
              float *Y);
 
-/* attention.c: single-token decode attention over one layer's KV cache.
- * q [H, hd] float32; k, v [KV, n_ctx, hd] in the KVCache layout, of element kind KV_F32, KV_F16 or
- * KV_I8 (int8 codes with one fp16 scale per head and position: k_scale, v_scale [KV, n_ctx];
- * NULL otherwise); attends positions [lo, hi) (0 <= lo < hi <= n_ctx); H % KV == 0 (query head h
- * reads kv head h / (H / KV)); scale 1/sqrt(hd); out [H, hd] float32 (must not overlap k, v).
+/* attention.c: attention of T query rows over one layer's KV cache: decode (T = 1) and prompt
+ * chunks (T > 1; their keys and values are already in the cache), dense causal, sliding window and
+ * block-sparse (Phi-3-small, pocketlm/blocksparse.py).
+ * q: T rows of H * hd float32 (query head h at columns h*hd..h*hd+hd-1), row stride q_stride >= H*hd
+ * floats (the fused qkv rows [T, (H+2KV)*hd] can be passed as they are); k, v: [KV, n_ctx, hd] in
+ * the KVCache layout, of element kind KV_F32, KV_F16 or KV_I8 (int8 codes with one fp16 scale per
+ * head and position: k_scale, v_scale [KV, n_ctx]; NULL otherwise); H % KV == 0 (query head h
+ * reads kv head h / (H / KV)); row t is at position pos + t (0 <= pos, pos + T <= n_ctx) and sees
+ * keys j <= pos + t, j > pos + t - window if window > 0, and, if sparse != NULL, only the key
+ * blocks its head sees from its query block (with ib = p / block, jb = j / block:
+ * jb <= ib and (ib - jb < local_blocks or (jb + h * head_step + 1) % vert_stride == 0));
+ * scores q.k * scale (1/sqrt(hd) for Phi-3, 1/hd for Phi-3-small); out [T, H*hd] float32 (must
+ * not overlap q, k, v). Only the visible key blocks are read.
  * simd = 0 selects the portable C (the scalar path), otherwise F16C/AVX2 on x86 or NEON on ARM64.
- * Returns 0, or -1 when the scratch scores [H, hi - lo] cannot be allocated. */
+ * Returns 0, -1 when a work item's scratch cannot be allocated, -2 on arguments that
+ * attention_args_error rejects (it returns the reason, or NULL when they are valid; it cannot
+ * check buffer lengths: the caller does). */
 enum { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 };
 typedef struct {
+    int block, local_blocks, vert_stride, head_step; /* tokens per block; blocks; blocks; heads' shift */
+} block_sparse;
+typedef struct {
     const float *q;
-    const void *k, *v;
-    const uint16_t *k_scale, *v_scale;
-    float *out;
-    int H, KV, hd, n_ctx, lo, hi, kind;
+    int q_stride;                      /* floats between query rows */
+    const void *k, *v;                 /* one layer's cache [KV, n_ctx, hd] */
+    const uint16_t *k_scale, *v_scale; /* KV_I8: fp16 [KV, n_ctx]; else NULL */
+    float *out;                        /* [T, H*hd] */
+    int H, KV, hd, n_ctx, kind, T, pos, window;
+    float scale;
+    const block_sparse *sparse; /* NULL: dense (or window only) */
 } attention_args;
+const char *attention_args_error(const attention_args *a);
 int run_attention(const attention_args *a, int simd);
 
 /* decode.c: one token through every layer (see decode.c); quantized linears and an fp16 / fp32 /

@@ -328,7 +328,10 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
         goto fail_out;
     }
     if (check_finite(q.buf, (size_t)H * hd, "q") != 0) goto fail_out;
-    const attention_args a = {q.buf, k.buf, v.buf, NULL, NULL, out.buf, H, KV, hd, n_ctx, lo, hi, k16};
+    /* positions [lo, hi) = the window of hi - lo keys ending at the one query row, pos = hi - 1 */
+    const attention_args a = {.q = q.buf, .q_stride = H * hd, .k = k.buf, .v = v.buf, .out = out.buf, .H = H,
+                              .KV = KV, .hd = hd, .n_ctx = n_ctx, .kind = k16, .T = 1, .pos = hi - 1,
+                              .window = hi - lo, .scale = 1.0f / sqrtf((float)hd), .sparse = NULL};
     const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
     Py_BEGIN_ALLOW_THREADS
     rc = run_attention(&a, simd);
@@ -341,6 +344,140 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 fail_out:
     PyBuffer_Release(&out);
+fail_v:
+    PyBuffer_Release(&v);
+fail_k:
+    PyBuffer_Release(&k);
+fail_q:
+    PyBuffer_Release(&q);
+    return NULL;
+}
+
+/* q for attention_rows: a 2-D float32 array [T, >= need] whose rows may be strided (a column slice
+ * of the fused qkv rows), elements contiguous within a row; *stride in floats, *extent in bytes. */
+static int get_q_rows(PyObject *o, Py_buffer *v, Py_ssize_t need, int *T, int *stride, Py_ssize_t *extent) {
+    if (PyObject_GetBuffer(o, v, PyBUF_STRIDES | PyBUF_FORMAT) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "q must be a 2-D float32 array (got %s)", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (buf_kind(v) != 'f' || v->itemsize != 4 || v->ndim != 2) {
+        PyErr_Format(PyExc_ValueError, "q must be a 2-D float32 array [rows, >= heads*head_dim] (format '%s', "
+                     "%d dims)", v->format ? v->format : "B", v->ndim);
+        goto fail;
+    }
+    if (v->shape[0] < 1 || v->shape[0] > INT_MAX || v->shape[1] < need) {
+        PyErr_Format(PyExc_ValueError, "q has shape (%zd, %zd): needs >= 1 rows of >= heads*head_dim = %zd values",
+                     v->shape[0], v->shape[1], need);
+        goto fail;
+    }
+    if (v->strides[1] != 4 || v->strides[0] % 4 != 0 || v->strides[0] / 4 < need || v->strides[0] / 4 > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "q's rows must be contiguous float32 values with a positive row stride of "
+                     ">= heads*head_dim = %zd floats (strides %zd, %zd bytes)", need, v->strides[0], v->strides[1]);
+        goto fail;
+    }
+    *T = (int)v->shape[0];
+    *stride = (int)(v->strides[0] / 4);
+    *extent = (v->shape[0] - 1) * v->strides[0] + v->shape[1] * 4;
+    return 0;
+fail:
+    PyBuffer_Release(v);
+    return -1;
+}
+
+/* attention_rows(q, k, v, k_scale, v_scale, H, KV, hd, n_ctx, pos, window, scale, sparse, out):
+ * T query rows at positions pos..pos+T-1, see kernel.h. k_scale/v_scale: None, or fp16 [KV, n_ctx]
+ * for an int8 cache; sparse: None or (block, local_blocks, vert_stride, head_step). */
+static PyObject *py_attention_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *qo, *ko, *vo, *kso, *vso, *so, *oo;
+    int H, KV, hd, n_ctx, pos, window, kk, vk, T = 0, stride = 0, rc = 0;
+    double scale;
+    if (!PyArg_ParseTuple(args, "OOOOOiiiiiidOO", &qo, &ko, &vo, &kso, &vso, &H, &KV, &hd, &n_ctx, &pos, &window,
+                          &scale, &so, &oo))
+        return NULL;
+    if (H < 1 || KV < 1 || hd < 1 || n_ctx < 1 || H > 65536 || hd > 65536) {
+        PyErr_Format(PyExc_ValueError, "heads (%d), kv_heads (%d), head_dim (%d), n_ctx (%d) must be >= 1 "
+                     "(heads, head_dim <= 65536)", H, KV, hd, n_ctx);
+        return NULL;
+    }
+    block_sparse sp = {0, 0, 0, 0};
+    if (so != Py_None) {
+        if (!PyTuple_Check(so) || !PyArg_ParseTuple(so, "iiii", &sp.block, &sp.local_blocks, &sp.vert_stride,
+                                                    &sp.head_step)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "sparse must be None or a tuple of 4 ints (block, local_blocks, "
+                            "vert_stride, head_step)");
+            return NULL;
+        }
+    }
+    Py_buffer q, k, v, ks = {0}, vs = {0}, out;
+    Py_ssize_t q_extent;
+    const Py_ssize_t n_cache = (Py_ssize_t)KV * n_ctx * hd; /* each factor < 2^31: fits 64 bits */
+    if (get_q_rows(qo, &q, (Py_ssize_t)H * hd, &T, &stride, &q_extent) != 0) return NULL;
+    if (get_cache(ko, &k, n_cache, 1, &kk, "k") != 0) goto fail_q;
+    if (get_cache(vo, &v, n_cache, 1, &vk, "v") != 0) goto fail_k;
+    if (kk != vk) {
+        PyErr_SetString(PyExc_TypeError, "k and v must have the same dtype");
+        goto fail_v;
+    }
+    if ((kk == KV_I8) != (kso != Py_None) || (kk == KV_I8) != (vso != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "k_scale and v_scale go with (and only with) an int8 cache");
+        goto fail_v;
+    }
+    if (kk == KV_I8) {
+        int sk;
+        if (get_cache(kso, &ks, (Py_ssize_t)KV * n_ctx, 0, &sk, "k_scale") != 0) goto fail_v;
+        if (sk != KV_F16) {
+            PyErr_SetString(PyExc_TypeError, "k_scale must be float16 [kv_heads, n_ctx]");
+            goto fail_ks;
+        }
+        if (get_cache(vso, &vs, (Py_ssize_t)KV * n_ctx, 0, &sk, "v_scale") != 0) goto fail_ks;
+        if (sk != KV_F16) {
+            PyErr_SetString(PyExc_TypeError, "v_scale must be float16 [kv_heads, n_ctx]");
+            goto fail_vs;
+        }
+    }
+    if (get_f32(oo, &out, (Py_ssize_t)T * H * hd, 1, "out") != 0) goto fail_vs;
+    const Py_buffer q_span = {.buf = q.buf, .len = q_extent};
+    if (overlaps(&out, &q_span) || overlaps(&out, &k) || overlaps(&out, &v) ||
+        (ks.buf && (overlaps(&out, &ks) || overlaps(&out, &vs)))) {
+        PyErr_SetString(PyExc_ValueError, "out must not overlap q, k, v or the scales");
+        goto fail_out;
+    }
+    const attention_args a = {.q = q.buf, .q_stride = stride, .k = k.buf, .v = v.buf, .k_scale = ks.buf,
+                              .v_scale = vs.buf, .out = out.buf, .H = H, .KV = KV, .hd = hd, .n_ctx = n_ctx,
+                              .kind = kk, .T = T, .pos = pos, .window = window, .scale = (float)scale,
+                              .sparse = so != Py_None ? &sp : NULL};
+    const char *why = attention_args_error(&a);
+    if (why) {
+        PyErr_Format(PyExc_ValueError, "%s (heads %d, kv_heads %d, head_dim %d, n_ctx %d, rows %d, pos %d, "
+                     "window %d, scale %g, sparse (%d, %d, %d, %d))", why, H, KV, hd, n_ctx, T, pos, window, scale,
+                     sp.block, sp.local_blocks, sp.vert_stride, sp.head_step);
+        goto fail_out;
+    }
+    for (int t = 0; t < T; t++)
+        if (check_finite((const float *)q.buf + (size_t)t * stride, (size_t)H * hd, "q") != 0) goto fail_out;
+    const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_attention(&a, simd);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_NoMemory();
+        goto fail_out;
+    }
+    PyBuffer_Release(&out);
+    if (ks.buf) PyBuffer_Release(&vs), PyBuffer_Release(&ks);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&q);
+    Py_RETURN_NONE;
+fail_out:
+    PyBuffer_Release(&out);
+fail_vs:
+    if (vs.buf) PyBuffer_Release(&vs);
+fail_ks:
+    if (ks.buf) PyBuffer_Release(&ks);
 fail_v:
     PyBuffer_Release(&v);
 fail_k:
@@ -822,6 +959,9 @@ static PyMethodDef METHODS[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(w, gtype, rows, K, X, M, out): out[M, rows] = X.W^T"},
     {"attention", py_attention, METH_VARARGS,
      "attention(q, k, v, H, KV, hd, n_ctx, lo, hi, out): decode attention of one token over a KV cache"},
+    {"attention_rows", py_attention_rows, METH_VARARGS,
+     "attention_rows(q, k, v, k_scale, v_scale, H, KV, hd, n_ctx, pos, window, scale, sparse, out): attention "
+     "of T query rows (dense, window, block-sparse) over a KV cache"},
     {"build_sparse_index", py_build_sparse_index, METH_VARARGS, "CSR index of the non-empty blocks"},
     {"sparse_index_info", py_sparse_index_info, METH_O, "(gtype, rows, nb, nnz, row_ptr, blk_idx)"},
     {"check_blocks", py_check_blocks, METH_VARARGS, "index of the first block with a NaN/inf scale, or -1"},

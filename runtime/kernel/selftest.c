@@ -6,8 +6,8 @@
  * For each type: random blocks (valid fp16 scales), a float64 reference = dequantized weights .
  * dequantized int8 activation (dequantization written from the GGUF layouts, independently of the
  * dot code); every available path, dense and block-sparse, must match it; the threaded drivers
- * must equal the single-thread ones. Decode attention (fp16/f32 caches, portable and SIMD) against
- * float64. Exit status 0 = all passed. */
+ * must equal the single-thread ones. Attention (decode and prompt rows; dense, window, block-sparse;
+ * fp32/fp16/int8 caches; portable and SIMD) against float64. Exit status 0 = all passed. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -217,22 +217,72 @@ static double half_to_double(uint16_t h) {
     return ((h >> 15) ? -1.0 : 1.0) * ldexp(m, (int)((h >> 10) & 0x1F) - 15);
 }
 
-/* Decode attention (attention.c), float32, fp16 and int8 caches, portable and SIMD code, 1 and 2
- * threads, against float64: GQA 8 query heads over 2 kv heads, window [lo, hi) of a 300-slot cache. */
+/* Attention (attention.c) against a float64 reference written from the definition, one (query,
+ * key) pair at a time: key j visible from row t (position p = pos + t), head h iff j <= p,
+ * j > p - window (window > 0), and with a block-sparse pattern jb <= ib and (ib - jb < local or
+ * (jb + h * step + 1) % stride == 0) for ib = p / block, jb = j / block. kd, vd: the cache's values
+ * as float ([KV, n_ctx, hd]); out [T, H * hd]. */
+static void attention_reference(const float *q, int q_stride, const float *kd, const float *vd, int H, int KV, int hd,
+                                int n_ctx, int T, int pos, int window, double scale, const block_sparse *sp,
+                                double *out, double *p) {
+    for (int t = 0; t < T; t++) {
+        const int qp = pos + t;
+        for (int h = 0; h < H; h++) {
+            const size_t base = (size_t)(h / (H / KV)) * n_ctx * hd;
+            double mx = -INFINITY, sum = 0;
+            for (int j = 0; j <= qp; j++) {
+                int seen = !(window > 0 && j <= qp - window);
+                if (sp) {
+                    const int ib = qp / sp->block, jb = j / sp->block;
+                    seen = seen && (ib - jb < sp->local_blocks || (jb + h * sp->head_step + 1) % sp->vert_stride == 0);
+                }
+                p[j] = -INFINITY;
+                if (!seen) continue;
+                double s = 0;
+                for (int i = 0; i < hd; i++) s += (double)q[(size_t)t * q_stride + h * hd + i] * kd[base + (size_t)j * hd + i];
+                p[j] = s * scale;
+                if (p[j] > mx) mx = p[j];
+            }
+            for (int j = 0; j <= qp; j++) sum += (p[j] = p[j] == -INFINITY ? 0.0 : exp(p[j] - mx));
+            for (int i = 0; i < hd; i++) {
+                double o = 0;
+                for (int j = 0; j <= qp; j++) o += p[j] / sum * vd[base + (size_t)j * hd + i];
+                out[(size_t)t * H * hd + h * hd + i] = o;
+            }
+        }
+    }
+}
+
+/* Decode (T = 1) and prompt rows (T > 1), dense / window / block-sparse (hetero and homo heads),
+ * float32, fp16 and int8 caches, portable and SIMD code (NEON under qemu), 1 and 2 threads, q rows
+ * with a stride wider than H * hd (the fused qkv rows): GQA 8 query heads over 2 kv heads,
+ * 300-slot cache, block 16, 2 local blocks, vertical stride 4. The SIMD result must also match
+ * the portable one closely (same chunk order, different summation inside a dot). */
 static void test_attention(void) {
-    const int H = 8, KV = 2, n_ctx = 300, hds[] = {64, 96, 20};
-    const int ranges[][2] = {{0, 1}, {0, 300}, {37, 290}};
-    for (int hi_d = 0; hi_d < 3; hi_d++) {
-        const int hd = hds[hi_d];
-        const size_t n = (size_t)KV * n_ctx * hd;
-        float *q = malloc(sizeof(float) * H * hd), *out = malloc(sizeof(float) * H * hd);
+    const int H = 8, KV = 2, n_ctx = 300, hds[] = {64, 20};
+    const block_sparse hetero = {16, 2, 4, 1}, homo = {16, 2, 4, 0}, wide = {16, 3, 4, 2};
+    const struct {
+        int T, pos, window;
+        const block_sparse *sp;
+    } cases[] = {
+        {1, 0, 0, NULL},      {1, 299, 0, NULL},     {1, 289, 253, NULL}, {1, 150, 1, NULL},
+        {1, 299, 0, &hetero}, {1, 97, 0, &homo},     {1, 250, 40, &hetero},
+        {77, 0, 0, NULL},     {45, 200, 0, NULL},    {33, 120, 50, NULL},
+        {120, 0, 0, &hetero}, {53, 181, 0, &hetero}, {40, 140, 0, &homo}, {61, 239, 0, &wide},
+    };
+    const int n_cases = (int)(sizeof(cases) / sizeof(cases[0])), T_max = 120;
+    for (int hi_d = 0; hi_d < 2; hi_d++) {
+        const int hd = hds[hi_d], q_stride = (H + 2 * KV) * hd; /* q = first H*hd columns of qkv rows */
+        const size_t n = (size_t)KV * n_ctx * hd, n_out = (size_t)T_max * H * hd;
+        float *q = malloc(sizeof(float) * T_max * q_stride), *out = malloc(sizeof(float) * n_out);
+        float *out0 = malloc(sizeof(float) * n_out);
         float *k32 = malloc(sizeof(float) * n), *v32 = malloc(sizeof(float) * n);
         uint16_t *k16 = malloc(2 * n), *v16 = malloc(2 * n);
         int8_t *k8 = malloc(n), *v8 = malloc(n);
         uint16_t *ks = malloc(2 * (size_t)KV * n_ctx), *vs = malloc(2 * (size_t)KV * n_ctx);
         float *kd = malloc(sizeof(float) * n), *vd = malloc(sizeof(float) * n); /* the kind's values */
-        double *ref = malloc(sizeof(double) * H * hd), *p = malloc(sizeof(double) * n_ctx);
-        for (int i = 0; i < H * hd; i++) q[i] = rnd_gauss();
+        double *ref = malloc(sizeof(double) * n_out), *p = malloc(sizeof(double) * n_ctx);
+        for (int i = 0; i < T_max * q_stride; i++) q[i] = rnd_gauss() * 0.5f;
         for (size_t i = 0; i < n; i++) { /* random normal fp16 in +-[2^-4, 2^1) */
             k16[i] = (uint16_t)((rnd() & 0x83FF) | (uint16_t)((11 + rnd() % 5) << 10));
             v16[i] = (uint16_t)((rnd() & 0x83FF) | (uint16_t)((11 + rnd() % 5) << 10));
@@ -241,9 +291,9 @@ static void test_attention(void) {
             k8[i] = (int8_t)(rnd() % 255 - 127);
             v8[i] = (int8_t)(rnd() % 255 - 127);
         }
-        for (int i = 0; i < KV * n_ctx; i++) { /* positive fp16 scales in [2^-8, 2^-6) */
-            ks[i] = (uint16_t)((rnd() & 0x3FF) | (uint16_t)((7 + rnd() % 2) << 10));
-            vs[i] = (uint16_t)((rnd() & 0x3FF) | (uint16_t)((7 + rnd() % 2) << 10));
+        for (int i = 0; i < KV * n_ctx; i++) { /* positive fp16 scales in [2^-7, 2^-5) */
+            ks[i] = (uint16_t)((rnd() & 0x3FF) | (uint16_t)((8 + rnd() % 2) << 10));
+            vs[i] = (uint16_t)((rnd() & 0x3FF) | (uint16_t)((8 + rnd() % 2) << 10));
         }
         for (int kind = KV_F32; kind <= KV_I8; kind++) {
             for (size_t i = 0; i < n; i++) {
@@ -251,43 +301,62 @@ static void test_attention(void) {
                 kd[i] = kind == KV_I8 ? (float)(k8[i] * half_to_double(ks[row])) : k32[i];
                 vd[i] = kind == KV_I8 ? (float)(v8[i] * half_to_double(vs[row])) : v32[i];
             }
-            for (int r = 0; r < 3; r++) {
-                const int lo = ranges[r][0], hi = ranges[r][1];
+            const void *kc = kind == KV_I8 ? (const void *)k8 : kind == KV_F16 ? (const void *)k16 : k32;
+            const void *vc = kind == KV_I8 ? (const void *)v8 : kind == KV_F16 ? (const void *)v16 : v32;
+            for (int c = 0; c < n_cases; c++) {
+                const int T = cases[c].T, pos = cases[c].pos, window = cases[c].window;
+                const block_sparse *sp = cases[c].sp;
+                const double scale = c % 2 ? 1.0 / hd : 1.0 / sqrt((double)hd); /* Phi-3-small's and Phi-3's */
+                attention_reference(q, q_stride, kd, vd, H, KV, hd, n_ctx, T, pos, window, scale, sp, ref, p);
                 double amax = 0;
-                for (int h = 0; h < H; h++) {
-                    const size_t base = (size_t)(h / (H / KV)) * n_ctx * hd;
-                    double mx = -INFINITY, sum = 0;
-                    for (int t = lo; t < hi; t++) {
-                        double s = 0;
-                        for (int i = 0; i < hd; i++) s += (double)q[h * hd + i] * kd[base + (size_t)t * hd + i];
-                        p[t] = s / sqrt((double)hd);
-                        if (p[t] > mx) mx = p[t];
-                    }
-                    for (int t = lo; t < hi; t++) sum += (p[t] = exp(p[t] - mx));
-                    for (int i = 0; i < hd; i++) {
-                        double o = 0;
-                        for (int t = lo; t < hi; t++) o += p[t] / sum * vd[base + (size_t)t * hd + i];
-                        ref[h * hd + i] = o;
-                        if (fabs(o) > amax) amax = fabs(o);
-                    }
-                }
-                const void *kc = kind == KV_I8 ? (const void *)k8 : kind == KV_F16 ? (const void *)k16 : k32;
-                const void *vc = kind == KV_I8 ? (const void *)v8 : kind == KV_F16 ? (const void *)v16 : v32;
+                for (size_t i = 0; i < (size_t)T * H * hd; i++) amax = fmax(amax, fabs(ref[i]));
                 for (int simd = 0; simd < 2; simd++)
                     for (int threads = 1; threads <= 2; threads++) {
                         pool_set_threads(threads);
-                        const attention_args a = {q, kc, vc, kind == KV_I8 ? ks : NULL, kind == KV_I8 ? vs : NULL,
-                                                  out, H, KV, hd, n_ctx, lo, hi, kind};
+                        const attention_args a = {.q = q, .q_stride = q_stride, .k = kc, .v = vc,
+                                                  .k_scale = kind == KV_I8 ? ks : NULL,
+                                                  .v_scale = kind == KV_I8 ? vs : NULL, .out = out, .H = H,
+                                                  .KV = KV, .hd = hd, .n_ctx = n_ctx, .kind = kind, .T = T,
+                                                  .pos = pos, .window = window, .scale = (float)scale, .sparse = sp};
                         CHECK(run_attention(&a, simd) == 0, "attention: out of memory");
-                        double err = 0;
-                        for (int i = 0; i < H * hd; i++) err = fmax(err, fabs(out[i] - ref[i]));
-                        CHECK(err <= 1e-5 * amax + 1e-7, "attention hd=%d [%d,%d) kind=%d simd=%d threads=%d: "
-                              "max error %g (output scale %g)", hd, lo, hi, kind, simd, threads, err, amax);
+                        double err = 0, err0 = 0;
+                        for (size_t i = 0; i < (size_t)T * H * hd; i++) {
+                            err = fmax(err, fabs(out[i] - ref[i]));
+                            if (simd) err0 = fmax(err0, fabs(out[i] - out0[i]));
+                        }
+                        if (!simd && threads == 1) memcpy(out0, out, sizeof(float) * (size_t)T * H * hd);
+                        CHECK(err <= 1e-5 * amax + 1e-7 && err0 <= 2e-6 * amax + 1e-7,
+                              "attention hd=%d T=%d pos=%d window=%d sparse=%d kind=%d simd=%d threads=%d: "
+                              "max error %g vs float64, %g vs portable (output scale %g)", hd, T, pos, window,
+                              sp ? sp->head_step + 1 : 0, kind, simd, threads, err, err0, amax);
                     }
             }
         }
+        /* prompt rows equal decode one row at a time (the same chunks in the same order) */
+        const attention_args all = {.q = q, .q_stride = q_stride, .k = k16, .v = v16, .out = out, .H = H, .KV = KV,
+                                    .hd = hd, .n_ctx = n_ctx, .kind = KV_F16, .T = 90, .pos = 100, .window = 0,
+                                    .scale = 1.0f / hd, .sparse = &hetero};
+        CHECK(run_attention(&all, 1) == 0, "attention: out of memory");
+        int same = 1;
+        for (int t = 0; t < 90; t++) {
+            attention_args one = all;
+            one.q = q + (size_t)t * q_stride, one.T = 1, one.pos = 100 + t, one.out = out0;
+            CHECK(run_attention(&one, 1) == 0, "attention: out of memory");
+            same &= memcmp(out0, out + (size_t)t * H * hd, sizeof(float) * H * hd) == 0;
+        }
+        CHECK(same, "attention hd=%d: prompt rows differ from decoding them one by one", hd);
+        /* invalid arguments are refused, not run */
+        attention_args bad = all;
+        bad.pos = n_ctx - 89;
+        CHECK(run_attention(&bad, 1) == -2 && attention_args_error(&bad), "attention: rows past the cache accepted");
+        bad = all, bad.q_stride = H * hd - 1;
+        CHECK(run_attention(&bad, 1) == -2, "attention: short q stride accepted");
+        block_sparse zero_local = hetero;
+        zero_local.local_blocks = 0;
+        bad = all, bad.sparse = &zero_local;
+        CHECK(run_attention(&bad, 1) == -2, "attention: local_blocks 0 accepted");
         pool_set_threads(1);
-        free(q), free(out), free(k32), free(v32), free(k16), free(v16), free(ref), free(p);
+        free(q), free(out), free(out0), free(k32), free(v32), free(k16), free(v16), free(ref), free(p);
         free(k8), free(v8), free(ks), free(vs), free(kd), free(vd);
     }
 }
