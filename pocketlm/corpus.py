@@ -8,7 +8,9 @@ by whole works, so no line of text is shared between splits:
   evaluated on, so a quantizer is never measured on the text it was tuned with;
 - `train`: every other work; the built-in model and its tokenizer are trained on it.
 
-Every consumer (training script, quantizers, benchmarks, tests) goes through this module.
+Every consumer (training script, quantizers, benchmarks, tests) goes through this module. The
+tests use the copy in `tests/data/` (every heldout and calib work and two short train works; their
+conftest points `$POCKETLM_SHARED_DIR` at `tests/`), so they pass on a clone with nothing beside it.
 """
 
 from __future__ import annotations

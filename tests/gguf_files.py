@@ -49,9 +49,9 @@ def write_gguf(path: Path, cfg: Phi3Config, weights: Mapping[str, np.ndarray], g
     return path
 
 
-def phi3_vocab_fields(shared_dir: Path) -> dict[str, Any]:
+def phi3_vocab_fields(data_root: Path) -> dict[str, Any]:
     """The real Phi-3 vocabulary (32064 tokens) as GGUF tokenizer fields: llama.cpp needs one."""
-    with GGUFReader(shared_dir / "data" / "phi3" / "ggml-vocab-phi-3.gguf") as r:
+    with GGUFReader(data_root / "data" / "phi3" / "ggml-vocab-phi-3.gguf") as r:
         return r.tokenizer_fields()
 
 

@@ -1,7 +1,7 @@
 """Helpers shared by the quantizer tests (loaded by path: tests/ is not a package).
 
 - `make_checkpoint`: a random Phi-3 checkpoint folder WITH a tokenizer (the first tokens of the real
-  Phi-3 vocabulary from the shared vocab-only GGUF), since every GGUF file carries its vocabulary;
+  Phi-3 vocabulary from the vocab-only GGUF in tests/data), since every GGUF file carries its vocabulary;
   norm weights are random around 1 so that no two channels scale alike (all-ones norms make
   llama.cpp's activation rounding hit exact ties, see `evaluate.llama_cpp_round_activations`).
 - `llama_cpp_logits`: logits of a token sequence from llama-cpp-python's low-level API.
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-PHI3_VOCAB = SHARED / "data" / "phi3" / "ggml-vocab-phi-3.gguf"
+PHI3_VOCAB = Path(__file__).resolve().parent / "data" / "phi3" / "ggml-vocab-phi-3.gguf"  # tests/data
 
 
 def phi3_vocabulary(size: int) -> dict:

@@ -35,7 +35,7 @@ from gguf_files import phi3_vocab_fields, write_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_gguf(tmp_path_factory, shared_dir) -> Path:
+def tiny_gguf(tmp_path_factory, data_root) -> Path:
     from pocketlm.config import Phi3Config, tensor_specs
     from pocketlm.quantize.formats import GGMLType
 
@@ -47,7 +47,7 @@ def tiny_gguf(tmp_path_factory, shared_dir) -> Path:
     w = {s.name: (np.ones(s.shape) if s.kind == "norm" else rng.normal(0, 0.05, s.shape)).astype(np.float32)
          for s in tensor_specs(cfg)}
     path = tmp_path_factory.mktemp("bench") / "tiny-q4_0.gguf"
-    return write_gguf(path, cfg, w, GGMLType.Q4_0, phi3_vocab_fields(shared_dir))
+    return write_gguf(path, cfg, w, GGMLType.Q4_0, phi3_vocab_fields(data_root))
 
 
 @pytest.fixture(scope="session")

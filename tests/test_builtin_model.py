@@ -48,22 +48,22 @@ def hf_tokenizer():
 
 # --------------------------------------------------------------------------------------- corpus
 
-def test_corpus_splits_are_disjoint_nonempty_and_cover_the_corpus(shared_dir):
-    files = {s: corpus.corpus_files(s, shared_dir) for s in corpus.SPLITS}
+def test_corpus_splits_are_disjoint_nonempty_and_cover_the_corpus(data_root):
+    files = {s: corpus.corpus_files(s, data_root) for s in corpus.SPLITS}
     stems = {s: {p.stem for p in fs} for s, fs in files.items()}
     assert all(stems.values())
     assert not stems["train"] & stems["heldout"]
     assert not stems["train"] & stems["calib"]
     assert not stems["calib"] & stems["heldout"]  # never calibrate on what is evaluated
-    everything = {p.stem for p in (shared_dir / "data" / "shakespeare").glob("*.txt")}
+    everything = {p.stem for p in (data_root / "data" / "shakespeare").glob("*.txt")}
     assert stems["train"] | stems["heldout"] | stems["calib"] == everything
     assert files["heldout"] == sorted(files["heldout"])  # deterministic order
 
 
-def test_corpus_split_texts_share_no_passage(shared_dir):
-    train = corpus.read_split("train", shared_dir)
+def test_corpus_split_texts_share_no_passage(data_root):
+    train = corpus.read_split("train", data_root)
     for split in ("heldout", "calib"):
-        for path in corpus.corpus_files(split, shared_dir):
+        for path in corpus.corpus_files(split, data_root):
             text = corpus.read_work(path)
             # A verse passage from the middle of the work (titles and stage directions repeat).
             mid = len(text) // 2
@@ -125,12 +125,12 @@ def test_builtin_is_phi3_with_block_friendly_dims(model, hf_tokenizer, record):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118
 
 
-def test_builtin_tokenizer_is_phi3_style(hf_tokenizer, shared_dir):
+def test_builtin_tokenizer_is_phi3_style(hf_tokenizer, data_root):
     import gguf
     import sentencepiece as spm
 
     # Chat tokens: the same names, in the same order, as Phi-3's ids 32000..32010.
-    reader = gguf.GGUFReader(shared_dir / "data" / "phi3" / "ggml-vocab-phi-3.gguf")
+    reader = gguf.GGUFReader(data_root / "data" / "phi3" / "ggml-vocab-phi-3.gguf")
     tokens = reader.fields["tokenizer.ggml.tokens"]
     phi3_added = [tokens.contents(i) for i in range(32000, 32011)]
     n = len(hf_tokenizer)
@@ -145,7 +145,7 @@ def test_builtin_tokenizer_is_phi3_style(hf_tokenizer, shared_dir):
     assert not rstrip["<|endoftext|>"] and not rstrip["<s>"]
     assert rstrip["<|user|>"] and rstrip["<|end|>"] and rstrip["<|assistant|>"] and rstrip["</s>"]
 
-    template = (shared_dir / "data" / "phi3" / "microsoft-Phi-3.5-mini-instruct.jinja").read_text()
+    template = (data_root / "data" / "phi3" / "microsoft-Phi-3.5-mini-instruct.jinja").read_text()
     assert hf_tokenizer.chat_template == template
     chat = hf_tokenizer.apply_chat_template([{"role": "user", "content": "Hail"}], tokenize=False,
                                             add_generation_prompt=True)
@@ -153,37 +153,38 @@ def test_builtin_tokenizer_is_phi3_style(hf_tokenizer, shared_dir):
 
     # tokenizer.json tokenizes like the SentencePiece model it was converted from.
     sp = spm.SentencePieceProcessor(model_file=str(BUILTIN / "tokenizer.model"))
-    text = corpus.read_work(corpus.corpus_files("heldout", shared_dir)[0])[:20000] + " 1623 café ü"
+    text = corpus.read_work(corpus.corpus_files("heldout", data_root)[0])[:20000] + " 1623 café ü"
     assert hf_tokenizer(text, add_special_tokens=False).input_ids == sp.encode(text)
     assert hf_tokenizer.decode(hf_tokenizer(text).input_ids, skip_special_tokens=True) == text
 
 
 # ----------------------------------------------------------------------------------- perplexity
 
-def heldout_slice_ids(tok, shared_dir) -> np.ndarray:
+def heldout_slice_ids(tok, data_root) -> np.ndarray:
     """The first SLICE_TOKENS of the heldout stream (each work opens with <s>), as training did."""
     ids: list[int] = []
-    for path in corpus.corpus_files("heldout", shared_dir):
+    for path in corpus.corpus_files("heldout", data_root):
         ids += tok(corpus.read_work(path)).input_ids  # <s> + pieces
         if len(ids) >= SLICE_TOKENS:
             break
     return np.asarray(ids[:SLICE_TOKENS])
 
 
-def test_heldout_perplexity_is_far_below_unigram(model, hf_tokenizer, record, shared_dir):
+def test_heldout_perplexity_is_far_below_unigram(model, hf_tokenizer, record, data_root):
     import torch
 
-    windows = heldout_slice_ids(hf_tokenizer, shared_dir).reshape(-1, SEQ_LEN)  # [16, 256]
+    windows = heldout_slice_ids(hf_tokenizer, data_root).reshape(-1, SEQ_LEN)  # [16, 256]
     x = torch.from_numpy(windows).long()
     with torch.no_grad():
         logits = model(input_ids=x).logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
     ppl = math.exp(float(nll))
 
-    # Unigram baseline: train-split token counts with add-one smoothing, on the same targets.
-    train = hf_tokenizer(
-        [corpus.read_work(p) for p in corpus.corpus_files("train", shared_dir)]).input_ids
-    counts = np.bincount(np.concatenate(train), minlength=len(hf_tokenizer)) + 1.0
+    # Unigram baseline: train-split token counts with add-one smoothing, on the same targets. The
+    # train split (4.3 MB of text) is not in the repository; tests/data carries its token counts
+    # under this tokenizer (tests/data/README.md says how they were made).
+    counts = np.load(data_root / "data" / "builtin_train_unigram_counts.npy").astype(np.float64) + 1.0
+    assert counts.shape == (len(hf_tokenizer),)
     unigram = math.exp(float(-np.log(counts / counts.sum())[windows[:, 1:]].mean()))
 
     expected = record["heldout_slice"]
@@ -229,7 +230,7 @@ def write_vocab_gguf(path: Path, sp, added: list[tuple[int, str]], eos_id: int) 
     w.close()
 
 
-def test_builtin_tokenizer_matches_llama_cpp(hf_tokenizer, shared_dir, tmp_path):
+def test_builtin_tokenizer_matches_llama_cpp(hf_tokenizer, data_root, tmp_path):
     """llama.cpp, given the same vocabulary, tokenizes chat text and verse exactly as tokenizer.json."""
     import llama_cpp
     import sentencepiece as spm
@@ -242,7 +243,7 @@ def test_builtin_tokenizer_matches_llama_cpp(hf_tokenizer, shared_dir, tmp_path)
     texts = [
         "<|system|>\nYou are a poet.<|end|>\n<|user|>\n  Hail, Caesar!<|end|>\n<|assistant|>\nO<|end|>\n",
         "<|endoftext|> after, 1623 café\n\n",
-        corpus.read_work(corpus.corpus_files("calib", shared_dir)[0])[:8000],
+        corpus.read_work(corpus.corpus_files("calib", data_root)[0])[:8000],
     ]
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf_tokenizer(text).input_ids

@@ -2,7 +2,7 @@
 
 Fixtures: tiny random Phi-3 models made with transformers (MHA and GQA, plain 4k RoPE and
 LongRoPE), carrying the real Phi-3 vocabulary (an HF tokenizer built by transformers from
-`shared/data/phi3/ggml-vocab-phi-3.gguf`), exported with `export_gguf`.
+`tests/data/phi3/ggml-vocab-phi-3.gguf`), exported with `export_gguf`.
 
 - gguf-py reads the export: metadata types are the ones llama.cpp's own vocabulary file uses,
   tensor types/shapes/bytes are the HF weights (F16-rounded; norms and rope factors F32).
@@ -61,10 +61,10 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="session")
-def hf_tokenizer_dir(tmp_path_factory, shared_dir) -> Path:
+def hf_tokenizer_dir(tmp_path_factory, data_root) -> Path:
     """Phi-3's vocabulary as Hugging Face tokenizer files (transformers' GGUF converter)."""
     src = tmp_path_factory.mktemp("vocab")
-    shutil.copy(shared_dir / VOCAB_FILE, src / "vocab.gguf")
+    shutil.copy(data_root / VOCAB_FILE, src / "vocab.gguf")
     tok = transformers.AutoTokenizer.from_pretrained(src, gguf_file="vocab.gguf")
     out = tmp_path_factory.mktemp("hf_tokenizer")
     tok.save_pretrained(out)
@@ -157,9 +157,9 @@ def _assert_logits_agree(ours: np.ndarray, ref: np.ndarray, rel_tol: float, all_
 # ---------------------------------------------------------------------------- what the file holds
 
 @pytest.fixture(scope="session")
-def gguf_py(exports, shared_dir) -> dict[str, gguf.GGUFReader]:
+def gguf_py(exports, data_root) -> dict[str, gguf.GGUFReader]:
     """gguf-py's view of llama.cpp's vocabulary file and of the LongRoPE export (slow: parse once)."""
-    return {"vocab": gguf.GGUFReader(shared_dir / VOCAB_FILE),
+    return {"vocab": gguf.GGUFReader(data_root / VOCAB_FILE),
             "gqa-longrope": gguf.GGUFReader(exports["gqa-longrope"][1])}
 
 
@@ -269,10 +269,10 @@ TEXTS = [
 ]
 
 
-def test_llama_cpp_tokenizer_and_chat_template(exports, shared_dir):
+def test_llama_cpp_tokenizer_and_chat_template(exports, data_root):
     _, path = exports["mha-4k"]
     ours = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    theirs = llama_cpp.Llama(model_path=str(shared_dir / VOCAB_FILE), vocab_only=True, verbose=False)
+    theirs = llama_cpp.Llama(model_path=str(data_root / VOCAB_FILE), vocab_only=True, verbose=False)
     try:
         for text in TEXTS:
             for special in (True, False):
@@ -287,11 +287,11 @@ def test_llama_cpp_tokenizer_and_chat_template(exports, shared_dir):
     # and our own reader + tokenizer read the same vocabulary back
     with GGUFReader(path) as r:
         tok = Tokenizer.from_gguf_fields(r.metadata, path)
-        assert tok.encode(TEXTS[1]) == theirs_ids(shared_dir, TEXTS[1])
+        assert tok.encode(TEXTS[1]) == theirs_ids(data_root, TEXTS[1])
 
 
-def theirs_ids(shared_dir: Path, text: str) -> list[int]:
-    llm = llama_cpp.Llama(model_path=str(shared_dir / VOCAB_FILE), vocab_only=True, verbose=False)
+def theirs_ids(data_root: Path, text: str) -> list[int]:
+    llm = llama_cpp.Llama(model_path=str(data_root / VOCAB_FILE), vocab_only=True, verbose=False)
     try:
         return llm.tokenize(text.encode(), add_bos=True, special=True)
     finally:
@@ -334,8 +334,8 @@ def test_cli_export_and_describe(exports, tmp_path, capsys):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_describe_vocab_only_and_quantized_files(shared_dir, tmp_path):
-    text = describe_gguf(shared_dir / VOCAB_FILE)
+def test_describe_vocab_only_and_quantized_files(data_root, tmp_path):
+    text = describe_gguf(data_root / VOCAB_FILE)
     assert "tensors       none" in text and "32064 tokens" in text and "32 layers" in text
     path = tmp_path / "q.gguf"
     w = gguf.GGUFWriter(path, "phi3")
@@ -378,12 +378,12 @@ def test_reader_value_types_for_export(exports):
 # ---------------------------------------------------------------------------- llama.cpp's quantizer output
 
 @pytest.fixture(scope="session")
-def llama_cpp_q3_k_m(tmp_path_factory, shared_dir) -> Path:
+def llama_cpp_q3_k_m(tmp_path_factory, data_root) -> Path:
     """A 256-wide random Phi-3 written by our writer (F16), quantized to Q3_K_M by llama.cpp itself."""
     cfg = Phi3Config(vocab_size=32064, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                      original_max_position_embeddings=4096)
-    with GGUFReader(shared_dir / VOCAB_FILE) as vocab:
+    with GGUFReader(data_root / VOCAB_FILE) as vocab:
         metadata = phi3_gguf_metadata(cfg, vocab.tokenizer_fields(), name="phi3-k", file_type=1,
                                       recipe="f16", method="none")
     specs = tensor_specs(cfg)

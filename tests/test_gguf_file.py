@@ -242,8 +242,8 @@ def test_our_reader_reads_gguf_py_files(tmp_path):
             r.dequantize("t.Q5_1")
 
 
-def test_reads_llama_cpp_vocab_file(shared_dir):
-    path = shared_dir / "data/phi3/ggml-vocab-phi-3.gguf"
+def test_reads_llama_cpp_vocab_file(data_root):
+    path = data_root / "data/phi3/ggml-vocab-phi-3.gguf"
     theirs = gguf.GGUFReader(path)
     with GGUFReader(path) as r:
         assert not r.tensors

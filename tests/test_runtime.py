@@ -335,13 +335,13 @@ sys.stdout.buffer.write(out.astype(np.float32).tobytes())
 
 
 @pytest.mark.parametrize("kind", ["gqa", "longrope"])
-def test_logits_agree_with_llama_cpp_on_the_same_file(kind, shared_dir, tmp_path):
+def test_logits_agree_with_llama_cpp_on_the_same_file(kind, data_root, tmp_path):
     """llama.cpp quantizes activations too (fp16 scales) and keeps an f16 cache: a few % apart.
     The tiny model gets the real Phi-3 vocabulary (llama.cpp insists on a valid one)."""
     pytest.importorskip("llama_cpp")
     cfg = dataclasses.replace(tiny_config(kind), vocab_size=32064)
     path = files.write_gguf(tmp_path / f"{kind}.gguf", cfg, random_weights(cfg), Q.Q8_0,
-                            files.phi3_vocab_fields(shared_dir))
+                            files.phi3_vocab_fields(data_root))
     ids = prompt(cfg, 72 if kind == "longrope" else 24, seed=8)   # longrope: n_ctx 128 > 64 -> long
     theirs = llama_cpp_logits(path, ids, n_ctx=128)
     ours = load(path, threads=1, ctx=128).forward(ids)
@@ -426,11 +426,11 @@ def test_nan_block_scale_is_a_clear_error_never_text(tmp_path, make_file):
 
 # ---------------------------------------------------------------------------- imports
 
-def test_pocketlm_run_imports_no_torch_transformers_or_onnx(shared_dir, tmp_path):
+def test_pocketlm_run_imports_no_torch_transformers_or_onnx(data_root, tmp_path):
     """`pocketlm run` itself, with -X importtime: every module it imports is listed on stderr."""
     cfg = dataclasses.replace(tiny_config("gqa"), vocab_size=32064)
     path = files.write_gguf(tmp_path / "run.gguf", cfg, random_weights(cfg), Q.Q8_0,
-                            files.phi3_vocab_fields(shared_dir))
+                            files.phi3_vocab_fields(data_root))
     res = subprocess.run([sys.executable, "-P", "-X", "importtime", "-m", "pocketlm.cli", "run", str(path), "-p",
                           "Hello", "-n", "4", "--temp", "0"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]

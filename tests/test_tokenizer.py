@@ -82,8 +82,8 @@ def gguf_fields(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def vocab_path(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "phi3" / "ggml-vocab-phi-3.gguf"
+def vocab_path(data_root: Path) -> Path:
+    return data_root / "data" / "phi3" / "ggml-vocab-phi-3.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,8 @@ def llama(vocab_path: Path):
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_dir: Path) -> dict[str, str]:
-    files = sorted((shared_dir / "data" / "shakespeare").glob("*.txt"))
+def corpus(data_root: Path) -> dict[str, str]:
+    files = sorted((data_root / "data" / "shakespeare").glob("*.txt"))
     assert files, "the Shakespeare corpus is empty"
     return {f.name: f.read_text(encoding="utf-8") for f in files}
 
@@ -482,8 +482,8 @@ CONVERSATIONS = [
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_chat_template_matches_jinja(shared_dir: Path, tok: Tokenizer, messages):
-    source = (shared_dir / "data" / "phi3" / "microsoft-Phi-3.5-mini-instruct.jinja").read_text()
+def test_chat_template_matches_jinja(data_root: Path, tok: Tokenizer, messages):
+    source = (data_root / "data" / "phi3" / "microsoft-Phi-3.5-mini-instruct.jinja").read_text()
     template = jinja2.Environment().from_string(source)
     for add_generation_prompt in (True, False):
         expected = template.render(
