@@ -235,6 +235,8 @@ class Tokenizer:
             return fields[key]
 
         model = _as_str(need("tokenizer.ggml.model"))
+        if model == "tiktoken":  # byte-level BPE by rank (phi3small): see tokenizer_from_gguf_fields
+            return tokenizer_from_gguf_fields(fields, source)
         if model != "llama":
             raise PocketLMError(
                 f"tokenizer.ggml.model is {model!r}; pocketlm reads only 'llama' (SentencePiece BPE)",
@@ -1013,3 +1015,13 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def tokenizer_from_gguf_fields(fields: Mapping[str, Any], source: str | os.PathLike | None = None) -> Any:
+    """The tokenizer GGUF `fields` describe: `TiktokenTokenizer` (byte-level BPE by rank,
+    Phi-3-small) for tokenizer.ggml.model "tiktoken", else the SentencePiece `Tokenizer`."""
+    if _as_str(fields.get("tokenizer.ggml.model", "")) == "tiktoken":
+        from .tokenizer_tiktoken import TiktokenTokenizer
+
+        return TiktokenTokenizer.from_gguf_fields(fields, source)
+    return Tokenizer.from_gguf_fields(fields, source)
