@@ -390,6 +390,12 @@ class TiktokenTokenizer:
             fields["tokenizer.chat_template"] = self.chat_template
         return fields
 
+    def write_hf_files(self, out_dir: str | os.PathLike) -> None:
+        """tokenizer.json (HF `tokenizers` gives the same ids) and tokenizer_config.json."""
+        from .tiktoken_hf import write_hf_files
+
+        write_hf_files(self, out_dir)
+
     def _error(self, message: str) -> PocketLMError:
         return PocketLMError(message, self.source)
 

@@ -20,6 +20,7 @@ import jinja2
 import numpy as np
 import pytest
 import tiktoken
+import tokenizers
 from tiktoken.load import load_tiktoken_bpe
 
 from pocketlm.errors import PocketLMError
@@ -360,6 +361,26 @@ def test_gguf_with_a_wrong_layout_is_refused(tok: TiktokenTokenizer):
         TiktokenTokenizer.from_gguf_fields(fields, "x.gguf")
 
 
+# ------------------------------------------------------------------------------ HF tokenizers
+
+
+def check_hf_export(tok: TiktokenTokenizer, folder: Path, texts: list[str]) -> None:
+    tok.write_hf_files(folder)
+    hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert hf.get_vocab_size() == tok.vocab_size
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf.encode(text, add_special_tokens=False).ids == ids, repr(text[:80])
+        assert hf.decode(ids, skip_special_tokens=False) == text
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["chat_template"] == tok.chat_template and config["eos_token"] == "<|endoftext|>"
+
+
+def test_hf_tokenizer_json_gives_the_same_ids(tok: TiktokenTokenizer, tmp_path: Path, large_text):
+    texts = [*EDGE_CASES, *random_strings(500, seed=11), *large_text.values()]
+    check_hf_export(tok, tmp_path / "hf", texts)
+
+
 # --------------------------------------------------------------------- a small custom rank file
 
 
@@ -415,6 +436,7 @@ def test_small_custom_rank_file_matches_tiktoken(tmp_path: Path, large_text):
         assert tok.decode(tok.encode(text), skip_special=False) == text
     back = TiktokenTokenizer.from_gguf_fields(tok.to_gguf_fields())
     assert back.ranks == tok.ranks and back.vocab_size == 448
+    check_hf_export(tok, tmp_path / "hf", texts)
 
 
 def test_hand_made_rank_file_with_unreachable_tokens(tmp_path: Path):
@@ -426,6 +448,7 @@ def test_hand_made_rank_file_with_unreachable_tokens(tmp_path: Path):
     for text in ["abc", " xyz", "abcabc", "aaaaaaa", "babab", "ab abc  xyz\n", "aaab abab"]:
         assert tok.encode(text) == enc.encode(text), text
     assert tok.encode("abc") == [256] and tok.encode(" xyz") == [257]
+    check_hf_export(tok, tmp_path / "hf", ["abc", " xyz", "abcabc", "aaaaaaa", "babab", "ab abc  xyz\n"])
 
 
 def test_checkpoint_folder(tmp_path: Path, rank_path: Path):
