@@ -184,6 +184,45 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lo: int, hi: int,
     return out
 
 
+def attention_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: int, pos: int, *,
+                   k_scale: np.ndarray | None = None, v_scale: np.ndarray | None = None, window: int = 0,
+                   scale: float | None = None, sparse: Any = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """Attention of T query rows at positions pos..pos+T-1 over one layer's KV cache -> out [T, H*hd].
+
+    q: float32 [T, >= n_heads*hd] whose first n_heads*hd columns are the queries (rows may be
+    strided: a column slice of the fused qkv rows works as is); k, v: [KV, n_ctx, hd] float32,
+    float16 (or uint16 fp16 bits) or int8 with k_scale, v_scale fp16 [KV, n_ctx]; the rows' own
+    keys must already be in the cache. Row t sees keys j <= pos+t, j > pos+t-window (window > 0),
+    and with `sparse` (a pocketlm.blocksparse.BlockSparse, or a tuple (block, local_blocks,
+    vert_stride, head_step)) only the key blocks its head sees. scale: default 1/sqrt(hd).
+    """
+    for name, c in (("k", k), ("v", v)):
+        if not isinstance(c, np.ndarray) or c.ndim != 3:
+            raise PocketLMError(f"kernel: {name} must be a 3-D array [kv_heads, n_ctx, head_dim], "
+                                f"got {_describe(c)}")
+    if not isinstance(q, np.ndarray) or q.ndim != 2:
+        raise PocketLMError(f"kernel: q must be a 2-D float32 array [rows, >= heads*head_dim], got {_describe(q)}")
+    KV, n_ctx, hd = k.shape
+    for name, n in (("n_heads", n_heads), ("pos", pos), ("window", window)):
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
+            raise PocketLMError(f"kernel: {name} must be an int, got {type(n).__name__}")
+    if sparse is not None and hasattr(sparse, "head_step"):
+        sparse = (sparse.block_size, sparse.local_blocks, sparse.vert_stride, sparse.head_step(int(n_heads)))
+    if sparse is not None:
+        if not isinstance(sparse, tuple) or len(sparse) != 4 or not all(
+                isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in sparse):
+            raise PocketLMError(f"kernel: sparse must be a BlockSparse or a tuple of 4 ints, got {sparse!r}")
+        sparse = tuple(int(x) for x in sparse)
+    if scale is None:
+        scale = 1.0 / float(np.sqrt(hd))
+    if out is None:
+        out = np.empty((q.shape[0], int(n_heads) * hd), dtype=np.float32)
+    _call(_kernel.attention_rows, q, k, v, k_scale, v_scale, int(n_heads), KV, hd, n_ctx, int(pos),
+          int(window), float(scale), sparse, out)
+    return out
+
+
 def _describe(a: object) -> str:
     if isinstance(a, np.ndarray):
         return f"array of shape {a.shape} and dtype {a.dtype}"
