@@ -1,4 +1,4 @@
-"""GGUF container constants shared by the reader and the writer (numpy + stdlib only).
+"""GGUF container constants shared by the reader and the writer (numpy, stdlib and the type table).
 
 A GGUF file (little-endian, versions 2 and 3 share the layout):
 
@@ -19,6 +19,8 @@ import struct
 from enum import IntEnum
 
 import numpy as np
+
+from pocketlm.quantize.ggml_types import GGML_TYPE_IDS, GGML_TYPES, row_bytes, type_name  # noqa: F401 (re-exported)
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3  # what the writer produces; the reader also takes 2
@@ -79,52 +81,8 @@ MIN_VALUE_SIZE: dict[ValueType, int] = {
 }
 
 
-# Every ggml type id that has appeared in GGUF files (ggml.h `enum ggml_type`):
-# id -> (name, values per block, bytes per block). Ids 4, 5 (Q4_2, Q4_3) were removed before GGUF;
-# 31-33 and 36-38 are the removed ARM repacked types, still found in old files.
-GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4),
-    1: ("F16", 1, 2),
-    2: ("Q4_0", 32, 18),
-    3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24),
-    8: ("Q8_0", 32, 34),
-    9: ("Q8_1", 32, 40),
-    10: ("Q2_K", 256, 84),
-    11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210),
-    15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66),
-    17: ("IQ2_XS", 256, 74),
-    18: ("IQ3_XXS", 256, 98),
-    19: ("IQ1_S", 256, 50),
-    20: ("IQ4_NL", 32, 18),
-    21: ("IQ3_S", 256, 110),
-    22: ("IQ2_S", 256, 82),
-    23: ("IQ4_XS", 256, 136),
-    24: ("I8", 1, 1),
-    25: ("I16", 1, 2),
-    26: ("I32", 1, 4),
-    27: ("I64", 1, 8),
-    28: ("F64", 1, 8),
-    29: ("IQ1_M", 256, 56),
-    30: ("BF16", 1, 2),
-    31: ("Q4_0_4_4", 32, 18),
-    32: ("Q4_0_4_8", 32, 18),
-    33: ("Q4_0_8_8", 32, 18),
-    34: ("TQ1_0", 256, 54),
-    35: ("TQ2_0", 256, 66),
-    36: ("IQ4_NL_4_4", 32, 18),
-    37: ("IQ4_NL_4_8", 32, 18),
-    38: ("IQ4_NL_8_8", 32, 18),
-    39: ("MXFP4", 32, 17),
-    40: ("NVFP4", 64, 36),
-    41: ("Q1_0", 128, 18),
-}
-GGML_TYPE_IDS: dict[str, int] = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
+# The ggml type table (id -> name, values per block, bytes per block) is defined once, in
+# quantize/ggml_types.py; GGML_TYPES, GGML_TYPE_IDS, type_name and row_bytes are re-exported here.
 
 # Types whose elements are plain numbers: the reader gives typed views of them (BF16 as uint16).
 PLAIN_DTYPES: dict[int, np.dtype] = {
@@ -140,19 +98,8 @@ PLAIN_DTYPES: dict[int, np.dtype] = {
 BF16 = 30
 
 
-def type_name(type_id: int) -> str:
-    entry = GGML_TYPES.get(int(type_id))
-    return entry[0] if entry else f"type {int(type_id)}"
-
-
 def align(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
-
-
-def row_bytes(type_id: int, n_values: int) -> int:
-    """Bytes of `n_values` consecutive values (a multiple of the block size) of a ggml type."""
-    _, block, size = GGML_TYPES[int(type_id)]
-    return n_values // block * size
 
 
 def tensor_nbytes(type_id: int, shape: tuple[int, ...]) -> int:

@@ -37,12 +37,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from pocketlm.errors import PocketLMError
-from pocketlm.quantize.formats import GGMLType
-
-from .gguf_format import type_name
-
-QK = 32     # values per block of the legacy types (Q4_0, Q4_1, Q8_0)
-QK_K = 256  # values per super-block of the K-quants
+from pocketlm.quantize.formats import (
+    GGML_TYPE_IDS,
+    QK,
+    GGMLType,
+    block_shape,
+    type_name,
+    unpack_scale_min_k4,
+)
 
 
 @dataclass
@@ -67,8 +69,9 @@ class NBitsWeight:
 # Each parser takes the raw tensor bytes reshaped to [N, bytes per row] and returns integer codes
 # (uint8 [N, K], in K order) and the per-block float32 factors.
 
-def _blocks(raw: np.ndarray, n: int, block_bytes: int) -> np.ndarray:
-    return np.ascontiguousarray(raw).reshape(n, -1, block_bytes)
+def _blocks(raw: np.ndarray, n: int, gtype: int) -> np.ndarray:
+    """Raw bytes [N, row bytes] -> [N, blocks per row, bytes per block] of ggml type `gtype`."""
+    return np.ascontiguousarray(raw).reshape(n, -1, block_shape(gtype)[1])
 
 
 def _f16(b: np.ndarray, start: int) -> np.ndarray:
@@ -87,34 +90,25 @@ def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
 
 
 def _parse_q4_0(raw: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    b = _blocks(raw, n, 18)
+    b = _blocks(raw, n, GGMLType.Q4_0)
     return _split_nibbles(b[..., 2:]), _f16(b, 0)
 
 
 def _parse_q4_1(raw: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    b = _blocks(raw, n, 20)
+    b = _blocks(raw, n, GGMLType.Q4_1)
     return _split_nibbles(b[..., 4:]), _f16(b, 0), _f16(b, 2)
 
 
 def _parse_q8_0(raw: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    b = _blocks(raw, n, 34)
+    b = _blocks(raw, n, GGMLType.Q8_0)
     return np.ascontiguousarray(b[..., 2:]).view(np.int8), _f16(b, 0)
-
-
-def _q4k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """12 bytes of 6-bit scales and mins [.., 12] -> sc, m [.., 8] (llama.cpp `get_scale_min_k4`)."""
-    p = packed.astype(np.uint8)
-    lo, mid, hi = p[..., 0:4], p[..., 4:8], p[..., 8:12]
-    sc = np.concatenate([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], axis=-1)
-    m = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=-1)
-    return sc, m
 
 
 def _parse_q4_k(raw: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> codes [N, K], sub-block scales d*sc and mins -dmin*m [N, K/32] (float32, exact)."""
-    b = _blocks(raw, n, 144)
+    b = _blocks(raw, n, GGMLType.Q4_K)
     d, dmin = _f16(b, 0)[..., None], _f16(b, 2)[..., None]          # [N, nsb, 1]
-    sc, m = _q4k_scales_mins(b[..., 4:16])                           # [N, nsb, 8]
+    sc, m = unpack_scale_min_k4(b[..., 4:16])                           # [N, nsb, 8]
     qs = b[..., 16:].reshape(n, -1, 4, 32)                           # 4 chunks of 64 values
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)            # chunk c: values 64c + 0..63
     scales = (d * sc.astype(np.float32)).reshape(n, -1)
@@ -129,21 +123,21 @@ def _fifth_bits(qh: np.ndarray) -> np.ndarray:
 
 
 def _parse_q5_0(raw: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    b = _blocks(raw, n, 22)
+    b = _blocks(raw, n, Q5_0)
     return _split_nibbles(b[..., 6:]) | (_fifth_bits(b[..., 2:6]) << 4), _f16(b, 0)
 
 
 def _parse_q5_1(raw: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    b = _blocks(raw, n, 24)
+    b = _blocks(raw, n, Q5_1)
     return _split_nibbles(b[..., 8:]) | (_fifth_bits(b[..., 4:8]) << 4), _f16(b, 0), _f16(b, 2)
 
 
 def _parse_q5_k(raw: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> codes [N, K] (0..31), sub-block scales d*sc and mins -dmin*m [N, K/32] (float32, exact).
     Like Q4_K, plus a fifth bit: qh[l] bit 2c (low half of chunk c) and 2c+1 (high half)."""
-    b = _blocks(raw, n, 176)
+    b = _blocks(raw, n, GGMLType.Q5_K)
     d, dmin = _f16(b, 0)[..., None], _f16(b, 2)[..., None]
-    sc, m = _q4k_scales_mins(b[..., 4:16])
+    sc, m = unpack_scale_min_k4(b[..., 4:16])
     qh = b[..., 16:48][..., None, :]                                  # [N, nsb, 1, 32]
     qs = b[..., 48:].reshape(n, -1, 4, 32)
     c = np.arange(4, dtype=np.uint8)[:, None]
@@ -157,7 +151,7 @@ def _parse_q5_k(raw: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def _parse_q6_k(raw: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """-> codes q [N, K] (0..63, value (q - 32) * scale) and scales d*sc [N, K/16] (float32, exact)."""
-    b = _blocks(raw, n, 210)
+    b = _blocks(raw, n, GGMLType.Q6_K)
     ql = b[..., 0:128].reshape(n, -1, 2, 64)                         # per 128-value half
     qh = b[..., 128:192].reshape(n, -1, 2, 32)
     sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)  # [N, nsb, 16]
@@ -173,7 +167,8 @@ def _parse_q6_k(raw: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------------------- conversion
 
-Q5_0, Q5_1, Q5_K = 6, 7, 13  # ggml type ids pocketlm's quantizer does not produce, but llama.cpp's does
+# ggml types pocketlm's quantizer does not produce, but llama.cpp's does
+Q5_0, Q5_1, Q5_K = GGML_TYPE_IDS["Q5_0"], GGML_TYPE_IDS["Q5_1"], GGMLType.Q5_K
 MATMUL_NBITS_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K,
                       Q5_0, Q5_1, Q5_K)
 FLOAT_TYPES = (GGMLType.F32, GGMLType.F16)
@@ -182,7 +177,34 @@ FLOAT_TYPES = (GGMLType.F32, GGMLType.F16)
 def convert_linear(raw: np.ndarray, gtype: int, shape: tuple[int, int], name: str,
                    source: str | None = None) -> NBitsWeight:
     """Raw GGUF bytes of a [N, K] weight (ggml type id `gtype`) -> MatMulNBits initializers holding
-    the same values."""
+    the same values. Corrupt data (a NaN or infinite block scale) is refused as such, naming the
+    tensor and the block, before any exactness check could blame float32 rounding for it."""
+    from pocketlm.runtime.kernel import check_tensor
+
+    check_tensor(name, raw, gtype, source)  # the scan `pocketlm run` does, for the kernel's types
+    w = _convert_linear(raw, gtype, shape, name, source)
+    _check_finite_factors(w.scales, w.mins, w.k, gtype, name, source)
+    return w
+
+
+def _check_finite_factors(scales: np.ndarray, mins: np.ndarray | None, k: int, gtype: int, name: str,
+                          source: str | None) -> None:
+    """The same check for every type (Q5_* too): a NaN/inf scale or min ([N, sub-blocks per row],
+    float32) is a corrupt block; the message names the block as the kernel's scan does."""
+    blocks_per_row = k // block_shape(gtype)[0]
+    for factors in (scales, mins):
+        if factors is None:
+            continue
+        finite = np.isfinite(factors.reshape(factors.shape[0], -1))
+        if not finite.all():
+            row, sub = np.argwhere(~finite)[0]
+            block = int(row) * blocks_per_row + int(sub) // (finite.shape[1] // blocks_per_row)
+            raise PocketLMError(f"tensor {name!r} is corrupt: block {block} has a NaN or infinite scale",
+                                source)
+
+
+def _convert_linear(raw: np.ndarray, gtype: int, shape: tuple[int, int], name: str,
+                    source: str | None) -> NBitsWeight:
     n, k = shape
     if gtype == GGMLType.Q4_0:
         codes, d = _parse_q4_0(raw, n)
@@ -230,6 +252,7 @@ def _check_affine_exact(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray,
     Then GGUF's float32 dequantization (which rounds that sum once) and the ONNX graph (which adds
     the two terms through the matmul) hold the same number.
     """
+    _check_finite_factors(scales, mins, codes.shape[1] * codes.shape[2], gtype, name, source)
     bad = 0
     for r in range(0, codes.shape[0], 1024):  # rows in chunks: bounded temporaries
         a = codes[r:r + 1024].astype(np.float32) * scales[r:r + 1024, :, None]  # exact (see above)

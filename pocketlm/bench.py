@@ -43,6 +43,7 @@ from .devices import (
     ratio_error,
 )
 from .errors import PocketLMError
+from .threads import check_threads, threads_arg
 
 SCHEMA = "pocketlm.bench/1"
 PEERS = ("llama.cpp", "onnxruntime")
@@ -491,8 +492,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     path = args.model
     if not os.path.isfile(path):
         raise PocketLMError("no such file", path)
-    if args.threads is not None and args.threads < 1:
-        raise PocketLMError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:
+        args.threads = check_threads(args.threads, "--threads")
     if args.prompt_len < 1 or args.gen < 1:
         raise PocketLMError("--prompt-len and --gen must be >= 1")
     devices, auto = parse_devices(args.device)
@@ -678,8 +679,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "machine (optionally beside llama.cpp and onnxruntime-genai), then project it onto phone "
                     "profiles and check the phone budget. JSON schema: docs/bench_schema.md.")
     p.add_argument("model", help="phi3 GGUF file")
-    p.add_argument("--threads", "-t", type=int, default=None,
-                   help="threads for every engine (default: the big cores, at most 4)")
+    p.add_argument("--threads", "-t", type=threads_arg, default=None,
+                   help="threads for every engine, 1..CPUs (default: the big cores, at most 4)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--gen", type=int, default=32, help="tokens to decode (default 32)")
     p.add_argument("--ctx", type=int, default=None, help="context size (default: model's, max 2048)")

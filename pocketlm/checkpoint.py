@@ -125,15 +125,12 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
         path = Path(path)
+        if not path.exists():
+            raise PocketLMError("does not exist", path)
         if not path.is_dir():
             raise PocketLMError("not a checkpoint folder (expected a directory with config.json)", path)
         config_path = path / "config.json"
-        try:
-            raw_config = json.loads(config_path.read_text())
-        except FileNotFoundError:
-            raise PocketLMError("missing config.json", config_path) from None
-        except json.JSONDecodeError as e:
-            raise PocketLMError(f"invalid JSON: {e}", config_path) from None
+        raw_config = read_json_object(config_path, missing="missing config.json")
         config = Phi3Config.from_hf_dict(raw_config, str(config_path))
         files = [SafetensorsFile(f) for f in _shard_paths(path)]
         locations: dict[str, tuple[SafetensorsFile, str]] = {}
@@ -206,14 +203,27 @@ class Checkpoint:
             f.release()
 
 
+def read_json_object(path: Path, missing: str = "file not found") -> dict:
+    """A JSON file that must hold an object (config.json, tokenizer.json, an index): a PocketLMError
+    naming the file for anything else (absent, unreadable, not UTF-8, not JSON, `[]`, `"x"`, `3`)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PocketLMError(missing, path) from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise PocketLMError(f"invalid JSON: {str(e) or type(e).__name__}", path) from None
+    if not isinstance(value, dict):
+        raise PocketLMError(f"expected a JSON object, found {type(value).__name__}", path)
+    return value
+
+
 def _shard_paths(path: Path) -> list[Path]:
     """`model.safetensors`, or the shards named by `model.safetensors.index.json` (each must exist)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise PocketLMError(f"invalid safetensors index: {e}", index) from None
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise PocketLMError("invalid safetensors index: no weight_map of tensor -> file name", index)
         shards = sorted(set(weight_map.values()))
         for shard in shards:
             if not (path / shard).is_file():

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, read_json_object
 from .config import parameter_count
+from .errors import PocketLMError
 
 
 def describe_checkpoint(path: str | Path) -> str:
@@ -38,10 +38,14 @@ def _describe_tokenizer(folder: Path) -> str:
     path = folder / "tokenizer.json"
     if not path.is_file():
         return "none (no tokenizer.json)"
-    tok = json.loads(path.read_text())
-    model = tok.get("model", {})
-    n = len(model.get("vocab", {})) + sum(
-        1 for t in tok.get("added_tokens", []) if t["content"] not in model.get("vocab", {}))
+    tok = read_json_object(path)
+    model = tok.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    added = tok.get("added_tokens", [])
+    if not isinstance(vocab, dict | list) or not isinstance(added, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("content"), str) for t in added):
+        raise PocketLMError("not a tokenizer.json (expected model.vocab and a list of added_tokens)", path)
+    n = len(vocab) + sum(1 for t in added if t["content"] not in vocab)
     fallback = ", byte fallback" if model.get("byte_fallback") else ""
     return f"{model.get('type', '?')} ({n} tokens{fallback}), {path.name}"
 
@@ -49,6 +53,8 @@ def _describe_tokenizer(folder: Path) -> str:
 def describe(path: str | Path) -> str:
     """Describe a checkpoint folder, a GGUF file or an exported ONNX folder."""
     path = Path(path)
+    if not path.exists():
+        raise PocketLMError("does not exist", path)
     if path.is_file():
         from .export.gguf_info import describe_gguf
 

@@ -446,7 +446,10 @@ class Tokenizer:
     # ---------------------------------------------------------------------------------- decoding
 
     def _decode_table(self) -> list[bytes | None]:
-        """UTF-8 bytes of each token; None for control/unknown tokens, shown only when asked."""
+        """UTF-8 bytes of each token; None for control/unknown tokens, shown only when asked. A
+        GGUF token string that is not valid UTF-8 (kept by the reader as surrogate escapes) gives
+        back its original bytes; decoding replaces invalid sequences with U+FFFD, as llama.cpp's
+        text output does, so no text handed to a caller holds a lone surrogate."""
         table: list[bytes | None] = []
         for i, (piece, kind) in enumerate(zip(self.pieces, self.token_types, strict=True)):
             match = _BYTE_PIECE.fullmatch(piece)
@@ -457,11 +460,11 @@ class Tokenizer:
             elif kind in (CONTROL, UNKNOWN):
                 table.append(None)
             elif kind == USER_DEFINED:
-                table.append(piece.encode("utf-8"))
+                table.append(piece.encode("utf-8", "surrogateescape"))
             elif kind == UNUSED:
                 table.append(b"")
             else:
-                table.append(piece.replace(SPACE, " ").encode("utf-8"))
+                table.append(piece.replace(SPACE, " ").encode("utf-8", "surrogateescape"))
         return table
 
     def token_bytes(self, token_id: int, skip_special: bool = True) -> bytes:
@@ -470,7 +473,7 @@ class Tokenizer:
             raise PocketLMError(f"token id {token_id!r} is out of range [0, {len(self.pieces)})")
         data = self._piece_bytes[int(token_id)]
         if data is None:
-            return b"" if skip_special else self.pieces[token_id].encode("utf-8")
+            return b"" if skip_special else self.pieces[token_id].encode("utf-8", "surrogateescape")
         return data
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
+
+from pocketlm.threads import available_cpus, threads_arg
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -42,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calibration text file or folder of *.txt (default: the corpus calib split)")
     q.add_argument("--calib-samples", type=int, default=64, help="calibration sequences N")
     q.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence L")
-    q.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="threads quantizing independent tensors in parallel")
+    q.add_argument("--threads", type=threads_arg, default=available_cpus(),
+                   help="threads quantizing independent tensors in parallel, 1..CPUs (default: all CPUs)")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
     q.add_argument("--no-act-order", action="store_true", help="GPTQ: keep the column order")
     seq = q.add_mutually_exclusive_group()

@@ -19,6 +19,7 @@ error. Both models are run layer by layer over all chunks: one layer of each in 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -65,7 +66,7 @@ class EvalResult:
                 f"  top-1   {self.top1:.4f}")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return json.dumps(asdict(self), indent=2, allow_nan=False)  # strict JSON: evaluate() refuses NaN
 
 
 # ---------------------------------------------------------------------------- models as tensor sources
@@ -93,6 +94,24 @@ class GGUFModel:
                 raise PocketLMError(f"tensor {t.name!r} has type {t.type_name}, which pocketlm cannot "
                                     f"dequantize (it reads F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)",
                                     self.path)
+        self.check_tensors()
+
+    def check_tensors(self) -> None:
+        """What `pocketlm run` checks before it computes anything: no block with a NaN or infinite
+        scale (the kernel's scan), and no NaN or infinite value in a float tensor; a PocketLMError
+        naming the tensor otherwise (not a report of KLD nan)."""
+        from pocketlm.runtime.kernel import check_tensor
+
+        for t in self.reader:
+            raw = self.reader.raw(t.name)
+            check_tensor(t.name, raw, int(t.gtype), self.path)
+            if t.gtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):  # typed views; BF16 as uint16
+                flat = self.reader.tensor(t.name).reshape(-1)
+                finite = (flat & 0x7F80) != 0x7F80 if t.gtype == GGMLType.BF16 else np.isfinite(flat)
+                if not finite.all():
+                    bad = int(np.flatnonzero(~finite)[0])
+                    raise PocketLMError(f"tensor {t.name!r} is corrupt: value {bad} is NaN or infinite",
+                                        self.path)
 
     def tensor(self, name: str) -> np.ndarray:
         w = self.reader.dequantize(name)
@@ -284,7 +303,7 @@ def evaluate(model_path: str | os.PathLike, ref_dir: str | os.PathLike, text: st
             agree.append(lp_ref.argmax(-1) == lp_q.argmax(-1))
         kl = np.concatenate(kld)
         md = quant.reader.metadata
-        return EvalResult(
+        result = EvalResult(
             model=quant.path, reference=str(ref.path), text=where, chunks=int(tokens.shape[0]), ctx=ctx,
             scored_tokens=int(kl.size), kld=float(kl.mean()), kld_p99=float(np.percentile(kl, 99)),
             ppl_ref=float(np.exp(np.concatenate(nll_ref).mean())),
@@ -293,3 +312,10 @@ def evaluate(model_path: str | os.PathLike, ref_dir: str | os.PathLike, text: st
             recipe=md.get("pocketlm.recipe"), method=md.get("pocketlm.method"))
     finally:
         quant.close()
+    numbers = {"KLD": result.kld, "KLD p99": result.kld_p99, "reference PPL": result.ppl_ref,
+               "PPL": result.ppl_quant}
+    bad = [k for k, v in numbers.items() if not math.isfinite(v)]
+    if bad:  # finite weights can still overflow float32 on some text: say so, never print NaN
+        raise PocketLMError(f"{', '.join(bad)} not finite: the model or its reference overflows float32 "
+                            f"on this text", quant.path)
+    return result

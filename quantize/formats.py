@@ -20,45 +20,28 @@ Byte layouts (ggml-common.h), one block:
 
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import ClassVar
 
 import numpy as np
 
 from ..errors import PocketLMError
 from . import scale_search as ss
+from .ggml_types import (  # noqa: F401  (re-exported: every stage imports the table from here)
+    BLOCK_SHAPE,
+    GGML_TYPE_IDS,
+    GGML_TYPES,
+    QK,
+    QK_K,
+    GGMLType,
+    block_shape,
+    row_bytes,
+    type_name,
+)
 
 F32 = np.float32
 
 
-class GGMLType(IntEnum):
-    """GGML tensor type ids as stored in GGUF files (ggml.h `enum ggml_type`)."""
-
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q8_0 = 8
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    BF16 = 30
-
-
-# type -> (values per block, bytes per block)
-BLOCK_SHAPE: dict[GGMLType, tuple[int, int]] = {
-    GGMLType.F32: (1, 4),
-    GGMLType.F16: (1, 2),
-    GGMLType.BF16: (1, 2),
-    GGMLType.Q4_0: (32, 18),
-    GGMLType.Q4_1: (32, 20),
-    GGMLType.Q8_0: (32, 34),
-    GGMLType.Q4_K: (256, 144),
-    GGMLType.Q5_K: (256, 176),
-    GGMLType.Q6_K: (256, 210),
-}
-
-QK_K = 256  # values per K-quant super-block
+# The type ids and block shapes live in one table (ggml_types.py), re-exported here.
 
 
 def to_f16(values: np.ndarray, what: str) -> np.ndarray:
@@ -353,10 +336,13 @@ def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     ], axis=1)
 
 
-def _unpack_scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[n, 12] `scales` bytes -> (scales [n, 8], mins [n, 8]) uint8 in 0..63."""
-    ls = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
-    lm = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+def unpack_scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[..., 12] `scales` bytes of Q4_K/Q5_K -> (scales [..., 8], mins [..., 8]) uint8 in 0..63
+    (llama.cpp `get_scale_min_k4`)."""
+    s = s.astype(np.uint8)
+    lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    ls = np.concatenate([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], axis=-1)
+    lm = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=-1)
     return ls, lm
 
 
@@ -435,7 +421,7 @@ class _ScaleMinK(QuantFormat):
 
     @classmethod
     def unpack(cls, raw: np.ndarray) -> tuple[np.ndarray, ...]:
-        ls, lm = _unpack_scale_min_k4(raw[:, 4:16])
+        ls, lm = unpack_scale_min_k4(raw[:, 4:16])
         return cls._unpack_codes(raw[:, 16:]), _f16_field(raw, 0), _f16_field(raw, 2), ls, lm
 
     @classmethod
@@ -588,15 +574,6 @@ def format_for(gtype: GGMLType | int) -> type[BlockFormat]:
         return FORMATS[GGMLType(int(gtype))]
     except (ValueError, KeyError):
         raise PocketLMError(f"unsupported GGUF tensor type {gtype!r}") from None
-
-
-def row_bytes(gtype: GGMLType | int, k: int) -> int:
-    """Bytes of one row of k values (k must be a multiple of the block size)."""
-    fmt = format_for(gtype)
-    if k % fmt.block_size:
-        raise PocketLMError(f"row of {k} values is not a multiple of the {fmt.gtype.name} "
-                            f"block size {fmt.block_size}")
-    return k // fmt.block_size * fmt.type_size
 
 
 def tensor_bytes(gtype: GGMLType | int, shape: tuple[int, ...]) -> int:

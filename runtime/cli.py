@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from ..errors import PocketLMError
+from ..threads import threads_arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +43,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed")
-    p.add_argument("--threads", "-t", type=int, default=None, help="kernel threads (default: cores, max 4)")
+    p.add_argument("--threads", "-t", type=threads_arg, default=None,
+                   help="kernel threads, 1..CPUs (default: cores, max 4)")
     p.add_argument("--ctx", "-c", type=int, default=None, help="context size (default: model's, max 4096)")
     p.add_argument("--kv", choices=("f16", "int8", "f32"), default="f16", help="KV cache type (default f16)")
     p.add_argument("--quiet", action="store_true", help="do not print speeds")
@@ -51,8 +53,6 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     from .model import load
 
-    if args.threads is not None and args.threads < 1:
-        raise PocketLMError(f"--threads must be >= 1, got {args.threads}")
     if args.n_predict < 1:
         raise PocketLMError(f"-n must be >= 1, got {args.n_predict}")
     model = load(args.model, threads=args.threads, ctx=args.ctx, kv=args.kv)

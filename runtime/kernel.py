@@ -19,13 +19,15 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import PocketLMError
+from ..quantize import ggml_types
+from ..quantize.ggml_types import GGMLType
 from . import _kernel
 
 Buffer = Any  # bytes, memoryview, mmap slice or uint8 ndarray: anything with the buffer protocol
 T = TypeVar("T")
 
 ENV_PATH = "POCKETLM_KERNEL"
-Q4_0 = 2
+Q4_0 = GGMLType.Q4_0
 # The kernel's load-time layout of Q4_0 (not a GGUF type): groups of 8 blocks with the 8 scales
 # first and nibbles interleaved for 64-byte loads; same size as Q4_0 (runtime/kernel/kernel.h).
 Q4_0_PACKED = 1002
@@ -74,11 +76,8 @@ def block_shape(gtype: int) -> tuple[int, int]:
 
 
 def row_bytes(gtype: int, K: int) -> int:
-    """Bytes of one weight row of K values."""
-    values, nbytes = block_shape(gtype)
-    if K % values:
-        raise PocketLMError(f"kernel: K={K} is not a multiple of the block size {values}")
-    return K // values * nbytes
+    """Bytes of one weight row of K values (the packed Q4_0 layout has Q4_0's size)."""
+    return ggml_types.row_bytes(Q4_0 if int(gtype) == Q4_0_PACKED else gtype, K)
 
 
 @dataclass(frozen=True)
@@ -114,6 +113,19 @@ def check_blocks(raw: Buffer, gtype: int) -> int | None:
     """Index of the first block with a NaN or infinite scale (a corrupt file), or None."""
     bad = _call(_kernel.check_blocks, raw, int(gtype))
     return None if bad < 0 else bad
+
+
+def check_tensor(name: str, raw: Buffer, gtype: int, path: str | os.PathLike | None = None) -> None:
+    """The check every verb that reads tensor data applies (run, eval, export): a PocketLMError
+    naming the tensor and its first block with a NaN or infinite scale. Tensors of types the kernel
+    does not know (F32, F16, BF16: plain numbers) are checked by their readers."""
+    try:
+        _kernel.type_info(int(gtype))
+    except ValueError:
+        return
+    bad = check_blocks(raw, gtype)
+    if bad is not None:
+        raise PocketLMError(f"tensor {name!r} is corrupt: block {bad} has a NaN or infinite scale", path)
 
 
 def should_repack(gtype: int, K: int) -> bool:

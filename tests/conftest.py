@@ -89,3 +89,18 @@ def tiny_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint folder, its Q4_0 GGUF): a random Phi-3 (hidden 256, 2 layers, the first 1024
+    tokens of the Phi-3 vocabulary) for the command-line tests; quantized by `pocketlm quantize`."""
+    from quant_helpers import make_checkpoint
+
+    from pocketlm.quantize.pipeline import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    ckpt = make_checkpoint(root / "ckpt", hidden=256, layers=2, vocab=1024)
+    gguf = root / "tiny-q4_0.gguf"
+    quantize_checkpoint(ckpt, gguf, recipe="q4_0", method="rtn", progress=False)
+    return ckpt, gguf
