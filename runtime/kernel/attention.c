@@ -44,6 +44,10 @@ typedef void (*cvt_fn)(float *dst, const void *src, const uint16_t *scale, int n
 typedef void (*scores_fn)(const float *q, const float *K, int n, int hd, float scale, float *s);
 /* acc[hd] += sum_r p[r] V[r] for r < n; V [n, hd] fp32. */
 typedef void (*accum_fn)(float *acc, const float *p, const float *V, int n, int hd);
+/* Online-softmax step over the scores s[n] of one chunk: m_new = max(*m, max s), s[r] = exp(s[r] -
+ * m_new) in place, *corr = exp(*m - m_new) (0 the first time, when *m = -inf), *m = m_new; returns
+ * sum_r s[r]. exp is exp_approx's polynomial (3e-7 relative) in every path. */
+typedef float (*softmax_fn)(float *s, int n, float *m, float *corr);
 
 /* ---- portable (the reference) -------------------------------------------------------------- */
 
@@ -72,6 +76,16 @@ static void scores_scalar(const float *q, const float *K, int n, int hd, float s
 static void accum_scalar(float *acc, const float *p, const float *V, int n, int hd) {
     for (int r = 0; r < n; r++)
         for (int i = 0; i < hd; i++) acc[i] += p[r] * V[(size_t)r * hd + i];
+}
+
+static float softmax_scalar(float *s, int n, float *m, float *corr) {
+    float cm = *m;
+    for (int r = 0; r < n; r++) cm = s[r] > cm ? s[r] : cm;
+    *corr = *m == -INFINITY ? 0.0f : exp_approx(*m - cm);
+    *m = cm;
+    float sum = 0.0f;
+    for (int r = 0; r < n; r++) sum += (s[r] = exp_approx(s[r] - cm));
+    return sum;
 }
 
 /* ---- x86: AVX2 + F16C + FMA (every non-scalar x86 path requires all three, see dispatch.c) -- */
@@ -141,6 +155,47 @@ X86_TARGET static void scores_avx2(const float *q, const float *K, int n, int hd
         for (; i < hd; i++) d0 += q[i] * k0[i];
         s[r] = d0 * scale;
     }
+}
+
+/* exp_approx on 8 lanes (same clamps, reduction and polynomial; round half to even for n) */
+X86_TARGET static __m256 exp8_avx2(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+X86_TARGET static float softmax_avx2(float *s, int n, float *m, float *corr) {
+    __m256 mv = _mm256_set1_ps(*m);
+    int r = 0;
+    for (; r + 8 <= n; r += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + r));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float cm = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    for (; r < n; r++) cm = s[r] > cm ? s[r] : cm;
+    *corr = *m == -INFINITY ? 0.0f : exp_approx(*m - cm);
+    *m = cm;
+    const __m256 cv = _mm256_set1_ps(cm);
+    __m256 acc = _mm256_setzero_ps();
+    r = 0;
+    for (; r + 8 <= n; r += 8) {
+        const __m256 e = exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + r), cv));
+        _mm256_storeu_ps(s + r, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum256(acc);
+    for (; r < n; r++) sum += (s[r] = exp_approx(s[r] - cm));
+    return sum;
 }
 
 /* 32 accumulator lanes stay in registers over all n keys */
@@ -229,6 +284,44 @@ static void scores_neon(const float *q, const float *K, int n, int hd, float sca
     }
 }
 
+/* exp_approx on 4 lanes (same clamps, reduction and polynomial; round half to even for n) */
+static inline float32x4_t exp4_neon(float32x4_t x) {
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.0f));
+    const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504f));
+    float32x4_t r = vfmsq_n_f32(x, n, 0.693359375f);
+    r = vfmaq_n_f32(r, n, 2.12194440e-4f);
+    float32x4_t p = vdupq_n_f32(1.0f / 720.0f);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 120.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 24.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 6.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+
+static float softmax_neon(float *s, int n, float *m, float *corr) {
+    float32x4_t mv = vdupq_n_f32(*m);
+    int r = 0;
+    for (; r + 4 <= n; r += 4) mv = vmaxq_f32(mv, vld1q_f32(s + r));
+    float cm = vmaxvq_f32(mv);
+    for (; r < n; r++) cm = s[r] > cm ? s[r] : cm;
+    *corr = *m == -INFINITY ? 0.0f : exp_approx(*m - cm);
+    *m = cm;
+    const float32x4_t cv = vdupq_n_f32(cm);
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    r = 0;
+    for (; r + 4 <= n; r += 4) {
+        const float32x4_t e = exp4_neon(vsubq_f32(vld1q_f32(s + r), cv));
+        vst1q_f32(s + r, e);
+        acc = vaddq_f32(acc, e);
+    }
+    float sum = vaddvq_f32(acc);
+    for (; r < n; r++) sum += (s[r] = exp_approx(s[r] - cm));
+    return sum;
+}
+
 static void accum_neon(float *acc, const float *p, const float *V, int n, int hd) {
     int i = 0;
     for (; i + 16 <= hd; i += 16) {
@@ -280,6 +373,7 @@ typedef struct {
     cvt_fn cvt;           /* NULL for fp32 caches: the cache rows are used in place */
     scores_fn scores;
     accum_fn accum;
+    softmax_fn softmax;
     size_t elem;          /* bytes per cached value: 4, 2 or 1 */
     int rows_per_item;    /* TQ, or 1 for decode */
     int n_tiles, heads_per_item, subs_per_group;
@@ -296,6 +390,25 @@ static inline int block_visible(const block_sparse *sp, int h, int ib, int jb) {
 /* Lowest key position row p may see (window), and the first visible position overall. */
 static inline int first_key(const attention_args *a, int p) {
     return a->window > 0 && p + 1 > a->window ? p + 1 - a->window : 0;
+}
+
+/* The first key block >= jb (and <= jb_last) that some head in [h0, h1) sees from some query block
+ * in [ib0, ib1]; jb_last + 1 if none. Dense: jb itself. */
+static int next_block(const attention_args *a, int jb, int jb_last, int ib0, int ib1, int h0, int h1) {
+    if (!a->sparse) return jb;
+    for (; jb <= jb_last; jb++)
+        for (int ib = ib0; ib <= ib1; ib++)
+            for (int h = h0; h < h1; h++)
+                if (block_visible(a->sparse, h, ib, jb)) return jb;
+    return jb;
+}
+
+/* Software prefetch of `bytes` bytes at `offset` in both caches (one per 64-byte line). */
+static void prefetch_rows(const uint8_t *kc, const uint8_t *vc, size_t offset, size_t bytes) {
+    for (size_t i = 0; i < bytes; i += 64) {
+        __builtin_prefetch(kc + offset + i);
+        __builtin_prefetch(vc + offset + i);
+    }
 }
 
 static void attend_item(void *ctx, int chunk, int n_chunks) {
@@ -329,13 +442,10 @@ static void attend_item(void *ctx, int chunk, int n_chunks) {
     const size_t head_row0 = (size_t)g * a->n_ctx;            /* row [g, 0] of the [KV, n_ctx] cache */
     const size_t row_bytes = (size_t)hd * J->elem;
     const uint8_t *kc = a->k, *vc = a->v;
-    for (int jb = klo / B; jb <= (khi - 1) / B; jb++) {
-        if (a->sparse) { /* skip the block unless some (row, head) of the item sees it */
-            int any = 0;
-            for (int ib = p_first / B; ib <= p_last / B && !any; ib++)
-                for (int h = h0; h < h1 && !any; h++) any = block_visible(a->sparse, h, ib, jb);
-            if (!any) continue;
-        }
+    const int jb_last = (khi - 1) / B;
+    int first_chunk = 1;
+    for (int jb = next_block(a, klo / B, jb_last, p_first / B, p_last / B, h0, h1); jb <= jb_last;
+         jb = next_block(a, jb + 1, jb_last, p_first / B, p_last / B, h0, h1)) {
         const int b0 = jb * B, b1 = b0 + B < khi ? b0 + B : khi;
         /* chunks on the absolute grid b0 + k*KCHUNK, cut to the keys [klo, khi) */
         for (int c0 = b0; c0 < b1; c0 += KCHUNK) {
@@ -343,6 +453,19 @@ static void attend_item(void *ctx, int chunk, int n_chunks) {
             if (c1 <= klo) continue;
             const int lo = c0 > klo ? c0 : klo; /* rows [lo, c1) of the chunk are read */
             const size_t first = head_row0 + (size_t)lo;
+            { /* prefetch the next chunk's rows (this one's, too, the first time): its memory reads
+               * then overlap this chunk's arithmetic instead of following it */
+                int n0 = c1, n1 = c1 + KCHUNK < b1 ? c1 + KCHUNK : b1;
+                if (c1 >= b1) {
+                    const int nb = next_block(a, jb + 1, jb_last, p_first / B, p_last / B, h0, h1);
+                    n0 = nb * B, n1 = nb <= jb_last ? (n0 + KCHUNK < khi ? n0 + KCHUNK : khi) : n0;
+                    n1 = n1 < n0 + B ? n1 : n0 + B;
+                }
+                if (first_chunk)
+                    prefetch_rows(kc, vc, (head_row0 + (size_t)lo) * row_bytes, (size_t)(c1 - lo) * row_bytes);
+                first_chunk = 0;
+                if (n1 > n0) prefetch_rows(kc, vc, (head_row0 + (size_t)n0) * row_bytes, (size_t)(n1 - n0) * row_bytes);
+            }
             const float *Kc, *Vc; /* fp32 rows for positions lo..c1-1 */
             if (J->cvt) {
                 const int i8 = a->kind == KV_I8;
@@ -363,19 +486,12 @@ static void attend_item(void *ctx, int chunk, int n_chunks) {
                     const int r = (t - t0) * nh + (h - h0);
                     const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * hd;
                     J->scores(q, Kr, n, hd, a->scale, s);
-                    float cm = s[0];
-                    for (int i = 1; i < n; i++) cm = s[i] > cm ? s[i] : cm;
-                    float *o = acc + (size_t)r * hd;
-                    if (cm > m[r]) { /* new max: rescale what was summed so far (nothing, the first time) */
-                        if (m[r] != -INFINITY) {
-                            const float corr = exp_approx(m[r] - cm);
-                            l[r] *= corr;
-                            for (int i = 0; i < hd; i++) o[i] *= corr;
-                        }
-                        m[r] = cm;
+                    float corr, *o = acc + (size_t)r * hd;
+                    const float sum = J->softmax(s, n, &m[r], &corr);
+                    if (corr != 1.0f) { /* a new max: rescale what was summed so far */
+                        l[r] *= corr;
+                        for (int i = 0; i < hd; i++) o[i] *= corr;
                     }
-                    float sum = 0.0f;
-                    for (int i = 0; i < n; i++) sum += (s[i] = exp_approx(s[i] - m[r]));
                     l[r] += sum;
                     J->accum(o, s, Vr, n, hd);
                 }
@@ -399,14 +515,14 @@ int run_attention(const attention_args *a, int simd) {
     static const cvt_fn CVT[3] = {NULL, cvt_f16_scalar, cvt_i8_scalar};
     static const size_t ELEM[3] = {4, 2, 1};
     attn_job J = {.a = a, .cvt = CVT[a->kind], .scores = scores_scalar, .accum = accum_scalar,
-                  .elem = ELEM[a->kind]};
+                  .softmax = softmax_scalar, .elem = ELEM[a->kind]};
     if (simd) {
 #if defined(POCKETLM_X86)
         static const cvt_fn CVT_X86[3] = {NULL, cvt_f16_avx2, cvt_i8_avx2};
-        J.cvt = CVT_X86[a->kind], J.scores = scores_avx2, J.accum = accum_avx2;
+        J.cvt = CVT_X86[a->kind], J.scores = scores_avx2, J.accum = accum_avx2, J.softmax = softmax_avx2;
 #elif defined(POCKETLM_ARM64)
         static const cvt_fn CVT_ARM[3] = {NULL, cvt_f16_neon, cvt_i8_neon};
-        J.cvt = CVT_ARM[a->kind], J.scores = scores_neon, J.accum = accum_neon;
+        J.cvt = CVT_ARM[a->kind], J.scores = scores_neon, J.accum = accum_neon, J.softmax = softmax_neon;
 #endif
     }
     J.B = a->sparse ? a->sparse->block : KCHUNK;
