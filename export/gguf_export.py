@@ -34,7 +34,7 @@ from pocketlm.checkpoint import Checkpoint
 from pocketlm.config import Phi3Config, TensorSpec, tensor_specs
 from pocketlm.errors import PocketLMError
 from pocketlm.quantize.formats import GGMLType
-from pocketlm.tokenizer import UNUSED, Tokenizer
+from pocketlm.tokenizer import UNUSED, tokenizer_from_dir, tokenizer_from_gguf_fields
 
 from .gguf_writer import GGUFWriter
 
@@ -64,9 +64,15 @@ def pad_vocabulary(fields: Mapping[str, Any], vocab_size: int, source: str | Non
     tokens = list(fields["tokenizer.ggml.tokens"])
     n, extra = len(tokens), vocab_size - len(tokens)
     if extra < 0:
-        raise PocketLMError(f"the tokenizer has {n} tokens, more than the model's vocab_size {vocab_size}",
-                            source)
-    if extra:
+        types = np.asarray(fields.get("tokenizer.ggml.token_type", ()), np.int32)
+        if types.size != n or not (types[vocab_size:] == UNUSED).all():
+            raise PocketLMError(f"the tokenizer has {n} tokens, more than the model's vocab_size {vocab_size}",
+                                source)
+        # only unused padding past the model's rows (a tokenizer padded to a multiple): cut it
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+            if key in fields:
+                fields[key] = fields[key][:vocab_size]
+    elif extra:
         scores = np.asarray(fields["tokenizer.ggml.scores"], np.float32)
         types = np.asarray(fields["tokenizer.ggml.token_type"], np.int32)
         fields["tokenizer.ggml.tokens"] = tokens + [f"[PAD{i}]" for i in range(n, vocab_size)]
@@ -82,7 +88,7 @@ def phi3_gguf_metadata(cfg: Phi3Config, tokenizer_fields: Mapping[str, Any], *, 
     arch = cfg.to_gguf_metadata()
     md: dict[str, Any] = {
         "general.architecture": arch.pop("general.architecture"),
-        "general.name": gguf_model_name(name, Tokenizer.from_gguf_fields(tokenizer_fields).wants_phi3_name),
+        "general.name": gguf_model_name(name, tokenizer_from_gguf_fields(tokenizer_fields).wants_phi3_name),
         "general.file_type": int(file_type),
         "general.quantization_version": QUANTIZATION_VERSION,
     }
@@ -94,8 +100,8 @@ def phi3_gguf_metadata(cfg: Phi3Config, tokenizer_fields: Mapping[str, Any], *, 
 
 
 def export_tensor_type(spec: TensorSpec, dtype: GGMLType) -> GGMLType:
-    """F32 for norms and rope factors (as llama.cpp keeps them), `dtype` for everything else."""
-    return GGMLType.F32 if spec.kind in ("norm", "rope_factors") else dtype
+    """F32 for norms, biases and rope factors (as llama.cpp keeps them), `dtype` for everything else."""
+    return GGMLType.F32 if spec.kind in ("norm", "bias", "rope_factors") else dtype
 
 
 def export_gguf(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, dtype: str = "f16",
@@ -106,8 +112,8 @@ def export_gguf(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     ckpt = Checkpoint.open(checkpoint_dir)
     cfg = ckpt.config
     if ckpt.tokenizer_dir is None:
-        raise PocketLMError("no tokenizer.json: a GGUF file must carry the vocabulary", ckpt.path)
-    tokenizer = Tokenizer.from_hf_dir(ckpt.tokenizer_dir)
+        raise PocketLMError("no tokenizer.json or *.tiktoken: a GGUF file must carry the vocabulary", ckpt.path)
+    tokenizer = tokenizer_from_dir(ckpt.tokenizer_dir)
     metadata = phi3_gguf_metadata(
         cfg, tokenizer.to_gguf_fields(), name=name or Path(ckpt.path).resolve().name,
         file_type=FILE_TYPES[dtype], recipe=dtype, method="none", source=str(ckpt.path))

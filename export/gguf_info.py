@@ -46,6 +46,11 @@ def _context(a) -> str:
         text += f", LongRoPE from {orig} (attention factor {a('rope.scaling.attn_factor'):.4f})"
     if a("attention.sliding_window"):
         text += f", sliding window {a('attention.sliding_window')}"
+    if a("attention.block_sparse.block_size"):
+        text += (f", block-sparse attention (blocks of {a('attention.block_sparse.block_size')}, "
+                 f"{a('attention.block_sparse.local_blocks')} local, vertical stride "
+                 f"{a('attention.block_sparse.vert_stride')}, dense every "
+                 f"{a('attention.dense_every_n_layers')} layers; llama.cpp does not run this architecture)")
     if a("rope.freq_base") is not None:
         text += f", rope theta {a('rope.freq_base'):g}"
     return text

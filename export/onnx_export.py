@@ -14,7 +14,7 @@ Policies (documented because peers differ):
   passes the original context. That is onnxruntime-genai's builder layout
   (`make_rotary_embedding_multi_cache`) and the rule of transformers and pocketlm's reference
   (factors chosen from the current total length; keys already in the cache keep their rotation).
-  The caches are computed with `pocketlm.reference.rope_cos_sin`, so they hold the reference's
+  The caches are computed with `pocketlm.layers.rope_cos_sin`, so they hold the reference's
   float32 values.
 - Sliding window: a query attends to the last `sliding_window` positions including itself (the
   reference and transformers); GroupQueryAttention's `local_window_size` = sliding_window gives
@@ -206,7 +206,7 @@ class _Source:
 
 def _rope_caches(g: GraphBuilder, cfg: Phi3Config, total_len_i64: str) -> tuple[str, str]:
     """cos/sin caches [positions, head_dim/2] for GroupQueryAttention (see the module docstring)."""
-    from pocketlm.reference import rope_cos_sin
+    from pocketlm.layers import rope_cos_sin
 
     def caches(tag: str, length: int, long: bool) -> tuple[str, str]:
         cos, sin = rope_cos_sin(cfg, np.arange(length), long)

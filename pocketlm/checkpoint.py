@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Phi3Config, TensorSpec, gguf_name, tensor_specs
+from .config import Phi3Config, TensorSpec, checkpoint_row_order, gguf_name, tensor_specs
+from .tokenizer import has_tokenizer
 from .errors import PocketLMError
 
 # safetensors dtype -> (numpy storage dtype, bytes per element). BF16 is stored as uint16 and
@@ -119,6 +120,8 @@ class Checkpoint:
         self.raw_config = raw_config
         self.files = files
         self._locations = locations  # gguf name -> (file, HF name)
+        self._row_orders = {s.name: order for s in tensor_specs(config)
+                            if (order := checkpoint_row_order(s, config)) is not None}
 
     # ------------------------------------------------------------------ opening
 
@@ -131,12 +134,17 @@ class Checkpoint:
             raise PocketLMError("not a checkpoint folder (expected a directory with config.json)", path)
         config_path = path / "config.json"
         raw_config = read_json_object(config_path, missing="missing config.json")
-        config = Phi3Config.from_hf_dict(raw_config, str(config_path))
+        try:
+            config = Phi3Config.from_hf_dict(raw_config, str(config_path))
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, ZeroDivisionError) as e:
+            # a value of the wrong type or range that the config parser met unguarded
+            raise PocketLMError(f"invalid config.json: {type(e).__name__}: {e}", config_path) from None
+        _check_representable(config, config_path)
         files = [SafetensorsFile(f) for f in _shard_paths(path)]
         locations: dict[str, tuple[SafetensorsFile, str]] = {}
         for f in files:
             for hf in f.entries:
-                name = gguf_name(hf)
+                name = gguf_name(hf, config.architecture)
                 if name is not None:
                     locations[name] = (f, hf)
         ckpt = cls(path, config, raw_config, files, locations)
@@ -165,9 +173,12 @@ class Checkpoint:
         return [s.name for s in self.specs()]
 
     def raw(self, name: str) -> np.ndarray:
-        """Zero-copy view of a stored tensor in its stored dtype (BF16 as uint16)."""
+        """A stored tensor in its stored dtype (BF16 as uint16), rows in pocketlm's layout: a
+        zero-copy view, or a reordered copy where the checkpoint's row layout differs (Phi-3-small's
+        head-major qkv and interleaved gate rows, `config.checkpoint_row_order`)."""
         f, hf = self._locations[name]
-        return f.raw(hf)
+        order = self._row_orders.get(name)
+        return f.raw(hf) if order is None else f.raw(hf)[order]
 
     def stored_dtype(self, name: str) -> str:
         f, hf = self._locations[name]
@@ -183,16 +194,17 @@ class Checkpoint:
         if name not in self._locations:
             raise PocketLMError(f"no tensor {name!r} in this checkpoint", self.path)
         raw = self.raw(name)
-        if self.stored_dtype(name) == "BF16":
-            return bf16_to_f32(raw)
-        return np.array(raw, dtype=np.float32)
+        out = bf16_to_f32(raw) if self.stored_dtype(name) == "BF16" else np.array(raw, dtype=np.float32)
+        if not np.isfinite(out).all():  # corrupt data, or a header whose offsets shift it
+            raise PocketLMError(f"tensor {name!r} holds NaN or infinite values", self._locations[name][0].path)
+        return out
 
     def dtypes(self) -> Counter:
         return Counter(f.entries[hf].dtype for f, hf in self._locations.values())
 
     @property
     def tokenizer_dir(self) -> Path | None:
-        return self.path if (self.path / "tokenizer.json").is_file() else None
+        return self.path if has_tokenizer(self.path) else None
 
     def nbytes(self) -> int:
         return sum(f.path.stat().st_size for f in self.files)
@@ -201,6 +213,17 @@ class Checkpoint:
         """Drop the mapped pages of every shard from this process (see `SafetensorsFile.release`)."""
         for f in self.files:
             f.release()
+
+
+def _check_representable(config: Phi3Config, config_path: Path) -> None:
+    """Every value the config parser accepted fits the GGUF field it becomes (a context of 1e308
+    or a negative head count does not), checked by the GGUF writer's own encoder."""
+    from .export.gguf_writer import encode_metadata
+
+    try:
+        encode_metadata(config.to_gguf_metadata())
+    except PocketLMError as e:
+        raise PocketLMError(f"invalid config.json: {e}", config_path) from None
 
 
 def read_json_object(path: Path, missing: str = "file not found") -> dict:

@@ -1,15 +1,18 @@
-"""The golden Phi-3 forward pass: numpy, float32, with a KV cache.
+"""The golden forward pass of the Phi-3 family: numpy, float32, with a KV cache.
 
 Quantization quality is measured against it and calibration activations run through it; the
-runtime's kernel path is checked against it on dequantized weights. It follows Hugging Face's
-Phi3ForCausalLM step by step (the oracle in tests/test_reference.py):
+runtime's C forward is checked against it. One path serves Phi3ForCausalLM and
+Phi3SmallForCausalLM: what differs is data in the model description (config.py):
 
-  h = embed(tokens)                                   # [T, D]
-  per layer:  h += o_proj(attn(rope(qkv(norm(h)))))   # fused qkv rows: [q | k | v]
-              h += down(silu(gate) * up)              # fused gate_up rows: [gate | up]
-  logits = lm_head(norm(h))                           # [T, V]
+  h = embed(tokens) * embedding_multiplier                                  # [T, D]
+  per layer:  h += o(attention_i(rope(qkv(norm(h)))))     qkv rows [q | k | v], + biases if any
+              h += down(act(gate_up(norm(h))))             act: swiglu | gegelu on [gate | up]
+  logits = lm_head(norm(h)) * logit_scale, masked ids -> float32 min       # [T, V]
 
-Weights come as a mapping GGUF name -> float32 array ([out, in] for linear layers).
+attention_i is causal softmax(q.k * attention_scale) over the keys layer i sees: all earlier
+positions, a sliding window, or Phi-3-small's block-sparse pattern (blocksparse.py).
+Tests: tests/test_reference.py (transformers' Phi3ForCausalLM), tests/test_phi3small_model.py (a
+torch model written from the Phi-3-small facts). Weights: GGUF name -> float32 array.
 """
 
 from __future__ import annotations
@@ -19,51 +22,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .blocksparse import BlockSparse, token_mask
 from .config import Phi3Config
 from .errors import PocketLMError
+from .layers import apply_rope, gated_activation, norm, rope_cos_sin, uses_long_factors
 
 # Called with (GGUF weight name, the input that linear layer sees [T, in]); the quantizer's
 # calibration uses it to collect activation statistics.
 LinearTap = Callable[[str, np.ndarray], None]
 
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x [T, D] -> x / sqrt(mean(x^2) + eps) * weight."""
-    var = np.mean(x * x, axis=-1, keepdims=True)
-    return (x / np.sqrt(var + eps)) * weight
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
-
-
-def rope_inv_freq(cfg: Phi3Config, long: bool) -> np.ndarray:
-    """Rotary frequencies [head_dim/2] in radians per position, LongRoPE factors applied."""
-    hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    if cfg.rope_scaling is not None:
-        factors = cfg.rope_scaling.long_factor if long else cfg.rope_scaling.short_factor
-        inv = inv / np.asarray(factors, dtype=np.float64)
-    return inv.astype(np.float32)
-
-
-def rope_cos_sin(cfg: Phi3Config, positions: np.ndarray, long: bool) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [T, head_dim/2] for the given positions, scaled by LongRoPE's attention factor."""
-    angles = positions.astype(np.float32)[:, None] * rope_inv_freq(cfg, long)[None, :]
-    scale = np.float32(cfg.rope_scaling.attention_factor if cfg.rope_scaling else 1.0)
-    return np.cos(angles) * scale, np.sin(angles) * scale
-
-
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """NEOX-style rotation of x [heads, T, hd]: the halves (x1, x2) rotate as a complex pair."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def uses_long_factors(cfg: Phi3Config, seq_len: int) -> bool:
-    """Hugging Face's rule: long factors once the sequence (max position + 1) passes the original context."""
-    return cfg.rope_scaling is not None and seq_len > cfg.original_max_position_embeddings
+# The logit of a masked (dummy) token: float32's lowest finite value, as Hugging Face's
+# masked_fill(min_value_of_dtype) gives; finite, so softmax and log-softmax stay finite.
+MASKED_LOGIT = np.finfo(np.float32).min
 
 
 @dataclass
@@ -87,23 +57,27 @@ class KVCache:
         return self.keys[layer], self.values[layer]
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
-              window: int | None) -> np.ndarray:
-    """Causal (optionally sliding-window) grouped-query attention.
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
+              window: int | None = None, sparse: BlockSparse | None = None) -> np.ndarray:
+    """Causal grouped-query attention, optionally within a sliding window or a block-sparse pattern.
 
     q [H, T, hd], k/v [KV, S, hd] holding positions 0..S-1, q_pos [T] -> [H, T, hd].
-    A query at position p sees keys at positions p - window < j <= p.
+    A query at position p sees keys j <= p; with `window`, only p - window < j; with `sparse`,
+    only the blocks its head sees.
     """
-    n_heads, _, hd = q.shape
+    n_heads = q.shape[0]
     group = n_heads // k.shape[0]
-    k = np.repeat(k, group, axis=0)  # [H, S, hd]
+    k = np.repeat(k, group, axis=0)                                   # [H, S, hd]: head h reads kv h // group
     v = np.repeat(v, group, axis=0)
-    scores = (q @ k.transpose(0, 2, 1)) / np.float32(np.sqrt(hd))  # [H, T, S]
+    scores = (q @ k.transpose(0, 2, 1)) * np.float32(scale)         # [H, T, S]
     k_pos = np.arange(k.shape[1])
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - window
-    scores = np.where(allowed[None], scores, -np.inf)
+    if sparse is not None:
+        allowed = token_mask(sparse, n_heads, q_pos, k.shape[1])      # [H, T, S]
+    else:
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None]            # [1, T, S]
+        if window is not None:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+    scores = np.where(allowed, scores, -np.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
@@ -111,7 +85,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
 
 
 class Phi3Reference:
-    """Phi3ForCausalLM in numpy float32."""
+    """Phi3ForCausalLM / Phi3SmallForCausalLM in numpy float32."""
 
     def __init__(self, cfg: Phi3Config, weights: Mapping[str, np.ndarray]):
         self.cfg = cfg
@@ -133,39 +107,55 @@ class Phi3Reference:
             raise PocketLMError("expected a non-empty 1-D sequence of token ids")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise PocketLMError(f"token id out of range [0, {self.cfg.vocab_size})")
-        return np.asarray(self.w["token_embd.weight"][ids], dtype=np.float32)  # [T, D]
+        h = np.asarray(self.w["token_embd.weight"][ids], dtype=np.float32)  # [T, D]
+        if self.cfg.embedding_multiplier != 1.0:
+            h = h * np.float32(self.cfg.embedding_multiplier)
+        return h
+
+    def _norm(self, name: str, x: np.ndarray) -> np.ndarray:
+        return norm(self.cfg, x, self.w[f"{name}.weight"], self.w.get(f"{name}.bias"))
+
+    def _linear(self, name: str, x: np.ndarray, tap: LinearTap | None) -> np.ndarray:
+        """x [T, in] @ weight[out, in].T (+ bias) -> [T, out]."""
+        if tap is not None:
+            tap(f"{name}.weight", x)
+        y = x @ self.w[f"{name}.weight"].T
+        bias = self.w.get(f"{name}.bias")
+        return y if bias is None else y + bias
 
     def layer(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache,
               long_rope: bool, tap: LinearTap | None = None) -> np.ndarray:
         """One decoder layer: h [T, D] -> [T, D]; appends this layer's keys/values to the cache."""
-        cfg, w = self.cfg, self.w
+        cfg = self.cfg
         p = f"blk.{i}."
         n_h, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         t = h.shape[0]
 
-        x = rms_norm(h, w[p + "attn_norm.weight"], cfg.rms_norm_eps)
-        qkv = _linear(x, w[p + "attn_qkv.weight"], p + "attn_qkv.weight", tap)  # [T, (H+2KV)*hd]
+        qkv = self._linear(p + "attn_qkv", self._norm(p + "attn_norm", h), tap)  # [T, (H+2KV)*hd]
         q = qkv[:, : n_h * hd].reshape(t, n_h, hd).transpose(1, 0, 2)           # [H, T, hd]
         k = qkv[:, n_h * hd : (n_h + n_kv) * hd].reshape(t, n_kv, hd).transpose(1, 0, 2)
         v = qkv[:, (n_h + n_kv) * hd :].reshape(t, n_kv, hd).transpose(1, 0, 2)
         cos, sin = rope_cos_sin(cfg, positions, long_rope)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all = cache.append(i, k, v)
-        a = attention(q, k_all, v_all, positions, cfg.sliding_window)           # [H, T, hd]
-        a = a.transpose(1, 0, 2).reshape(t, n_h * hd)
-        h = h + _linear(a, w[p + "attn_output.weight"], p + "attn_output.weight", tap)
+        a = attention(q, k_all, v_all, positions, cfg.attention_scale, cfg.sliding_window,
+                      cfg.layer_sparsity(i))                                    # [H, T, hd]
+        h = h + self._linear(p + "attn_output", a.transpose(1, 0, 2).reshape(t, n_h * hd), tap)
 
-        x = rms_norm(h, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)
-        gate_up = _linear(x, w[p + "ffn_up.weight"], p + "ffn_up.weight", tap)  # [T, 2F]
-        f = cfg.intermediate_size
-        act = silu(gate_up[:, :f]) * gate_up[:, f:]
-        return h + _linear(act, w[p + "ffn_down.weight"], p + "ffn_down.weight", tap)
+        gate_up = self._linear(p + "ffn_up", self._norm(p + "ffn_norm", h), tap)  # [T, 2F]
+        return h + self._linear(p + "ffn_down", gated_activation(cfg, gate_up), tap)
 
     def head(self, h: np.ndarray, tap: LinearTap | None = None) -> np.ndarray:
-        """Final norm and lm_head: h [T, D] -> logits [T, V]."""
-        x = rms_norm(h, self.w["output_norm.weight"], self.cfg.rms_norm_eps)
-        name = "token_embd.weight" if self.cfg.tie_word_embeddings else "output.weight"
-        return _linear(x, self.w[name], name, tap)
+        """Final norm and lm_head: h [T, D] -> logits [T, V] (scaled, masked ids at MASKED_LOGIT)."""
+        cfg = self.cfg
+        x = self._norm("output_norm", h)
+        name = "output" if "output.weight" in self.w else "token_embd"
+        logits = self._linear(name, x, tap)
+        if cfg.logit_scale != 1.0:
+            logits = logits * np.float32(cfg.logit_scale)
+        if cfg.masked_token_ids:
+            logits[:, list(cfg.masked_token_ids)] = MASKED_LOGIT
+        return logits
 
     # ------------------------------------------------------------------ whole model
 
@@ -184,10 +174,3 @@ class Phi3Reference:
         for i in range(self.cfg.num_hidden_layers):
             h = self.layer(i, h, positions, cache, long_rope, tap)
         return self.head(h, tap)
-
-
-def _linear(x: np.ndarray, weight: np.ndarray, name: str, tap: LinearTap | None) -> np.ndarray:
-    """x [T, in] @ weight[out, in].T -> [T, out]."""
-    if tap is not None:
-        tap(name, x)
-    return x @ weight.T

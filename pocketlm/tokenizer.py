@@ -296,7 +296,11 @@ class Tokenizer:
         """Build from a Hugging Face `tokenizer.json` (BPE model, byte fallback); `config` is the
         parsed `tokenizer_config.json` (+ special_tokens_map.json) when there is one."""
         data = _read_json(path)
-        return _HFReader(data, config or {}, path).tokenizer(cls)
+        try:
+            return _HFReader(data, config or {}, path).tokenizer(cls)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as e:
+            # a field of the wrong type or shape the reader met unguarded: one line naming the file
+            raise PocketLMError(f"malformed tokenizer.json: {type(e).__name__}: {e}", path) from None
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:
@@ -656,7 +660,7 @@ class _HFReader:
             by_id.setdefault(int(token["id"]), token["content"])
         if not by_id:
             raise self.error("the BPE model has an empty vocab")
-        missing = sorted(set(range(max(by_id) + 1)) - set(by_id))
+        missing = sorted(set(range(len(by_id))) - set(by_id))  # ids outside 0..n-1 leave a gap
         if missing:
             raise self.error(f"token ids {missing[:5]} are missing from the vocab (ids must be 0..n-1)")
         return [by_id[i] for i in range(len(by_id))]
@@ -1028,3 +1032,19 @@ def tokenizer_from_gguf_fields(fields: Mapping[str, Any], source: str | os.PathL
 
         return TiktokenTokenizer.from_gguf_fields(fields, source)
     return Tokenizer.from_gguf_fields(fields, source)
+
+
+def tokenizer_from_dir(path: str | os.PathLike) -> Any:
+    """The tokenizer of a checkpoint folder: a `*.tiktoken` rank file (Phi-3-small) or a
+    Hugging Face tokenizer.json (Phi-3)."""
+    folder = Path(path)
+    if any(folder.glob("*.tiktoken")):
+        from .tokenizer_tiktoken import TiktokenTokenizer
+
+        return TiktokenTokenizer.from_hf_dir(folder)
+    return Tokenizer.from_hf_dir(folder)
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    folder = Path(path)
+    return (folder / "tokenizer.json").is_file() or any(folder.glob("*.tiktoken"))

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from pocketlm.checkpoint import Checkpoint
-from pocketlm.config import Phi3Config
+from pocketlm.config import Phi3Config, tensor_specs
 from pocketlm.errors import PocketLMError
-from pocketlm.reference import rms_norm
+from pocketlm.layers import norm
+from pocketlm.reference import MASKED_LOGIT
 
 from .calibration import encode_enough
 from .formats import GGMLType
@@ -196,18 +197,28 @@ def _check_same_model(a: Phi3Config, b: Phi3Config, where: str) -> None:
 
 def hidden_states(cfg: Phi3Config, tensor: TensorSource, tokens: np.ndarray) -> np.ndarray:
     """Final normed hidden states [C, L, D] of token chunks [C, L], streaming one layer at a time."""
-    h = tensor("token_embd.weight")[tokens]  # [C, L, D]
+    h = tensor("token_embd.weight")[tokens] * np.float32(cfg.embedding_multiplier)  # [C, L, D]
+    specs = tensor_specs(cfg)
     for i in range(cfg.num_hidden_layers):
-        p = f"blk.{i}."
-        names = [p + s for s in ("attn_norm.weight", "attn_qkv.weight", "attn_output.weight",
-                                 "ffn_norm.weight", "ffn_up.weight", "ffn_down.weight")]
-        weights = {n: tensor(n) for n in names}  # LongRoPE factors come from cfg
+        weights = {s.name: tensor(s.name) for s in specs if s.layer == i}  # LongRoPE factors come from cfg
         h = run_layer(cfg, i, weights, h)
-    return rms_norm(h, tensor("output_norm.weight"), cfg.rms_norm_eps)
+    bias = tensor("output_norm.bias") if cfg.norm == "layer" else None
+    return norm(cfg, h, tensor("output_norm.weight"), bias)
 
 
 def output_weight(cfg: Phi3Config, tensor: TensorSource) -> np.ndarray:
     return tensor("token_embd.weight" if cfg.tie_word_embeddings else "output.weight")  # [V, D]
+
+
+def head_logits(cfg: Phi3Config, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Logits [..., V] of final normed states x [..., D] under the output matrix w [V, D]: the
+    reference's head (logit scale, masked ids)."""
+    logits = x @ w.T
+    if cfg.logit_scale != 1.0:
+        logits *= np.float32(cfg.logit_scale)
+    if cfg.masked_token_ids:
+        logits[..., list(cfg.masked_token_ids)] = MASKED_LOGIT
+    return logits
 
 
 def gguf_logits(path: str | os.PathLike, tokens: np.ndarray,
@@ -219,7 +230,7 @@ def gguf_logits(path: str | os.PathLike, tokens: np.ndarray,
     tokens = np.asarray(tokens, np.int64)
     try:
         x = hidden_states(model.config, model.tensor, tokens if tokens.ndim == 2 else tokens[None])
-        logits = x @ output_weight(model.config, model.tensor).T
+        logits = head_logits(model.config, x, output_weight(model.config, model.tensor))
         return logits if tokens.ndim == 2 else logits[0]
     finally:
         model.close()
@@ -274,7 +285,7 @@ def eval_chunks(tokenizer, text: str, where: str, n_tokens: int, ctx: int) -> np
 def evaluate(model_path: str | os.PathLike, ref_dir: str | os.PathLike, text: str | os.PathLike | None = None,
              n_tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX) -> EvalResult:
     """Compare the GGUF at `model_path` with the float32 checkpoint at `ref_dir` (see module doc)."""
-    from pocketlm.tokenizer import Tokenizer
+    from pocketlm.tokenizer import tokenizer_from_dir, tokenizer_from_gguf_fields
 
     ref = Checkpoint.open(ref_dir)
     quant = GGUFModel(model_path)
@@ -283,8 +294,8 @@ def evaluate(model_path: str | os.PathLike, ref_dir: str | os.PathLike, text: st
         if ctx > ref.config.max_position_embeddings:
             raise PocketLMError(f"--ctx {ctx} exceeds the model's context "
                                 f"{ref.config.max_position_embeddings}")
-        tok = (Tokenizer.from_hf_dir(ref.tokenizer_dir) if ref.tokenizer_dir is not None
-               else Tokenizer.from_gguf_fields(quant.reader.tokenizer_fields(), quant.path))
+        tok = (tokenizer_from_dir(ref.tokenizer_dir) if ref.tokenizer_dir is not None
+               else tokenizer_from_gguf_fields(quant.reader.tokenizer_fields(), quant.path))
         content, where = eval_text(text)
         tokens = eval_chunks(tok, content, where, n_tokens, ctx)
         h_ref = hidden_states(ref.config, ref.tensor, tokens)
@@ -293,8 +304,8 @@ def evaluate(model_path: str | os.PathLike, ref_dir: str | os.PathLike, text: st
         w_q = output_weight(quant.config, quant.tensor)
         kld, nll_ref, nll_q, agree = [], [], [], []
         for c in range(tokens.shape[0]):
-            lp_ref = _log_softmax(h_ref[c, :-1] @ w_ref.T)  # [ctx-1, V]: predictions of tokens 1..
-            lp_q = _log_softmax(h_q[c, :-1] @ w_q.T)
+            lp_ref = _log_softmax(head_logits(ref.config, h_ref[c, :-1], w_ref))  # [ctx-1, V]: tokens 1..
+            lp_q = _log_softmax(head_logits(quant.config, h_q[c, :-1], w_q))
             target = tokens[c, 1:]
             kld.append((np.exp(lp_ref) * (lp_ref - lp_q)).sum(axis=-1))
             rows = np.arange(target.size)

@@ -8,7 +8,7 @@ For each decoder layer i:
      dequantized layers 0..i-1) through the float layer, collecting for each linear layer the
      statistics of its input (`LinearStats`: sum of x x^T, of x^2, of |x|, a row sample);
   3. AWQ (if asked): per-input-channel scales s for attn_qkv and ffn_up, folded exactly into the
-     RMSNorm before them (norm weight / s, weight columns * s), so the float model is unchanged;
+     norm before them (norm weight and bias / s, weight columns * s), so the float model is unchanged;
   4. quantize the four linear layers (a thread pool: numpy releases the GIL) with the method;
      with `Options.sequential` ("true sequential", the default for gptq) instead one after the
      other, each calibrated on inputs that went through the already quantized linears of this layer;
@@ -60,9 +60,10 @@ from pathlib import Path
 import numpy as np
 
 from pocketlm.checkpoint import Checkpoint
-from pocketlm.config import Phi3Config, tensor_specs
+from pocketlm.config import LAYER_LINEARS, Phi3Config, tensor_specs
 from pocketlm.errors import PocketLMError
-from pocketlm.reference import Phi3Reference, rms_norm, uses_long_factors
+from pocketlm.layers import norm, uses_long_factors
+from pocketlm.reference import Phi3Reference
 
 from .awq import awq_search, imatrix_rounding, rtn_rounding
 from .calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, Calibration, load_calibration
@@ -78,7 +79,7 @@ AWQ_SAMPLE_ROWS = 2048  # calibration rows kept per linear layer for AWQ's outpu
 AWQ_MAX_ROWS = 2048     # weight rows the AWQ search evaluates (evenly spaced over the fused matrix)
 PLAIN = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
-LAYER_LINEARS = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+
 AWQ_FOLDS = {"attn_qkv": "attn_norm", "ffn_up": "ffn_norm"}  # scaled linear -> the norm it folds into
 
 
@@ -340,7 +341,7 @@ class _Quantizer:
     def apply_awq(self, i: int, weights: dict[str, np.ndarray], stats: dict[str, LinearStats]) -> None:
         """Search AWQ scales for attn_qkv and ffn_up and fold them into the norms (in place)."""
         p = f"blk.{i}."
-        for lin, norm in AWQ_FOLDS.items():
+        for lin, norm_name in AWQ_FOLDS.items():
             name = p + f"{lin}.weight"
             if name not in stats:
                 continue
@@ -354,7 +355,9 @@ class _Quantizer:
                               mean_abs=st.mean_abs, max_rows=AWQ_MAX_ROWS, rounding=loop, name=name)
             s = s.astype(np.float32)
             weights[name] = weights[name] * s[None, :]
-            weights[p + f"{norm}.weight"] = weights[p + f"{norm}.weight"] / s
+            weights[p + f"{norm_name}.weight"] = weights[p + f"{norm_name}.weight"] / s
+            if p + f"{norm_name}.bias" in weights:  # LayerNorm: its output w * x_hat + b is what s divides
+                weights[p + f"{norm_name}.bias"] = weights[p + f"{norm_name}.bias"] / s
             st.scale_inputs(s)
 
     def quantize_many(self, items: list[tuple[str, np.ndarray, LinearStats | None, str]]
@@ -399,8 +402,8 @@ def embedding_hessian(tensor: Callable[[str], np.ndarray], hidden: int,
     Later layers' reads are left out on purpose: measured on the built-in model they dilute H
     (KLD 0.00230 with all layers vs 0.00194 with layer 0 alone, q4_0 without the float target)."""
     h = np.zeros((hidden, hidden), np.float64)
-    for norm, lin in EMBEDDING_READERS:
-        a = tensor(f"blk.0.{lin}.weight") * tensor(f"blk.0.{norm}.weight")[None, :]  # [out, D] float32
+    for norm_name, lin in EMBEDDING_READERS:
+        a = tensor(f"blk.0.{lin}.weight") * tensor(f"blk.0.{norm_name}.weight")[None, :]  # [out, D] float32
         gram = (a.T @ a).astype(np.float64)  # float32 BLAS: a weighting, not a solve
         trace = float(np.trace(gram))
         if np.isfinite(trace) and trace > 0:
@@ -435,15 +438,15 @@ def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike
     take `calib_tokens` [N, L] directly. Returns a `QuantizeSummary`."""
     from pocketlm.export.gguf_export import phi3_gguf_metadata
     from pocketlm.export.gguf_writer import GGUFWriter
-    from pocketlm.tokenizer import Tokenizer
+    from pocketlm.tokenizer import tokenizer_from_dir
 
     t0 = time.perf_counter()
     rec, meth = get_recipe(recipe), parse_method(method)
     ckpt = Checkpoint.open(ckpt_dir)
     cfg = ckpt.config
     if ckpt.tokenizer_dir is None:
-        raise PocketLMError("no tokenizer.json: a GGUF file must carry the vocabulary", ckpt.path)
-    tokenizer = Tokenizer.from_hf_dir(ckpt.tokenizer_dir)
+        raise PocketLMError("no tokenizer.json or *.tiktoken: a GGUF file must carry the vocabulary", ckpt.path)
+    tokenizer = tokenizer_from_dir(ckpt.tokenizer_dir)
     calibration = _calibration(meth, tokenizer, cfg, calib, calib_samples, calib_len, calib_tokens)
     calib_text = calibration.summary() if calibration is not None else "none"
     q = _Quantizer(ckpt, rec, meth, threads, Options() if options is None else options)
@@ -501,9 +504,10 @@ def _stream(q: _Quantizer, writer, calibration: Calibration | None, bar: Progres
     h = hf = None
     if calibration is not None:
         emb_q = checked_dequantize(emb_name, emb_raw, q.types[emb_name], emb.shape)
-        h = emb_q[calibration.tokens]  # [N, L, D] through the quantized embedding
+        scale = np.float32(cfg.embedding_multiplier)
+        h = emb_q[calibration.tokens] * scale  # [N, L, D] through the quantized embedding
         if q.float_target:
-            hf = emb[calibration.tokens]  # [N, L, D] the float model's hidden states
+            hf = emb[calibration.tokens] * scale  # [N, L, D] the float model's hidden states
         del emb_q
     del emb, emb_raw
     for rope in ("rope_factors_long.weight", "rope_factors_short.weight"):
@@ -589,10 +593,9 @@ def _sequential_linears(q: _Quantizer, i: int, weights: dict[str, np.ndarray], h
 
 def _quantize_head(q: _Quantizer, writer, h: np.ndarray | None, hf: np.ndarray | None) -> None:
     cfg = q.cfg
-    norm_name = "output_norm.weight"
-    norm = q.ckpt.tensor(norm_name)
-    writer.write_tensor(norm_name, _finite(norm_name, quantize(norm, q.types[norm_name], norm_name),
-                                           q.types[norm_name], norm.shape))
+    norms = {n: q.ckpt.tensor(n) for n in ("output_norm.weight", "output_norm.bias") if n in q.specs}
+    for n, w in norms.items():
+        writer.write_tensor(n, _finite(n, quantize(w, q.types[n], n), q.types[n], w.shape))
     if cfg.tie_word_embeddings:
         return
     name = "output.weight"
@@ -600,7 +603,8 @@ def _quantize_head(q: _Quantizer, writer, h: np.ndarray | None, hf: np.ndarray |
     st = None
     if h is not None:
         st = LinearStats(w.shape[1], q.method.needs_hessian)
-        final = [None if x is None else rms_norm(x.reshape(-1, x.shape[-1]), norm, cfg.rms_norm_eps)
+        final = [None if x is None else norm(cfg, x.reshape(-1, x.shape[-1]), norms["output_norm.weight"],
+                                              norms.get("output_norm.bias"))
                  for x in (h, hf)]  # [N*L, D] final normed states: quantized prefix, float model
         st.add(*final)
     rounding = q.method.rounding if h is not None else _embedding_rounding(q.method)

@@ -1,21 +1,21 @@
-"""The runtime's Phi-3 model loop: numpy for everything but the matmuls, which run in the C kernel
-straight from the memory-mapped GGUF blocks (zero copy: the kernel reads the file's pages).
+"""The runtime's model loop for the Phi-3 family: the model description (pocketlm/config.py) run
+by the C kernel straight from the memory-mapped GGUF blocks (zero copy: the kernel reads the file's
+pages).
 
     model = load("phi3-q4_0.gguf", threads=2, ctx=2048, kv="f16")
     for piece in model.generate("The meaning of life is", max_tokens=64):
         print(piece, end="")
     print(model.stats)
 
-One forward step (h [T, D]; T = 1 while decoding, a chunk of the prompt while prefilling):
-    per layer:  h += o_proj(attention(rope(qkv(rms_norm(h)))))     4 kernel calls per layer:
-                h += down(silu(gate) * up)                          qkv, o, gate_up, down (fused)
-    logits = output(rms_norm(h))
-Decoding (T = 1) with quantized linears runs every layer in one kernel call (`_kernel.decode_step`,
-runtime/kernel/decode.c: norms, RoPE, cache write, attention over the fp16/fp32/int8 cache converted
-in registers, SwiGLU, residuals), so no Python runs between the matvecs; `_layers_numpy` is the same
-loop in numpy + kernel calls, used for dense weights and as the tests' reference.
-Prefill runs the kernel's batched matmul and its row-wise RMSNorm, RoPE and SwiGLU on the thread pool;
-the prompt's attention and the cache writes stay in numpy.
+Two paths, one forward (pocketlm/reference.py is the numpy original both are tested against):
+  * decode (T = 1, quantized linears): every layer in one kernel call (`_kernel.decode_step`,
+    runtime/kernel/decode.c: norms, biases, RoPE, cache write, attention over the fp16/fp32/int8
+    cache, the gated activation, residuals), so no Python runs between the matvecs;
+  * a prompt chunk (T >= 1; also decode for F16/F32 weights): per layer five kernel calls on the
+    thread pool (norm, qkv matmul + RoPE, attention over the cache, o, gate_up + activation, down):
+        h += o(attention_i(rope(qkv(norm(h)))))      attention_i: dense, sliding window or block-sparse
+        h += down(act(gate_up(norm(h))))              act: SwiGLU or GeGELU
+  logits = output(norm(h)) * logit_scale, masked token ids at MASKED_LOGIT.
 
 Policies (documented here, tested in tests/test_runtime.py):
   * LongRoPE: `longrope="context"` (the default, llama.cpp's rule): long factors for every position
@@ -25,7 +25,8 @@ Policies (documented here, tested in tests/test_runtime.py):
     cached keep their short-factor rotation, as transformers does).
   * Context: the KV cache is preallocated to n_ctx positions. A prompt that does not fit raises
     PocketLMError; generation that reaches n_ctx stops with finish reason "context" (no sliding).
-  * Sliding window: a query at position p attends to keys p - window < j <= p.
+  * Attention: a query at position p attends to keys j <= p, within p - window < j for a sliding
+    window, and only the key blocks its head sees on Phi-3-small's block-sparse layers.
   * Weights the kernel lacks: F32/F16/BF16 linear layers run in numpy (slow, for tiny test
     models); any other type the kernel does not implement (Q5_K, IQ*, ...) is refused at load.
   * Corrupt blocks (a NaN/inf scale): `validate=True` scans every block at load. The default
@@ -38,10 +39,6 @@ Policies (documented here, tested in tests/test_runtime.py):
     cache file that later loads map read-only (see packed_cache.py); the original file's pages of
     those matrices are then never read, so memory stays at about the file size. `repack=False`
     runs every matrix zero-copy from the model file itself.
-  * Block sparsity: rows sampled from each matrix (1 in 64) are checked for empty blocks (all
-    scales zero); a matrix where they make up at least 10 % gets the kernel's per-row index of
-    non-empty blocks, built once, and its matvecs skip the empty blocks (`sparse=True` checks every
-    matrix in full, `sparse=False` never builds an index).
 """
 
 from __future__ import annotations
@@ -57,12 +54,13 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Phi3Config, tensor_specs
+from ..config import LAYER_LINEARS, Phi3Config, tensor_specs
 from ..errors import PocketLMError
 from ..export.gguf_format import bf16_to_float32, type_name
 from ..export.gguf_reader import GGUFReader
+from ..layers import rope_cos_sin
 from ..quantize.formats import GGMLType, dequantize
-from ..reference import rope_cos_sin
+from ..reference import MASKED_LOGIT
 from . import _kernel
 from . import kernel as kern
 from .kv_cache import KV_TYPES, KVCache
@@ -72,10 +70,9 @@ DENSE_TYPES = {int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)}
 KERNEL_TYPES = {int(GGMLType.Q4_0), int(GGMLType.Q4_1), int(GGMLType.Q8_0), int(GGMLType.Q4_K),
                 int(GGMLType.Q6_K)}
 DEFAULT_BATCH = 256      # prompt tokens per prefill chunk (bounds prefill temporaries)
-ATTN_QUERY_CHUNK = 64    # query rows per attention block while prefilling (bounds the score matrix)
-SPARSE_MAX_DENSITY = 0.9  # keep a block-sparse index only when it skips at least 10 % of blocks
-SPARSE_SAMPLE_STRIDE = 64  # sparse="auto": rows sampled per matrix to decide whether to index it
 LONGROPE_POLICIES = ("context", "sequence")
+NORM_KINDS = {"rms": 0, "layer": 1}          # the kernel's NORM_* / ACT_* codes (kernel.h)
+ACTIVATION_KINDS = {"swiglu": 0, "gegelu": 1}
 
 
 @dataclass
@@ -111,64 +108,55 @@ class Stats:
 
 
 class Linear:
-    """One [rows, K] weight: raw GGUF blocks for the kernel, or a float array for numpy."""
+    """One [rows, K] weight (+ bias): raw GGUF blocks for the kernel, or a float array for numpy."""
 
     def __init__(self, name: str, raw: np.ndarray, gtype: int, rows: int, K: int,
-                 dense: np.ndarray | None = None, index: Any = None):
+                 dense: np.ndarray | None = None, bias: np.ndarray | None = None):
         self.name, self.raw, self.gtype, self.rows, self.K = name, raw, gtype, rows, K
         self.dense = dense      # [rows, K] view (F32/F16/BF16 files only)
-        self.index = index      # kernel sparse-index handle or None
-
-    def vec(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out[rows] = W x (x [K] float32 contiguous)."""
-        if self.dense is not None:
-            np.dot(self.dense, x, out=out)
-            return out
-        _kernel.matvec(self.raw, self.gtype, self.rows, self.K, x, out, self.index)
-        return out
+        self.bias = bias        # [rows] float32 or None
 
     def mat(self, X: np.ndarray) -> np.ndarray:
-        """X [M, K] -> [M, rows]."""
+        """X [M, K] -> X W^T + b [M, rows]."""
         if self.dense is not None:
-            return X @ self.dense.T
-        out = np.empty((X.shape[0], self.rows), dtype=np.float32)
-        if X.shape[0] == 1:  # the batched path gains nothing for one row
-            _kernel.matvec(self.raw, self.gtype, self.rows, self.K, X[0], out[0], self.index)
+            out = X @ self.dense.T
         else:
-            _kernel.matmul(self.raw, self.gtype, self.rows, self.K, X, X.shape[0], out)
+            out = np.empty((X.shape[0], self.rows), dtype=np.float32)
+            if X.shape[0] == 1:  # the batched path gains nothing for one row
+                _kernel.matvec(self.raw, self.gtype, self.rows, self.K, X[0], out[0], None)
+            else:
+                _kernel.matmul(self.raw, self.gtype, self.rows, self.K, X, X.shape[0], out)
+        if self.bias is not None:
+            out += self.bias
         return out
+
+    def plan(self) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """What the kernel's decode plan takes for this linear."""
+        return self.raw, self.gtype, self.bias
+
+
+@dataclass
+class Norm:
+    weight: np.ndarray          # [D] float32
+    bias: np.ndarray | None     # [D] float32 (LayerNorm) or None (RMSNorm)
 
 
 @dataclass
 class Layer:
-    attn_norm: np.ndarray  # [D] float32
-    qkv: Linear            # [(H + 2 KV) hd, D]
+    attn_norm: Norm
+    qkv: Linear            # [(H + 2 KV) hd, D]: rows [q | k | v]
     o: Linear              # [D, H hd]
-    ffn_norm: np.ndarray
+    ffn_norm: Norm
     gate_up: Linear        # [2F, D]: rows [gate | up]
     down: Linear           # [D, F]
-
-
-@dataclass
-class _DecodeBuffers:
-    """Preallocated per-token arrays: decoding allocates nothing proportional to the weights."""
-
-    h: np.ndarray
-    x: np.ndarray
-    qkv: np.ndarray
-    attn: np.ndarray
-    proj: np.ndarray
-    gate_up: np.ndarray
-    act: np.ndarray
-    logits: np.ndarray
+    sparse: tuple[int, int, int, int] | None  # (block, local_blocks, vert_stride, head_step), or dense
 
 
 class Model:
     """A loaded GGUF model with its KV cache. Not thread-safe (one generation at a time)."""
 
     def __init__(self, path: str, reader: GGUFReader, cfg: Phi3Config, n_ctx: int, kv: str,
-                 longrope: str, batch: int, validate: bool | str, sparse: bool | str,
-                 repack: bool | str = "auto"):
+                 longrope: str, batch: int, validate: bool | str, repack: bool | str = "auto"):
         self.path, self.reader, self.cfg = path, reader, cfg
         self.n_ctx, self.batch = n_ctx, batch
         self.stats = Stats()
@@ -177,21 +165,15 @@ class Model:
         self._kernel_seconds = 0.0
         self._repack = repack
         self._plan: tuple[np.ndarray, Any] | None = None  # (the cache's k array, decode_step plan)
-        self._load_weights(validate is True, sparse)
+        self._load_weights(validate is True)
         self.cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, n_ctx, cfg.head_dim, kv)
         self._init_rope(longrope)
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        qd = cfg.num_attention_heads * cfg.head_dim
-        z = np.zeros
-        self._buf = _DecodeBuffers(h=z(d, np.float32), x=z(d, np.float32), qkv=z(cfg.qkv_size, np.float32),
-                                   attn=z(qd, np.float32), proj=z(d, np.float32),
-                                   gate_up=z(2 * f, np.float32), act=z(f, np.float32),
-                                   logits=z(cfg.vocab_size, np.float32))
+        self._h = np.zeros(cfg.hidden_size, np.float32)  # the decode step's residual stream
         self.tokenizer = _load_tokenizer(reader, path)
 
     # ------------------------------------------------------------------ loading
 
-    def _load_weights(self, validate: bool, sparse: bool | str) -> None:
+    def _load_weights(self, validate: bool) -> None:
         cfg, r = self.cfg, self.reader
         expected = {s.name: s for s in tensor_specs(cfg)}
         for name, spec in expected.items():
@@ -203,36 +185,46 @@ class Model:
                 raise PocketLMError(f"tensor {name!r} has shape {r.tensors[name].shape}, the config "
                                     f"implies {spec.shape}", self.path)
 
-        def norm(name: str) -> np.ndarray:
+        def vector(name: str) -> np.ndarray | None:
+            if name not in expected:
+                return None
             w = r.dequantize(name).astype(np.float32)
             if not np.isfinite(w).all():
                 raise PocketLMError(f"tensor {name!r} holds NaN or infinite values", self.path)
             return w
 
+        def norm(name: str) -> Norm:
+            return Norm(vector(f"{name}.weight"), vector(f"{name}.bias"))
+
         def linear(name: str) -> Linear:
-            return self._linear(name, validate, sparse)
+            return self._linear(f"{name}.weight", vector(f"{name}.bias"), validate)
 
         self._packed = {}
         if self._repack:
-            names = [f"blk.{i}.{t}.weight" for i in range(cfg.num_hidden_layers)
-                     for t in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")] + ["output.weight"]
-            infos = [r.tensors[n] for n in names if n in r.tensors]
+            names = [f"blk.{i}.{t}.weight" for i in range(cfg.num_hidden_layers) for t in LAYER_LINEARS]
+            infos = [r.tensors[n] for n in [*names, "output.weight"] if n in r.tensors]
             mats = [(t.name, r.raw(t.name), *t.shape) for t in infos
                     if kern.should_repack(int(t.type_id), t.shape[1])]
             self._packed = packed_matrices(self.path, mats)
 
+        def sparsity(i: int) -> tuple[int, int, int, int] | None:
+            bs = cfg.layer_sparsity(i)
+            if bs is None:
+                return None
+            return bs.block_size, bs.local_blocks, bs.vert_stride, bs.head_step(cfg.num_attention_heads)
+
         self.layers = [
-            Layer(norm(f"blk.{i}.attn_norm.weight"), linear(f"blk.{i}.attn_qkv.weight"),
-                  linear(f"blk.{i}.attn_output.weight"), norm(f"blk.{i}.ffn_norm.weight"),
-                  linear(f"blk.{i}.ffn_up.weight"), linear(f"blk.{i}.ffn_down.weight"))
+            Layer(norm(f"blk.{i}.attn_norm"), linear(f"blk.{i}.attn_qkv"), linear(f"blk.{i}.attn_output"),
+                  norm(f"blk.{i}.ffn_norm"), linear(f"blk.{i}.ffn_up"), linear(f"blk.{i}.ffn_down"), sparsity(i))
             for i in range(cfg.num_hidden_layers)]
-        self.output_norm = norm("output_norm.weight")
+        self.output_norm = norm("output_norm")
         # llama.cpp falls back to the token embedding when a file has no output matrix (tied weights)
-        out_name = "output.weight" if "output.weight" in r.tensors else "token_embd.weight"
-        if tuple(r.tensors[out_name].shape) != (cfg.vocab_size, cfg.hidden_size):
-            raise PocketLMError(f"tensor {out_name!r} has shape {r.tensors[out_name].shape}, expected "
-                                f"{(cfg.vocab_size, cfg.hidden_size)}", self.path)
+        out_name = "output" if "output.weight" in r.tensors else "token_embd"
+        if tuple(r.tensors[f"{out_name}.weight"].shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise PocketLMError(f"tensor {out_name}.weight has shape {r.tensors[f'{out_name}.weight'].shape}, "
+                                f"expected {(cfg.vocab_size, cfg.hidden_size)}", self.path)
         self.output = linear(out_name)
+        self._masked = np.asarray(cfg.masked_token_ids, dtype=np.int64)
         self._embd_info = r.tensors["token_embd.weight"]
         if self._embd_info.gtype is None:
             raise PocketLMError(f"token_embd.weight has type {self._embd_info.type_name}, which pocketlm "
@@ -242,7 +234,7 @@ class Model:
         if validate and embd_type in KERNEL_TYPES and self.output.name != "token_embd.weight":
             self._check_blocks("token_embd.weight", r.raw("token_embd.weight"), int(self._embd_info.type_id))
 
-    def _linear(self, name: str, validate: bool, sparse: bool | str) -> Linear:
+    def _linear(self, name: str, bias: np.ndarray | None, validate: bool) -> Linear:
         info = self.reader.tensors[name]
         rows, K = info.shape
         gtype = int(info.type_id)
@@ -251,7 +243,7 @@ class Model:
             dense = self.reader.dequantize(name)
             if not np.isfinite(dense).all():
                 raise PocketLMError(f"tensor {name!r} holds NaN or infinite values", self.path)
-            return Linear(name, raw, gtype, rows, K, dense=dense)
+            return Linear(name, raw, gtype, rows, K, dense=dense, bias=bias)
         if gtype not in KERNEL_TYPES:
             raise PocketLMError(f"tensor {name!r} has type {type_name(gtype)}, which the pocketlm kernel "
                                 f"does not implement (supported: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, F16, F32)",
@@ -261,16 +253,7 @@ class Model:
         if name in self._packed:
             _release_pages(raw)  # only read if validate=True scanned them
             raw, gtype = self._packed[name], kern.Q4_0_PACKED
-        index = None
-        if sparse == "auto" and rows >= 4 * SPARSE_SAMPLE_STRIDE:
-            sample = np.ascontiguousarray(raw.reshape(rows, -1)[::SPARSE_SAMPLE_STRIDE])
-            if kern.build_sparse_index(sample, gtype, sample.shape[0], K).density > SPARSE_MAX_DENSITY:
-                sparse = False
-        if sparse:
-            idx = kern.build_sparse_index(raw, gtype, rows, K)
-            if idx.density <= SPARSE_MAX_DENSITY:
-                index = idx.handle
-        return Linear(name, raw, gtype, rows, K, index=index)
+        return Linear(name, raw, gtype, rows, K, bias=bias)
 
     def find_corrupt_blocks(self) -> None:
         """Scan every quantized tensor; PocketLMError naming the first block with a NaN/inf scale."""
@@ -325,14 +308,19 @@ class Model:
         del self.tokens[length:]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of the token embedding [T, D] float32, dequantized only for the tokens asked."""
+        """Rows of the token embedding [T, D] float32 (times the embedding multiplier), dequantized
+        only for the tokens asked."""
         info = self._embd_info
         rows = self._embd[ids]                     # [T, D] typed, or [T, row bytes] of blocks
         if int(info.type_id) == int(GGMLType.BF16):
-            return bf16_to_float32(rows)
-        if int(info.type_id) in DENSE_TYPES:
-            return rows.astype(np.float32)
-        return dequantize(rows, info.gtype, (len(ids), self.cfg.hidden_size))
+            h = bf16_to_float32(rows)
+        elif int(info.type_id) in DENSE_TYPES:
+            h = rows.astype(np.float32)
+        else:
+            h = dequantize(rows, info.gtype, (len(ids), self.cfg.hidden_size))
+        if self.cfg.embedding_multiplier != 1.0:
+            h *= np.float32(self.cfg.embedding_multiplier)
+        return h
 
     def check_tokens(self, ids: Sequence[int]) -> np.ndarray:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -353,8 +341,8 @@ class Model:
                                 f"fit the context of {self.n_ctx} tokens (raise --ctx, at most "
                                 f"{self.cfg.max_position_embeddings} for this model)", self.path)
         try:
-            if arr.size == 1 and not all_logits:
-                logits = self._decode_one(int(arr[0])).copy()
+            if arr.size == 1 and not all_logits and self._decode_plan() is not None:
+                logits = self._decode_one(int(arr[0]))
             else:
                 outs = []
                 for c0 in range(0, arr.size, self.batch):
@@ -395,107 +383,37 @@ class Model:
     # ------------------------------------------------------------------ the decode step (T = 1)
 
     def _decode_one(self, token: int) -> np.ndarray:
-        b, cache = self._buf, self.cache
-        pos = cache.length
+        """Every layer in one kernel call, then the head: logits [V] (a new array)."""
+        pos = self.cache.length
         cos_t, sin_t = self._rope[self._use_long(pos + 1)]
-        cos, sin = cos_t[pos], sin_t[pos]                                   # [hd/2]
-        b.h[:] = self.embed(np.array([token]))[0]
-        plan = self._decode_plan()
+        h = self._h
+        h[:] = self.embed(np.array([token]))[0]
         clock = time.perf_counter
-        if plan is not None:  # every layer in one kernel call
-            t = clock()
-            _kernel.decode_step(plan, b.h, cos, sin, pos)
-            k0 = self._kernel_seconds + clock() - t
-        else:
-            k0 = self._layers_numpy(pos, cos, sin)
-        _rms_norm_vec(b.h, self.output_norm, self.cfg.rms_norm_eps, b.x)
         t = clock()
-        self.output.vec(b.x, b.logits)
-        self._kernel_seconds = k0 + clock() - t
-        cache.length = pos + 1
+        _kernel.decode_step(self._decode_plan(), h, cos_t[pos], sin_t[pos], pos)
+        logits = self._head(h[None])[0]
+        self._kernel_seconds += clock() - t
+        self.cache.length = pos + 1
         self.tokens.append(token)
-        return b.logits
+        return logits
 
     def _decode_plan(self) -> Any:
-        """The kernel's decode-step plan (weights, norms, KV cache), or None where the layers need
-        numpy: dense (F16/F32/BF16) linears. Rebuilt if the cache arrays change."""
+        """The kernel's decode-step plan (weights, norms, biases, patterns, KV cache), or None where
+        the layers need numpy: dense (F16/F32/BF16) linears. Rebuilt if the cache arrays change."""
         if self._plan is not None and self._plan[0] is self.cache.k:
             return self._plan[1]
         linears = [lin for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down)]
         if any(lin.dense is not None for lin in linears):
             return None
         cfg = self.cfg
-        layers = [(L.attn_norm, L.ffn_norm, *((lin.raw, lin.gtype, lin.index) for lin in (L.qkv, L.o, L.gate_up,
-                                                                                           L.down)))
-                  for L in self.layers]
+        layers = [(L.attn_norm.weight, L.attn_norm.bias, L.ffn_norm.weight, L.ffn_norm.bias,
+                   L.qkv.plan(), L.o.plan(), L.gate_up.plan(), L.down.plan(), L.sparse) for L in self.layers]
         dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                cfg.intermediate_size, self.n_ctx, cfg.sliding_window or 0, cfg.rms_norm_eps)
+                cfg.intermediate_size, self.n_ctx, cfg.sliding_window or 0, cfg.rms_norm_eps,
+                NORM_KINDS[cfg.norm], ACTIVATION_KINDS[cfg.activation], cfg.gegelu_limit, cfg.attention_scale)
         scales = (self.cache.k_scale, self.cache.v_scale) if self.cache.kind == "int8" else ()
         self._plan = (self.cache.k, _kernel.decode_plan(layers, dims, self.cache.k, self.cache.v, *scales))
         return self._plan[1]
-
-    def _layers_numpy(self, pos: int, cos: np.ndarray, sin: np.ndarray) -> float:
-        """The layers of one decode step in numpy + kernel calls (dense weights; also the reference
-        for the kernel's decode_step). Returns the updated kernel-seconds counter."""
-        cfg, b, cache = self.cfg, self._buf, self.cache
-        n_h, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        eps = cfg.rms_norm_eps
-        k0 = self._kernel_seconds
-        clock = time.perf_counter
-        for i, L in enumerate(self.layers):
-            _rms_norm_vec(b.h, L.attn_norm, eps, b.x)
-            t = clock()
-            L.qkv.vec(b.x, b.qkv)
-            k0 += clock() - t
-            q = b.qkv[:n_h * hd].reshape(n_h, hd)
-            k = b.qkv[n_h * hd:(n_h + n_kv) * hd].reshape(n_kv, hd)
-            v = b.qkv[(n_h + n_kv) * hd:].reshape(n_kv, hd)
-            _rope_inplace(q, cos, sin)
-            _rope_inplace(k, cos, sin)
-            cache.write(i, pos, k[:, None, :], v[:, None, :])
-            t = clock()
-            self._attend_one(i, q, pos, b.attn)
-            if cache.kind != "int8":  # the C kernel's attention (int8 stays in numpy)
-                k0 += clock() - t
-            t = clock()
-            L.o.vec(b.attn, b.proj)
-            k0 += clock() - t
-            b.h += b.proj
-            _rms_norm_vec(b.h, L.ffn_norm, eps, b.x)
-            t = clock()
-            L.gate_up.vec(b.x, b.gate_up)
-            k0 += clock() - t
-            f = cfg.intermediate_size
-            _swiglu(b.gate_up[:f], b.gate_up[f:], b.act)
-            t = clock()
-            L.down.vec(b.act, b.proj)
-            k0 += clock() - t
-            b.h += b.proj
-        return k0
-
-    def _attend_one(self, layer: int, q: np.ndarray, pos: int, out: np.ndarray) -> None:
-        """out [H*hd] = attention of q [H, hd] over the cached keys visible from position pos."""
-        cfg = self.cfg
-        n_kv, hd = cfg.num_key_value_heads, cfg.head_dim
-        s0 = max(0, pos + 1 - cfg.sliding_window) if cfg.sliding_window else 0
-        if self.cache.kind != "int8":
-            # C: fp16 rows converted in registers, instead of widening the cache to float32 here
-            _kernel.attention(q, self.cache.k[layer], self.cache.v[layer], cfg.num_attention_heads, n_kv, hd,
-                              self.cache.n_ctx, s0, pos + 1, out)
-            return
-        keys, k_scale = self.cache.keys(layer, s0, pos + 1)               # [KV, S, hd]
-        qg = q.reshape(n_kv, -1, hd)                                       # [KV, G, hd]
-        scores = qg @ keys.transpose(0, 2, 1)                              # [KV, G, S]
-        if k_scale is not None:
-            scores *= k_scale[:, None, :]
-        scores *= np.float32(1.0 / np.sqrt(hd))
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        values, v_scale = self.cache.values(layer, s0, pos + 1)
-        if v_scale is not None:
-            scores *= v_scale[:, None, :]
-        np.matmul(scores, values, out=out.reshape(n_kv, -1, hd))
 
     # ------------------------------------------------------------------ a prompt chunk (T >= 1)
 
@@ -503,99 +421,51 @@ class Model:
         cfg, cache = self.cfg, self.cache
         pos, t = cache.length, ids.size
         n_h, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        f, eps = cfg.intermediate_size, cfg.rms_norm_eps
         cos_t, sin_t = self._rope[self._use_long(pos + t)]
         cos, sin = cos_t[pos:pos + t], sin_t[pos:pos + t]                  # [T, hd/2]
         h = np.ascontiguousarray(self.embed(ids), dtype=np.float32)        # [T, D]
         x = np.empty_like(h)
-        act = np.empty((t, f), dtype=np.float32)
+        attn = np.empty((t, n_h * hd), dtype=np.float32)
+        act = np.empty((t, cfg.intermediate_size), dtype=np.float32)
+        act_kind = ACTIVATION_KINDS[cfg.activation]
+        clock = time.perf_counter
+        t0 = clock()
         for i, L in enumerate(self.layers):
-            _kernel.rms_norm(h, L.attn_norm, eps, x)
+            self._norm(h, L.attn_norm, x)
             qkv = L.qkv.mat(x)                                             # [T, (H+2KV) hd]
             _kernel.rope(qkv, n_h + n_kv, hd, cos, sin)                    # q and k heads, in place
-            q = qkv[:, :n_h * hd].reshape(t, n_h, hd).transpose(1, 0, 2)  # [H, T, hd]
             k = qkv[:, n_h * hd:(n_h + n_kv) * hd].reshape(t, n_kv, hd).transpose(1, 0, 2)
             v = qkv[:, (n_h + n_kv) * hd:].reshape(t, n_kv, hd).transpose(1, 0, 2)
             cache.write(i, pos, k, v)
-            a = self._attend_chunk(i, q, pos)                              # [T, H hd]
-            h += L.o.mat(a)
-            _kernel.rms_norm(h, L.ffn_norm, eps, x)
-            _kernel.swiglu(L.gate_up.mat(x), act)                          # [T, 2F] -> [T, F]
+            scales = (cache.k_scale[i], cache.v_scale[i]) if cache.kind == "int8" else (None, None)
+            _kernel.attention_rows(qkv, cache.k[i], cache.v[i], *scales, n_h, n_kv, hd, self.n_ctx, pos,
+                                   cfg.sliding_window or 0, cfg.attention_scale, L.sparse, attn)
+            h += L.o.mat(attn)
+            self._norm(h, L.ffn_norm, x)
+            _kernel.gated_act(L.gate_up.mat(x), act_kind, cfg.gegelu_limit, act)  # [T, 2F] -> [T, F]
             h += L.down.mat(act)
         cache.length = pos + t
         self.tokens.extend(int(x) for x in ids)
-        if not want_logits:
-            return None
-        rows = h if all_rows else h[-1:]
-        return self.output.mat(_rms_norm(rows, self.output_norm, eps))     # [T or 1, V]
+        logits = self._head(h if all_rows else h[-1:]) if want_logits else None  # [T or 1, V]
+        self._kernel_seconds += clock() - t0
+        return logits
 
-    def _attend_chunk(self, layer: int, q: np.ndarray, pos: int) -> np.ndarray:
-        """Attention of q [H, T, hd] (positions pos..pos+T-1) over the cache -> [T, H hd]."""
-        cfg = self.cfg
-        n_h, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        t = q.shape[1]
-        window = cfg.sliding_window
-        s0 = max(0, pos - window + 1) if window else 0
-        keys, k_scale = self.cache.keys(layer, s0, pos + t)                # [KV, S, hd]
-        values, v_scale = self.cache.values(layer, s0, pos + t)
-        k_pos = np.arange(s0, pos + t)
-        qg = q.reshape(n_kv, n_h // n_kv, t, hd)                           # [KV, G, T, hd]
-        out = np.empty((t, n_h * hd), dtype=np.float32)
-        kt = keys.transpose(0, 2, 1)[:, None]                              # [KV, 1, hd, S]
-        for c0 in range(0, t, ATTN_QUERY_CHUNK):
-            c1 = min(t, c0 + ATTN_QUERY_CHUNK)
-            q_pos = np.arange(pos + c0, pos + c1)
-            scores = qg[:, :, c0:c1] @ kt                                  # [KV, G, C, S]
-            if k_scale is not None:
-                scores *= k_scale[:, None, None, :]
-            scores *= np.float32(1.0 / np.sqrt(hd))
-            allowed = k_pos[None, :] <= q_pos[:, None]                     # [C, S]
-            if window:
-                allowed &= k_pos[None, :] > q_pos[:, None] - window
-            scores[..., ~allowed] = -np.inf
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            if v_scale is not None:
-                scores *= v_scale[:, None, None, :]
-            a = scores @ values[:, None]                                   # [KV, G, C, hd]
-            out[c0:c1] = a.reshape(n_h, c1 - c0, hd).transpose(1, 0, 2).reshape(c1 - c0, n_h * hd)
-        return out
+    def _norm(self, h: np.ndarray, norm: Norm, out: np.ndarray) -> None:
+        _kernel.norm(h, norm.weight, norm.bias, self.cfg.rms_norm_eps, out)
+
+    def _head(self, h: np.ndarray) -> np.ndarray:
+        """h [T, D] -> logits [T, V]: final norm, output matrix, logit scale, masked ids."""
+        x = np.empty_like(h)
+        self._norm(np.ascontiguousarray(h), self.output_norm, x)
+        logits = self.output.mat(x)
+        if self.cfg.logit_scale != 1.0:
+            logits *= np.float32(self.cfg.logit_scale)
+        if self._masked.size:
+            logits[:, self._masked] = MASKED_LOGIT
+        return logits
 
 
-# ---------------------------------------------------------------------------- numpy pieces
-
-def _rms_norm_vec(h: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
-    """out[D] = h / sqrt(mean(h^2) + eps) * w, without temporaries."""
-    scale = np.float32(1.0 / np.sqrt(float(np.dot(h, h)) / h.size + eps))
-    np.multiply(h, w, out=out)
-    out *= scale
-
-
-def _rms_norm(h: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """h [T, D] -> [T, D] (a new contiguous float32 array)."""
-    var = np.einsum("td,td->t", h, h) / np.float32(h.shape[1])
-    return np.ascontiguousarray((h * (1.0 / np.sqrt(var + np.float32(eps)))[:, None]) * w, dtype=np.float32)
-
-
-def _swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> None:
-    """out = silu(gate) * up = gate * up / (1 + exp(-gate))."""
-    np.negative(gate, out=out)
-    np.exp(out, out=out)
-    out += 1.0
-    np.divide(gate, out, out=out)
-    out *= up
-
-
-def _rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
-    """NEOX rotation of x [heads, hd] in place (cos/sin [hd/2])."""
-    half = x.shape[-1] // 2
-    x1 = x[:, :half].copy()
-    x2 = x[:, half:]
-    x[:, :half] = x1 * cos - x2 * sin
-    x2 *= cos
-    x2 += x1 * sin
-
+# ---------------------------------------------------------------------------- helpers
 
 def _release_pages(view: np.ndarray) -> None:
     """Drop this process's mapping of the whole pages under `view` (file-backed, read-only: the
@@ -614,23 +484,22 @@ def _load_tokenizer(reader: GGUFReader, path: str):
     fields = reader.tokenizer_fields()
     if "tokenizer.ggml.tokens" not in fields:
         return None
-    from ..tokenizer import Tokenizer
-    return Tokenizer.from_gguf_fields(fields, source=path)
+    from ..tokenizer import tokenizer_from_gguf_fields
+    return tokenizer_from_gguf_fields(fields, source=path)
 
 
 # ---------------------------------------------------------------------------- load
 
 def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = None, kv: str = "f16",
          longrope: str = "context", batch: int = DEFAULT_BATCH, validate: bool | str = "lazy",
-         sparse: bool | str = "auto", repack: bool | str = "auto") -> Model:
-    """Map a phi3 GGUF file and get it ready to run.
+         repack: bool | str = "auto") -> Model:
+    """Map a phi3 / phi3small GGUF file and get it ready to run.
 
     threads: kernel threads (default: the machine's cores, at most 4); ctx: context size (default
     the model's, at most 4096; at most the model's max_position_embeddings); kv: "f16" | "int8" |
     "f32"; longrope: "context" | "sequence" (see the module docstring); batch: prompt tokens per
     prefill chunk; validate: True scans every block's scale for NaN/inf at load, "lazy" only when
-    a step produces non-finite values; sparse: "auto" | True | False; repack: "auto" | False (see
-    the module docstring).
+    a step produces non-finite values; repack: "auto" | False (see the module docstring).
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
@@ -640,9 +509,8 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
         raise PocketLMError(f"threads must be an integer >= 1, got {threads!r}")
     if kv not in KV_TYPES:
         raise PocketLMError(f"kv must be one of {', '.join(KV_TYPES)}, got {kv!r}")
-    if validate not in (True, False, "lazy") or sparse not in (True, False, "auto"):
-        raise PocketLMError(f"validate must be True/False/'lazy' and sparse True/False/'auto', got "
-                            f"{validate!r}, {sparse!r}")
+    if validate not in (True, False, "lazy"):
+        raise PocketLMError(f"validate must be True, False or 'lazy', got {validate!r}")
     if not isinstance(batch, int) or batch < 1:
         raise PocketLMError(f"batch must be an integer >= 1, got {batch!r}")
     reader = GGUFReader(path)
@@ -659,6 +527,6 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     kern.set_threads(threads)
     if repack not in (False, "auto"):
         raise PocketLMError(f"repack must be 'auto' or False, got {repack!r}")
-    model = Model(path, reader, cfg, ctx, kv, longrope, batch, validate, sparse, repack)
+    model = Model(path, reader, cfg, ctx, kv, longrope, batch, validate, repack)
     model.stats.load_seconds = time.perf_counter() - t0
     return model

@@ -72,8 +72,8 @@ def test_gguf_metadata_round_trip():
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    ({**MINI_4K, "architectures": ["Phi3SmallForCausalLM"], "model_type": "phi3small"},
-     "Phi3SmallForCausalLM"),
+    # a Phi-3-small config.json without Phi-3-small's own fields (ff_intermediate_size, blocksparse_*)
+    ({**MINI_4K, "architectures": ["Phi3SmallForCausalLM"], "model_type": "phi3small"}, "Phi-3-small"),
     ({**MINI_4K, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "LlamaForCausalLM"),
     ({**MINI_4K, "rope_scaling": {"type": "yarn", "factor": 4.0}}, "yarn"),
 ])

@@ -426,18 +426,24 @@ def test_arm64_selftest_under_qemu() -> None:
 
 
 def test_row_ops_match_numpy_and_check_shapes() -> None:
-    """Prefill's element-wise steps (rowops.c) against float64 numpy; bad shapes raise."""
+    """Prefill's element-wise steps (rowops.c) against float64 numpy: RMSNorm and LayerNorm, RoPE,
+    SwiGLU and GeGELU (its clamps hit on both sides); bad shapes raise."""
     rng = np.random.default_rng(30)
     T, D, H, hd, F = 37, 96, 5, 16, 80
-    h = rng.standard_normal((T, D)).astype(np.float32)
+    h = (rng.standard_normal((T, D)) + 3).astype(np.float32)  # a mean LayerNorm must remove
     w = rng.standard_normal(D).astype(np.float32)
+    b = rng.standard_normal(D).astype(np.float32)
     for threads in (1, 2):
         k.set_threads(threads)
         out = np.empty_like(h)
-        _kernel.rms_norm(h, w, 1e-5, out)
+        _kernel.norm(h, w, None, 1e-5, out)
         h64 = h.astype(np.float64)
         want = h64 / np.sqrt((h64 ** 2).mean(axis=1, keepdims=True) + 1e-5) * w
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+        _kernel.norm(h, w, b, 1e-5, out)
+        c64 = h64 - h64.mean(axis=1, keepdims=True)
+        want = c64 / np.sqrt((c64 ** 2).mean(axis=1, keepdims=True) + 1e-5) * w + b
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
         x = rng.standard_normal((T, H * hd + 7)).astype(np.float32)  # 7 trailing columns untouched
         ang = rng.uniform(0, 6, (T, hd // 2))
         cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
@@ -450,16 +456,23 @@ def test_row_ops_match_numpy_and_check_shapes() -> None:
         np.testing.assert_array_equal(got[:, H * hd:], x[:, H * hd:])
         gu = rng.standard_normal((T, 2 * F)).astype(np.float32) * 4
         act = np.empty((T, F), np.float32)
-        _kernel.swiglu(gu, act)
+        _kernel.gated_act(gu, 0, 0.0, act)
         g, u = gu[:, :F].astype(np.float64), gu[:, F:].astype(np.float64)
         np.testing.assert_allclose(act, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+        limit = 5.0  # about 20 % of the values past it on either side
+        _kernel.gated_act(gu, 1, limit, act)
+        gc, uc = np.minimum(g, limit), np.clip(u, -limit, limit)
+        np.testing.assert_allclose(act, gc / (1 + np.exp(-1.702 * gc)) * (uc + 1), rtol=1e-5, atol=1e-5)
     bad = {
-        "h's shape": lambda: _kernel.rms_norm(h, w, 1e-5, np.empty((T, D + 1), np.float32)),
-        "w has": lambda: _kernel.rms_norm(h, w[:-1], 1e-5, np.empty_like(h)),
+        "h's shape": lambda: _kernel.norm(h, w, None, 1e-5, np.empty((T, D + 1), np.float32)),
+        "w has": lambda: _kernel.norm(h, w[:-1], None, 1e-5, np.empty_like(h)),
+        "b has": lambda: _kernel.norm(h, w, b[:-1], 1e-5, np.empty_like(h)),
         "do not fit": lambda: _kernel.rope(h, 7, 16, cos, sin),
         "cos has": lambda: _kernel.rope(h, 2, 16, cos[:-1], sin),
-        "out must be": lambda: _kernel.swiglu(gu, np.empty((T, F + 1), np.float32)),
-        "2-D float32": lambda: _kernel.swiglu(gu[0], act),
+        "out must be": lambda: _kernel.gated_act(gu, 0, 0.0, np.empty((T, F + 1), np.float32)),
+        "2-D float32": lambda: _kernel.gated_act(gu[0], 0, 0.0, act),
+        "activation kind 2": lambda: _kernel.gated_act(gu, 2, 1.0, act),
+        "activation kind 1": lambda: _kernel.gated_act(gu, 1, 0.0, act),
     }
     for message, call in bad.items():
         with pytest.raises((ValueError, TypeError), match=message):

@@ -1,16 +1,13 @@
 """pocketlm on Phi-3-small (`Phi3SmallForCausalLM`) checkpoints against the independent torch oracle
 (tests/torch_phi3small.py, itself checked in tests/test_phi3small_oracle.py).
 
-Written against pocketlm's existing public interfaces (Checkpoint.open, Phi3Reference.from_checkpoint,
-new_cache, forward, `pocketlm info`). Until pocketlm accepts Phi3SmallForCausalLM the whole module skips
-(pocketlm refuses the fixture with UnsupportedModelError naming the architecture); once it does, every
-test here runs.
+Written against pocketlm's public interfaces (Checkpoint.open, Phi3Reference.from_checkpoint,
+new_cache, forward, `pocketlm info`).
 """
 
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,28 +16,8 @@ from phi3small_fixtures import dummy_token_ids, make_phi3small_checkpoint
 from torch_phi3small import TorchPhi3Small
 
 from pocketlm.checkpoint import Checkpoint
-from pocketlm.errors import UnsupportedModelError
-
-
-def _refusal() -> str | None:
-    """pocketlm's refusal of a Phi-3-small folder, or None when it reads one."""
-    with tempfile.TemporaryDirectory() as d:
-        folder = make_phi3small_checkpoint(Path(d) / "probe", layers=2, shards=1)
-        try:
-            Checkpoint.open(folder)
-        except UnsupportedModelError as e:
-            if "Phi3Small" in str(e) or "phi3small" in str(e):
-                return str(e)
-            raise
-    return None
-
-
-_REFUSED = _refusal()
-if _REFUSED is not None:
-    pytest.skip(f"pocketlm does not read Phi-3-small yet (issue 11): {_REFUSED}", allow_module_level=True)
-
-from pocketlm.cli import main  # noqa: E402
-from pocketlm.reference import Phi3Reference  # noqa: E402
+from pocketlm.cli import main
+from pocketlm.reference import Phi3Reference
 
 VOCAB = 352
 ORIGINAL_MAX = 64  # original_max_position_embeddings of the 128k-style fixtures (max 512)

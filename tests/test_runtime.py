@@ -188,15 +188,15 @@ def test_quantized_logits_agree_with_reference_on_dequantized_weights(make_file,
 
 @pytest.mark.parametrize("kv", ["f16", "f32", "int8"])
 @pytest.mark.parametrize("kind", ["mha", "gqa", "longrope", "swa"])
-def test_kernel_decode_step_equals_the_numpy_loop(make_file, kind, kv):
-    """decode_step (every layer in one C call) against _layers_numpy (numpy + one kernel call per
-    matvec), token by token past the window and the original context. Each step starts from the
+def test_kernel_decode_step_equals_the_chunk_loop(make_file, kind, kv):
+    """decode_step (every layer in one C call) against the prompt-chunk loop with one token (a kernel
+    call per step: norm, matmul, attention...), token by token past the window and the original context. Each step starts from the
     same cache (copied over), so a one-code difference in a cached int8 row cannot snowball."""
     path, cfg = make_file(kind, Q.Q4_0)
     ids = prompt(cfg, 72 if kind == "longrope" else 24, seed=9)
     fused = load(path, threads=2, ctx=128, kv=kv, longrope="sequence")
     loop = load(path, threads=2, ctx=128, kv=kv, longrope="sequence")
-    loop._decode_plan = lambda: None  # the numpy path
+    loop._decode_plan = lambda: None  # the chunk path
     assert fused._decode_plan() is not None
     arrays = ["k", "v"] + (["k_scale", "v_scale"] if kv == "int8" else [])
     errors = []
@@ -224,19 +224,28 @@ def test_decode_plan_and_step_check_their_arguments(make_file):
     path, cfg = make_file("gqa", Q.Q4_0)
     model = load(path, threads=1, ctx=32)
     L = model.layers[0]
-    lin = [(x.raw, x.gtype, x.index) for x in (L.qkv, L.o, L.gate_up, L.down)]
+    lin = [x.plan() for x in (L.qkv, L.o, L.gate_up, L.down)]
+    norms = (L.attn_norm.weight, None, L.ffn_norm.weight, None)
     dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-            cfg.intermediate_size, 32, 0, cfg.rms_norm_eps)
+            cfg.intermediate_size, 32, 0, cfg.rms_norm_eps, 0, 0, 0.0, cfg.attention_scale)
     k, v = model.cache.k[:1], model.cache.v[:1]  # one layer's worth
-    plan = _kernel.decode_plan([(L.attn_norm, L.ffn_norm, *lin)], dims, k, v)
+    plan = _kernel.decode_plan([(*norms, *lin, None)], dims, k, v)
     h = np.ones(cfg.hidden_size, np.float32)
     cos, sin = (np.ones(cfg.head_dim // 2, np.float32),) * 2
+    bias = np.zeros(cfg.hidden_size, np.float32)
     bad_plans = {
-        "layer 0 qkv": lambda: _kernel.decode_plan([(L.attn_norm, L.ffn_norm, lin[1], lin[0], *lin[2:])], dims, k, v),
-        "attn_norm has": lambda: _kernel.decode_plan([(L.attn_norm[:-1], L.ffn_norm, *lin)], dims, k, v),
-        "k_cache has": lambda: _kernel.decode_plan([(L.attn_norm, L.ffn_norm, *lin)], dims, model.cache.k, v),
-        "bad model dimensions": lambda: _kernel.decode_plan([(L.attn_norm, L.ffn_norm, *lin)],
-                                                            (*dims[:3], 15, *dims[4:]), k, v),
+        "layer 0 qkv": lambda: _kernel.decode_plan([(*norms, lin[1], lin[0], *lin[2:], None)], dims, k, v),
+        "attn_norm has": lambda: _kernel.decode_plan([(L.attn_norm.weight[:-1], *norms[1:], *lin, None)], dims, k, v),
+        "RMSNorm has no bias": lambda: _kernel.decode_plan([(norms[0], bias, *norms[2:], *lin, None)], dims, k, v),
+        "attn_norm bias is required": lambda: _kernel.decode_plan([(*norms, *lin, None)],
+                                                                  (*dims[:8], 1, *dims[9:]), k, v),
+        "o has": lambda: _kernel.decode_plan([(*norms, lin[0], (*lin[1][:2], bias[:-1]), *lin[2:], None)],
+                                             dims, k, v),
+        "block-sparse pattern": lambda: _kernel.decode_plan([(*norms, *lin, (16, 0, 4, 1))], dims, k, v),
+        "k_cache has": lambda: _kernel.decode_plan([(*norms, *lin, None)], dims, model.cache.k, v),
+        "bad model dimensions": lambda: _kernel.decode_plan([(*norms, *lin, None)], (*dims[:3], 15, *dims[4:]), k, v),
+        "attention scale": lambda: _kernel.decode_plan([(*norms, *lin, None)], (*dims[:11], 0.0), k, v),
+        r"activation 1 \(limit 0\)": lambda: _kernel.decode_plan([(*norms, *lin, None)], (*dims[:9], 1, 0.0, dims[11]), k, v),
         "outside the cache": lambda: _kernel.decode_step(plan, h, cos, sin, 32),
         "NaN or infinity": lambda: _kernel.decode_step(plan, np.full_like(h, np.nan), cos, sin, 0),
         "cos has": lambda: _kernel.decode_step(plan, h, cos[:-1], sin, 0),
@@ -266,23 +275,6 @@ def test_int8_kv_cache_halves_memory():
     i8 = KVCache(4, 8, 512, 96, "int8")
     assert f16.nbytes == 2 * 4 * 8 * 512 * 96 * 2
     assert i8.nbytes / f16.nbytes < 0.52
-
-
-def test_block_sparse_index_skips_empty_blocks_without_changing_results(tmp_path):
-    cfg = tiny_config("gqa")
-    w = random_weights(cfg)
-    rng = np.random.default_rng(9)
-    for name in [n for n in w if n.endswith(("attn_qkv.weight", "ffn_up.weight", "ffn_down.weight"))]:
-        blocks = w[name].reshape(w[name].shape[0], -1, 32)
-        blocks[rng.random(blocks.shape[:2]) < 0.4] = 0.0  # 40 % empty blocks -> scale 0
-    path = files.write_gguf(tmp_path / "sparse.gguf", cfg, w, Q.Q4_0)
-    ids = prompt(cfg, 20)
-    sparse = load(path, threads=2, ctx=32, kv="f32", sparse=True)
-    assert sparse.layers[0].qkv.index is not None and sparse.layers[0].o.index is None
-    dense = load(path, threads=2, ctx=32, kv="f32", sparse=False)
-    steps_sparse = np.stack([sparse.forward([t]) for t in ids])
-    steps_dense = np.stack([dense.forward([t]) for t in ids])
-    np.testing.assert_allclose(steps_sparse, steps_dense, rtol=0, atol=1e-5 * np.abs(steps_dense).max())
 
 
 def test_repacked_q4_0_gives_the_same_logits_in_memory_and_from_the_cache_file(tmp_path, monkeypatch):

@@ -1,12 +1,12 @@
-/* One decode step (one token) through every layer in C: the model loop of runtime/model.py's
- * `_layers_numpy` for quantized linears, so that the
- * ~12 small numpy operations per layer neither cost Python time nor leave the memory bus idle
- * between the matvecs, and the thread pool never falls asleep in a step. KV cache fp16, fp32 or int8.
+/* One decode step (one token) through every layer in C: the C forward of the model description
+ * (pocketlm/config.py; pocketlm/reference.py is its numpy twin), so that the ~12 small operations
+ * per layer neither cost Python time nor leave the memory bus idle between the matvecs, and the
+ * thread pool never falls asleep in a step. KV cache fp16, fp32 or int8.
  *
- * Per layer (h [D] is the residual stream, updated in place):
- *   x = rms_norm(h) * attn_norm;  qkv = W_qkv x;  rope(q), rope(k) (NEOX halves);  cache[pos] = k, v
- *   h += W_o attention(q, cache[lo..pos]);  x = rms_norm(h) * ffn_norm;  [g | u] = W_gate_up x
- *   h += W_down (silu(g) * u)
+ * Per layer (h [D] is the residual stream, updated in place; "+ b" where the model has biases):
+ *   x = norm(h);  qkv = W_qkv x + b;  rope(q), rope(k) (NEOX halves);  cache[pos] = k, v
+ *   h += W_o attention_i(q, cache) + b      (dense, sliding window, or layer i's block-sparse pattern)
+ *   x = norm(h);  [g | u] = W_gate_up x + b;  h += W_down act(g, u) + b     (act: SwiGLU or GeGELU)
  */
 #include <math.h>
 
@@ -71,7 +71,10 @@ static void store_kv(const decode_plan *p, int layer, int pos, const float *k, c
 }
 
 static int matvec(const dot_fn *table, const dec_linear *l, const float *x, float *y) {
-    return run_matvec(table, l->t, l->w, l->rows, l->K, x, y, l->row_ptr, l->blk_idx);
+    if (run_matvec(table, l->t, l->w, l->rows, l->K, x, y, NULL, NULL)) return -1;
+    if (l->bias)
+        for (int j = 0; j < l->rows; j++) y[j] += l->bias[j];
+    return 0;
 }
 
 int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *h, const float *cos,
@@ -83,7 +86,7 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
     const size_t layer_cache = (size_t)KV * p->n_ctx * hd * ELEM[p->kv_kind], layer_scales = (size_t)KV * p->n_ctx;
     for (int i = 0; i < p->n_layers; i++) {
         const dec_layer *L = &p->layers[i];
-        rms_norm_row(h, L->attn_norm, D, p->eps, x);
+        norm_row(p->norm, h, L->attn_norm, L->attn_norm_b, D, p->eps, x);
         if (matvec(table, &L->qkv, x, qkv)) return -1;
         float *q = qkv, *k = qkv + (size_t)H * hd, *v = k + (size_t)KV * hd;
         rope_row(q, H, hd, cos, sin);
@@ -97,13 +100,13 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
                                   .v_scale = i8 ? p->v_scale + i * layer_scales : NULL,
                                   .out = attn, .H = H, .KV = KV, .hd = hd, .n_ctx = p->n_ctx,
                                   .kind = p->kv_kind, .T = 1, .pos = pos, .window = p->window,
-                                  .scale = 1.0f / sqrtf((float)hd), .sparse = NULL};
+                                  .scale = p->attn_scale, .sparse = L->sparse.block ? &L->sparse : NULL};
         if (run_attention(&a, simd)) return -1;
         if (matvec(table, &L->o, attn, proj)) return -1;
         for (int j = 0; j < D; j++) h[j] += proj[j];
-        rms_norm_row(h, L->ffn_norm, D, p->eps, x);
+        norm_row(p->norm, h, L->ffn_norm, L->ffn_norm_b, D, p->eps, x);
         if (matvec(table, &L->gate_up, x, gu)) return -1;
-        swiglu_row(gu, F, act);
+        gated_act_row(p->act, gu, F, p->act_limit, act);
         if (matvec(table, &L->down, act, proj)) return -1;
         for (int j = 0; j < D; j++) h[j] += proj[j];
     }

@@ -229,22 +229,25 @@ typedef struct {
 const char *attention_args_error(const attention_args *a);
 int run_attention(const attention_args *a, int simd);
 
-/* decode.c: one token through every layer (see decode.c); quantized linears and an fp16 / fp32 /
+/* decode.c: one token through every layer (see decode.c), for either architecture of the model
+ * description (pocketlm/config.py): quantized linears with optional biases, RMSNorm or LayerNorm,
+ * SwiGLU or GeGELU, dense / sliding-window / block-sparse attention per layer, over an fp16 / fp32 /
  * int8 KV cache [n_layers, KV, n_ctx, hd]. All sizes are checked by the binding when the plan is built. */
 typedef struct {
     const uint8_t *w;
     const gtype_info *t;
     int rows, K;
-    const int64_t *row_ptr; /* optional sparse index */
-    const int32_t *blk_idx;
+    const float *bias; /* [rows] or NULL */
 } dec_linear;
 typedef struct {
-    const float *attn_norm, *ffn_norm; /* [D] */
-    dec_linear qkv, o, gate_up, down;  /* [(H+2KV)hd, D], [D, H hd], [2F, D], [D, F] */
+    const float *attn_norm, *attn_norm_b, *ffn_norm, *ffn_norm_b; /* [D]; the biases NULL for RMSNorm */
+    dec_linear qkv, o, gate_up, down;  /* [(H+2KV)hd, D], [D, H hd], [2F, D] rows [gate | up], [D, F] */
+    block_sparse sparse;               /* sparse.block == 0: dense attention (within the plan's window) */
 } dec_layer;
 typedef struct {
     int n_layers, D, H, KV, hd, F, n_ctx, window, kv_kind; /* window 0: none; KV_* */
-    float eps;
+    int norm, act;                                         /* NORM_*, ACT_* */
+    float eps, act_limit, attn_scale;                      /* act_limit: GeGELU's L */
     const dec_layer *layers;
     void *k_cache, *v_cache;
     uint16_t *k_scale, *v_scale; /* KV_I8: fp16 [n_layers, KV, n_ctx] */
@@ -275,15 +278,23 @@ static inline float exp_approx(float x) {
     return p * two_n.f;
 }
 
-/* rowops.c: element-wise steps on one row, or over T rows on the pool. rms_norm: out[t] = h[t] / rms(h[t]) * w
- * ([T, D]); rope: NEOX rotation in place of the first n_heads * hd values of each row of x (row
- * stride `stride` floats), cos/sin [T, hd/2]; swiglu: out[t] = silu(gu[t, :F]) * gu[t, F:]. */
+/* rowops.c: element-wise steps on one row, or over T rows on the pool (pocketlm/layers.py is their
+ * numpy reference). norm: RMSNorm out = h / rms(h) * w, or LayerNorm out = (h - mean) / std * w + b
+ * ([T, D] rows); rope: NEOX rotation in place of the first n_heads * hd values of each row of x (row
+ * stride `stride` floats), cos/sin [T, hd/2]; gated activation of gu [2F] = [gate | up] -> out [F]:
+ * SwiGLU silu(gate) * up, or GeGELU (Phi-3-small, limit L) quick_gelu(min(gate, L)) * (clip(up, +-L) + 1). */
+enum { NORM_RMS = 0, NORM_LAYER = 1 };
+enum { ACT_SWIGLU = 0, ACT_GEGELU = 1 };
 void rms_norm_row(const float *h, const float *w, int D, float eps, float *out);
+void layer_norm_row(const float *h, const float *w, const float *b, int D, float eps, float *out);
+void norm_row(int kind, const float *h, const float *w, const float *b, int D, float eps, float *out);
 void rope_row(float *x, int n_heads, int hd, const float *cos, const float *sin); /* n_heads rows of hd */
 void swiglu_row(const float *gu, int F, float *out);                           /* gu [2F] -> out [F] */
-void run_rms_norm_rows(const float *h, const float *w, int T, int D, float eps, float *out);
+void gegelu_row(const float *gu, int F, float limit, float *out);
+void gated_act_row(int kind, const float *gu, int F, float limit, float *out);
+void run_norm_rows(int kind, const float *h, const float *w, const float *b, int T, int D, float eps, float *out);
 void run_rope_rows(float *x, int T, int stride, int n_heads, int hd, const float *cos, const float *sin);
-void run_swiglu_rows(const float *gu, int T, int F, float *out);
+void run_gated_act_rows(int kind, const float *gu, int T, int F, float limit, float *out);
 
 /* threadpool.c: run fn(ctx, c, n) for every chunk c in 0..n-1 on the pool (the caller included);
  * returns when all are done. Chunks are taken dynamically, so results must not depend on who runs

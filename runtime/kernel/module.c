@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <limits.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -492,32 +493,43 @@ fail_q:
 typedef struct {
     decode_plan plan;
     dec_layer *layers;
-    Py_buffer *bufs; /* views kept for the plan's lifetime: weights, norms, caches */
+    Py_buffer *bufs; /* views kept for the plan's lifetime: weights, biases, norms, caches */
     int n_bufs;
-    PyObject **indexes; /* sparse index capsules (owned references) */
-    int n_indexes;
 } plan_holder;
 
 #define PLAN_CAPSULE "pocketlm.kernel.decode_plan"
+#define PLAN_BUFS_PER_LAYER 12 /* 4 norm weights/biases, 4 matrices, 4 biases */
 
 static void plan_free(PyObject *cap) {
     plan_holder *p = PyCapsule_GetPointer(cap, PLAN_CAPSULE);
     if (!p) return;
     for (int i = 0; i < p->n_bufs; i++) PyBuffer_Release(&p->bufs[i]);
-    for (int i = 0; i < p->n_indexes; i++) Py_DECREF(p->indexes[i]);
     free(p->bufs);
-    free(p->indexes);
     free(p->layers);
     free(p->plan.scratch);
     free(p);
 }
 
-/* One linear (raw, gtype, index-or-None) of the expected shape into *l; the view goes to p->bufs. */
+/* An optional float32 vector of n values (None -> NULL); the view goes to p->bufs. */
+static int plan_vector(plan_holder *p, PyObject *o, Py_ssize_t n, const char *what, int layer, int required,
+                       const float **out) {
+    *out = NULL;
+    if (o == Py_None) {
+        if (!required) return 0;
+        PyErr_Format(PyExc_ValueError, "layer %d %s is required", layer, what);
+        return -1;
+    }
+    if (get_f32(o, &p->bufs[p->n_bufs], n, 0, what) != 0) return -1;
+    *out = p->bufs[p->n_bufs++].buf;
+    return 0;
+}
+
+/* One linear (raw, gtype, bias-or-None) of the expected shape into *l. */
 static int plan_linear(plan_holder *p, PyObject *spec, int rows, int K, const char *what, int layer,
                        dec_linear *l) {
-    PyObject *wo, *io;
+    PyObject *wo, *bo;
     int gtype, nb;
-    if (!PyArg_ParseTuple(spec, "OiO", &wo, &gtype, &io)) return -1;
+    if (!PyArg_ParseTuple(spec, "OiO", &wo, &gtype, &bo)) return -1;
     Py_buffer *w = &p->bufs[p->n_bufs];
     if (get_raw(wo, w, what) != 0) return -1;
     p->n_bufs++;
@@ -527,38 +539,46 @@ static int plan_linear(plan_holder *p, PyObject *spec, int rows, int K, const ch
                      what, rows, K, gtype);
         return -1;
     }
-    *l = (dec_linear){w->buf, t, rows, K, NULL, NULL};
-    if (io != Py_None) {
-        sparse_index *s = get_sparse(io);
-        if (!s) return -1;
-        if (s->gtype != gtype || s->rows != rows || s->nb != nb) {
-            PyErr_Format(PyExc_ValueError, "layer %d %s: its sparse index was built for another matrix", layer, what);
-            return -1;
-        }
-        Py_INCREF(io);
-        p->indexes[p->n_indexes++] = io;
-        l->row_ptr = s->row_ptr;
-        l->blk_idx = s->blk_idx;
+    *l = (dec_linear){w->buf, t, rows, K, NULL};
+    return plan_vector(p, bo, rows, what, layer, 0, &l->bias);
+}
+
+/* A layer's attention pattern: None (dense) or (block, local_blocks, vert_stride, head_step). */
+static int plan_sparse(PyObject *o, int layer, block_sparse *bs) {
+    *bs = (block_sparse){0, 0, 0, 0};
+    if (o == Py_None) return 0;
+    if (!PyArg_ParseTuple(o, "iiii", &bs->block, &bs->local_blocks, &bs->vert_stride, &bs->head_step)) return -1;
+    if (bs->block < 1 || bs->local_blocks < 1 || bs->vert_stride < 1 || bs->head_step < 0) {
+        PyErr_Format(PyExc_ValueError, "layer %d: bad block-sparse pattern (block %d, local %d, stride %d, step %d)",
+                     layer, bs->block, bs->local_blocks, bs->vert_stride, bs->head_step);
+        return -1;
     }
     return 0;
 }
 
-/* decode_plan(layers, (D, H, KV, hd, F, n_ctx, window, eps), k_cache, v_cache[, k_scale, v_scale])
- * -> capsule. layers: sequence of (attn_norm, ffn_norm, qkv, o, gate_up, down), each linear (raw,
- * gtype, index); caches [n_layers, KV, n_ctx, hd] fp16, float32 or int8 (then with fp16 scales
- * [n_layers, KV, n_ctx]). */
+/* decode_plan(layers, (D, H, KV, hd, F, n_ctx, window, eps, norm, act, act_limit, attn_scale), k_cache,
+ * v_cache[, k_scale, v_scale]) -> capsule. layers: sequence of (attn_norm, attn_norm_bias, ffn_norm,
+ * ffn_norm_bias, qkv, o, gate_up, down, sparse): norm biases None for RMSNorm (norm 0) and required for
+ * LayerNorm (norm 1); each linear (raw, gtype, bias-or-None); sparse None or (block, local_blocks,
+ * vert_stride, head_step). act 0 SwiGLU, 1 GeGELU with limit act_limit. Caches [n_layers, KV, n_ctx, hd]
+ * fp16, float32 or int8 (then with fp16 scales [n_layers, KV, n_ctx]). */
 static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *lo, *ko, *vo, *kso = Py_None, *vso = Py_None;
-    int D, H, KV, hd, F, n_ctx, window;
-    double eps;
-    if (!PyArg_ParseTuple(args, "O(iiiiiiid)OO|OO", &lo, &D, &H, &KV, &hd, &F, &n_ctx, &window, &eps, &ko, &vo,
-                          &kso, &vso))
+    int D, H, KV, hd, F, n_ctx, window, norm, act;
+    double eps, act_limit, attn_scale;
+    if (!PyArg_ParseTuple(args, "O(iiiiiiidiidd)OO|OO", &lo, &D, &H, &KV, &hd, &F, &n_ctx, &window, &eps, &norm,
+                          &act, &act_limit, &attn_scale, &ko, &vo, &kso, &vso))
         return NULL;
     if (D < 1 || H < 1 || KV < 1 || hd < 2 || F < 1 || n_ctx < 1 || window < 0 || H > 65536 || hd > 65536 ||
-        hd % 2 || H % KV || !(eps > 0)) {
-        PyErr_Format(PyExc_ValueError, "bad model dimensions: hidden %d, heads %d, kv_heads %d, head_dim %d (even), "
-                     "ffn %d, n_ctx %d, window %d, eps %g", D, H, KV, hd, F, n_ctx, window, eps);
+        hd % 2 || H % KV || !(eps > 0) || (norm != NORM_RMS && norm != NORM_LAYER) ||
+        (act != ACT_SWIGLU && act != ACT_GEGELU) || (act == ACT_GEGELU && !(act_limit > 0)) ||
+        !(attn_scale > 0) || !isfinite(attn_scale)) {
+        char msg[320]; /* PyErr_Format has no %g */
+        snprintf(msg, sizeof msg, "bad model dimensions: hidden %d, heads %d, kv_heads %d, head_dim %d (even), "
+                 "ffn %d, n_ctx %d, window %d, eps %g, norm %d, activation %d (limit %g), attention scale %g",
+                 D, H, KV, hd, F, n_ctx, window, eps, norm, act, act_limit, attn_scale);
+        PyErr_SetString(PyExc_ValueError, msg);
         return NULL;
     }
     PyObject *seq = PySequence_Fast(lo, "layers must be a sequence");
@@ -574,23 +594,22 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
         return NULL;
     }
     p->layers = calloc((size_t)n_layers, sizeof(dec_layer));
-    p->bufs = calloc((size_t)n_layers * 6 + 4, sizeof(Py_buffer));
-    p->indexes = calloc((size_t)n_layers * 4, sizeof(PyObject *));
+    p->bufs = calloc((size_t)n_layers * PLAN_BUFS_PER_LAYER + 4, sizeof(Py_buffer));
     decode_plan *pl = &p->plan;
-    *pl = (decode_plan){(int)n_layers, D, H, KV, hd, F, n_ctx, window, 0, (float)eps, p->layers, NULL, NULL,
-                        NULL, NULL, NULL};
+    *pl = (decode_plan){.n_layers = (int)n_layers, .D = D, .H = H, .KV = KV, .hd = hd, .F = F, .n_ctx = n_ctx,
+                        .window = window, .norm = norm, .act = act, .eps = (float)eps,
+                        .act_limit = (float)act_limit, .attn_scale = (float)attn_scale, .layers = p->layers};
     pl->scratch = malloc(sizeof(float) * decode_scratch_floats(pl));
     cap = PyCapsule_New(p, PLAN_CAPSULE, plan_free); /* from here on plan_free cleans up */
     if (!cap) {
         free(pl->scratch);
         free(p->layers);
         free(p->bufs);
-        free(p->indexes);
         free(p);
         Py_DECREF(seq);
         return NULL;
     }
-    if (!p->layers || !p->bufs || !p->indexes || !pl->scratch) {
+    if (!p->layers || !p->bufs || !pl->scratch) {
         PyErr_NoMemory();
         goto fail;
     }
@@ -625,18 +644,26 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
             goto fail;
         }
     }
+    const int layer_norm = norm == NORM_LAYER;
     for (Py_ssize_t i = 0; i < n_layers; i++) {
-        PyObject *an, *fn, *qkv, *o, *gu, *down;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOOOOO", &an, &fn, &qkv, &o, &gu, &down)) goto fail;
+        PyObject *an, *anb, *fn, *fnb, *qkv, *o, *gu, *down, *sp;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOOOOOOOO", &an, &anb, &fn, &fnb, &qkv, &o, &gu,
+                              &down, &sp))
+            goto fail;
         dec_layer *L = &p->layers[i];
-        if (get_f32(an, &p->bufs[p->n_bufs], D, 0, "attn_norm") != 0) goto fail;
-        L->attn_norm = p->bufs[p->n_bufs++].buf;
-        if (get_f32(fn, &p->bufs[p->n_bufs], D, 0, "ffn_norm") != 0) goto fail;
-        L->ffn_norm = p->bufs[p->n_bufs++].buf;
+        if (plan_vector(p, an, D, "attn_norm", (int)i, 1, &L->attn_norm) ||
+            plan_vector(p, anb, D, "attn_norm bias", (int)i, layer_norm, &L->attn_norm_b) ||
+            plan_vector(p, fn, D, "ffn_norm", (int)i, 1, &L->ffn_norm) ||
+            plan_vector(p, fnb, D, "ffn_norm bias", (int)i, layer_norm, &L->ffn_norm_b))
+            goto fail;
+        if (!layer_norm && (L->attn_norm_b || L->ffn_norm_b)) {
+            PyErr_Format(PyExc_ValueError, "layer %zd: RMSNorm has no bias", i);
+            goto fail;
+        }
         if (plan_linear(p, qkv, (H + 2 * KV) * hd, D, "qkv", (int)i, &L->qkv) ||
             plan_linear(p, o, D, H * hd, "o", (int)i, &L->o) ||
             plan_linear(p, gu, 2 * F, D, "gate_up", (int)i, &L->gate_up) ||
-            plan_linear(p, down, D, F, "down", (int)i, &L->down))
+            plan_linear(p, down, D, F, "down", (int)i, &L->down) || plan_sparse(sp, (int)i, &L->sparse))
             goto fail;
     }
     Py_DECREF(seq);
@@ -712,30 +739,35 @@ static int get_f32_2d(PyObject *o, Py_buffer *v, int writable, const char *what,
     return 0;
 }
 
-/* rms_norm(h [T, D], w [D], eps, out [T, D]) */
-static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+/* norm(h [T, D], w [D], b [D] or None, eps, out [T, D]): RMSNorm without a bias, LayerNorm with one. */
+static PyObject *py_norm(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *ho, *wo, *oo;
+    PyObject *ho, *wo, *bo, *oo;
     double eps;
-    if (!PyArg_ParseTuple(args, "OOdO", &ho, &wo, &eps, &oo)) return NULL;
-    Py_buffer h, w, o;
+    if (!PyArg_ParseTuple(args, "OOOdO", &ho, &wo, &bo, &eps, &oo)) return NULL;
+    Py_buffer h, w, b = {0}, o;
     int T, D, T2, D2;
     if (get_f32_2d(ho, &h, 0, "h", &T, &D) != 0) return NULL;
     if (get_f32(wo, &w, D, 0, "w") != 0) goto fail_h;
-    if (get_f32_2d(oo, &o, 1, "out", &T2, &D2) != 0) goto fail_w;
+    if (bo != Py_None && get_f32(bo, &b, D, 0, "b") != 0) goto fail_w;
+    if (get_f32_2d(oo, &o, 1, "out", &T2, &D2) != 0) goto fail_b;
     if (T2 != T || D2 != D || !(eps > 0)) {
         PyErr_Format(PyExc_ValueError, "out must have h's shape (%d, %d) and eps be > 0", T, D);
         goto fail_o;
     }
+    const int kind = bo == Py_None ? NORM_RMS : NORM_LAYER;
     Py_BEGIN_ALLOW_THREADS
-    run_rms_norm_rows(h.buf, w.buf, T, D, (float)eps, o.buf);
+    run_norm_rows(kind, h.buf, w.buf, b.buf, T, D, (float)eps, o.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&o);
+    if (b.obj) PyBuffer_Release(&b);
     PyBuffer_Release(&w);
     PyBuffer_Release(&h);
     Py_RETURN_NONE;
 fail_o:
     PyBuffer_Release(&o);
+fail_b:
+    if (b.obj) PyBuffer_Release(&b);
 fail_w:
     PyBuffer_Release(&w);
 fail_h:
@@ -773,11 +805,20 @@ fail_x:
     return NULL;
 }
 
-/* swiglu(gu [T, 2F], out [T, F]) */
-static PyObject *py_swiglu(PyObject *self, PyObject *args) {
+/* gated_act(gu [T, 2F], kind, limit, out [T, F]): kind 0 SwiGLU, 1 GeGELU with `limit`. */
+static PyObject *py_gated_act(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *go, *oo;
-    if (!PyArg_ParseTuple(args, "OO", &go, &oo)) return NULL;
+    int kind;
+    double limit;
+    if (!PyArg_ParseTuple(args, "OidO", &go, &kind, &limit, &oo)) return NULL;
+    if ((kind != ACT_SWIGLU && kind != ACT_GEGELU) || (kind == ACT_GEGELU && !(limit > 0))) {
+        char msg[160]; /* PyErr_Format has no %g */
+        snprintf(msg, sizeof msg, "activation kind %d with limit %g: expected 0 (SwiGLU) or 1 (GeGELU, limit > 0)",
+                 kind, limit);
+        PyErr_SetString(PyExc_ValueError, msg);
+        return NULL;
+    }
     Py_buffer g, o;
     int T, F2, T2, F;
     if (get_f32_2d(go, &g, 0, "gu", &T, &F2) != 0) return NULL;
@@ -789,7 +830,7 @@ static PyObject *py_swiglu(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "out must be (%d, %d) for gu of shape (%d, %d)", T, F2 / 2, T, F2);
     } else {
         Py_BEGIN_ALLOW_THREADS
-        run_swiglu_rows(g.buf, T, F, o.buf);
+        run_gated_act_rows(kind, g.buf, T, F, (float)limit, o.buf);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&o);
@@ -971,11 +1012,12 @@ static PyMethodDef METHODS[] = {
     {"cpu_features", py_cpu_features, METH_NOARGS, "space-separated CPU features the kernel uses"},
     {"set_threads", py_set_threads, METH_VARARGS, "set the worker thread count (>= 1)"},
     {"get_threads", py_get_threads, METH_NOARGS, "the worker thread count"},
-    {"decode_plan", py_decode_plan, METH_VARARGS, "decode_plan(layers, dims, k_cache, v_cache): a decode-step plan"},
+    {"decode_plan", py_decode_plan, METH_VARARGS,
+     "decode_plan(layers, dims, k_cache, v_cache[, k_scale, v_scale]): a decode-step plan"},
     {"decode_step", py_decode_step, METH_VARARGS, "decode_step(plan, h, cos, sin, pos): one token through every layer"},
-    {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(h, w, eps, out): RMSNorm of each row"},
+    {"norm", py_norm, METH_VARARGS, "norm(h, w, b, eps, out): RMSNorm (b None) or LayerNorm of each row"},
     {"rope", py_rope, METH_VARARGS, "rope(x, n_heads, hd, cos, sin): NEOX RoPE in place on each row"},
-    {"swiglu", py_swiglu, METH_VARARGS, "swiglu(gu, out): silu(gate) * up of each row"},
+    {"gated_act", py_gated_act, METH_VARARGS, "gated_act(gu, kind, limit, out): SwiGLU (0) or GeGELU (1) of each row"},
     {"repack", py_repack, METH_VARARGS, "repack(w, 2, rows, K, out): Q4_0 -> packed layout (type 1002)"},
     {"native_kernel", py_native_kernel, METH_VARARGS, "True if the active path has its own kernel for a type"},
     {"type_info", py_type_info, METH_VARARGS, "(block_values, block_bytes) of a GGML type"},

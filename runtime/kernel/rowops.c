@@ -1,14 +1,15 @@
 /* Element-wise steps, one row (the decode step, decode.c) or T rows of a prompt chunk on the thread
- * pool: RMSNorm, NEOX RoPE in place, SwiGLU. */
+ * pool: the model's norm (RMSNorm, or LayerNorm with bias), NEOX RoPE in place, the gated
+ * activation (SwiGLU, or Phi-3-small's GeGELU). pocketlm/layers.py is the numpy reference of each. */
 #include <math.h>
 
 #include "kernel.h"
 
 typedef struct {
-    const float *in, *w, *cos, *sin;
+    const float *in, *w, *b, *cos, *sin;
     float *out;
-    int T, D, stride, n_heads, hd;
-    float eps;
+    int T, D, stride, n_heads, hd, kind;
+    float eps; /* norm: epsilon; activation: GeGELU's limit */
 } rows_job;
 
 static void rows_of(int chunk, int n_chunks, int T, int *t0, int *t1) {
@@ -21,6 +22,21 @@ void rms_norm_row(const float *h, const float *w, int D, float eps, float *out) 
     for (int i = 0; i < D; i++) ss += (double)h[i] * h[i];
     const float scale = (float)(1.0 / sqrt(ss / D + eps));
     for (int i = 0; i < D; i++) out[i] = h[i] * w[i] * scale;
+}
+
+/* (h - mean) / sqrt(biased variance + eps) * w + b, the sums in double (D is up to 5120). */
+void layer_norm_row(const float *h, const float *w, const float *b, int D, float eps, float *out) {
+    double sum = 0.0, ss = 0.0;
+    for (int i = 0; i < D; i++) sum += h[i];
+    const double mean = sum / D;
+    for (int i = 0; i < D; i++) ss += (h[i] - mean) * (h[i] - mean);
+    const float scale = (float)(1.0 / sqrt(ss / D + eps)), m = (float)mean;
+    for (int i = 0; i < D; i++) out[i] = (h[i] - m) * scale * w[i] + b[i];
+}
+
+void norm_row(int kind, const float *h, const float *w, const float *b, int D, float eps, float *out) {
+    if (kind == NORM_LAYER) layer_norm_row(h, w, b, D, eps, out);
+    else rms_norm_row(h, w, D, eps, out);
 }
 
 void rope_row(float *x, int n_heads, int hd, const float *cos, const float *sin) {
@@ -37,11 +53,26 @@ void swiglu_row(const float *gu, int F, float *out) {
     for (int i = 0; i < F; i++) out[i] = gu[i] / (1.0f + exp_approx(-gu[i])) * gu[F + i];
 }
 
-static void rms_task(void *ctx, int chunk, int n_chunks) {
+/* GeGELU on [gelu input g | linear input l]: min(g, L) * sigmoid(1.702 min(g, L)) * (clip(l, -L, L) + 1). */
+void gegelu_row(const float *gu, int F, float limit, float *out) {
+    for (int i = 0; i < F; i++) {
+        const float g = gu[i] < limit ? gu[i] : limit;
+        const float l = gu[F + i] < -limit ? -limit : gu[F + i] > limit ? limit : gu[F + i];
+        out[i] = g / (1.0f + exp_approx(-1.702f * g)) * (l + 1.0f);
+    }
+}
+
+void gated_act_row(int kind, const float *gu, int F, float limit, float *out) {
+    if (kind == ACT_GEGELU) gegelu_row(gu, F, limit, out);
+    else swiglu_row(gu, F, out);
+}
+
+static void norm_task(void *ctx, int chunk, int n_chunks) {
     const rows_job *j = ctx;
     int t0, t1;
     rows_of(chunk, n_chunks, j->T, &t0, &t1);
-    for (int t = t0; t < t1; t++) rms_norm_row(j->in + (size_t)t * j->D, j->w, j->D, j->eps, j->out + (size_t)t * j->D);
+    for (int t = t0; t < t1; t++)
+        norm_row(j->kind, j->in + (size_t)t * j->D, j->w, j->b, j->D, j->eps, j->out + (size_t)t * j->D);
 }
 
 static void rope_task(void *ctx, int chunk, int n_chunks) {
@@ -53,26 +84,27 @@ static void rope_task(void *ctx, int chunk, int n_chunks) {
         rope_row(j->out + (size_t)t * j->stride, j->n_heads, j->hd, j->cos + (size_t)t * half, j->sin + (size_t)t * half);
 }
 
-static void swiglu_task(void *ctx, int chunk, int n_chunks) {
+static void act_task(void *ctx, int chunk, int n_chunks) {
     const rows_job *j = ctx;
     int t0, t1;
     rows_of(chunk, n_chunks, j->T, &t0, &t1);
-    for (int t = t0; t < t1; t++) swiglu_row(j->in + (size_t)t * 2 * j->D, j->D, j->out + (size_t)t * j->D);
+    for (int t = t0; t < t1; t++)
+        gated_act_row(j->kind, j->in + (size_t)t * 2 * j->D, j->D, j->eps, j->out + (size_t)t * j->D);
 }
 
 static int chunks(int T, int D) { return (size_t)T * D < 16384 ? 1 : pool_chunks(T, 1); }
 
-void run_rms_norm_rows(const float *h, const float *w, int T, int D, float eps, float *out) {
-    rows_job j = {h, w, NULL, NULL, out, T, D, 0, 0, 0, eps};
-    pool_run(rms_task, &j, chunks(T, D));
+void run_norm_rows(int kind, const float *h, const float *w, const float *b, int T, int D, float eps, float *out) {
+    rows_job j = {.in = h, .w = w, .b = b, .out = out, .T = T, .D = D, .kind = kind, .eps = eps};
+    pool_run(norm_task, &j, chunks(T, D));
 }
 
 void run_rope_rows(float *x, int T, int stride, int n_heads, int hd, const float *cos, const float *sin) {
-    rows_job j = {NULL, NULL, cos, sin, x, T, 0, stride, n_heads, hd, 0.0f};
+    rows_job j = {.cos = cos, .sin = sin, .out = x, .T = T, .stride = stride, .n_heads = n_heads, .hd = hd};
     pool_run(rope_task, &j, chunks(T, n_heads * hd));
 }
 
-void run_swiglu_rows(const float *gu, int T, int F, float *out) {
-    rows_job j = {gu, NULL, NULL, NULL, out, T, F, 0, 0, 0, 0.0f};
-    pool_run(swiglu_task, &j, chunks(T, F));
+void run_gated_act_rows(int kind, const float *gu, int T, int F, float limit, float *out) {
+    rows_job j = {.in = gu, .out = out, .T = T, .D = F, .kind = kind, .eps = limit};
+    pool_run(act_task, &j, chunks(T, F));
 }
