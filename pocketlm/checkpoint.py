@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import Phi3Config, TensorSpec, checkpoint_row_order, gguf_name, tensor_specs
-from .tokenizer import has_tokenizer
 from .errors import PocketLMError
+from .tokenizer import has_tokenizer
 
 # safetensors dtype -> (numpy storage dtype, bytes per element). BF16 is stored as uint16 and
 # widened to float32 by shifting into the high half (numpy has no bfloat16).

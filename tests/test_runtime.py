@@ -190,8 +190,9 @@ def test_quantized_logits_agree_with_reference_on_dequantized_weights(make_file,
 @pytest.mark.parametrize("kind", ["mha", "gqa", "longrope", "swa"])
 def test_kernel_decode_step_equals_the_chunk_loop(make_file, kind, kv):
     """decode_step (every layer in one C call) against the prompt-chunk loop with one token (a kernel
-    call per step: norm, matmul, attention...), token by token past the window and the original context. Each step starts from the
-    same cache (copied over), so a one-code difference in a cached int8 row cannot snowball."""
+    call per step: norm, matmul, attention...), token by token past the window and the original
+    context. Each step starts from the same cache (copied over), so a one-code difference in a
+    cached int8 row cannot snowball."""
     path, cfg = make_file(kind, Q.Q4_0)
     ids = prompt(cfg, 72 if kind == "longrope" else 24, seed=9)
     fused = load(path, threads=2, ctx=128, kv=kv, longrope="sequence")
@@ -245,7 +246,8 @@ def test_decode_plan_and_step_check_their_arguments(make_file):
         "k_cache has": lambda: _kernel.decode_plan([(*norms, *lin, None)], dims, model.cache.k, v),
         "bad model dimensions": lambda: _kernel.decode_plan([(*norms, *lin, None)], (*dims[:3], 15, *dims[4:]), k, v),
         "attention scale": lambda: _kernel.decode_plan([(*norms, *lin, None)], (*dims[:11], 0.0), k, v),
-        r"activation 1 \(limit 0\)": lambda: _kernel.decode_plan([(*norms, *lin, None)], (*dims[:9], 1, 0.0, dims[11]), k, v),
+        r"activation 1 \(limit 0\)": lambda: _kernel.decode_plan([(*norms, *lin, None)],
+                                                             (*dims[:9], 1, 0.0, dims[11]), k, v),
         "outside the cache": lambda: _kernel.decode_step(plan, h, cos, sin, 32),
         "NaN or infinity": lambda: _kernel.decode_step(plan, np.full_like(h, np.nan), cos, sin, 0),
         "cos has": lambda: _kernel.decode_step(plan, h, cos[:-1], sin, 0),
