@@ -11,13 +11,19 @@ forced dense, decode and prompt; and the C prompt attention vs the numpy one it 
 3. Phi-3-mini shape (32 heads, 32 kv heads, head_dim 96, fp16 cache): a 512-token prompt's
    attention, numpy (the runtime's former `Model._attend_chunk`, reproduced below) vs the C kernel.
 
-    python benchmarks/bench_attention.py [--threads 2] [--contexts 4096 8192] [--prompt 4096]
+    python benchmarks/bench_attention.py [--threads 2] [--contexts 4096 8192] [--prompt 4096] [--cpu-time]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+
+if "--cpu-time" in sys.argv:  # one BLAS thread: numpy's worker threads would escape the caller's CPU clock
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
 
 import numpy as np
 
@@ -29,14 +35,17 @@ PHI3_SMALL = BlockSparse(64, 16, 8)         # blocksparse_block_size, num_local_
 SCALE = 1.0 / HD                            # Phi-3-small: 1 / head_dim (PHI3_SMALL.md section 3)
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.thread_time (with 1 thread: immune to other processes' load)
+
+
 def best_time(fn, repeat: int) -> float:
     """Seconds of the fastest of `repeat` calls (after one warm-up call)."""
     fn()
     best = float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, CLOCK() - t0)
     return best
 
 
@@ -136,9 +145,15 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=4096, help="prompt length of the prefill comparison (0: skip)")
     ap.add_argument("--mini-prompt", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="1 thread, timed by the CPU time of the calling thread (for a shared, loaded machine)")
     args = ap.parse_args()
+    global CLOCK
+    if args.cpu_time:
+        args.threads, CLOCK = 1, time.thread_time
     kernel.set_threads(args.threads)
-    print(f"kernel path {kernel.active_path()}, {args.threads} threads; Phi-3-small attention: {H} heads, "
+    clock = "thread CPU time" if args.cpu_time else "wall time"
+    print(f"kernel path {kernel.active_path()}, {args.threads} threads, {clock}; Phi-3-small attention: {H} heads, "
           f"{KV} kv heads, head_dim {HD}, fp16 cache, {PHI3_SMALL}")
     print("\ndecode, one token, one layer (ms)")
     print(f"{'context':>8} {'dense':>8} {'sparse':>8} {'ratio':>6} {'blocks read':>12} {'dense GB/s':>11} "

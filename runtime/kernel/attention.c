@@ -44,6 +44,12 @@ typedef void (*cvt_fn)(float *dst, const void *src, const uint16_t *scale, int n
 typedef void (*scores_fn)(const float *q, const float *K, int n, int hd, float scale, float *s);
 /* acc[hd] += sum_r p[r] V[r] for r < n; V [n, hd] fp32. */
 typedef void (*accum_fn)(float *acc, const float *p, const float *V, int n, int hd);
+/* The same for two query rows over the same keys (pair kernels, SIMD paths only): each row's
+ * result has the bits of scores_fn / accum_fn on that row alone (same operations in the same
+ * order), while each key row is loaded once for both. */
+typedef void (*scores2_fn)(const float *q0, const float *q1, const float *K, int n, int hd, float scale, float *s0,
+                           float *s1);
+typedef void (*accum2_fn)(float *acc0, float *acc1, const float *p0, const float *p1, const float *V, int n, int hd);
 /* Online-softmax step over the scores s[n] of one chunk: m_new = max(*m, max s), s[r] = exp(s[r] -
  * m_new) in place, *corr = exp(*m - m_new) (0 the first time, when *m = -inf), *m = m_new; returns
  * sum_r s[r]. exp is exp_approx's polynomial (3e-7 relative) in every path. */
@@ -157,6 +163,85 @@ X86_TARGET static void scores_avx2(const float *q, const float *K, int n, int hd
     }
 }
 
+/* acc[0..width) += sum_r p[r] V[r * stride + 0..width): 8 lanes, then one (width < 32) */
+X86_TARGET static void accum_tail_avx2(float *acc, const float *p, const float *V, int n, int stride, int width) {
+    int i = 0;
+    for (; i + 8 <= width; i += 8) {
+        __m256 a0 = _mm256_loadu_ps(acc + i);
+        for (int r = 0; r < n; r++)
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[r]), _mm256_loadu_ps(V + (size_t)r * stride + i), a0);
+        _mm256_storeu_ps(acc + i, a0);
+    }
+    for (; i < width; i++)
+        for (int r = 0; r < n; r++) acc[i] += p[r] * V[(size_t)r * stride + i];
+}
+
+/* two query rows x 4 keys per pass: 8 accumulators, each key load feeds 2 FMAs, each q load 4 */
+X86_TARGET static void scores2_avx2(const float *q0, const float *q1, const float *K, int n, int hd, float scale,
+                                    float *s0, float *s1) {
+    int r = 0;
+    for (; r + 4 <= n; r += 4) {
+        const float *k0 = K + (size_t)r * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int i = 0;
+        for (; i + 8 <= hd; i += 8) {
+            const __m256 x = _mm256_loadu_ps(q0 + i), y = _mm256_loadu_ps(q1 + i);
+            __m256 kv = _mm256_loadu_ps(k0 + i);
+            a0 = _mm256_fmadd_ps(x, kv, a0), b0 = _mm256_fmadd_ps(y, kv, b0);
+            kv = _mm256_loadu_ps(k1 + i);
+            a1 = _mm256_fmadd_ps(x, kv, a1), b1 = _mm256_fmadd_ps(y, kv, b1);
+            kv = _mm256_loadu_ps(k2 + i);
+            a2 = _mm256_fmadd_ps(x, kv, a2), b2 = _mm256_fmadd_ps(y, kv, b2);
+            kv = _mm256_loadu_ps(k3 + i);
+            a3 = _mm256_fmadd_ps(x, kv, a3), b3 = _mm256_fmadd_ps(y, kv, b3);
+        }
+        float d0 = hsum256(a0), d1 = hsum256(a1), d2 = hsum256(a2), d3 = hsum256(a3);
+        float e0 = hsum256(b0), e1 = hsum256(b1), e2 = hsum256(b2), e3 = hsum256(b3);
+        for (; i < hd; i++) {
+            d0 += q0[i] * k0[i], d1 += q0[i] * k1[i], d2 += q0[i] * k2[i], d3 += q0[i] * k3[i];
+            e0 += q1[i] * k0[i], e1 += q1[i] * k1[i], e2 += q1[i] * k2[i], e3 += q1[i] * k3[i];
+        }
+        s0[r] = d0 * scale, s0[r + 1] = d1 * scale, s0[r + 2] = d2 * scale, s0[r + 3] = d3 * scale;
+        s1[r] = e0 * scale, s1[r + 1] = e1 * scale, s1[r + 2] = e2 * scale, s1[r + 3] = e3 * scale;
+    }
+    if (r < n) {
+        scores_avx2(q0, K + (size_t)r * hd, n - r, hd, scale, s0 + r);
+        scores_avx2(q1, K + (size_t)r * hd, n - r, hd, scale, s1 + r);
+    }
+}
+
+/* two accumulator rows x 32 lanes in registers; each V load feeds both */
+X86_TARGET static void accum2_avx2(float *acc0, float *acc1, const float *p0, const float *p1, const float *V, int n,
+                                   int hd) {
+    int i = 0;
+    for (; i + 32 <= hd; i += 32) {
+        __m256 a0 = _mm256_loadu_ps(acc0 + i), a1 = _mm256_loadu_ps(acc0 + i + 8);
+        __m256 a2 = _mm256_loadu_ps(acc0 + i + 16), a3 = _mm256_loadu_ps(acc0 + i + 24);
+        __m256 b0 = _mm256_loadu_ps(acc1 + i), b1 = _mm256_loadu_ps(acc1 + i + 8);
+        __m256 b2 = _mm256_loadu_ps(acc1 + i + 16), b3 = _mm256_loadu_ps(acc1 + i + 24);
+        for (int r = 0; r < n; r++) {
+            const __m256 x = _mm256_set1_ps(p0[r]), y = _mm256_set1_ps(p1[r]);
+            const float *v = V + (size_t)r * hd + i;
+            __m256 vv = _mm256_loadu_ps(v);
+            a0 = _mm256_fmadd_ps(x, vv, a0), b0 = _mm256_fmadd_ps(y, vv, b0);
+            vv = _mm256_loadu_ps(v + 8);
+            a1 = _mm256_fmadd_ps(x, vv, a1), b1 = _mm256_fmadd_ps(y, vv, b1);
+            vv = _mm256_loadu_ps(v + 16);
+            a2 = _mm256_fmadd_ps(x, vv, a2), b2 = _mm256_fmadd_ps(y, vv, b2);
+            vv = _mm256_loadu_ps(v + 24);
+            a3 = _mm256_fmadd_ps(x, vv, a3), b3 = _mm256_fmadd_ps(y, vv, b3);
+        }
+        _mm256_storeu_ps(acc0 + i, a0), _mm256_storeu_ps(acc0 + i + 8, a1);
+        _mm256_storeu_ps(acc0 + i + 16, a2), _mm256_storeu_ps(acc0 + i + 24, a3);
+        _mm256_storeu_ps(acc1 + i, b0), _mm256_storeu_ps(acc1 + i + 8, b1);
+        _mm256_storeu_ps(acc1 + i + 16, b2), _mm256_storeu_ps(acc1 + i + 24, b3);
+    }
+    if (i < hd) { /* the lanes past the last 32: the single-row code on the rest of each row */
+        accum_tail_avx2(acc0 + i, p0, V + i, n, hd, hd - i);
+        accum_tail_avx2(acc1 + i, p1, V + i, n, hd, hd - i);
+    }
+}
+
 /* exp_approx on 8 lanes (same clamps, reduction and polynomial; round half to even for n) */
 X86_TARGET static __m256 exp8_avx2(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
@@ -215,13 +300,7 @@ X86_TARGET static void accum_avx2(float *acc, const float *p, const float *V, in
         _mm256_storeu_ps(acc + i, a0), _mm256_storeu_ps(acc + i + 8, a1);
         _mm256_storeu_ps(acc + i + 16, a2), _mm256_storeu_ps(acc + i + 24, a3);
     }
-    for (; i + 8 <= hd; i += 8) {
-        __m256 a0 = _mm256_loadu_ps(acc + i);
-        for (int r = 0; r < n; r++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[r]), _mm256_loadu_ps(V + (size_t)r * hd + i), a0);
-        _mm256_storeu_ps(acc + i, a0);
-    }
-    for (; i < hd; i++)
-        for (int r = 0; r < n; r++) acc[i] += p[r] * V[(size_t)r * hd + i];
+    if (i < hd) accum_tail_avx2(acc + i, p, V + i, n, hd, hd - i);
 }
 #endif
 
@@ -322,6 +401,18 @@ static float softmax_neon(float *s, int n, float *m, float *corr) {
     return sum;
 }
 
+/* acc[0..width) += sum_r p[r] V[r * stride + 0..width): 4 lanes, then one (width < 16) */
+static void accum_tail_neon(float *acc, const float *p, const float *V, int n, int stride, int width) {
+    int i = 0;
+    for (; i + 4 <= width; i += 4) {
+        float32x4_t a0 = vld1q_f32(acc + i);
+        for (int r = 0; r < n; r++) a0 = vfmaq_n_f32(a0, vld1q_f32(V + (size_t)r * stride + i), p[r]);
+        vst1q_f32(acc + i, a0);
+    }
+    for (; i < width; i++)
+        for (int r = 0; r < n; r++) acc[i] += p[r] * V[(size_t)r * stride + i];
+}
+
 static void accum_neon(float *acc, const float *p, const float *V, int n, int hd) {
     int i = 0;
     for (; i + 16 <= hd; i += 16) {
@@ -336,13 +427,67 @@ static void accum_neon(float *acc, const float *p, const float *V, int n, int hd
         }
         vst1q_f32(acc + i, a0), vst1q_f32(acc + i + 4, a1), vst1q_f32(acc + i + 8, a2), vst1q_f32(acc + i + 12, a3);
     }
-    for (; i + 4 <= hd; i += 4) {
-        float32x4_t a0 = vld1q_f32(acc + i);
-        for (int r = 0; r < n; r++) a0 = vfmaq_n_f32(a0, vld1q_f32(V + (size_t)r * hd + i), p[r]);
-        vst1q_f32(acc + i, a0);
+    if (i < hd) accum_tail_neon(acc + i, p, V + i, n, hd, hd - i);
+}
+
+static void scores2_neon(const float *q0, const float *q1, const float *K, int n, int hd, float scale, float *s0,
+                         float *s1) {
+    int r = 0;
+    for (; r + 4 <= n; r += 4) {
+        const float *k0 = K + (size_t)r * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int i = 0;
+        for (; i + 4 <= hd; i += 4) {
+            const float32x4_t x = vld1q_f32(q0 + i), y = vld1q_f32(q1 + i);
+            float32x4_t kv = vld1q_f32(k0 + i);
+            a0 = vfmaq_f32(a0, x, kv), b0 = vfmaq_f32(b0, y, kv);
+            kv = vld1q_f32(k1 + i);
+            a1 = vfmaq_f32(a1, x, kv), b1 = vfmaq_f32(b1, y, kv);
+            kv = vld1q_f32(k2 + i);
+            a2 = vfmaq_f32(a2, x, kv), b2 = vfmaq_f32(b2, y, kv);
+            kv = vld1q_f32(k3 + i);
+            a3 = vfmaq_f32(a3, x, kv), b3 = vfmaq_f32(b3, y, kv);
+        }
+        float d0 = vaddvq_f32(a0), d1 = vaddvq_f32(a1), d2 = vaddvq_f32(a2), d3 = vaddvq_f32(a3);
+        float e0 = vaddvq_f32(b0), e1 = vaddvq_f32(b1), e2 = vaddvq_f32(b2), e3 = vaddvq_f32(b3);
+        for (; i < hd; i++) {
+            d0 += q0[i] * k0[i], d1 += q0[i] * k1[i], d2 += q0[i] * k2[i], d3 += q0[i] * k3[i];
+            e0 += q1[i] * k0[i], e1 += q1[i] * k1[i], e2 += q1[i] * k2[i], e3 += q1[i] * k3[i];
+        }
+        s0[r] = d0 * scale, s0[r + 1] = d1 * scale, s0[r + 2] = d2 * scale, s0[r + 3] = d3 * scale;
+        s1[r] = e0 * scale, s1[r + 1] = e1 * scale, s1[r + 2] = e2 * scale, s1[r + 3] = e3 * scale;
     }
-    for (; i < hd; i++)
-        for (int r = 0; r < n; r++) acc[i] += p[r] * V[(size_t)r * hd + i];
+    if (r < n) {
+        scores_neon(q0, K + (size_t)r * hd, n - r, hd, scale, s0 + r);
+        scores_neon(q1, K + (size_t)r * hd, n - r, hd, scale, s1 + r);
+    }
+}
+
+static void accum2_neon(float *acc0, float *acc1, const float *p0, const float *p1, const float *V, int n, int hd) {
+    int i = 0;
+    for (; i + 16 <= hd; i += 16) {
+        float32x4_t a0 = vld1q_f32(acc0 + i), a1 = vld1q_f32(acc0 + i + 4);
+        float32x4_t a2 = vld1q_f32(acc0 + i + 8), a3 = vld1q_f32(acc0 + i + 12);
+        float32x4_t b0 = vld1q_f32(acc1 + i), b1 = vld1q_f32(acc1 + i + 4);
+        float32x4_t b2 = vld1q_f32(acc1 + i + 8), b3 = vld1q_f32(acc1 + i + 12);
+        for (int r = 0; r < n; r++) {
+            const float *v = V + (size_t)r * hd + i;
+            float32x4_t vv = vld1q_f32(v);
+            a0 = vfmaq_n_f32(a0, vv, p0[r]), b0 = vfmaq_n_f32(b0, vv, p1[r]);
+            vv = vld1q_f32(v + 4);
+            a1 = vfmaq_n_f32(a1, vv, p0[r]), b1 = vfmaq_n_f32(b1, vv, p1[r]);
+            vv = vld1q_f32(v + 8);
+            a2 = vfmaq_n_f32(a2, vv, p0[r]), b2 = vfmaq_n_f32(b2, vv, p1[r]);
+            vv = vld1q_f32(v + 12);
+            a3 = vfmaq_n_f32(a3, vv, p0[r]), b3 = vfmaq_n_f32(b3, vv, p1[r]);
+        }
+        vst1q_f32(acc0 + i, a0), vst1q_f32(acc0 + i + 4, a1), vst1q_f32(acc0 + i + 8, a2), vst1q_f32(acc0 + i + 12, a3);
+        vst1q_f32(acc1 + i, b0), vst1q_f32(acc1 + i + 4, b1), vst1q_f32(acc1 + i + 8, b2), vst1q_f32(acc1 + i + 12, b3);
+    }
+    if (i < hd) {
+        accum_tail_neon(acc0 + i, p0, V + i, n, hd, hd - i);
+        accum_tail_neon(acc1 + i, p1, V + i, n, hd, hd - i);
+    }
 }
 #endif
 
@@ -374,6 +519,8 @@ typedef struct {
     scores_fn scores;
     accum_fn accum;
     softmax_fn softmax;
+    scores2_fn scores2; /* NULL: rows one at a time */
+    accum2_fn accum2;
     size_t elem;          /* bytes per cached value: 4, 2 or 1 */
     int rows_per_item;    /* TQ, or 1 for decode */
     int n_tiles, heads_per_item, subs_per_group;
@@ -411,6 +558,27 @@ static void prefetch_rows(const uint8_t *kc, const uint8_t *vc, size_t offset, s
     }
 }
 
+/* Keys [*k0, *k1) of the chunk [lo, c1) in key block jb that row t, head h sees; 0 if none. */
+static inline int row_keys(const attention_args *a, int t, int h, int jb, int lo, int c1, int *k0, int *k1) {
+    const int p = a->pos + t, f = first_key(a, p);
+    if (!block_visible(a->sparse, h, p / (a->sparse ? a->sparse->block : 1), jb)) return 0;
+    *k0 = f > lo ? f : lo;
+    *k1 = p + 1 < c1 ? p + 1 : c1;
+    return *k0 < *k1;
+}
+
+/* After the scores s[n] of one (row, head): its online-softmax step; a new max rescales the
+ * running sum l and the accumulator o[hd]. s then holds the weights for p.V. */
+static inline void softmax_step(const attn_job *J, float *s, int n, float *m, float *l, float *o, int hd) {
+    float corr;
+    const float sum = J->softmax(s, n, m, &corr);
+    if (corr != 1.0f) {
+        *l *= corr;
+        for (int i = 0; i < hd; i++) o[i] *= corr;
+    }
+    *l += sum;
+}
+
 static void attend_item(void *ctx, int chunk, int n_chunks) {
     attn_job *J = ctx;
     const attention_args *a = J->a;
@@ -425,15 +593,15 @@ static void attend_item(void *ctx, int chunk, int n_chunks) {
     (void)n_chunks;
     if (nh <= 0) return;
 
-    /* scratch: Kf, Vf [KCHUNK, hd] (fp16/int8 only), s [KCHUNK], m [R], l [R], acc [R, hd] */
+    /* scratch: Kf, Vf [KCHUNK, hd] (fp16/int8 only), s [2, KCHUNK], m [R], l [R], acc [R, hd] */
     const size_t conv = J->cvt ? 2 * (size_t)KCHUNK * hd : 0;
-    float *mem = malloc(sizeof(float) * (conv + KCHUNK + 2 * (size_t)R + (size_t)R * hd));
+    float *mem = malloc(sizeof(float) * (conv + 2 * KCHUNK + 2 * (size_t)R + (size_t)R * hd));
     if (!mem) {
         atomic_store(&J->failed, 1);
         return;
     }
     float *Kf = mem, *Vf = mem + (conv ? (size_t)KCHUNK * hd : 0), *s = mem + conv;
-    float *m = s + KCHUNK, *l = m + R, *acc = l + R;
+    float *s1 = s + KCHUNK, *m = s1 + KCHUNK, *l = m + R, *acc = l + R;
     for (int r = 0; r < R; r++) m[r] = -INFINITY, l[r] = 0.0f;
     memset(acc, 0, sizeof(float) * (size_t)R * hd);
 
@@ -475,25 +643,32 @@ static void attend_item(void *ctx, int chunk, int n_chunks) {
             } else {
                 Kc = (const float *)a->k + first * hd, Vc = (const float *)a->v + first * hd;
             }
-            for (int t = t0; t < t1; t++) {
-                const int p = a->pos + t, ib = p / B;
-                const int k0 = first_key(a, p) > lo ? first_key(a, p) : lo, k1 = p + 1 < c1 ? p + 1 : c1;
-                if (k0 >= k1) continue;
-                const int n = k1 - k0;
-                const float *Kr = Kc + (size_t)(k0 - lo) * hd, *Vr = Vc + (size_t)(k0 - lo) * hd;
-                for (int h = h0; h < h1; h++) {
-                    if (!block_visible(a->sparse, h, ib, jb)) continue;
-                    const int r = (t - t0) * nh + (h - h0);
-                    const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * hd;
-                    J->scores(q, Kr, n, hd, a->scale, s);
-                    float corr, *o = acc + (size_t)r * hd;
-                    const float sum = J->softmax(s, n, &m[r], &corr);
-                    if (corr != 1.0f) { /* a new max: rescale what was summed so far */
-                        l[r] *= corr;
-                        for (int i = 0; i < hd; i++) o[i] *= corr;
+            /* each (row, head) that sees keys of this chunk: scores, online-softmax step, p.V;
+             * two rows of one head with the same keys go through the pair kernels together */
+            for (int h = h0; h < h1; h++) {
+                const float *qh = a->q + (size_t)h * hd;
+                int t = t0, k0, k1;
+                while (t < t1 && !row_keys(a, t, h, jb, lo, c1, &k0, &k1)) t++;
+                while (t < t1) {
+                    int u = t + 1, u0 = 0, u1 = 0; /* the next row with keys here */
+                    while (u < t1 && !row_keys(a, u, h, jb, lo, c1, &u0, &u1)) u++;
+                    const int n = k1 - k0, r = (t - t0) * nh + (h - h0);
+                    const float *Kr = Kc + (size_t)(k0 - lo) * hd, *Vr = Vc + (size_t)(k0 - lo) * hd;
+                    if (J->scores2 && u < t1 && u0 == k0 && u1 == k1) {
+                        const int r2 = (u - t0) * nh + (h - h0);
+                        J->scores2(qh + (size_t)t * a->q_stride, qh + (size_t)u * a->q_stride, Kr, n, hd, a->scale, s,
+                                   s1);
+                        softmax_step(J, s, n, &m[r], &l[r], acc + (size_t)r * hd, hd);
+                        softmax_step(J, s1, n, &m[r2], &l[r2], acc + (size_t)r2 * hd, hd);
+                        J->accum2(acc + (size_t)r * hd, acc + (size_t)r2 * hd, s, s1, Vr, n, hd);
+                        t = u + 1;
+                        while (t < t1 && !row_keys(a, t, h, jb, lo, c1, &k0, &k1)) t++;
+                    } else {
+                        J->scores(qh + (size_t)t * a->q_stride, Kr, n, hd, a->scale, s);
+                        softmax_step(J, s, n, &m[r], &l[r], acc + (size_t)r * hd, hd);
+                        J->accum(acc + (size_t)r * hd, s, Vr, n, hd);
+                        t = u, k0 = u0, k1 = u1;
                     }
-                    l[r] += sum;
-                    J->accum(o, s, Vr, n, hd);
                 }
             }
         }
@@ -520,9 +695,11 @@ int run_attention(const attention_args *a, int simd) {
 #if defined(POCKETLM_X86)
         static const cvt_fn CVT_X86[3] = {NULL, cvt_f16_avx2, cvt_i8_avx2};
         J.cvt = CVT_X86[a->kind], J.scores = scores_avx2, J.accum = accum_avx2, J.softmax = softmax_avx2;
+        J.scores2 = scores2_avx2, J.accum2 = accum2_avx2;
 #elif defined(POCKETLM_ARM64)
         static const cvt_fn CVT_ARM[3] = {NULL, cvt_f16_neon, cvt_i8_neon};
         J.cvt = CVT_ARM[a->kind], J.scores = scores_neon, J.accum = accum_neon, J.softmax = softmax_neon;
+        J.scores2 = scores2_neon, J.accum2 = accum2_neon;
 #endif
     }
     J.B = a->sparse ? a->sparse->block : KCHUNK;
