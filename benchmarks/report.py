@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -173,6 +175,36 @@ def plot_link(res: dict, results_path: Path, base: Path) -> str | None:
     return os.path.relpath(found.resolve(), base.resolve())
 
 
+# A home directory on any machine (the results may come from another one): shown as `~`.
+_HOME = re.compile(r"^(/root|/home/[^/]+|/Users/[^/]+)(?=/)")
+# The phi-3-mini-shaped random GGUF that benchmarks/make_phi3_mini_gguf.py builds into its cache.
+_RANDOM_MINI = re.compile(r"phi3-mini-random-(q4_0|q4_k_m|q8_0)\.gguf$")
+
+
+def portable_path(arg: str) -> str:
+    """A path as any user can type it: a home directory as `~`, a path inside this repository
+    relative to its root; anything else unchanged."""
+    if not os.path.isabs(arg):
+        return arg
+    repo = str(Path(__file__).resolve().parents[1])
+    if arg == repo or arg.startswith(repo + os.sep):
+        return os.path.relpath(arg, repo)
+    return _HOME.sub("~", arg)
+
+
+def portable_command(command: list[str]) -> list[str]:
+    """The recorded `pocketlm bench` argv as shell lines any user can run: paths made portable,
+    preceded by the command that builds the benchmark model when it is the random phi-3-mini."""
+    argv = [portable_path(a) for a in command]
+    lines = []
+    model = next((a for a in argv[2:] if a.endswith(".gguf")), "")
+    built = _RANDOM_MINI.search(model)
+    if built:
+        lines.append(f"python benchmarks/make_phi3_mini_gguf.py --recipe {built.group(1)}  # builds {model} once")
+    lines.append(" ".join(shlex.quote(a) if not a.startswith("~/") else a for a in argv))
+    return lines
+
+
 def section(runs: list[tuple[Path, dict]], base: Path) -> str:
     host_runs = [(p, r) for p, r in runs if not is_phone_run(r)]
     phone_runs = [(p, r) for p, r in runs if is_phone_run(r)]
@@ -181,7 +213,7 @@ def section(runs: list[tuple[Path, dict]], base: Path) -> str:
     for path, res in host_runs:
         m, h = res["model"], res["host"]
         out += [f"### {m['name']} on {h['cpu']} ({res['created'][:10]})", "",
-                f"`{' '.join(res['command'])}`", "", *engines_table(res), ""]
+                "```sh", *portable_command(res["command"]), "```", "", *engines_table(res), ""]
         link = plot_link(res, path, base)
         if link:
             out += [f"![decode speed vs context, and projected decode speed per device]({link})", ""]

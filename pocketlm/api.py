@@ -77,14 +77,10 @@ def generate(model: Model, prompt: str, **options: Any) -> Generation:
 
 
 def benchmark(gguf_path: PathLike, *, threads: int | None = None, prompt_len: int = 128, gen: int = 32,
-          ctx: int | None = None, device: str = "all", vs: str | None = None) -> dict:
-    """`pocketlm bench` as a function: the results dict that `--json` writes (docs/bench_schema.md)."""
-    from .bench import run_bench
-    from .cli import build_parser
+              ctx: int | None = None, device: str = "all", vs: str | None = None, **options: Any) -> dict:
+    """`pocketlm bench` as a function: the results dict that `--json` writes (docs/bench_schema.md);
+    options: kv, onnx (an export folder for the onnxruntime peer), budget (`pocketlm.bench.Budget`)."""
+    from .bench import benchmark as _benchmark
 
-    argv = ["bench", os.fspath(gguf_path), "--prompt-len", str(prompt_len), "--gen", str(gen),
-            "--device", device]
-    argv += ["--threads", str(threads)] if threads else []
-    argv += ["--ctx", str(ctx)] if ctx else []
-    argv += ["--vs", vs] if vs else []
-    return run_bench(build_parser().parse_args(argv))
+    return _benchmark(gguf_path, threads=threads, prompt_len=prompt_len, gen=gen, ctx=ctx, device=device, vs=vs,
+                      **options)

@@ -487,30 +487,37 @@ def measured_record(key: str | None, label: str, engine: dict, work: Workload, b
             "advice": []}
 
 
-def run_bench(args: argparse.Namespace) -> dict:
+def benchmark(model_path: str | os.PathLike, *, threads: int | None = None, prompt_len: int = 128,
+              gen: int = 32, ctx: int | None = None, kv: str = "f16", device: str = "all",
+              vs: str | None = None, onnx: str | os.PathLike | None = None, budget: Budget | None = None) -> dict:
+    """Measure a GGUF model here (optionally beside llama.cpp / onnxruntime-genai: `vs`), project it
+    onto phone profiles (`device`) and check `budget`: the results dict `--json` writes
+    (docs/bench_schema.md). `pocketlm bench` and `pocketlm.benchmark` are thin layers over this;
+    the dict's "command" is the `pocketlm bench` command line that repeats the run."""
     progress = Progress()
-    path = args.model
+    path = os.fspath(model_path)
     if not os.path.isfile(path):
         raise PocketLMError("no such file", path)
-    if args.threads is not None:
-        args.threads = check_threads(args.threads, "--threads")
-    if args.prompt_len < 1 or args.gen < 1:
+    if threads is not None:
+        threads = check_threads(threads, "--threads")
+    if prompt_len < 1 or gen < 1:
         raise PocketLMError("--prompt-len and --gen must be >= 1")
-    devices, auto = parse_devices(args.device)
-    peers = parse_peers(args.vs)
+    budget = Budget() if budget is None else budget
+    command = bench_command_line(path, threads=threads, prompt_len=prompt_len, gen=gen, ctx=ctx, kv=kv,
+                                 device=device, vs=vs, onnx=onnx, budget=budget)
+    devices, auto = parse_devices(device)
+    peers = parse_peers(vs)
     from . import hostinfo
 
-    threads = args.threads or hostinfo.default_threads()
-    budget = Budget(decode_tok_s=args.budget_decode, first_token_s=args.budget_ttft,
-                    prompt_tokens=args.budget_prompt, memory_gb=args.budget_memory)
-    model = model_facts(path, args.ctx, args.kv)
+    threads = threads or hostinfo.default_threads()
+    model = model_facts(path, ctx, kv)
     ctx = model["ctx"]
     if ctx > model["max_context"]:
         raise PocketLMError(f"--ctx {ctx} exceeds the model's maximum of {model['max_context']}", path)
-    if args.prompt_len + args.gen + 1 > ctx:
-        raise PocketLMError(f"prompt {args.prompt_len} + {args.gen} generated tokens do not fit the context "
+    if prompt_len + gen + 1 > ctx:
+        raise PocketLMError(f"prompt {prompt_len} + {gen} generated tokens do not fit the context "
                             f"of {ctx} (raise --ctx)", path)
-    model.update(prompt_tokens=args.prompt_len, gen_tokens=args.gen)
+    model.update(prompt_tokens=prompt_len, gen_tokens=gen)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     host = hostinfo.describe(threads)
     progress.stage(f"measuring this host's read bandwidth ({threads} threads)")
@@ -520,13 +527,13 @@ def run_bench(args: argparse.Namespace) -> dict:
 
     # the sweep positions within the context (the last one pulled back so its steps fit)
     sweep = sorted({min(c, ctx - SWEEP_TOKENS) for c in SWEEP_CONTEXTS if c <= ctx and ctx > SWEEP_TOKENS})
-    spec = {"path": os.path.abspath(path), "threads": threads, "ctx": ctx, "kv": args.kv,
-            "prompt": args.prompt_len, "gen": args.gen, "sweep": sweep, "vocab": model["vocab"]}
+    spec = {"path": os.path.abspath(path), "threads": threads, "ctx": ctx, "kv": kv,
+            "prompt": prompt_len, "gen": gen, "sweep": sweep, "vocab": model["vocab"]}
     engines = [run_child("pocketlm", spec, progress)]
     onnx_bytes = None
     for peer in peers:
         if peer == "onnxruntime":
-            folder = ensure_onnx(path, args.onnx, progress)
+            folder = ensure_onnx(path, onnx, progress)
             spec_o = {**spec, "onnx": str(folder)}
             onnx_bytes = onnx_weight_bytes_per_token(folder)
             engines.append(run_child(peer, spec_o, progress))
@@ -541,7 +548,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     for e in engines:
         if "error" in e:
             continue
-        work = works[e["name"]] = engine_workload(model, e, args.prompt_len, args.gen, onnx_bytes)
+        work = works[e["name"]] = engine_workload(model, e, prompt_len, gen, onnx_bytes)
         eff = add_efficiency(e, work, host)
         if "error" not in ours and e is not ours:
             e["ratio_vs_pocketlm"] = {"decode": e["decode_tok_s"] / ours["decode_tok_s"],
@@ -560,11 +567,38 @@ def run_bench(args: argparse.Namespace) -> dict:
     published = published_comparison(model, records)
     created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return {"schema": SCHEMA, "created": created,
-            "command": ["pocketlm", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else sys.argv,
+            "command": command,
             "host": host, "model": model,
             "budget": {"decode_tok_s": budget.decode_tok_s, "first_token_s": budget.first_token_s,
                        "prompt_tokens": budget.prompt_tokens, "memory_gb": budget.memory_gb},
             "engines": engines, "devices": records, "published": published, "plot": None}
+
+
+def bench_command_line(path: str, *, threads: int | None, prompt_len: int, gen: int, ctx: int | None, kv: str,
+                       device: str, vs: str | None, onnx: str | os.PathLike | None, budget: Budget) -> list[str]:
+    """The `pocketlm bench` argv that repeats a run with these settings (defaults left out); the
+    model path as given (a relative path stays relative, so a report shows a path anyone can run)."""
+    argv = ["pocketlm", "bench", path]
+    defaults = Budget()
+    for flag, value, default in (
+            ("--threads", threads, None), ("--prompt-len", prompt_len, 128), ("--gen", gen, 32),
+            ("--ctx", ctx, None), ("--kv", kv, "f16"), ("--device", device, "all"), ("--vs", vs, None),
+            ("--onnx", None if onnx is None else os.fspath(onnx), None),
+            ("--budget-decode", budget.decode_tok_s, defaults.decode_tok_s),
+            ("--budget-ttft", budget.first_token_s, defaults.first_token_s),
+            ("--budget-prompt", budget.prompt_tokens, defaults.prompt_tokens),
+            ("--budget-memory", budget.memory_gb, defaults.memory_gb)):
+        if value != default:
+            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return argv
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """`benchmark` on parsed `pocketlm bench` arguments."""
+    budget = Budget(decode_tok_s=args.budget_decode, first_token_s=args.budget_ttft,
+                    prompt_tokens=args.budget_prompt, memory_gb=args.budget_memory)
+    return benchmark(args.model, threads=args.threads, prompt_len=args.prompt_len, gen=args.gen, ctx=args.ctx,
+                     kv=args.kv, device=args.device, vs=args.vs, onnx=args.onnx, budget=budget)
 
 
 # ---------------------------------------------------------------------------- output
@@ -659,16 +693,20 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.plot:  # fail before minutes of measuring, not after
         from .bench_plot import require_matplotlib
         require_matplotlib()
-    res = run_bench(args)
-    if args.plot:
+    return report(run_bench(args), args.json, args.plot)
+
+
+def report(res: dict, json_path: str | os.PathLike | None = None, plot: str | os.PathLike | None = None) -> int:
+    """Print `benchmark`'s tables, write its JSON and plot when asked; 0 if every engine ran, else 1."""
+    if plot:
         from .bench_plot import plot_results
-        plot_results(res, args.plot)
-        res["plot"] = os.path.abspath(args.plot)
+        plot_results(res, plot)
+        res["plot"] = os.path.abspath(plot)
     res = _finite(res)
     print(format_tables(res))
-    if args.json:
-        write_json(res, args.json)
-        print(f"\nwrote {args.json}", file=sys.stderr)
+    if json_path:
+        write_json(res, json_path)
+        print(f"\nwrote {json_path}", file=sys.stderr)
     return 0 if all("error" not in e for e in res["engines"]) else 1
 
 

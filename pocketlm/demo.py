@@ -93,7 +93,7 @@ def calibration_tokens(samples: int = 16, length: int = 128, seed: int = 0) -> t
 
 def run_demo(out_dir: str | Path = DEFAULT_OUT, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64,
              bench: bool = True) -> int:
-    from .cli import main as cli_main
+    from .bench import benchmark, report
     from .info import describe_checkpoint
     from .quantize.pipeline import quantize_checkpoint
     from .runtime.generate import generate
@@ -141,8 +141,7 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, prompt: str = DEFAULT_PROMPT, ma
 
     if bench:
         _stage(5, "bench on this host, projected onto phone budgets")
-        cli_main(["bench", str(gguf), "--device", "all", "--prompt-len", "128", "--gen", "32",
-                  "--json", str(out / "bench.json")])
+        report(benchmark(gguf, device="all", prompt_len=128, gen=32), out / "bench.json")
     print(f"\ndemo done in {time.perf_counter() - t_all:.0f} s; artefacts in {out}:", file=sys.stderr)
     for p in sorted(out.iterdir()):
         print(f"  {p.name}", file=sys.stderr)
