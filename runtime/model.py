@@ -156,7 +156,8 @@ class Model:
     """A loaded GGUF model with its KV cache. Not thread-safe (one generation at a time)."""
 
     def __init__(self, path: str, reader: GGUFReader, cfg: Phi3Config, n_ctx: int, kv: str,
-                 longrope: str, batch: int, validate: bool | str, repack: bool | str = "auto"):
+                 longrope: str, batch: int, validate: bool | str, repack: bool | str = "auto",
+                 dense_attention: bool = False):
         self.path, self.reader, self.cfg = path, reader, cfg
         self.n_ctx, self.batch = n_ctx, batch
         self.stats = Stats()
@@ -164,6 +165,7 @@ class Model:
         self.last_prefill_tokens = 0  # tokens the last prefill() evaluated (the rest came from the cache)
         self._kernel_seconds = 0.0
         self._repack = repack
+        self._dense_attention = dense_attention
         self._plan: tuple[np.ndarray, Any] | None = None  # (the cache's k array, decode_step plan)
         self._load_weights(validate is True)
         self.cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, n_ctx, cfg.head_dim, kv)
@@ -209,7 +211,7 @@ class Model:
 
         def sparsity(i: int) -> tuple[int, int, int, int] | None:
             bs = cfg.layer_sparsity(i)
-            if bs is None:
+            if bs is None or self._dense_attention:
                 return None
             return bs.block_size, bs.local_blocks, bs.vert_stride, bs.head_step(cfg.num_attention_heads)
 
@@ -492,14 +494,16 @@ def _load_tokenizer(reader: GGUFReader, path: str):
 
 def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = None, kv: str = "f16",
          longrope: str = "context", batch: int = DEFAULT_BATCH, validate: bool | str = "lazy",
-         repack: bool | str = "auto") -> Model:
+         repack: bool | str = "auto", dense_attention: bool = False) -> Model:
     """Map a phi3 / phi3small GGUF file and get it ready to run.
 
     threads: kernel threads (default: the machine's cores, at most 4); ctx: context size (default
     the model's, at most 4096; at most the model's max_position_embeddings); kv: "f16" | "int8" |
     "f32"; longrope: "context" | "sequence" (see the module docstring); batch: prompt tokens per
     prefill chunk; validate: True scans every block's scale for NaN/inf at load, "lazy" only when
-    a step produces non-finite values; repack: "auto" | False (see the module docstring).
+    a step produces non-finite values; repack: "auto" | False (see the module docstring);
+    dense_attention: a debug switch for benchmarks: block-sparse layers attend to every earlier
+    position (what the pattern saves is measured against it; the model is then not the same).
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
@@ -527,6 +531,6 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     kern.set_threads(threads)
     if repack not in (False, "auto"):
         raise PocketLMError(f"repack must be 'auto' or False, got {repack!r}")
-    model = Model(path, reader, cfg, ctx, kv, longrope, batch, validate, repack)
+    model = Model(path, reader, cfg, ctx, kv, longrope, batch, validate, repack, dense_attention)
     model.stats.load_seconds = time.perf_counter() - t0
     return model

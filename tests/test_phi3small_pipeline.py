@@ -10,6 +10,7 @@ file; for quantized files, the numpy reference run on the GGUF's own dequantized
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -117,6 +118,10 @@ def test_sparse_pattern_matters_in_the_runtime(folder, f32_file):
     assert rel_error(got[:WINDOW], dense[:WINDOW]) < 1e-4  # within the window the two agree
     assert rel_error(got, sparse) < 1e-4
     assert rel_error(sparse[WINDOW:], dense[WINDOW:]) > 1e-2
+    # the benchmarks' debug switch: every layer dense, prompt and decode step alike
+    forced = load(f32_file, threads=1, ctx=96, kv="f32", dense_attention=True)
+    got = np.concatenate([forced.forward(ids[:60], all_logits=True)] + [forced.forward([t])[None] for t in ids[60:]])
+    assert rel_error(got, dense) < 1e-4
 
 
 def test_generation_and_tokenizer(f32_file):
@@ -136,3 +141,22 @@ def test_bad_phi3small_config_is_refused(tmp_path):
 
     with pytest.raises(PocketLMError, match="vert_stride"):
         Checkpoint.open(folder)
+
+
+def test_cli_verbs_on_a_phi3small_file(folder, tmp_path, capsys):
+    """quantize, info, run, chat, eval and bench end to end through the CLI."""
+    from pocketlm.cli import main as cli_main
+
+    out = tmp_path / "small.gguf"
+    assert cli_main(["quantize", str(folder), "-o", str(out), "--recipe", "q4_0"]) == 0
+    assert cli_main(["info", str(out)]) == 0
+    assert "phi3small" in capsys.readouterr().out
+    assert cli_main(["run", str(out), "-p", "hello", "-n", "6", "--seed", "1"]) == 0
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    capsys.readouterr()
+    assert cli_main(["eval", str(out), "--ref", str(folder), "--text", str(text), "--ctx", "64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 < result["kld"] < 1 and result["top1"] > 0.5
+    assert cli_main(["bench", str(out), "--device", "all", "--prompt-len", "16", "--gen", "4", "--ctx", "64"]) == 0
+    assert "Galaxy S21" in capsys.readouterr().out
