@@ -567,6 +567,14 @@ static inline int row_keys(const attention_args *a, int t, int h, int jb, int lo
     return *k0 < *k1;
 }
 
+/* The first entry e' >= e (of R = rows x heads, head-major: row t0 + e' % nr, head h0 + e' / nr)
+ * that sees keys of the chunk [lo, c1) in block jb; R if none. */
+static inline int next_entry(const attention_args *a, int e, int R, int t0, int nr, int h0, int jb, int lo, int c1) {
+    int k0, k1;
+    while (e < R && !row_keys(a, t0 + e % nr, h0 + e / nr, jb, lo, c1, &k0, &k1)) e++;
+    return e;
+}
+
 /* After the scores s[n] of one (row, head): its online-softmax step; a new max rescales the
  * running sum l and the accumulator o[hd]. s then holds the weights for p.V. */
 static inline void softmax_step(const attn_job *J, float *s, int n, float *m, float *l, float *o, int hd) {
@@ -643,32 +651,33 @@ static void attend_item(void *ctx, int chunk, int n_chunks) {
             } else {
                 Kc = (const float *)a->k + first * hd, Vc = (const float *)a->v + first * hd;
             }
-            /* each (row, head) that sees keys of this chunk: scores, online-softmax step, p.V;
-             * two rows of one head with the same keys go through the pair kernels together */
-            for (int h = h0; h < h1; h++) {
-                const float *qh = a->q + (size_t)h * hd;
-                int t = t0, k0, k1;
-                while (t < t1 && !row_keys(a, t, h, jb, lo, c1, &k0, &k1)) t++;
-                while (t < t1) {
-                    int u = t + 1, u0 = 0, u1 = 0; /* the next row with keys here */
-                    while (u < t1 && !row_keys(a, u, h, jb, lo, c1, &u0, &u1)) u++;
-                    const int n = k1 - k0, r = (t - t0) * nh + (h - h0);
-                    const float *Kr = Kc + (size_t)(k0 - lo) * hd, *Vr = Vc + (size_t)(k0 - lo) * hd;
-                    if (J->scores2 && u < t1 && u0 == k0 && u1 == k1) {
-                        const int r2 = (u - t0) * nh + (h - h0);
-                        J->scores2(qh + (size_t)t * a->q_stride, qh + (size_t)u * a->q_stride, Kr, n, hd, a->scale, s,
-                                   s1);
-                        softmax_step(J, s, n, &m[r], &l[r], acc + (size_t)r * hd, hd);
-                        softmax_step(J, s1, n, &m[r2], &l[r2], acc + (size_t)r2 * hd, hd);
-                        J->accum2(acc + (size_t)r * hd, acc + (size_t)r2 * hd, s, s1, Vr, n, hd);
-                        t = u + 1;
-                        while (t < t1 && !row_keys(a, t, h, jb, lo, c1, &k0, &k1)) t++;
-                    } else {
-                        J->scores(qh + (size_t)t * a->q_stride, Kr, n, hd, a->scale, s);
-                        softmax_step(J, s, n, &m[r], &l[r], acc + (size_t)r * hd, hd);
-                        J->accum(acc + (size_t)r * hd, s, Vr, n, hd);
-                        t = u, k0 = u0, k1 = u1;
-                    }
+            /* each (row, head) that sees keys of this chunk: scores, online-softmax step, p.V.
+             * Entries e = (head, row) in head-major order; two consecutive ones with the same
+             * keys (two rows of a head, or in decode two heads of the GQA group) go through the
+             * pair kernels together */
+            int e = next_entry(a, 0, R, t0, nr, h0, jb, lo, c1), k0 = 0, k1 = 0;
+            if (e < R) row_keys(a, t0 + e % nr, h0 + e / nr, jb, lo, c1, &k0, &k1);
+            while (e < R) {
+                const int f = next_entry(a, e + 1, R, t0, nr, h0, jb, lo, c1);
+                int f0 = 0, f1 = 0;
+                if (f < R) row_keys(a, t0 + f % nr, h0 + f / nr, jb, lo, c1, &f0, &f1);
+                const int n = k1 - k0, te = t0 + e % nr, he = h0 + e / nr;
+                const int r = (te - t0) * nh + (he - h0);
+                const float *q = a->q + (size_t)te * a->q_stride + (size_t)he * hd;
+                const float *Kr = Kc + (size_t)(k0 - lo) * hd, *Vr = Vc + (size_t)(k0 - lo) * hd;
+                if (J->scores2 && f < R && f0 == k0 && f1 == k1) {
+                    const int tf = t0 + f % nr, hf = h0 + f / nr, r2 = (tf - t0) * nh + (hf - h0);
+                    J->scores2(q, a->q + (size_t)tf * a->q_stride + (size_t)hf * hd, Kr, n, hd, a->scale, s, s1);
+                    softmax_step(J, s, n, &m[r], &l[r], acc + (size_t)r * hd, hd);
+                    softmax_step(J, s1, n, &m[r2], &l[r2], acc + (size_t)r2 * hd, hd);
+                    J->accum2(acc + (size_t)r * hd, acc + (size_t)r2 * hd, s, s1, Vr, n, hd);
+                    e = next_entry(a, f + 1, R, t0, nr, h0, jb, lo, c1);
+                    if (e < R) row_keys(a, t0 + e % nr, h0 + e / nr, jb, lo, c1, &k0, &k1);
+                } else {
+                    J->scores(q, Kr, n, hd, a->scale, s);
+                    softmax_step(J, s, n, &m[r], &l[r], acc + (size_t)r * hd, hd);
+                    J->accum(acc + (size_t)r * hd, s, Vr, n, hd);
+                    e = f, k0 = f0, k1 = f1;
                 }
             }
         }
