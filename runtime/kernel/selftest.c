@@ -259,7 +259,7 @@ static void attention_reference(const float *q, int q_stride, const float *kd, c
  * 300-slot cache, block 16, 2 local blocks, vertical stride 4. The SIMD result must also match
  * the portable one closely (same chunk order, different summation inside a dot). */
 static void test_attention(void) {
-    const int H = 8, KV = 2, n_ctx = 300, hds[] = {64, 20};
+    const int H = 8, KV = 2, n_ctx = 300, hds[] = {64, 20, 40}; /* 20, 40: the SIMD tails */
     const block_sparse hetero = {16, 2, 4, 1}, homo = {16, 2, 4, 0}, wide = {16, 3, 4, 2};
     const struct {
         int T, pos, window;
@@ -271,7 +271,7 @@ static void test_attention(void) {
         {120, 0, 0, &hetero}, {53, 181, 0, &hetero}, {40, 140, 0, &homo}, {61, 239, 0, &wide},
     };
     const int n_cases = (int)(sizeof(cases) / sizeof(cases[0])), T_max = 120;
-    for (int hi_d = 0; hi_d < 2; hi_d++) {
+    for (int hi_d = 0; hi_d < 3; hi_d++) {
         const int hd = hds[hi_d], q_stride = (H + 2 * KV) * hd; /* q = first H*hd columns of qkv rows */
         const size_t n = (size_t)KV * n_ctx * hd, n_out = (size_t)T_max * H * hd;
         float *q = malloc(sizeof(float) * T_max * q_stride), *out = malloc(sizeof(float) * n_out);
@@ -361,6 +361,86 @@ static void test_attention(void) {
     }
 }
 
+/* The one-call decode step (decode.c) for both architectures of the model description: Phi-3
+ * (RMSNorm, SwiGLU, no biases, dense) and Phi-3-small (LayerNorm with bias, GeGELU, biases, a
+ * block-sparse and a dense layer), fp16 and int8 caches, 40 steps past the local window: every
+ * SIMD path (NEON under qemu) against the portable C path, step by step from the same cache. */
+static void test_decode_step(void) {
+    enum { D = 256, H = 4, KV = 1, HD = 64, F = 256, CTX = 48, LAYERS = 2 };
+    const gtype_info *t = kernel_type_info(GT_Q4_0);
+    const int rows[4] = {(H + 2 * KV) * HD, D, 2 * F, D}, cols[4] = {D, H * HD, D, F};
+    uint8_t *w[LAYERS][4];
+    float *bias[LAYERS][4], *norm_w[LAYERS][2], *norm_b[LAYERS][2];
+    for (int l = 0; l < LAYERS; l++) {
+        for (int m = 0; m < 4; m++) {
+            const int nb = rows[m] * (cols[m] / t->block_values);
+            w[l][m] = malloc((size_t)nb * t->block_bytes);
+            for (int i = 0; i < nb; i++) fill_block(t, w[l][m] + (size_t)i * t->block_bytes);
+            bias[l][m] = malloc(sizeof(float) * rows[m]);
+            for (int i = 0; i < rows[m]; i++) bias[l][m][i] = 0.3f * rnd_gauss();
+        }
+        for (int n = 0; n < 2; n++) {
+            norm_w[l][n] = malloc(sizeof(float) * D), norm_b[l][n] = malloc(sizeof(float) * D);
+            for (int i = 0; i < D; i++) norm_w[l][n][i] = 1.0f + 0.2f * rnd_gauss(), norm_b[l][n][i] = 0.2f * rnd_gauss();
+        }
+    }
+    float cos[HD / 2], sin[HD / 2];
+    for (int small = 0; small < 2; small++)
+        for (int kind = KV_F16; kind <= KV_I8; kind++) {
+            const size_t elem = kind == KV_I8 ? 1 : 2, n_cache = (size_t)LAYERS * KV * CTX * HD;
+            void *k[2], *v[2];
+            uint16_t *ks[2], *vs[2];
+            dec_layer layers[LAYERS];
+            for (int l = 0; l < LAYERS; l++) {
+                dec_linear lin[4];
+                for (int m = 0; m < 4; m++) lin[m] = (dec_linear){w[l][m], t, rows[m], cols[m], small ? bias[l][m] : NULL};
+                layers[l] = (dec_layer){norm_w[l][0], small ? norm_b[l][0] : NULL, norm_w[l][1],
+                                        small ? norm_b[l][1] : NULL, lin[0], lin[1], lin[2], lin[3],
+                                        {small && l == 0 ? 8 : 0, 2, 2, 1}}; /* layer 0 sparse in Phi-3-small */
+            }
+            decode_plan plans[2];
+            for (int c = 0; c < 2; c++) { /* c = 0: portable reference, 1: the SIMD path under test */
+                k[c] = calloc(n_cache, elem), v[c] = calloc(n_cache, elem);
+                ks[c] = calloc(n_cache / HD, 2), vs[c] = calloc(n_cache / HD, 2);
+                plans[c] = (decode_plan){.n_layers = LAYERS, .D = D, .H = H, .KV = KV, .hd = HD, .F = F, .n_ctx = CTX,
+                                         .kv_kind = kind, .norm = small ? NORM_LAYER : NORM_RMS,
+                                         .act = small ? ACT_GEGELU : ACT_SWIGLU, .eps = 1e-5f, .act_limit = 2.0f,
+                                         .attn_scale = small ? 1.0f / HD : 1.0f / sqrtf((float)HD), .layers = layers,
+                                         .k_cache = k[c], .v_cache = v[c], .k_scale = kind == KV_I8 ? ks[c] : NULL,
+                                         .v_scale = kind == KV_I8 ? vs[c] : NULL};
+                plans[c].scratch = malloc(sizeof(float) * decode_scratch_floats(&plans[c]));
+            }
+            for (size_t p = 1; p < sizeof PATH_NAMES / sizeof *PATH_NAMES; p++) {
+                if (!path_available(PATH_NAMES[p])) continue;
+                double worst = 0.0;
+                for (int pos = 0; pos < 40; pos++) {
+                    float h[2][D];
+                    for (int i = 0; i < D; i++) h[0][i] = h[1][i] = rnd_gauss();
+                    for (int i = 0; i < HD / 2; i++) cos[i] = cosf(0.1f * pos * (i + 1)), sin[i] = sinf(0.1f * pos * (i + 1));
+                    memcpy(k[1], k[0], n_cache * elem), memcpy(v[1], v[0], n_cache * elem); /* same cache */
+                    memcpy(ks[1], ks[0], n_cache / HD * 2), memcpy(vs[1], vs[0], n_cache / HD * 2);
+                    CHECK(run_decode_step(path_table("scalar"), 0, &plans[0], h[0], cos, sin, pos) == 0, "decode OOM");
+                    CHECK(run_decode_step(path_table(PATH_NAMES[p]), 1, &plans[1], h[1], cos, sin, pos) == 0, "decode OOM");
+                    double scale = 0.0, err = 0.0;
+                    for (int i = 0; i < D; i++) { /* plain compares: aarch64 gcc 12 ICEs vectorizing fmax here */
+                        const double a = fabs(h[0][i]), e = fabs((double)h[0][i] - h[1][i]);
+                        if (a > scale) scale = a;
+                        if (e > err) err = e;
+                    }
+                    if (err / scale > worst) worst = err / scale;
+                }
+                /* int8 activations and the int8 cache may round one code differently per path */
+                CHECK(worst < 2e-2, "decode step (%s, kv %d) on %s: max relative error %g vs portable",
+                      small ? "phi3small" : "phi3", kind, PATH_NAMES[p], worst);
+            }
+            for (int c = 0; c < 2; c++) free(k[c]), free(v[c]), free(ks[c]), free(vs[c]), free(plans[c].scratch);
+        }
+    for (int l = 0; l < LAYERS; l++) {
+        for (int m = 0; m < 4; m++) free(w[l][m]), free(bias[l][m]);
+        for (int n = 0; n < 2; n++) free(norm_w[l][n]), free(norm_b[l][n]);
+    }
+}
+
 int main(int argc, char **argv) {
     printf("features: %s\npaths: %s\n", cpu_features_string(), available_paths_string());
     if (argc > 1)
@@ -369,6 +449,7 @@ int main(int argc, char **argv) {
     const int types[] = {GT_Q4_0, GT_Q4_1, GT_Q8_0, GT_Q4_K, GT_Q6_K};
     for (int i = 0; i < 5; i++) test_type(types[i]);
     test_attention();
+    test_decode_step();
     printf("%s (%d failures)\n", failures ? "FAILED" : "ALL PASSED", failures);
     return failures ? 1 : 0;
 }
