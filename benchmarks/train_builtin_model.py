@@ -1,6 +1,11 @@
 """Train pocketlm's built-in model: a small, real Phi-3-architecture model on the Shakespeare corpus.
 
     nice -n 5 python benchmarks/train_builtin_model.py --out pocketlm/builtin [--minutes N] [--seed S]
+    nice -n 10 python benchmarks/train_builtin_model.py --arch phi3small --out pocketlm/builtin_small
+
+`--arch phi3small` trains the second built-in model, of the Phi-3-small architecture (a tiktoken
+byte-level BPE, block-sparse attention, muP): benchmarks/train_builtin_small.py. The rest of this
+docstring is about the first one (`--arch phi3`, the default).
 
 Rebuilds everything in `--out` from the shared corpus (`pocketlm.corpus`, split by whole works):
 1. a SentencePiece BPE tokenizer trained on the `train` split with Llama-2/Phi-3 settings (byte
@@ -260,11 +265,14 @@ def add_v4_config_spellings(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=("phi3", "phi3small"), default="phi3",
+                    help="phi3: pocketlm/builtin; phi3small: pocketlm/builtin_small (train_builtin_small.py)")
     ap.add_argument("--out", type=Path, required=True, help="checkpoint folder (pocketlm/builtin)")
     ap.add_argument("--minutes", type=float, default=22.0, help="training wall-time budget")
     ap.add_argument("--steps", type=int, default=0, help="fixed step count (default: sized to --minutes)")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--batch", type=int, default=16, help="windows of 256 tokens per step")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="windows per step (phi3: 16 of 256 tokens; phi3small: 8 of 512)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shared-dir", type=Path, default=None)
@@ -274,6 +282,12 @@ def main() -> None:
     ap.add_argument("--replan", action="store_true",
                     help="with --resume: re-size the step count to the new --minutes, longer or shorter")
     args = ap.parse_args()
+    if args.arch == "phi3small":
+        from train_builtin_small import run
+
+        args.batch = args.batch or 8
+        return run(args)
+    args.batch = args.batch or 16
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
