@@ -151,9 +151,10 @@ def test_dense_and_window_match_torch(path: str, kind: str) -> None:
         assert_close(run_rows(q[:T], kc, vc, ks, vs, H, pos, scale=scale, window=window), want)
 
 
-def test_sparse_with_window_and_odd_head_dim() -> None:
-    """Both masks at once, and hd = 20 (the SIMD tails), on every path."""
-    H, KV, hd = 8, 2, 20
+@pytest.mark.parametrize("hd", [20, 40])
+def test_sparse_with_window_and_odd_head_dim(hd: int) -> None:
+    """Both masks at once, and head sizes that leave SIMD tails (20, 40 = 32 + 8), on every path."""
+    H, KV = 8, 2
     kc, vc, ks, vs, kd, vd = make_cache(KV, 160, hd, "f16", seed=5)
     q = make_q(90, H, KV, hd, seed=6)
     want = torch_reference(q, kd, vd, H, 70, 0.3, HETERO, window=45)

@@ -19,7 +19,9 @@
  * as row p of a prompt), nor on the thread count.
  *
  * simd = 0 runs the portable C (the reference); otherwise AVX2+FMA+F16C on x86 or NEON on ARM64
- * (same loop structure, vector inner products). Work items (query-row tile x kv head x head
+ * (same loop structure, vector inner products, vector exp; pair kernels run two (row, head)
+ * entries with the same keys at once, each key row loaded once for both, with the bits of the
+ * single-entry kernels; the next visible chunk is prefetched while one is computed). Work items (query-row tile x kv head x head
  * subgroup) run on the thread pool, the heaviest (last) tiles first. */
 #include <math.h>
 #include <stdatomic.h>

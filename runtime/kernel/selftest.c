@@ -403,6 +403,7 @@ static void test_decode_step(void) {
                 k[c] = calloc(n_cache, elem), v[c] = calloc(n_cache, elem);
                 ks[c] = calloc(n_cache / HD, 2), vs[c] = calloc(n_cache / HD, 2);
                 plans[c] = (decode_plan){.n_layers = LAYERS, .D = D, .H = H, .KV = KV, .hd = HD, .F = F, .n_ctx = CTX,
+                                         .rot = small ? HD : HD / 2, /* Phi-3-small whole heads; else partial */
                                          .kv_kind = kind, .norm = small ? NORM_LAYER : NORM_RMS,
                                          .act = small ? ACT_GEGELU : ACT_SWIGLU, .eps = 1e-5f, .act_limit = 2.0f,
                                          .attn_scale = small ? 1.0f / HD : 1.0f / sqrtf((float)HD), .layers = layers,
