@@ -48,9 +48,13 @@ class Terminated(BaseException):
     quantizer's and the GGUF writer's temporary files are removed) before the process exits.
     A BaseException, like KeyboardInterrupt: no `except Exception` swallows it."""
 
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+
 
 def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 class StdoutFailed(BaseException):
@@ -101,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pocketlm: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
+    except Terminated as t:
         print("pocketlm: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return 128 + t.signum
     except StdoutFailed as failed:
         _discard_stdout(stdout)
         if isinstance(failed.error, BrokenPipeError):
@@ -115,16 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         sys.stdout = stdout
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, handler)
 
 
 def _install_sigterm():
-    """SIGTERM -> Terminated in the main thread; returns the handler to restore (None off the main
-    thread, where Python cannot install handlers)."""
+    """SIGTERM (and SIGHUP: the terminal went away) -> Terminated in the main thread; returns the
+    handlers to restore (None off the main thread, where Python cannot install handlers)."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, _raise_terminated)
+    wanted = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    return {sig: signal.signal(sig, _raise_terminated) for sig in wanted}
 
 
 def _replace_undecodable_output() -> None:

@@ -33,6 +33,19 @@ Q4_0 = GGMLType.Q4_0
 Q4_0_PACKED = 1002
 
 
+def _kernel_knows(gtype: int) -> bool:
+    try:
+        _kernel.type_info(gtype)
+    except (ValueError, OverflowError):
+        return False
+    return True
+
+
+# The GGUF types the C kernel computes with (its table in types.c, asked through `type_info`); the
+# block shapes come from the one Python table (quantize/ggml_types.py), checked against C by tests.
+KERNEL_TYPES: frozenset[int] = frozenset(t for t in ggml_types.GGML_TYPES if _kernel_knows(t))
+
+
 def _call(fn: Callable[..., T], *args: Any) -> T:
     try:
         return fn(*args)
@@ -119,9 +132,7 @@ def check_tensor(name: str, raw: Buffer, gtype: int, path: str | os.PathLike | N
     """The check every verb that reads tensor data applies (run, eval, export): a PocketLMError
     naming the tensor and its first block with a NaN or infinite scale. Tensors of types the kernel
     does not know (F32, F16, BF16: plain numbers) are checked by their readers."""
-    try:
-        _kernel.type_info(int(gtype))
-    except ValueError:
+    if int(gtype) not in KERNEL_TYPES:
         return
     bad = check_blocks(raw, gtype)
     if bad is not None:

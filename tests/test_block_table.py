@@ -34,7 +34,7 @@ def test_the_kernel_c_table_agrees_with_the_python_table():
         except ValueError:
             continue
     assert set(in_kernel) == {F.GGMLType.Q4_0, F.GGMLType.Q4_1, F.GGMLType.Q8_0, F.GGMLType.Q4_K,
-                              F.GGMLType.Q6_K}
+                              F.GGMLType.Q6_K} == K.KERNEL_TYPES
     for tid, shape in in_kernel.items():
         assert tuple(shape) == F.BLOCK_SHAPE[F.GGMLType(tid)], F.type_name(tid)
         assert K.row_bytes(tid, 3072) == F.row_bytes(tid, 3072)

@@ -248,7 +248,8 @@ def test_onnx_affine_check_blames_corruption_not_rounding_for_types_the_kernel_l
 
 # ----------------------------------------------------------------------------- SIGTERM
 
-def test_sigterm_during_quantize_leaves_nothing_behind(tiny_model, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_during_quantize_leaves_nothing_behind(tiny_model, tmp_path, sig):
     ckpt, _ = tiny_model
     out = tmp_path / "out"
     out.mkdir()
@@ -260,9 +261,9 @@ def test_sigterm_during_quantize_leaves_nothing_behind(tiny_model, tmp_path):
     while not list(out.glob("*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     assert list(out.glob("q.gguf.*.tmp")), "the quantizer finished before its temporary file was seen"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + sig, err
     assert one_error_line(err) == "pocketlm: terminated"
     assert leftovers(out) == []
 
