@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -88,6 +88,8 @@ class Phi3Config:
     rope_theta: float = 10000.0
     rope_scaling: LongRope | None = None
     sliding_window: int | None = None  # attend to the last `sliding_window` positions only
+    rotary_dim: int | None = None       # RoPE on the first rotary_dim values of each head (Phi-4-mini:
+                                        # partial_rotary_factor 0.75); None: the whole head
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 32000
@@ -109,6 +111,11 @@ class Phi3Config:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Values of each head that RoPE rotates (the rest pass through)."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def gguf_arch(self) -> str:
@@ -151,16 +158,18 @@ class Phi3Config:
                       f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise bad(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if not (isinstance(self.rope_dim, int) and 2 <= self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0):
+            raise bad(f"the rotary dimension {self.rope_dim} must be even and within head_dim {self.head_dim}")
         if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
             raise bad("rms_norm_eps and rope_theta must be positive")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise bad(f"sliding_window must be positive or null, got {self.sliding_window}")
         if self.rope_scaling is not None:
-            half = self.head_dim // 2
+            half = self.rope_dim // 2
             for which in ("short_factor", "long_factor"):
                 n = len(getattr(self.rope_scaling, which))
                 if n != half:
-                    raise bad(f"rope_scaling.{which} has {n} values, expected head_dim/2 = {half}")
+                    raise bad(f"rope_scaling.{which} has {n} values, expected rotary dimension / 2 = {half}")
         if self.architecture not in GGUF_ARCHS:
             raise bad(f"architecture {self.architecture!r} is not one of {', '.join(GGUF_ARCHS)}")
         if self.norm not in ("rms", "layer") or self.activation not in ("swiglu", "gegelu"):
@@ -211,10 +220,11 @@ class Phi3Config:
                    or rope_params.get("original_max_position_embeddings")
                    or (scaling or {}).get("original_max_position_embeddings")
                    or max_pos)
-        partial = float(d.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0)))
-        if partial != 1.0:
-            raise UnsupportedModelError(
-                f"partial_rotary_factor={partial} (Phi-4-style partial RoPE) is not supported yet", source)
+        # Phi-4-mini: RoPE on the first head_dim * partial_rotary_factor values (transformers' rule)
+        partial = float(d.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0)) or 1.0)
+        if not 0.0 < partial <= 1.0:
+            raise PocketLMError(f"partial_rotary_factor must lie in (0, 1], got {partial}", source)
+        rotary_dim = None if partial == 1.0 else int(hidden // heads * partial)
         longrope = None
         if scaling is not None:
             kind = scaling.get("type", scaling.get("rope_type"))
@@ -244,6 +254,7 @@ class Phi3Config:
             rope_theta=rope_theta,
             rope_scaling=longrope,
             sliding_window=int(d["sliding_window"]) if d.get("sliding_window") else None,
+            rotary_dim=rotary_dim,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=int(d.get("bos_token_id", 1) or 1),
             eos_token_id=int(eos),
@@ -253,10 +264,14 @@ class Phi3Config:
         return cfg.validate(source)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A transformers-4.x-style `config.json` (the spelling Microsoft's checkpoints use)."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("extra", "rope_scaling")}
+        """A transformers-4.x-style Phi3ForCausalLM `config.json` (the spelling Microsoft's checkpoints use)."""
+        if self.architecture != ARCHITECTURE:
+            raise PocketLMError(f"to_hf_dict writes Phi3ForCausalLM configs, not {self.architecture}")
+        d = {k: getattr(self, k) for k in _PHI3_HF_KEYS}
         d.update(architectures=[ARCHITECTURE], model_type="phi3", hidden_act="silu",
                  attention_bias=False, attention_dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+        if self.rotary_dim is not None:
+            d["partial_rotary_factor"] = self.rotary_dim / self.head_dim
         d["rope_scaling"] = None if self.rope_scaling is None else {
             "type": "longrope",
             "short_factor": list(self.rope_scaling.short_factor),
@@ -278,7 +293,7 @@ class Phi3Config:
             f"{a}.block_count": self.num_hidden_layers,
             f"{a}.attention.head_count": self.num_attention_heads,
             f"{a}.attention.head_count_kv": self.num_key_value_heads,
-            f"{a}.rope.dimension_count": self.head_dim,
+            f"{a}.rope.dimension_count": self.rope_dim,
             f"{a}.rope.freq_base": float(self.rope_theta),
             f"{a}.rope.scaling.original_context_length": self.original_max_position_embeddings,
             f"{a}.vocab_size": self.vocab_size,
@@ -357,8 +372,10 @@ class Phi3Config:
         )
         if not small:
             swa = int(get("attention.sliding_window", 0))
+            head_dim = common["hidden_size"] // max(heads, 1)
+            rot = int(get("rope.dimension_count", head_dim))
             cfg = cls(**common, rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-                      sliding_window=swa or None)
+                      sliding_window=swa or None, rotary_dim=None if rot == head_dim else rot)
             return cfg.validate(source)
         head_dim = common["hidden_size"] // max(heads, 1)
         cfg = cls(
@@ -378,6 +395,12 @@ class Phi3Config:
             dense_every_n=int(get("attention.dense_every_n_layers")),
         )
         return cfg.validate(source)
+
+
+_PHI3_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings",
+                 "rms_norm_eps", "rope_theta", "sliding_window", "tie_word_embeddings", "bos_token_id",
+                 "eos_token_id", "pad_token_id")
 
 
 def longrope_attention_factor(max_pos: int, orig: int, explicit: float | None = None) -> float:
@@ -592,8 +615,8 @@ def tensor_specs(cfg: Phi3Config) -> list[TensorSpec]:
 
     specs = [spec("token_embd.weight", "embedding", (cfg.vocab_size, d))]
     if cfg.rope_scaling is not None:
-        specs += [spec("rope_factors_long.weight", "rope_factors", (hd // 2,)),
-                  spec("rope_factors_short.weight", "rope_factors", (hd // 2,))]
+        specs += [spec("rope_factors_long.weight", "rope_factors", (cfg.rope_dim // 2,)),
+                  spec("rope_factors_short.weight", "rope_factors", (cfg.rope_dim // 2,))]
     for i in range(cfg.num_hidden_layers):
         specs += [spec(f"blk.{i}.{g}", kind, shape, i) for g, kind, shape in layer_tensors]
     specs.append(spec("output_norm.weight", "norm", (d,)))

@@ -55,9 +55,9 @@ def gated_activation(cfg: Phi3Config, gate_up: np.ndarray) -> np.ndarray:
 
 
 def rope_inv_freq(cfg: Phi3Config, long: bool) -> np.ndarray:
-    """Rotary frequencies [head_dim/2] in radians per position, LongRoPE factors applied."""
-    hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    """Rotary frequencies [rope_dim/2] in radians per position, LongRoPE factors applied."""
+    rd = cfg.rope_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, rd, 2, dtype=np.float64) / rd))
     if cfg.rope_scaling is not None:
         factors = cfg.rope_scaling.long_factor if long else cfg.rope_scaling.short_factor
         inv = inv / np.asarray(factors, dtype=np.float64)
@@ -65,17 +65,18 @@ def rope_inv_freq(cfg: Phi3Config, long: bool) -> np.ndarray:
 
 
 def rope_cos_sin(cfg: Phi3Config, positions: np.ndarray, long: bool) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [T, head_dim/2] for the given positions, scaled by LongRoPE's attention factor."""
+    """cos, sin [T, rope_dim/2] for the given positions, scaled by LongRoPE's attention factor."""
     angles = positions.astype(np.float32)[:, None] * rope_inv_freq(cfg, long)[None, :]
     scale = np.float32(cfg.rope_scaling.scale(long) if cfg.rope_scaling else 1.0)
     return np.cos(angles) * scale, np.sin(angles) * scale
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """NEOX-style rotation of x [heads, T, hd]: the halves (x1, x2) rotate as a complex pair."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    """NEOX-style rotation of x [heads, T, hd]: within the first rope_dim = 2 * cos.shape[-1] values
+    the halves (x1, x2) rotate as a complex pair; the rest of each head passes (partial RoPE)."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
 def uses_long_factors(cfg: Phi3Config, seq_len: int) -> bool:

@@ -275,7 +275,7 @@ class Model:
                                 self.path)
 
     def _init_rope(self, policy: str) -> None:
-        """cos/sin tables [n_ctx, head_dim/2] for the short and (LongRoPE) long factors."""
+        """cos/sin tables [n_ctx, rope_dim/2] for the short and (LongRoPE) long factors."""
         if policy not in LONGROPE_POLICIES:
             raise PocketLMError(f"LongRoPE policy {policy!r} is not one of {LONGROPE_POLICIES}")
         self.longrope = policy
@@ -412,7 +412,8 @@ class Model:
                    L.qkv.plan(), L.o.plan(), L.gate_up.plan(), L.down.plan(), L.sparse) for L in self.layers]
         dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.intermediate_size, self.n_ctx, cfg.sliding_window or 0, cfg.rms_norm_eps,
-                NORM_KINDS[cfg.norm], ACTIVATION_KINDS[cfg.activation], cfg.gegelu_limit, cfg.attention_scale)
+                NORM_KINDS[cfg.norm], ACTIVATION_KINDS[cfg.activation], cfg.gegelu_limit, cfg.attention_scale,
+                cfg.rope_dim)
         scales = (self.cache.k_scale, self.cache.v_scale) if self.cache.kind == "int8" else ()
         self._plan = (self.cache.k, _kernel.decode_plan(layers, dims, self.cache.k, self.cache.v, *scales))
         return self._plan[1]
@@ -424,7 +425,7 @@ class Model:
         pos, t = cache.length, ids.size
         n_h, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         cos_t, sin_t = self._rope[self._use_long(pos + t)]
-        cos, sin = cos_t[pos:pos + t], sin_t[pos:pos + t]                  # [T, hd/2]
+        cos, sin = cos_t[pos:pos + t], sin_t[pos:pos + t]                  # [T, rope_dim/2]
         h = np.ascontiguousarray(self.embed(ids), dtype=np.float32)        # [T, D]
         x = np.empty_like(h)
         attn = np.empty((t, n_h * hd), dtype=np.float32)
@@ -435,7 +436,7 @@ class Model:
         for i, L in enumerate(self.layers):
             self._norm(h, L.attn_norm, x)
             qkv = L.qkv.mat(x)                                             # [T, (H+2KV) hd]
-            _kernel.rope(qkv, n_h + n_kv, hd, cos, sin)                    # q and k heads, in place
+            _kernel.rope(qkv, n_h + n_kv, hd, cfg.rope_dim, cos, sin)      # q and k heads, in place
             k = qkv[:, n_h * hd:(n_h + n_kv) * hd].reshape(t, n_kv, hd).transpose(1, 0, 2)
             v = qkv[:, (n_h + n_kv) * hd:].reshape(t, n_kv, hd).transpose(1, 0, 2)
             cache.write(i, pos, k, v)

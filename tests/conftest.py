@@ -36,6 +36,12 @@ TINY_CONFIGS = {
     "longrope": dict(num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                      original_max_position_embeddings=64, rope_scaling="longrope"),
     "swa": dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8),
+    # Phi-4-mini's kind: RoPE on 3/4 of each head, tied embeddings (with and without LongRoPE)
+    "partial": dict(num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.75,
+                    tie_word_embeddings=True),
+    "partial-longrope": dict(num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.75,
+                             tie_word_embeddings=True, max_position_embeddings=512,
+                             original_max_position_embeddings=64, rope_scaling="longrope"),
 }
 
 
@@ -52,7 +58,7 @@ def tiny_hf_config(kind: str, **overrides):
     rope_scaling = None
     if spec.pop("rope_scaling", None):
         rng = np.random.default_rng(7)
-        half = hidden // heads // 2
+        half = int(hidden // heads * spec.get("partial_rotary_factor", 1.0)) // 2
         rope_scaling = {"type": "longrope",
                         "short_factor": (1.0 + rng.random(half)).round(4).tolist(),
                         "long_factor": (1.0 + 8 * rng.random(half)).round(4).tolist()}
@@ -62,7 +68,7 @@ def tiny_hf_config(kind: str, **overrides):
         num_hidden_layers=spec.pop("num_hidden_layers", 2), max_position_embeddings=max_pos,
         original_max_position_embeddings=orig, rope_scaling=rope_scaling,
         sliding_window=spec.pop("sliding_window", None), bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, tie_word_embeddings=False, **spec)
+        pad_token_id=0, tie_word_embeddings=spec.pop("tie_word_embeddings", False), **spec)
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,7 @@ def test_unsupported_models_are_refused_by_name(raw, message):
     ({"num_attention_heads": 7}, "not a multiple"),
     ({"num_key_value_heads": 5}, "not a multiple"),
     ({"hidden_size": 0}, "positive"),
-    ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 3, "long_factor": [1.0] * 48}}, "head_dim/2"),
+    ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 3, "long_factor": [1.0] * 48}}, "rotary dimension / 2"),
 ])
 def test_inconsistent_configs_are_refused(change, message):
     with pytest.raises(PocketLMError, match=message):

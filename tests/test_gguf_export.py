@@ -57,6 +57,9 @@ CONFIGS = {
     # LongRoPE: original context 256 because llama.cpp pads n_ctx to a multiple of 256
     "gqa-longrope": dict(num_key_value_heads=2, max_position_embeddings=1024,
                          original_max_position_embeddings=256, longrope=True),
+    # Phi-4-mini's kind: RoPE on 3/4 of each head (llama.cpp: phi3.rope.dimension_count), tied embeddings
+    "partial-tied": dict(num_key_value_heads=2, max_position_embeddings=4096, partial_rotary_factor=0.75,
+                         tie_word_embeddings=True),
 }
 
 
@@ -73,13 +76,14 @@ def hf_tokenizer_dir(tmp_path_factory, data_root) -> Path:
 
 def _make_checkpoint(folder: Path, tokenizer_dir: Path, num_key_value_heads: int,
                      max_position_embeddings: int, original_max_position_embeddings: int | None = None,
-                     sliding_window: int | None = None, longrope: bool = False) -> Path:
+                     sliding_window: int | None = None, longrope: bool = False,
+                     partial_rotary_factor: float = 1.0, tie_word_embeddings: bool = False) -> Path:
     rng = np.random.default_rng(7)
     kwargs = dict(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=num_key_value_heads,
                   max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  bos_token_id=1, eos_token_id=32000, pad_token_id=32000, tie_word_embeddings=False,
-                  sliding_window=sliding_window, initializer_range=0.1)
+                  bos_token_id=1, eos_token_id=32000, pad_token_id=32000, tie_word_embeddings=tie_word_embeddings,
+                  sliding_window=sliding_window, initializer_range=0.1, partial_rotary_factor=partial_rotary_factor)
     if longrope:
         half = 64 // 4 // 2
         kwargs.update(original_max_position_embeddings=original_max_position_embeddings, rope_scaling={
@@ -220,7 +224,7 @@ def test_tensors_are_the_checkpoint_weights(exports, gguf_py):
 
 # ---------------------------------------------------------------------------- llama.cpp runs it
 
-@pytest.mark.parametrize("name", ["mha-4k", "gqa-4k"])
+@pytest.mark.parametrize("name", ["mha-4k", "gqa-4k", "partial-tied"])
 def test_llama_cpp_logits_match_transformers(exports, name):
     ckpt, path = exports[name]
     ids = _prompt(40)
@@ -328,7 +332,7 @@ def test_cli_export_and_describe(exports, tmp_path, capsys):
     assert "llama (32064 tokens)" in printed and "chat template" in printed
     assert "recipe f16" in printed
     assert cli_main(["export", str(tmp_path / "missing"), "--gguf", str(tmp_path / "x.gguf")]) == 2
-    assert "not a checkpoint folder" in capsys.readouterr().err
+    assert "missing: does not exist" in capsys.readouterr().err
     assert cli_main(["export", str(ckpt)]) == 2
     assert "exactly one of --gguf" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()

@@ -448,7 +448,7 @@ def test_row_ops_match_numpy_and_check_shapes() -> None:
         ang = rng.uniform(0, 6, (T, hd // 2))
         cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
         got = x.copy()
-        _kernel.rope(got, H, hd, cos, sin)
+        _kernel.rope(got, H, hd, hd, cos, sin)
         x1, x2 = x[:, :H * hd].reshape(T, H, 2, hd // 2).transpose(2, 0, 1, 3).astype(np.float64)
         c, s = cos[:, None].astype(np.float64), sin[:, None].astype(np.float64)
         want = np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(T, H * hd)
@@ -467,8 +467,9 @@ def test_row_ops_match_numpy_and_check_shapes() -> None:
         "h's shape": lambda: _kernel.norm(h, w, None, 1e-5, np.empty((T, D + 1), np.float32)),
         "w has": lambda: _kernel.norm(h, w[:-1], None, 1e-5, np.empty_like(h)),
         "b has": lambda: _kernel.norm(h, w, b[:-1], 1e-5, np.empty_like(h)),
-        "do not fit": lambda: _kernel.rope(h, 7, 16, cos, sin),
-        "cos has": lambda: _kernel.rope(h, 2, 16, cos[:-1], sin),
+        "do not fit": lambda: _kernel.rope(h, 7, 16, 16, cos, sin),
+        "rotary 18": lambda: _kernel.rope(h, 2, 16, 18, cos, sin),
+        "cos has": lambda: _kernel.rope(h, 2, 16, 16, cos[:-1], sin),
         "out must be": lambda: _kernel.gated_act(gu, 0, 0.0, np.empty((T, F + 1), np.float32)),
         "2-D float32": lambda: _kernel.gated_act(gu[0], 0, 0.0, act),
         "activation kind 2": lambda: _kernel.gated_act(gu, 2, 1.0, act),

@@ -173,10 +173,10 @@ INT8_ACT_TOL = 3e-2
 
 
 @pytest.mark.parametrize("gtype", list(BLOCK_HIDDEN), ids=lambda t: t.name)
-@pytest.mark.parametrize("kind", ["mha", "gqa", "longrope", "swa"])
+@pytest.mark.parametrize("kind", ["mha", "gqa", "longrope", "swa", "partial", "partial-longrope"])
 def test_quantized_logits_agree_with_reference_on_dequantized_weights(make_file, kind, gtype):
     path, cfg = make_file(kind, gtype, BLOCK_HIDDEN[gtype])
-    ids = prompt(cfg, 72 if kind == "longrope" else 24, seed=5)
+    ids = prompt(cfg, 72 if "longrope" in kind else 24, seed=5)
     want = reference_logits(path, cfg, ids)
     model = load(path, threads=2, ctx=128, kv="f32")
     whole = model.forward(ids, all_logits=True)
@@ -187,14 +187,14 @@ def test_quantized_logits_agree_with_reference_on_dequantized_weights(make_file,
 
 
 @pytest.mark.parametrize("kv", ["f16", "f32", "int8"])
-@pytest.mark.parametrize("kind", ["mha", "gqa", "longrope", "swa"])
+@pytest.mark.parametrize("kind", ["mha", "gqa", "longrope", "swa", "partial", "partial-longrope"])
 def test_kernel_decode_step_equals_the_chunk_loop(make_file, kind, kv):
     """decode_step (every layer in one C call) against the prompt-chunk loop with one token (a kernel
     call per step: norm, matmul, attention...), token by token past the window and the original
     context. Each step starts from the same cache (copied over), so a one-code difference in a
     cached int8 row cannot snowball."""
     path, cfg = make_file(kind, Q.Q4_0)
-    ids = prompt(cfg, 72 if kind == "longrope" else 24, seed=9)
+    ids = prompt(cfg, 72 if "longrope" in kind else 24, seed=9)
     fused = load(path, threads=2, ctx=128, kv=kv, longrope="sequence")
     loop = load(path, threads=2, ctx=128, kv=kv, longrope="sequence")
     loop._decode_plan = lambda: None  # the chunk path
@@ -228,7 +228,7 @@ def test_decode_plan_and_step_check_their_arguments(make_file):
     lin = [x.plan() for x in (L.qkv, L.o, L.gate_up, L.down)]
     norms = (L.attn_norm.weight, None, L.ffn_norm.weight, None)
     dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-            cfg.intermediate_size, 32, 0, cfg.rms_norm_eps, 0, 0, 0.0, cfg.attention_scale)
+            cfg.intermediate_size, 32, 0, cfg.rms_norm_eps, 0, 0, 0.0, cfg.attention_scale, cfg.head_dim)
     k, v = model.cache.k[:1], model.cache.v[:1]  # one layer's worth
     plan = _kernel.decode_plan([(*norms, *lin, None)], dims, k, v)
     h = np.ones(cfg.hidden_size, np.float32)
@@ -245,9 +245,10 @@ def test_decode_plan_and_step_check_their_arguments(make_file):
         "block-sparse pattern": lambda: _kernel.decode_plan([(*norms, *lin, (16, 0, 4, 1))], dims, k, v),
         "k_cache has": lambda: _kernel.decode_plan([(*norms, *lin, None)], dims, model.cache.k, v),
         "bad model dimensions": lambda: _kernel.decode_plan([(*norms, *lin, None)], (*dims[:3], 15, *dims[4:]), k, v),
-        "attention scale": lambda: _kernel.decode_plan([(*norms, *lin, None)], (*dims[:11], 0.0), k, v),
+        "attention scale": lambda: _kernel.decode_plan([(*norms, *lin, None)], (*dims[:11], 0.0, dims[12]), k, v),
+        "rotary 15": lambda: _kernel.decode_plan([(*norms, *lin, None)], (*dims[:12], 15), k, v),
         r"activation 1 \(limit 0\)": lambda: _kernel.decode_plan([(*norms, *lin, None)],
-                                                             (*dims[:9], 1, 0.0, dims[11]), k, v),
+                                                             (*dims[:9], 1, 0.0, *dims[11:]), k, v),
         "outside the cache": lambda: _kernel.decode_step(plan, h, cos, sin, 32),
         "NaN or infinity": lambda: _kernel.decode_step(plan, np.full_like(h, np.nan), cos, sin, 0),
         "cos has": lambda: _kernel.decode_step(plan, h, cos[:-1], sin, 0),
@@ -336,7 +337,7 @@ def test_logits_agree_with_llama_cpp_on_the_same_file(kind, data_root, tmp_path)
     cfg = dataclasses.replace(tiny_config(kind), vocab_size=32064)
     path = files.write_gguf(tmp_path / f"{kind}.gguf", cfg, random_weights(cfg), Q.Q8_0,
                             files.phi3_vocab_fields(data_root))
-    ids = prompt(cfg, 72 if kind == "longrope" else 24, seed=8)   # longrope: n_ctx 128 > 64 -> long
+    ids = prompt(cfg, 72 if "longrope" in kind else 24, seed=8)   # longrope: n_ctx 128 > 64 -> long
     theirs = llama_cpp_logits(path, ids, n_ctx=128)
     ours = load(path, threads=1, ctx=128).forward(ids)
     assert rel_error(ours, theirs) < 3e-2

@@ -89,8 +89,8 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
         norm_row(p->norm, h, L->attn_norm, L->attn_norm_b, D, p->eps, x);
         if (matvec(table, &L->qkv, x, qkv)) return -1;
         float *q = qkv, *k = qkv + (size_t)H * hd, *v = k + (size_t)KV * hd;
-        rope_row(q, H, hd, cos, sin);
-        rope_row(k, KV, hd, cos, sin);
+        rope_row(q, H, hd, p->rot, cos, sin);
+        rope_row(k, KV, hd, p->rot, cos, sin);
         store_kv(p, i, pos, k, v);
         const int i8 = p->kv_kind == KV_I8;
         const attention_args a = {.q = q, .q_stride = H * hd,

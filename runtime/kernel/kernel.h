@@ -246,6 +246,7 @@ typedef struct {
 } dec_layer;
 typedef struct {
     int n_layers, D, H, KV, hd, F, n_ctx, window, kv_kind; /* window 0: none; KV_* */
+    int rot;                                               /* RoPE on the first rot values of a head */
     int norm, act;                                         /* NORM_*, ACT_* */
     float eps, act_limit, attn_scale;                      /* act_limit: GeGELU's L */
     const dec_layer *layers;
@@ -254,7 +255,7 @@ typedef struct {
     float *scratch; /* decode_scratch_floats(plan) floats */
 } decode_plan;
 size_t decode_scratch_floats(const decode_plan *p);
-/* h [D] in place; cos, sin [hd/2] of position pos (0 <= pos < n_ctx). 0, or -1 on OOM. */
+/* h [D] in place; cos, sin [rot/2] of position pos (0 <= pos < n_ctx). 0, or -1 on OOM. */
 int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *h, const float *cos,
                     const float *sin, int pos);
 
@@ -280,20 +281,20 @@ static inline float exp_approx(float x) {
 
 /* rowops.c: element-wise steps on one row, or over T rows on the pool (pocketlm/layers.py is their
  * numpy reference). norm: RMSNorm out = h / rms(h) * w, or LayerNorm out = (h - mean) / std * w + b
- * ([T, D] rows); rope: NEOX rotation in place of the first n_heads * hd values of each row of x (row
- * stride `stride` floats), cos/sin [T, hd/2]; gated activation of gu [2F] = [gate | up] -> out [F]:
+ * ([T, D] rows); rope: NEOX rotation in place of the first rot values of each of the first n_heads
+ * heads (hd values each) of each row of x (row stride `stride` floats), cos/sin [T, rot/2]; gated activation of gu [2F] = [gate | up] -> out [F]:
  * SwiGLU silu(gate) * up, or GeGELU (Phi-3-small, limit L) quick_gelu(min(gate, L)) * (clip(up, +-L) + 1). */
 enum { NORM_RMS = 0, NORM_LAYER = 1 };
 enum { ACT_SWIGLU = 0, ACT_GEGELU = 1 };
 void rms_norm_row(const float *h, const float *w, int D, float eps, float *out);
 void layer_norm_row(const float *h, const float *w, const float *b, int D, float eps, float *out);
 void norm_row(int kind, const float *h, const float *w, const float *b, int D, float eps, float *out);
-void rope_row(float *x, int n_heads, int hd, const float *cos, const float *sin); /* n_heads rows of hd */
+void rope_row(float *x, int n_heads, int hd, int rot, const float *cos, const float *sin); /* rot <= hd, even */
 void swiglu_row(const float *gu, int F, float *out);                           /* gu [2F] -> out [F] */
 void gegelu_row(const float *gu, int F, float limit, float *out);
 void gated_act_row(int kind, const float *gu, int F, float limit, float *out);
 void run_norm_rows(int kind, const float *h, const float *w, const float *b, int T, int D, float eps, float *out);
-void run_rope_rows(float *x, int T, int stride, int n_heads, int hd, const float *cos, const float *sin);
+void run_rope_rows(float *x, int T, int stride, int n_heads, int hd, int rot, const float *cos, const float *sin);
 void run_gated_act_rows(int kind, const float *gu, int T, int F, float limit, float *out);
 
 /* threadpool.c: run fn(ctx, c, n) for every chunk c in 0..n-1 on the pool (the caller included);

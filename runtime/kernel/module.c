@@ -556,7 +556,7 @@ static int plan_sparse(PyObject *o, int layer, block_sparse *bs) {
     return 0;
 }
 
-/* decode_plan(layers, (D, H, KV, hd, F, n_ctx, window, eps, norm, act, act_limit, attn_scale), k_cache,
+/* decode_plan(layers, (D, H, KV, hd, F, n_ctx, window, eps, norm, act, act_limit, attn_scale, rot), k_cache,
  * v_cache[, k_scale, v_scale]) -> capsule. layers: sequence of (attn_norm, attn_norm_bias, ffn_norm,
  * ffn_norm_bias, qkv, o, gate_up, down, sparse): norm biases None for RMSNorm (norm 0) and required for
  * LayerNorm (norm 1); each linear (raw, gtype, bias-or-None); sparse None or (block, local_blocks,
@@ -565,19 +565,20 @@ static int plan_sparse(PyObject *o, int layer, block_sparse *bs) {
 static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *lo, *ko, *vo, *kso = Py_None, *vso = Py_None;
-    int D, H, KV, hd, F, n_ctx, window, norm, act;
+    int D, H, KV, hd, F, n_ctx, window, norm, act, rot;
     double eps, act_limit, attn_scale;
-    if (!PyArg_ParseTuple(args, "O(iiiiiiidiidd)OO|OO", &lo, &D, &H, &KV, &hd, &F, &n_ctx, &window, &eps, &norm,
-                          &act, &act_limit, &attn_scale, &ko, &vo, &kso, &vso))
+    if (!PyArg_ParseTuple(args, "O(iiiiiiidiiddi)OO|OO", &lo, &D, &H, &KV, &hd, &F, &n_ctx, &window, &eps, &norm,
+                          &act, &act_limit, &attn_scale, &rot, &ko, &vo, &kso, &vso))
         return NULL;
     if (D < 1 || H < 1 || KV < 1 || hd < 2 || F < 1 || n_ctx < 1 || window < 0 || H > 65536 || hd > 65536 ||
-        hd % 2 || H % KV || !(eps > 0) || (norm != NORM_RMS && norm != NORM_LAYER) ||
+        hd % 2 || rot < 2 || rot % 2 || rot > hd || H % KV || !(eps > 0) || (norm != NORM_RMS && norm != NORM_LAYER) ||
         (act != ACT_SWIGLU && act != ACT_GEGELU) || (act == ACT_GEGELU && !(act_limit > 0)) ||
         !(attn_scale > 0) || !isfinite(attn_scale)) {
         char msg[320]; /* PyErr_Format has no %g */
         snprintf(msg, sizeof msg, "bad model dimensions: hidden %d, heads %d, kv_heads %d, head_dim %d (even), "
-                 "ffn %d, n_ctx %d, window %d, eps %g, norm %d, activation %d (limit %g), attention scale %g",
-                 D, H, KV, hd, F, n_ctx, window, eps, norm, act, act_limit, attn_scale);
+                 "ffn %d, n_ctx %d, window %d, eps %g, norm %d, activation %d (limit %g), attention scale %g, "
+                 "rotary %d (even, <= head_dim)", D, H, KV, hd, F, n_ctx, window, eps, norm, act, act_limit, attn_scale,
+                 rot);
         PyErr_SetString(PyExc_ValueError, msg);
         return NULL;
     }
@@ -597,7 +598,7 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *args) {
     p->bufs = calloc((size_t)n_layers * PLAN_BUFS_PER_LAYER + 4, sizeof(Py_buffer));
     decode_plan *pl = &p->plan;
     *pl = (decode_plan){.n_layers = (int)n_layers, .D = D, .H = H, .KV = KV, .hd = hd, .F = F, .n_ctx = n_ctx,
-                        .window = window, .norm = norm, .act = act, .eps = (float)eps,
+                        .window = window, .rot = rot, .norm = norm, .act = act, .eps = (float)eps,
                         .act_limit = (float)act_limit, .attn_scale = (float)attn_scale, .layers = p->layers};
     pl->scratch = malloc(sizeof(float) * decode_scratch_floats(pl));
     cap = PyCapsule_New(p, PLAN_CAPSULE, plan_free); /* from here on plan_free cleans up */
@@ -691,8 +692,8 @@ static PyObject *py_decode_step(PyObject *self, PyObject *args) {
     }
     Py_buffer h, c, s;
     if (get_f32(ho, &h, pl->D, 1, "h") != 0) return NULL;
-    if (get_f32(co, &c, pl->hd / 2, 0, "cos") != 0) goto fail_h;
-    if (get_f32(so, &s, pl->hd / 2, 0, "sin") != 0) goto fail_c;
+    if (get_f32(co, &c, pl->rot / 2, 0, "cos") != 0) goto fail_h;
+    if (get_f32(so, &s, pl->rot / 2, 0, "sin") != 0) goto fail_c;
     if (check_finite(h.buf, (size_t)pl->D, "h") != 0) goto fail_s;
     const dot_fn *table = ACTIVE_TABLE;
     const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
@@ -775,24 +776,26 @@ fail_h:
     return NULL;
 }
 
-/* rope(x [T, width], n_heads, hd, cos [T, hd/2], sin [T, hd/2]): the first n_heads * hd columns. */
+/* rope(x [T, width], n_heads, hd, rot, cos [T, rot/2], sin [T, rot/2]): the first rot values of each of
+ * the first n_heads heads of hd columns. */
 static PyObject *py_rope(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *xo, *co, *so;
-    int n_heads, hd;
-    if (!PyArg_ParseTuple(args, "OiiOO", &xo, &n_heads, &hd, &co, &so)) return NULL;
+    int n_heads, hd, rot;
+    if (!PyArg_ParseTuple(args, "OiiiOO", &xo, &n_heads, &hd, &rot, &co, &so)) return NULL;
     Py_buffer x, c, s;
     int T, width;
     if (get_f32_2d(xo, &x, 1, "x", &T, &width) != 0) return NULL;
-    if (n_heads < 1 || hd < 2 || hd % 2 || (int64_t)n_heads * hd > width) {
-        PyErr_Format(PyExc_ValueError, "%d heads of %d (even) values do not fit rows of %d", n_heads, hd, width);
+    if (n_heads < 1 || hd < 2 || hd % 2 || rot < 2 || rot % 2 || rot > hd || (int64_t)n_heads * hd > width) {
+        PyErr_Format(PyExc_ValueError, "%d heads of %d (even) values, rotary %d (even, <= head), do not fit rows of %d",
+                     n_heads, hd, rot, width);
         PyBuffer_Release(&x);
         return NULL;
     }
-    if (get_f32(co, &c, (Py_ssize_t)T * (hd / 2), 0, "cos") != 0) goto fail_x;
-    if (get_f32(so, &s, (Py_ssize_t)T * (hd / 2), 0, "sin") != 0) goto fail_c;
+    if (get_f32(co, &c, (Py_ssize_t)T * (rot / 2), 0, "cos") != 0) goto fail_x;
+    if (get_f32(so, &s, (Py_ssize_t)T * (rot / 2), 0, "sin") != 0) goto fail_c;
     Py_BEGIN_ALLOW_THREADS
-    run_rope_rows(x.buf, T, width, n_heads, hd, c.buf, s.buf);
+    run_rope_rows(x.buf, T, width, n_heads, hd, rot, c.buf, s.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&s);
     PyBuffer_Release(&c);

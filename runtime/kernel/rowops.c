@@ -39,8 +39,10 @@ void norm_row(int kind, const float *h, const float *w, const float *b, int D, f
     else rms_norm_row(h, w, D, eps, out);
 }
 
-void rope_row(float *x, int n_heads, int hd, const float *cos, const float *sin) {
-    const int half = hd / 2;
+/* NEOX rotation of the first `rot` values of each of n_heads heads of hd values: (x[i], x[rot/2 + i])
+ * rotate by cos[i], sin[i] (i < rot/2); the other hd - rot values pass (Phi-4-mini's partial RoPE). */
+void rope_row(float *x, int n_heads, int hd, int rot, const float *cos, const float *sin) {
+    const int half = rot / 2;
     for (int h = 0; h < n_heads; h++, x += hd)
         for (int i = 0; i < half; i++) {
             const float x1 = x[i], x2 = x[half + i];
@@ -77,11 +79,12 @@ static void norm_task(void *ctx, int chunk, int n_chunks) {
 
 static void rope_task(void *ctx, int chunk, int n_chunks) {
     const rows_job *j = ctx;
-    const int half = j->hd / 2;
+    const int half = j->D / 2; /* D: the rotary dimension */
     int t0, t1;
     rows_of(chunk, n_chunks, j->T, &t0, &t1);
     for (int t = t0; t < t1; t++)
-        rope_row(j->out + (size_t)t * j->stride, j->n_heads, j->hd, j->cos + (size_t)t * half, j->sin + (size_t)t * half);
+        rope_row(j->out + (size_t)t * j->stride, j->n_heads, j->hd, j->D, j->cos + (size_t)t * half,
+                 j->sin + (size_t)t * half);
 }
 
 static void act_task(void *ctx, int chunk, int n_chunks) {
@@ -99,8 +102,8 @@ void run_norm_rows(int kind, const float *h, const float *w, const float *b, int
     pool_run(norm_task, &j, chunks(T, D));
 }
 
-void run_rope_rows(float *x, int T, int stride, int n_heads, int hd, const float *cos, const float *sin) {
-    rows_job j = {.cos = cos, .sin = sin, .out = x, .T = T, .stride = stride, .n_heads = n_heads, .hd = hd};
+void run_rope_rows(float *x, int T, int stride, int n_heads, int hd, int rot, const float *cos, const float *sin) {
+    rows_job j = {.cos = cos, .sin = sin, .out = x, .T = T, .D = rot, .stride = stride, .n_heads = n_heads, .hd = hd};
     pool_run(rope_task, &j, chunks(T, n_heads * hd));
 }
 
