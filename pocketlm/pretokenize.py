@@ -21,6 +21,17 @@ Both engines are backtracking for this pattern (fancy-regex runs it on its backt
 because of the look-ahead), so alternation is leftmost-first in both and the pieces are equal.
 Character categories follow Python's Unicode database (14.0 on Python 3.11); the Rust crate may
 be a version or two newer, which matters only for letters and digits assigned since.
+
+o200k (GPT-4o; Phi-4-mini's tokenizer.json Split pattern, llama.cpp's `gpt-4o` pre-tokenizer) is
+written the same way (`tiktoken_ext/openai_public.py`, `o200k_base`):
+
+    [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?
+    |[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?
+    |\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
+
+A word ends where a capital follows a small letter ("camelCase" -> "camel", "Case"; "fooBAR" ->
+"foo", "BAR"; "HTTPServer" stays whole) and keeps its contraction ("don't", "I'M"). Its classes
+need the finer categories (Lu/Lt, Ll, Lm/Lo, M), so the stand-ins for characters above U+FFFF keep them apart too.
 """
 
 from __future__ import annotations
@@ -49,17 +60,28 @@ def _class_body(chars: list[int]) -> str:
 
 
 @functools.cache
+def _bmp_categories() -> dict[str, list[int]]:
+    """BMP code points by general category (two letters), one pass over unicodedata."""
+    category = unicodedata.category
+    by_category: dict[str, list[int]] = {}
+    for c in range(0x10000):
+        by_category.setdefault(category(chr(c)), []).append(c)
+    return by_category
+
+
+def _class_of(*categories: str) -> str:
+    """`[...]` contents for the BMP characters of the given categories ("L" means all L*)."""
+    chars: list[int] = []
+    for name, members in _bmp_categories().items():
+        if any(name.startswith(c) for c in categories):
+            chars.extend(members)
+    return _class_body(sorted(chars))
+
+
+@functools.cache
 def cl100k_regex() -> re.Pattern[str]:
     """The cl100k_base pattern compiled for Python `re`."""
-    category = unicodedata.category
-    letters, numbers = [], []
-    for c in range(0x10000):
-        kind = category(chr(c))[0]
-        if kind == "L":
-            letters.append(c)
-        elif kind == "N":
-            numbers.append(c)
-    L, N = _class_body(letters), _class_body(numbers)
+    L, N = _class_of("L"), _class_of("N")
     S = _class_body(sorted(map(ord, WHITE_SPACE)))
     pattern = (
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
@@ -73,19 +95,48 @@ def cl100k_regex() -> re.Pattern[str]:
     return re.compile(pattern)
 
 
+@functools.cache
+def o200k_regex() -> re.Pattern[str]:
+    """The o200k_base (GPT-4o) pattern compiled for Python `re` (see the module docstring)."""
+    L, N = _class_of("L"), _class_of("N")
+    upper = _class_of("Lu", "Lt", "Lm", "Lo", "M")  # [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]
+    lower = _class_of("Ll", "Lm", "Lo", "M")  # [\p{Ll}\p{Lm}\p{Lo}\p{M}]
+    S = _class_body(sorted(map(ord, WHITE_SPACE)))
+    contraction = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    pattern = (
+        rf"[^\r\n{L}{N}]?[{upper}]*[{lower}]+{contraction}"
+        rf"|[^\r\n{L}{N}]?[{upper}]+[{lower}]*{contraction}"
+        rf"|[{N}]{{1,3}}"
+        rf"| ?[^{S}{L}{N}]+[\r\n/]*"
+        rf"|[{S}]*[\r\n]+"
+        rf"|[{S}]+(?![^{S}])"
+        rf"|[{S}]+"
+    )
+    return re.compile(pattern)
+
+
+PATTERNS = {"cl100k": cl100k_regex, "o200k": o200k_regex}
+
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+# A BMP character of the same kind for each category of characters above U+FFFF. None is
+# whitespace or case-folds to a contraction letter, and each sits in the same classes of both
+# patterns as the characters it stands for: Lu/Lt "A", Ll "a", Lm U+02B0, Lo U+00AA, M U+0300
+# (Mn), N "0", anything else "!".
+_STAND_INS = {"Lu": "A", "Lt": "A", "Ll": "a", "Lm": "\u02b0", "Lo": "\u00aa", "N": "0", "M": "\u0300"}
 
 
 @functools.lru_cache(maxsize=4096)
 def _stand_in(char: str) -> str:
-    """A BMP character the pattern treats exactly like `char` (a character above U+FFFF)."""
-    return {"L": "a", "N": "0"}.get(unicodedata.category(char)[0], "!")
+    """A BMP character the patterns treat exactly like `char` (a character above U+FFFF)."""
+    kind = unicodedata.category(char)
+    return _STAND_INS.get(kind) or _STAND_INS.get(kind[0], "!")
 
 
-def pretokenize(text: str) -> list[str]:
-    """The cl100k pieces of `text`, in order; their concatenation is `text`."""
-    pattern = cl100k_regex()
+def pretokenize(text: str, pattern: str = "cl100k") -> list[str]:
+    """The pieces of `text` under `pattern` ("cl100k" or "o200k"), in order; their
+    concatenation is `text`."""
+    compiled = PATTERNS[pattern]()
     if text.isascii() or not _ASTRAL.search(text):
-        return pattern.findall(text)
+        return compiled.findall(text)
     proxy = _ASTRAL.sub(lambda m: _stand_in(m.group()), text)  # same length, same positions
-    return [text[m.start() : m.end()] for m in pattern.finditer(proxy)]
+    return [text[m.start() : m.end()] for m in compiled.finditer(proxy)]
