@@ -1,8 +1,9 @@
 """`genai_config.json`: what onnxruntime-genai needs to run an exported folder as it is.
 
 The layout follows onnxruntime-genai's model builder (`make_genai_config`): a `model` section
-(type "phi3", special token ids, context and vocabulary sizes, and the decoder's file, shapes and
-input/output names) and a `search` section with greedy defaults.
+(type "phi3" or "phi3small" -- the builder writes the architecture's name up to "For", lowercased --,
+special token ids, context and vocabulary sizes, and the decoder's file, shapes and input/output
+names) and a `search` section with greedy defaults.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pocketlm.config import Phi3Config
+from pocketlm.config import SMALL_ARCHITECTURE, Phi3Config
 
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
+
+
+def genai_model_type(cfg: Phi3Config) -> str:
+    """onnxruntime-genai's model type: its builder writes "Phi3SmallForCausalLM" as "phi3small"."""
+    return "phi3small" if cfg.architecture == SMALL_ARCHITECTURE else "phi3"
 
 
 def make_genai_config(cfg: Phi3Config, *, filename: str, bos_id: int | None, eos_ids: list[int],
@@ -48,7 +54,7 @@ def make_genai_config(cfg: Phi3Config, *, filename: str, bos_id: int | None, eos
             },
             "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": int(pad_id if pad_id is not None else eos[0]),
-            "type": "phi3",
+            "type": genai_model_type(cfg),
             "vocab_size": cfg.vocab_size,
         },
         "search": {
@@ -61,7 +67,8 @@ def make_genai_config(cfg: Phi3Config, *, filename: str, bos_id: int | None, eos
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            # GroupQueryAttention updates the KV cache in place when past and present share a buffer.
+            # GroupQueryAttention updates the KV cache in place when past and present share a buffer;
+            # SparseAttention's CPU kernel works only that way (onnx_decoder's docstring).
             "past_present_share_buffer": True,
             "repetition_penalty": 1.0,
             "temperature": 1.0,

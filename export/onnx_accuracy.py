@@ -4,6 +4,8 @@ Level 4 quantizes each activation block to int8 before the dot products: faster 
 x86, sdot/i8mm on ARM), but on models with outlier activation channels it changes the top token
 (onnxruntime issue 29849: Phi-3.5-mini). `int8_activation_check` runs a probe text through the
 exported model at level 1 and at level 4 and passes only if every position keeps its top-1 token.
+The probe runs through `onnx_runner.CachedSession` (KV buffers shared between past and present),
+so it works for Phi-3-small's SparseAttention layers as for GroupQueryAttention.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from .onnx_runner import CachedSession
 
 # A generic English probe: the check is about activation outliers, which any text exercises.
 PROBE_TEXT = ("The committee met on Tuesday to review the budget for the coming year. After a long "
@@ -50,11 +54,8 @@ def prompt_logits(folder: str | os.PathLike, model_file: str, tokens: list[int],
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         sess = ort.InferenceSession(str(variant), opts, providers=["CPUExecutionProvider"])
-        feed = {"input_ids": np.array([tokens], np.int64),
-                "attention_mask": np.ones((1, len(tokens)), np.int64)}
-        for i in sess.get_inputs()[2:]:
-            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-        return sess.run(["logits"], feed)[0][0]
+        # past and present bound to one buffer: SparseAttention (Phi-3-small) runs only that way
+        return CachedSession(sess, max_cache=len(tokens))(tokens)
     finally:
         variant.unlink(missing_ok=True)
 

@@ -6,7 +6,8 @@
 Every weight keeps its GGUF integer codes and scales: each quantized linear layer becomes a
 `MatMulNBits` whose dequantized weights equal the GGUF's dequantized weights bit for bit (mapping
 per block type in `onnx_weights`); a tensor that cannot be carried exactly is refused with a
-message naming it. The graph itself is in `onnx_graph`.
+message naming it. `onnx_decoder` composes the graph from the model description (Phi-3 and
+Phi-3-small alike) out of `onnx_graph`'s blocks.
 
 Policies (documented because peers differ):
 - LongRoPE: two cos/sin caches, short factors ([original context, head_dim/2]) and long factors
@@ -19,6 +20,14 @@ Policies (documented because peers differ):
 - Sliding window: a query attends to the last `sliding_window` positions including itself (the
   reference and transformers); GroupQueryAttention's `local_window_size` = sliding_window gives
   exactly that (checked against the reference in tests/test_onnx_export.py).
+- Phi-3-small's block-sparse layers are `com.microsoft.SparseAttention` (CSR layouts from
+  pocketlm.blocksparse.csr_layouts over the whole context), its dense layers GroupQueryAttention.
+  SparseAttention's CPU kernel needs past and present KV to be one buffer: a plain
+  `InferenceSession.run` fails ("max_cache_sequence_length should be no less than
+  total_sequence_length" with an empty past, "past_key->DataRaw() == present_key->DataRaw()" with
+  separate arrays); io_binding one buffer as both works (`onnx_runner.CachedSession`), and so does
+  onnxruntime-genai (0.18 checked) with genai_config's past_present_share_buffer = true, which the
+  export writes (with it false genai fails as the plain run does). Model type "phi3small".
 - accuracy_level (MatMulNBits activations): default 1, float32 activations, so the ONNX model
   computes what the GGUF defines; 4 (int8 activations, ~5x faster per 4-bit matmul on this x86
   CPU) is opt-in because it flips top tokens on Phi-3.5-mini (onnxruntime issue 29849); "auto"
@@ -44,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from onnx import TensorProto
 
 from pocketlm.config import Phi3Config, tensor_specs
 from pocketlm.errors import PocketLMError
@@ -53,7 +61,8 @@ from pocketlm.quantize.formats import GGMLType
 from .genai_config import make_genai_config, write_genai_config
 from .gguf_format import type_name
 from .gguf_reader import GGUFReader, TensorInfo
-from .onnx_graph import ExternalData, GraphBuilder, tensor_info, write_model
+from .onnx_decoder import build_decoder, check_exportable, decoder_io, needs_shared_kv_buffer
+from .onnx_graph import ExternalData, GraphBuilder, write_model
 from .onnx_info import GENAI_CONFIG, MODEL_FILE, describe_onnx, is_onnx_folder  # noqa: F401
 from .onnx_weights import (
     FLOAT_TYPES,
@@ -105,11 +114,19 @@ class ExportSummary:
     tensor_types: Counter = field(default_factory=Counter)  # GGUF type name -> tensors exported
     model_bytes: int = 0                                    # model.onnx + model.onnx.data
     seconds: float = 0.0
+    note: str = ""                                          # how to run it, where that differs
 
     def __str__(self) -> str:
         types = ", ".join(f"{t} x{n}" for t, n in sorted(self.tensor_types.items()))
+        note = f"\n  {self.note}" if self.note else ""
         return (f"wrote {self.path} ({self.model_bytes / 1e6:.1f} MB of model in {self.seconds:.1f} s)\n"
-                f"  GGUF tensor types: {types}\n  {self.accuracy_reason}")
+                f"  GGUF tensor types: {types}\n  {self.accuracy_reason}{note}")
+
+
+SHARED_KV_NOTE = ("block-sparse layers are SparseAttention, whose CPU kernel needs past and present KV in "
+                  "one buffer: onnxruntime-genai runs the folder as written (past_present_share_buffer); "
+                  "under plain onnxruntime bind one buffer as past_key_values.N.* and present.N.* with "
+                  "io_binding (pocketlm.export.onnx_runner.CachedSession), a plain session.run fails")
 
 
 # ---------------------------------------------------------------------------- reading the GGUF
@@ -202,111 +219,6 @@ class _Source:
         return np.ascontiguousarray(self.reader.dequantize(name), dtype=np.float32)
 
 
-# ---------------------------------------------------------------------------- the graph
-
-def _rope_caches(g: GraphBuilder, cfg: Phi3Config, total_len_i64: str) -> tuple[str, str]:
-    """cos/sin caches [positions, head_dim/2] for GroupQueryAttention (see the module docstring)."""
-    from pocketlm.layers import rope_cos_sin
-
-    def caches(tag: str, length: int, long: bool) -> tuple[str, str]:
-        cos, sin = rope_cos_sin(cfg, np.arange(length), long)
-        return g.weight(f"cos_cache{tag}", cos), g.weight(f"sin_cache{tag}", sin)
-
-    if cfg.rope_scaling is None:
-        return caches("", cfg.max_position_embeddings, False)
-    from onnx import helper
-
-    orig = cfg.original_max_position_embeddings
-    branches = {}
-    for tag, length, long in (("_large", cfg.max_position_embeddings, True), ("_small", orig, False)):
-        cos, sin = caches(tag, length, long)
-        outs = [f"/model/rope{tag}/cos", f"/model/rope{tag}/sin"]
-        nodes = [helper.make_node("Identity", [cos], [outs[0]], name=f"/model/rope{tag}/cos/Identity"),
-                 helper.make_node("Identity", [sin], [outs[1]], name=f"/model/rope{tag}/sin/Identity")]
-        shape = [length, cfg.head_dim // 2]
-        branches[tag] = helper.make_graph(nodes, f"rope{tag}", [],
-                                          [tensor_info(o, TensorProto.FLOAT, shape) for o in outs])
-    is_long = g.node("Greater", [total_len_i64, g.const(orig)], name="/model/rope_caches/Greater")[0]
-    cos, sin = g.node("If", [is_long], ["cos_cache", "sin_cache"], name="/model/rope_caches/If",
-                      then_branch=branches["_large"], else_branch=branches["_small"])
-    return cos, sin
-
-
-def _attention_lengths(g: GraphBuilder) -> tuple[str, str, str]:
-    """attention_mask [B, T] -> seqlens_k int32 [B] (row sums - 1), total_seq_len int32 scalar, and
-    the same total as int64 (for the LongRoPE switch)."""
-    p = "/model/attn_mask_reformat"
-    rows = g.node("ReduceSum", ["attention_mask", g.const([1])], name=f"{p}/ReduceSum", keepdims=0)[0]
-    last = g.node("Sub", [rows, g.const(1)], name=f"{p}/Sub")[0]
-    seqlens = g.node("Cast", [last], name=f"{p}/Sub/Cast", to=TensorProto.INT32)[0]
-    shape = g.node("Shape", ["attention_mask"], name=f"{p}/Shape")[0]
-    total = g.node("Gather", [shape, g.const(1)], name=f"{p}/Gather", axis=0)[0]
-    total32 = g.node("Cast", [total], name=f"{p}/Gather/Cast", to=TensorProto.INT32)[0]
-    return seqlens, total32, total
-
-
-def _build(g: GraphBuilder, src: _Source, progress: bool) -> Counter:
-    cfg = src.cfg
-    eps = float(cfg.rms_norm_eps)
-    used = Counter()
-
-    def take(name: str):
-        used[src.info(name).type_name] += 1
-        return name
-
-    h = g.embedding("input_ids", src.embedding(take("token_embd.weight")))
-    seqlens, total32, total64 = _attention_lengths(g)
-    cos, sin = _rope_caches(g, cfg, total64)
-    window = -1 if cfg.sliding_window is None else cfg.sliding_window
-    mlp_out = None
-    for i in range(cfg.num_hidden_layers):
-        t0 = time.time()
-        p, b = f"blk.{i}.", f"/model/layers.{i}"
-        norm = src.floats(take(p + "attn_norm.weight"))
-        if mlp_out is None:
-            x = g.rms_norm(h, norm, f"{b}/input_layernorm", eps)
-        else:
-            x, h = g.skip_rms_norm(mlp_out, h, norm, f"{b}/input_layernorm", eps)
-        qkv = g.linear(x, f"{b}/attn/qkv_proj", src.linear(take(p + "attn_qkv.weight")))
-        past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        attn, _, _ = g.node(
-            "GroupQueryAttention", [qkv, "", "", *past, seqlens, total32, cos, sin],
-            [f"{b}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
-            name=f"{b}/attn/GroupQueryAttention", domain="com.microsoft",
-            num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
-            do_rotary=1, rotary_interleaved=0, local_window_size=window,
-            scale=float(1.0 / np.sqrt(cfg.head_dim)))
-        o = g.linear(attn, f"{b}/attn/o_proj", src.linear(take(p + "attn_output.weight")))
-        norm = src.floats(take(p + "ffn_norm.weight"))
-        x, h = g.skip_rms_norm(o, h, norm, f"{b}/post_attention_layernorm", eps)
-        gate_up = g.linear(x, f"{b}/mlp/gate_up_proj", src.linear(take(p + "ffn_up.weight")))
-        act = g.swiglu(gate_up, cfg.intermediate_size, f"{b}/mlp")
-        mlp_out = g.linear(act, f"{b}/mlp/down_proj", src.linear(take(p + "ffn_down.weight")))
-        if progress:
-            print(f"  layer {i + 1}/{cfg.num_hidden_layers} ({time.time() - t0:.1f} s)", file=sys.stderr)
-    x, _ = g.skip_rms_norm(mlp_out, h, src.floats(take("output_norm.weight")), "/model/norm", eps)
-    head = "output.weight" if "output.weight" in src.reader.tensors else "token_embd.weight"
-    g.linear(x, "/lm_head", src.linear(take(head)))
-    g.nodes[-1].output[0] = "logits"
-    if head == "token_embd.weight":
-        used[src.info(head).type_name] -= 1  # counted once as the embedding already
-    return used
-
-
-def _io(cfg: Phi3Config) -> tuple[list, list]:
-    kv, hd = cfg.num_key_value_heads, cfg.head_dim
-    inputs = [tensor_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              tensor_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
-    outputs = [tensor_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])]
-    for i in range(cfg.num_hidden_layers):
-        for kind in ("key", "value"):
-            inputs.append(tensor_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
-                                      ["batch_size", kv, "past_sequence_length", hd]))
-            outputs.append(tensor_info(f"present.{i}.{kind}", TensorProto.FLOAT,
-                                       ["batch_size", kv, "total_sequence_length", hd]))
-    return inputs, outputs
-
-
 # ---------------------------------------------------------------------------- export
 
 def export_onnx(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -320,16 +232,17 @@ def export_onnx(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     _check_target(out)
     src = _Source(gguf_path)
     try:
+        check_exportable(src.cfg, gguf_path)
         return _export(src, out, level, reason, progress, start)
     finally:
         src.close()
 
 
 def _export(src: _Source, out: Path, level: int, reason: str, progress: bool, start: float) -> ExportSummary:
-    from pocketlm.tokenizer import Tokenizer
+    from pocketlm.tokenizer import tokenizer_from_gguf_fields
 
     gguf_path = src.path
-    tok = Tokenizer.from_gguf_fields(src.reader.tokenizer_fields(), source=gguf_path)
+    tok = tokenizer_from_gguf_fields(src.reader.tokenizer_fields(), source=gguf_path)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -340,13 +253,15 @@ def _export(src: _Source, out: Path, level: int, reason: str, progress: bool, st
             print(f"exporting {gguf_path} -> {out} ({reason})", file=sys.stderr)
         with open(tmp / DATA_FILE, "wb") as data_file:
             g = GraphBuilder(ExternalData(data_file, DATA_FILE), level)
-            used = _build(g, src, progress)
+            used = build_decoder(g, src, progress)
             data_file.flush()
             os.fsync(data_file.fileno())
-        inputs, outputs = _io(src.cfg)
+        inputs, outputs = decoder_io(src.cfg)
         meta = {"pocketlm.source": os.path.basename(gguf_path), "pocketlm.accuracy_level": str(level),
-                "pocketlm.tensor_types": json.dumps(dict(sorted(used.items())))}
-        write_model(g.model(inputs, outputs, "Phi-3 decoder exported by pocketlm from GGUF", meta),
+                "pocketlm.tensor_types": json.dumps(dict(sorted(used.items()))),
+                "pocketlm.tied_output": str(int("output.weight" not in src.reader.tensors))}
+        doc = f"{src.cfg.architecture} decoder exported by pocketlm from GGUF"
+        write_model(g.model(inputs, outputs, doc, meta),
                     tmp / MODEL_FILE)
         cfg = src.cfg
         write_genai_config(tmp, make_genai_config(cfg, filename=MODEL_FILE, bos_id=tok.bos_id,
@@ -364,7 +279,7 @@ def _export(src: _Source, out: Path, level: int, reason: str, progress: bool, st
         raise
     summary = ExportSummary(out, level, reason, used,
                             (out / MODEL_FILE).stat().st_size + (out / DATA_FILE).stat().st_size,
-                            time.time() - start)
+                            time.time() - start, SHARED_KV_NOTE if needs_shared_kv_buffer(src.cfg) else "")
     if progress:
         print(summary, file=sys.stderr)
     return summary
@@ -431,4 +346,6 @@ def run_onnx_export(args: argparse.Namespace) -> int:
     summary = export_onnx(args.source, args.onnx, accuracy_level=level, progress=True)
     print(describe_onnx(summary.path))
     print(f"chose {summary.accuracy_reason}")
+    if summary.note:
+        print(f"note: {summary.note}")
     return 0

@@ -1,4 +1,5 @@
-"""The Phi-3 decoder as an ONNX graph for ONNX Runtime and onnxruntime-genai (onnx helpers + numpy).
+"""The blocks of a Phi-3-family decoder as ONNX nodes (onnx helpers + numpy); `onnx_decoder`
+composes them from the model description.
 
 Inputs and outputs are those onnxruntime-genai's phi3 decoder binds (names from genai_config.json):
 
@@ -8,15 +9,17 @@ Inputs and outputs are those onnxruntime-genai's phi3 decoder binds (names from 
     logits                  float32 [batch, seq, vocab]
     present.N.key           float32 [batch, kv_heads, total_seq, head_dim]  (.value alike)
 
-One layer (h: the residual stream [batch, seq, hidden]):
+One layer (h: the residual stream [batch, seq, hidden]; "norm" is RMSNorm = (Skip)Simplified-
+LayerNormalization, or LayerNorm with bias = LayerNormalization / SkipLayerNormalization):
 
-    x = SimplifiedLayerNormalization(h) | SkipSimplifiedLayerNormalization(previous MLP out, h)
-    qkv = MatMulNBits(x)                     packed [q | k | v], the GGUF row order
-    a, present = GroupQueryAttention(qkv, past, seqlens_k, total_seq, cos, sin)   rotary inside
-    x, h = SkipSimplifiedLayerNormalization(MatMulNBits(a), h)
-    gate, up = Split(MatMulNBits(x));  out = MatMulNBits(gate * Sigmoid(gate) * up)
+    x = norm(h) | x, h = SkipNorm(previous MLP out, h)
+    qkv = MatMulNBits(x) (+ bias)            packed [q | k | v], the GGUF row order
+    a, present = GroupQueryAttention | SparseAttention(qkv, past, ..., cos, sin)   rotary inside
+    x, h = SkipNorm(MatMulNBits(a) (+ bias), h)
+    gate, up = Split(MatMulNBits(x) (+ bias));  out = MatMulNBits(act(gate, up)) (+ bias)
+    act: SwiGLU gate * Sigmoid(gate) * up | GeGELU QuickGelu(min(gate, L)) * (clip(up, -L, L) + 1)
 
-GroupQueryAttention derives positions from seqlens_k (attention_mask row sums - 1), so there is no
+The attention ops derive positions from the attention mask's row sums, so there is no
 position_ids input. Weight tensors are written straight to the external data file one at a time
 (`ExternalData`), so the ModelProto stays small whatever the model size.
 """
@@ -41,7 +44,7 @@ INLINE_LIMIT = 4096          # smaller tensors are stored inside model.onnx
 
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int64): TensorProto.INT64,
-               np.dtype(np.int32): TensorProto.INT32}
+               np.dtype(np.int32): TensorProto.INT32, np.dtype(np.bool_): TensorProto.BOOL}
 
 
 class ExternalData:
@@ -107,21 +110,25 @@ class GraphBuilder:
 
     # ------------------------------------------------------------------ layers
 
-    def linear(self, x: str, prefix: str, w: NBitsWeight | np.ndarray) -> str:
-        """x [.., K] -> x @ W.T [.., N]; `w` is MatMulNBits initializers or a float W.T [K, N]."""
+    def linear(self, x: str, prefix: str, w: NBitsWeight | np.ndarray, bias: np.ndarray | None = None) -> str:
+        """x [.., K] -> x @ W.T (+ bias) [.., N]; `w` is MatMulNBits initializers or a float W.T
+        [K, N]; `bias` float32 [N] is MatMulNBits' own bias input where the layer is one
+        MatMulNBits, else an Add after it (one float32 addition either way, as the reference)."""
         if isinstance(w, np.ndarray):
             wt = self.weight(f"{prefix}.weight_t", w)
             if w.dtype != np.float32:  # F16 stays F16 on disk, widened exactly at load time
                 wt = self.node("Cast", [wt], name=f"{prefix}/Cast", to=TensorProto.FLOAT)[0]
-            return self.node("MatMul", [x, wt], name=f"{prefix}/MatMul")[0]
+            return self._add_bias(self.node("MatMul", [x, wt], name=f"{prefix}/MatMul")[0], prefix, bias)
         if w.bits == 8 and self.accuracy_level in (0, 1):  # no float32 8-bit kernel: see split_to_4bit
             low, high = split_to_4bit(w)
             parts = [self.matmul_nbits(x, prefix, low, "_lo"), self.matmul_nbits(x, prefix, high, "_hi")]
             y = self.node("Add", parts, name=f"{prefix}/Add")[0]
+        elif w.mins is None:
+            return self.matmul_nbits(x, prefix, w, bias=bias)
         else:
             y = self.matmul_nbits(x, prefix, w)
         if w.mins is None:
-            return y
+            return self._add_bias(y, prefix, bias)
         # Affine blocks: + sum over each block of x, times that block's minimum (exact weights, see
         # onnx_weights): [.., K] -> [.., K/bs, bs] -> [.., K/bs] @ mins.T [K/bs, N].
         kb = w.k // w.block_size
@@ -130,14 +137,24 @@ class GraphBuilder:
         sums = self.node("ReduceSum", [blocks, self.const([-1])], name=f"{p}/ReduceSum", keepdims=0)[0]
         mins_t = self.weight(f"{prefix}.weight_mins_t", np.ascontiguousarray(w.mins.T))
         corr = self.node("MatMul", [sums, mins_t], name=f"{prefix}/mins/MatMul")[0]
-        return self.node("Add", [y, corr], name=f"{prefix}/mins/Add")[0]
+        y = self.node("Add", [y, corr], name=f"{prefix}/mins/Add")[0]
+        return self._add_bias(y, prefix, bias)
 
-    def matmul_nbits(self, x: str, prefix: str, w: NBitsWeight, tag: str = "") -> str:
+    def _add_bias(self, y: str, prefix: str, bias: np.ndarray | None) -> str:
+        if bias is None:
+            return y
+        return self.node("Add", [y, self.weight(f"{prefix}.bias", bias)], name=f"{prefix}/BiasAdd")[0]
+
+    def matmul_nbits(self, x: str, prefix: str, w: NBitsWeight, tag: str = "",
+                     bias: np.ndarray | None = None) -> str:
+        """One MatMulNBits; inputs A, B, scales, zero_points, g_idx (unused), bias."""
         b = w.b.reshape(w.n, -1, w.block_size * w.bits // 8)
         inputs = [x, self.weight(f"{prefix}.weight_Q{w.bits}{tag}", b),
                   self.weight(f"{prefix}.weight_scales{tag}", w.scales)]
-        if w.zero_points is not None:
-            inputs.append(self.weight(f"{prefix}.weight_zp{tag}", w.zero_points))
+        if w.zero_points is not None or bias is not None:
+            inputs.append("" if w.zero_points is None else self.weight(f"{prefix}.weight_zp{tag}", w.zero_points))
+        if bias is not None:
+            inputs += ["", self.weight(f"{prefix}.bias", bias)]
         return self.node("MatMulNBits", inputs, name=f"{prefix}/MatMulNBits{tag}", domain=MS, K=w.k, N=w.n,
                          bits=w.bits, block_size=w.block_size, accuracy_level=self.accuracy_level)[0]
 
@@ -168,16 +185,24 @@ class GraphBuilder:
             out = self.node("Cast", [out], name=f"{name}/Cast", to=TensorProto.FLOAT)[0]
         return out
 
-    def rms_norm(self, x: str, gamma: np.ndarray, prefix: str, eps: float) -> str:
-        return self.node("SimplifiedLayerNormalization", [x, self.weight(f"{prefix}.weight", gamma)],
-                         name=f"{prefix}/SimplifiedLayerNorm", axis=-1, epsilon=eps, stash_type=1)[0]
+    def norm(self, x: str, gamma: np.ndarray, beta: np.ndarray | None, prefix: str, eps: float) -> str:
+        """RMSNorm (beta None) or LayerNorm with bias over the last axis, float32 statistics."""
+        if beta is None:
+            return self.node("SimplifiedLayerNormalization", [x, self.weight(f"{prefix}.weight", gamma)],
+                             name=f"{prefix}/SimplifiedLayerNorm", axis=-1, epsilon=eps, stash_type=1)[0]
+        inputs = [x, self.weight(f"{prefix}.weight", gamma), self.weight(f"{prefix}.bias", beta)]
+        return self.node("LayerNormalization", inputs, name=f"{prefix}/LayerNorm", axis=-1, epsilon=eps,
+                         stash_type=1)[0]
 
-    def skip_rms_norm(self, x: str, skip: str, gamma: np.ndarray, prefix: str, eps: float) -> tuple[str, str]:
-        """-> (rms_norm(x + skip), x + skip)."""
-        name = f"{prefix}/SkipSimplifiedLayerNorm"
-        out, _, _, total = self.node("SkipSimplifiedLayerNormalization",
-                                     [x, skip, self.weight(f"{prefix}.weight", gamma)],
-                                     [f"{name}/output_0", "", "", f"{name}/output_3"],
+    def skip_norm(self, x: str, skip: str, gamma: np.ndarray, beta: np.ndarray | None, prefix: str,
+                  eps: float) -> tuple[str, str]:
+        """-> (norm(x + skip), x + skip): RMSNorm (beta None) or LayerNorm with bias."""
+        op = "SkipSimplifiedLayerNormalization" if beta is None else "SkipLayerNormalization"
+        name = f"{prefix}/{op.replace('Normalization', 'Norm')}"
+        inputs = [x, skip, self.weight(f"{prefix}.weight", gamma)]
+        if beta is not None:
+            inputs.append(self.weight(f"{prefix}.bias", beta))
+        out, _, _, total = self.node(op, inputs, [f"{name}/output_0", "", "", f"{name}/output_3"],
                                      name=name, domain=MS, epsilon=eps)
         return out, total
 
@@ -187,6 +212,25 @@ class GraphBuilder:
         sig = self.node("Sigmoid", [gate], name=f"{prefix}/Sigmoid")[0]
         silu = self.node("Mul", [gate, sig], name=f"{prefix}/SiLU")[0]
         return self.node("Mul", [silu, up], name=f"{prefix}/Mul")[0]
+
+    def gegelu(self, gate_up: str, ffn: int, limit: float, prefix: str) -> str:
+        """[.., 2F] (rows [gelu input g | linear input l], pocketlm's layout) -> [.., F]:
+        min(g, L) * sigmoid(1.702 min(g, L)) * (clip(l, -L, L) + 1), infinities passing the clamps
+        unchanged (as Hugging Face's `gegelu` and pocketlm.layers.gated_activation)."""
+        gate, up = self.node("Split", [gate_up, self.const([ffn, ffn])], 2, name=f"{prefix}/Split", axis=-1)
+        lim = float(np.float32(limit))
+
+        def clamp(x: str, low: float | None, tag: str) -> str:
+            inputs = [x, "" if low is None else self.const(low, np.float32), self.const(lim, np.float32)]
+            clipped = self.node("Clip", inputs, name=f"{prefix}/{tag}/Clip")[0]
+            inf = self.node("IsInf", [x], name=f"{prefix}/{tag}/IsInf")[0]
+            return self.node("Where", [inf, x, clipped], name=f"{prefix}/{tag}/Where")[0]
+
+        g = clamp(gate, None, "gelu")
+        act = self.node("QuickGelu", [g], name=f"{prefix}/gelu/QuickGelu", domain=MS, alpha=1.702)[0]
+        lin = self.node("Add", [clamp(up, -lim, "linear"), self.const(1.0, np.float32)],
+                        name=f"{prefix}/linear/Add")[0]
+        return self.node("Mul", [act, lin], name=f"{prefix}/Mul")[0]
 
     # ------------------------------------------------------------------ the model proto
 

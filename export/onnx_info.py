@@ -51,6 +51,7 @@ def describe_onnx(folder: str | os.PathLike) -> str:
         f"hidden {dec.get('hidden_size')}, heads {dec.get('num_attention_heads')}/"
         f"{dec.get('num_key_value_heads')}, head dim {dec.get('head_size')}",
         f"operators     {', '.join(f'{k} x{v}' for k, v in ops.most_common(8))}",
+        f"attention     {_attention_summary(model)}",
         f"linear layers MatMulNBits x{len(nbits)} ({bit_counts}), "
         f"accuracy_level {', '.join(map(str, levels)) or '-'}",
         f"GGUF types    {meta.get('pocketlm.tensor_types', '?')} (from {meta.get('pocketlm.source', '?')})",
@@ -61,9 +62,30 @@ def describe_onnx(folder: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
+def _attention_summary(model) -> str:
+    """Attention ops per layer kind: GroupQueryAttention (dense or sliding window) and
+    SparseAttention (Phi-3-small's block-sparse layers: block size, CSR layouts for the heads)."""
+    parts = []
+    for op in ("GroupQueryAttention", "SparseAttention"):
+        nodes = [n for n in model.graph.node if n.op_type == op]
+        if not nodes:
+            continue
+        attrs = {a.name: a for a in nodes[0].attribute}
+        detail = f"scale {attrs['scale'].f:.6g}" if "scale" in attrs else "scale default"
+        if op == "SparseAttention":
+            rows = {t.name: t for t in model.graph.initializer}.get(nodes[0].input[5])
+            layouts = f", {rows.dims[0]} layouts" if rows is not None else ""
+            detail += f", block {attrs['sparse_block_size'].i}{layouts}"
+        elif attrs.get("local_window_size") is not None and attrs["local_window_size"].i > 0:
+            detail += f", window {attrs['local_window_size'].i}"
+        parts.append(f"{op} x{len(nodes)} ({detail})")
+    return ", ".join(parts) or "-"
+
+
 def _parameter_count(model, genai: dict) -> int:
     """Weights of the model: K*N of each linear layer (a split 8-bit layer counted once), float
-    linear layers by their initializer, and the embedding table (vocab x hidden)."""
+    linear layers by their initializer, and the embedding table (vocab x hidden); a tied output
+    layer (metadata pocketlm.tied_output) holds the embedding again and is not counted twice."""
     try:
         n = int(genai["model"]["vocab_size"]) * int(genai["model"]["decoder"]["hidden_size"])
     except (KeyError, TypeError, ValueError):
@@ -73,8 +95,11 @@ def _parameter_count(model, genai: dict) -> int:
         if node.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in node.attribute}
             layers[node.name.rsplit("/", 1)[0]] = attrs.get("K", 0) * attrs.get("N", 0)
+    tied = any(p.key == "pocketlm.tied_output" and p.value == "1" for p in model.metadata_props)
+    if tied:
+        layers.pop("/lm_head", None)
     n += sum(layers.values())
     for t in model.graph.initializer:
-        if t.name.endswith(".weight_t"):
+        if t.name.endswith(".weight_t") and not (tied and t.name == "/lm_head.weight_t"):
             n += int(np.prod(t.dims))
     return n

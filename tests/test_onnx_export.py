@@ -23,10 +23,18 @@ import gguf
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from quant_helpers import NEAR_TIE, llama_cpp_greedy  # tests/ is on sys.path (conftest)
+from onnx import TensorProto, helper
+from onnx_helpers import (  # tests/ is on sys.path (conftest)
+    gguf_py_weights,
+    nbits_layers,
+    nbits_weight,
+    onnxruntime_weight_t,
+    reference_from_gguf,
+    session_for,
+)
+from quant_helpers import NEAR_TIE, llama_cpp_greedy
 
-from pocketlm.config import Phi3Config, tensor_specs
+from pocketlm.config import tensor_specs
 from pocketlm.errors import PocketLMError
 from pocketlm.export.gguf_export import phi3_gguf_metadata
 from pocketlm.export.gguf_reader import GGUFReader
@@ -138,24 +146,6 @@ def gguf_type(name: str) -> int:
     return GGMLType[name] if name in GGMLType.__members__ else int(gguf.GGMLQuantizationType[name])
 
 
-def reference_from_gguf(path: Path) -> Phi3Reference:
-    """Our reference on gguf-py's dequantization of every tensor (an independent reader)."""
-    weights = {}
-    for t in gguf.GGUFReader(path).tensors:
-        shape = tuple(int(d) for d in reversed(t.shape))
-        weights[t.name] = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
-    factors = {n: w for n, w in weights.items() if n.startswith("rope_factors_")}
-    with GGUFReader(path) as r:
-        cfg = Phi3Config.from_gguf_metadata(r.metadata, factors, source=str(path))
-    return Phi3Reference(cfg, weights)
-
-
-def session_for(model_path: Path):
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-
-
 def session(folder: Path):
     return session_for(folder / "model.onnx")
 
@@ -229,55 +219,6 @@ def test_longrope_uses_both_caches(tiny_export):
 
 # ---------------------------------------------------------------------------- (c) weights
 
-def spec_dequantize(b: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, bits: int, block: int,
-                    k: int) -> np.ndarray:
-    """MatMulNBits' weight [N, K] by ContribOperators.md, written independently of the exporter."""
-    n = b.shape[0]
-    flat = b.reshape(n, -1)
-    if bits == 4:
-        codes = np.empty((n, flat.shape[1] * 2), np.int64)
-        codes[:, 0::2], codes[:, 1::2] = flat & 0xF, flat >> 4
-    else:
-        codes = flat.astype(np.int64)
-    kb = scales.shape[1]
-    if zp is None:
-        z = np.full((n, kb), 2 ** (bits - 1))
-    elif bits == 4:
-        z = np.empty((n, zp.shape[1] * 2), np.int64)
-        z[:, 0::2], z[:, 1::2] = zp & 0xF, zp >> 4
-        z = z[:, :kb]
-    else:
-        z = zp.astype(np.int64)
-    w = (codes.reshape(n, kb, block) - z[..., None]) * scales[..., None].astype(np.float64)
-    return w.reshape(n, -1)[:, :k]
-
-
-def nbits_layers(folder: Path) -> dict[str, list]:
-    """GGUF tensor name -> [(MatMulNBits node, its attributes)] (two nodes where an 8-bit weight is
-    split in 4-bit halves), plus the initializers under the key "" """
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=True)
-    layers: dict[str, list] = {"": {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}}
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            layers.setdefault(_gguf_name(node.name.rsplit("/", 1)[0]), []).append((node, attrs))
-    return layers
-
-
-def _gguf_name(prefix: str) -> str:
-    if prefix == "/lm_head":
-        return "output.weight"
-    layer, part = prefix.split("/")[2].split(".")[1], "/".join(prefix.split("/")[3:])
-    gguf_part = {"attn/qkv_proj": "attn_qkv", "attn/o_proj": "attn_output", "mlp/gate_up_proj": "ffn_up",
-                 "mlp/down_proj": "ffn_down"}[part]
-    return f"blk.{layer}.{gguf_part}.weight"
-
-
-def gguf_py_weights(path: Path) -> dict[str, np.ndarray]:
-    return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-            for t in gguf.GGUFReader(path).tensors}
-
-
 @pytest.mark.parametrize(("qtype", "level"), [("Q4_0", None), ("Q8_0", None), ("Q8_0", 4), ("Q4_1", None),
                                               ("Q4_K", None), ("Q6_K", None), ("Q6_K", 4), ("Q5_0", None),
                                               ("Q5_1", None), ("Q5_1", 4), ("Q5_K", None)])
@@ -291,16 +232,7 @@ def test_onnx_weights_equal_gguf_bit_for_bit(tiny_export, tmp_path, qtype, level
     inits = layers.pop("")
     assert len(layers) == 2 * 4 + 1  # 4 linear layers x 2 blocks + lm_head
     for name, nodes in layers.items():
-        parts = []
-        for node, attrs in nodes:
-            b, scales = inits[node.input[1]], inits[node.input[2]]
-            zp = inits[node.input[3]] if len(node.input) > 3 and node.input[3] else None
-            parts.append(spec_dequantize(b, scales, zp, attrs["bits"], attrs["block_size"], attrs["K"]))
-        w = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-        prefix = nodes[0][0].name.rsplit("/", 1)[0]
-        if f"{prefix}.weight_mins_t" in inits:  # affine types: + block minimum
-            mins = inits[f"{prefix}.weight_mins_t"].T
-            w = w + np.repeat(mins, nodes[0][1]["block_size"], axis=1)
+        w = nbits_weight(nodes, inits)
         want = theirs[name].reshape(w.shape)
         assert np.array_equal(w, want.astype(np.float64)), f"{name}: not exactly the GGUF values"
         assert w.astype(np.float32).view(np.uint32).tolist() == want.view(np.uint32).tolist(), name
@@ -317,20 +249,7 @@ def test_onnxruntime_dequantizes_to_the_gguf_values(tiny_export, qtype):
     layers = nbits_layers(folder)
     inits = layers.pop("")
     for name, nodes in layers.items():
-        wt = 0.0
-        for node, attrs in nodes:
-            k, n = attrs["K"], attrs["N"]
-            used = [i for i in node.input[1:] if i]
-            probe = helper.make_node("MatMulNBits", ["A", *used], ["Y"], domain="com.microsoft", K=k, N=n,
-                                     bits=attrs["bits"], block_size=attrs["block_size"], accuracy_level=1)
-            graph = helper.make_graph([probe], "probe",
-                                      [helper.make_tensor_value_info("A", TensorProto.FLOAT, [k, k])],
-                                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [k, n])],
-                                      [numpy_helper.from_array(inits[i], i) for i in used])
-            opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-            model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
-            s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-            wt = wt + s.run(None, {"A": np.eye(k, dtype=np.float32)})[0]
+        wt = onnxruntime_weight_t(nodes, inits)
         want = theirs[name].reshape(wt.shape[1], wt.shape[0])
         # equal as floats: bit for bit except the sign of zero, which a sum cannot show
         assert np.array_equal(wt.T, want), name
