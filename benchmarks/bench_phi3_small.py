@@ -99,8 +99,9 @@ def child_attention(path: str, threads: int, position: int, repeats: int) -> dic
 
     out: dict = {}
     for dense in (False, True):
-        model = load(path, threads=threads, ctx=position + 64, dense_attention=dense)
+        model = load(path, threads=threads, dense_attention=dense)  # context: the model's (8192)
         cfg, cache = model.cfg, model.cache
+        position = min(position, cache.n_ctx - 9)  # room for the 1 + 8 timed steps
         rng = np.random.default_rng(0)
         fill = rng.standard_normal((cfg.num_key_value_heads, position, cfg.head_dim)).astype(np.float16)
         for i in range(cfg.num_hidden_layers):
@@ -128,20 +129,37 @@ def child_attention(path: str, threads: int, position: int, repeats: int) -> dic
         out[f"{key}_attention_ms"] = 1e3 * float(np.median(times))
         out[f"{key}_decode_tps"] = steps / (time.perf_counter() - t0)
         out["sparse_layers"] = len(sparse_layers)
+        out["position"] = position
         del model, cache
     return out
 
 
 def child_prefill(path: str, threads: int, n_prompt: int) -> dict:
-    from pocketlm.runtime.model import load
+    """The prompt through the file's layers, sparse and forced dense; and the block-sparse layer's
+    attention alone over the prompt, in the runtime's chunks of 256 rows, both patterns."""
+    from pocketlm.runtime import _kernel
+    from pocketlm.runtime.model import DEFAULT_BATCH, load
 
     out: dict = {}
-    for dense in (False, True):
+    for dense in (True, False):
         model = load(path, threads=threads, ctx=n_prompt, dense_attention=dense)
         ids = prompt_ids(n_prompt, seed=2)
         t0 = time.perf_counter()
         model.forward(ids)
         out["dense_s" if dense else "sparse_s"] = time.perf_counter() - t0
+    cfg, cache = model.cfg, model.cache
+    layer = next(i for i in range(cfg.num_hidden_layers) if cfg.layer_sparsity(i) is not None)
+    q = np.random.default_rng(3).standard_normal((n_prompt, cfg.num_attention_heads * cfg.head_dim),
+                                                  dtype=np.float32)
+    attn = np.empty_like(q)
+    for name, pattern in (("dense", None), ("sparse", model.layers[layer].sparse)):
+        t0 = time.perf_counter()
+        for c0 in range(0, n_prompt, DEFAULT_BATCH):
+            rows = slice(c0, min(n_prompt, c0 + DEFAULT_BATCH))
+            _kernel.attention_rows(q[rows], cache.k[layer], cache.v[layer], None, None, cfg.num_attention_heads,
+                                   cfg.num_key_value_heads, cfg.head_dim, cache.n_ctx, c0, 0, cfg.attention_scale,
+                                   pattern, attn[rows])
+        out[f"{name}_attention_s"] = time.perf_counter() - t0
     return out
 
 
@@ -215,7 +233,7 @@ def main() -> None:
         if "error" in a:
             print(f"{pos:>8} error: {a['error']}")
             continue
-        print(f"{pos:>8} {a['sparse_attention_ms']:>27.2f} {a['dense_attention_ms']:>7.2f} "
+        print(f"{a['position']:>8} {a['sparse_attention_ms']:>27.2f} {a['dense_attention_ms']:>7.2f} "
               f"{a['sparse_attention_ms'] / a['dense_attention_ms']:>6.2f}x {a['sparse_decode_tps']:>20.2f} "
               f"{a['dense_decode_tps']:>7.2f} {a['sparse_decode_tps'] / a['dense_decode_tps']:>6.2f}x")
 
@@ -225,7 +243,9 @@ def main() -> None:
     else:
         print(f"prefill of {args.prompt} tokens through one sparse + one dense layer (the full width, plus "
               f"the output head): sparse {p['sparse_s']:.1f} s, forced dense {p['dense_s']:.1f} s "
-              f"({p['sparse_s'] / p['dense_s']:.2f}x)")
+              f"({p['sparse_s'] / p['dense_s']:.2f}x); the sparse layer's attention alone: "
+              f"{p['sparse_attention_s']:.2f} s vs {p['dense_attention_s']:.2f} s dense "
+              f"({p['sparse_attention_s'] / p['dense_attention_s']:.2f}x)")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
