@@ -21,6 +21,9 @@ import numpy as np
 from .errors import PocketLMError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+# `pocketlm demo --model small`: the second built-in model, of the Phi-3-small architecture.
+MODELS = {"mini": (BUILTIN_DIR, "Phi-3 architecture"),
+          "small": (BUILTIN_DIR.with_name("builtin_small"), "Phi-3-small architecture: block-sparse, GeGELU, muP")}
 DEFAULT_PROMPT = "KING.\nNow, my lords,"
 DEFAULT_OUT = "pocketlm-demo"
 RECIPE, METHOD = "pocket", "gptq"  # the recommended recipe; see quantize/recipes.py and the README
@@ -38,9 +41,9 @@ def reference_generate(ckpt_dir: Path, prompt: str, max_tokens: int, temperature
     """Stream a continuation from the fp32 reference model (the golden model, not the runtime)."""
     from .checkpoint import Checkpoint
     from .reference import Phi3Reference
-    from .tokenizer import Tokenizer
+    from .tokenizer import tokenizer_from_dir
 
-    tok = Tokenizer.from_hf_dir(ckpt_dir)
+    tok = tokenizer_from_dir(ckpt_dir)
     model = Phi3Reference.from_checkpoint(Checkpoint.open(ckpt_dir))
     rng = np.random.default_rng(seed)
     cache = model.new_cache()
@@ -62,7 +65,8 @@ def _pick(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> i
     return int(rng.choice(len(p), p=p / p.sum()))
 
 
-def calibration_tokens(samples: int = 16, length: int = 128, seed: int = 0) -> tuple[np.ndarray | None, str]:
+def calibration_tokens(samples: int = 16, length: int = 128, seed: int = 0,
+                       ckpt_dir: Path = BUILTIN_DIR) -> tuple[np.ndarray | None, str]:
     """Calibration for the demo: the corpus `calib` split when `../shared` is there (None: the
     pipeline's default), else text sampled from the fp32 model itself (data-free calibration),
     so the demo runs on a machine that has only the package."""
@@ -75,10 +79,10 @@ def calibration_tokens(samples: int = 16, length: int = 128, seed: int = 0) -> t
         pass
     from .checkpoint import Checkpoint
     from .reference import Phi3Reference
-    from .tokenizer import Tokenizer
+    from .tokenizer import tokenizer_from_dir
 
-    tok = Tokenizer.from_hf_dir(BUILTIN_DIR)
-    model = Phi3Reference.from_checkpoint(Checkpoint.open(BUILTIN_DIR))
+    tok = tokenizer_from_dir(ckpt_dir)
+    model = Phi3Reference.from_checkpoint(Checkpoint.open(ckpt_dir))
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(samples):
@@ -92,29 +96,32 @@ def calibration_tokens(samples: int = 16, length: int = 128, seed: int = 0) -> t
 
 
 def run_demo(out_dir: str | Path = DEFAULT_OUT, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64,
-             bench: bool = True) -> int:
+             bench: bool = True, model_name: str = "mini") -> int:
     from .bench import benchmark, report
     from .info import describe_checkpoint
     from .quantize.pipeline import quantize_checkpoint
     from .runtime.generate import generate
     from .runtime.model import load
 
+    if model_name not in MODELS:
+        raise PocketLMError(f"unknown built-in model {model_name!r}; expected one of {', '.join(MODELS)}")
+    ckpt_dir, what = MODELS[model_name]
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     print(f"pocketlm demo: artefacts go to {out}", file=sys.stderr)
 
-    _stage(1, "the built-in model (Phi-3 architecture, trained on Shakespeare)")
-    print(describe_checkpoint(BUILTIN_DIR))
+    _stage(1, f"the built-in model {model_name!r} ({what}, trained on Shakespeare)")
+    print(describe_checkpoint(ckpt_dir))
 
     t = _stage(2, f"quantize: recipe {RECIPE}, method {METHOD}")
-    calib, calib_what = calibration_tokens(CALIB_SAMPLES, CALIB_LEN)
+    calib, calib_what = calibration_tokens(CALIB_SAMPLES, CALIB_LEN, ckpt_dir=ckpt_dir)
     print(f"calibration: {calib_what}", file=sys.stderr)
-    gguf = out / f"builtin-{RECIPE}.gguf"
-    s = quantize_checkpoint(BUILTIN_DIR, gguf, recipe=RECIPE, method=METHOD, calib_tokens=calib,
+    gguf = out / f"{ckpt_dir.name}-{RECIPE}.gguf"
+    s = quantize_checkpoint(ckpt_dir, gguf, recipe=RECIPE, method=METHOD, calib_tokens=calib,
                             calib_samples=CALIB_SAMPLES, calib_len=CALIB_LEN, progress=True)
     print(f"wrote {gguf.name}: {s.bits_per_weight:.2f} bits per weight, {s.file_bytes / 1e6:.2f} MB "
-          f"(fp16: {BUILTIN_DIR.joinpath('model.safetensors').stat().st_size / 1e6:.1f} MB), "
+          f"(checkpoint: {ckpt_dir.joinpath('model.safetensors').stat().st_size / 1e6:.1f} MB), "
           f"calibration {s.calibration} ({time.perf_counter() - t:.1f} s)")
 
     t = _stage(3, "export the same integer weights to ONNX (onnxruntime-genai folder)")
@@ -137,7 +144,7 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, prompt: str = DEFAULT_PROMPT, ma
         print(piece, end="", flush=True)
     print(f"\n{run.stats}", file=sys.stderr)
     print("\nthe fp32 reference model (numpy), same prompt, for comparison:", file=sys.stderr)
-    print(prompt + "".join(reference_generate(BUILTIN_DIR, prompt, max_tokens)))
+    print(prompt + "".join(reference_generate(ckpt_dir, prompt, max_tokens)))
 
     if bench:
         _stage(5, "bench on this host, projected onto phone budgets")
@@ -149,7 +156,7 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, prompt: str = DEFAULT_PROMPT, ma
 
 
 def _run(args: argparse.Namespace) -> int:
-    return run_demo(args.out, args.prompt, args.n, bench=not args.no_bench)
+    return run_demo(args.out, args.prompt, args.n, bench=not args.no_bench, model_name=args.model)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -158,4 +165,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--prompt", default=DEFAULT_PROMPT)
     p.add_argument("-n", type=int, default=64, help="tokens to generate")
     p.add_argument("--no-bench", action="store_true", help="skip the benchmark stage")
+    p.add_argument("--model", choices=tuple(MODELS), default="mini",
+                   help="mini: the Phi-3 built-in model; small: the Phi-3-small one (pocketlm/builtin_small)")
     p.set_defaults(func=_run)
