@@ -17,7 +17,7 @@ config, never from the architecture's name:
                                  output.weight (its own integer codes, converted a second time)
 
 Rotary: both attention ops rotate q and k inside (do_rotary=1, rotary_interleaved=0: NeoX halves,
-as pocketlm.layers.apply_rope) from cos/sin caches [positions, head_dim/2] computed by
+as pocketlm.layers.apply_rope) from cos/sin caches [positions, rope_dim/2] computed by
 pocketlm.layers.rope_cos_sin; LongRoPE switches between two cache pairs with an If (see
 onnx_export's docstring).
 
@@ -53,17 +53,25 @@ if TYPE_CHECKING:
 
 def check_exportable(cfg: Phi3Config, source: str) -> None:
     """Refuse what onnxruntime's attention ops cannot run, before anything is written: with rotary
-    inside, GroupQueryAttention and SparseAttention need head_dim a multiple of 16 (their CPU
-    kernels fail at run time otherwise: "head_size shall be a multiple of 16")."""
+    inside, GroupQueryAttention and SparseAttention need head_dim a multiple of 16 and cos/sin caches
+    whose width (rotary dimension / 2; partial RoPE rotates fewer values) is a multiple of 8 (their
+    CPU kernels fail at run time otherwise: "head_size shall be a multiple of 16", "cos_cache
+    dimension 1 must be <= head_size / 2 and a multiple of 8")."""
+    why = None
     if cfg.head_dim % 16:
-        raise PocketLMError(f"head_dim {cfg.head_dim} is not a multiple of 16, which onnxruntime's "
-                            f"GroupQueryAttention / SparseAttention need with rotary embeddings; "
-                            f"this model cannot be exported to ONNX", source)
+        why = f"head_dim {cfg.head_dim} is not a multiple of 16"
+    elif cfg.rope_dim % 16:
+        why = f"the rotary dimension {cfg.rope_dim} is not a multiple of 16"
+    if why:
+        raise PocketLMError(f"{why}, which onnxruntime's GroupQueryAttention / SparseAttention need "
+                            f"with rotary embeddings; this model cannot be exported to ONNX", source)
 
 
 def rope_caches(g: GraphBuilder, cfg: Phi3Config, total_len_i64: str) -> tuple[str, str]:
-    """cos/sin caches [positions, head_dim/2] for the attention ops (LongRoPE: an If picks the
-    long-factor pair once the total sequence passes the original context)."""
+    """cos/sin caches [positions, rope_dim/2] for the attention ops (LongRoPE: an If picks the
+    long-factor pair once the total sequence passes the original context). With partial RoPE the
+    ops rotate the first rope_dim values of each head (NeoX halves within them) and pass the rest,
+    as pocketlm.layers.apply_rope."""
 
     def caches(tag: str, length: int, long: bool) -> tuple[str, str]:
         cos, sin = rope_cos_sin(cfg, np.arange(length), long)
@@ -78,7 +86,7 @@ def rope_caches(g: GraphBuilder, cfg: Phi3Config, total_len_i64: str) -> tuple[s
         outs = [f"/model/rope{tag}/cos", f"/model/rope{tag}/sin"]
         nodes = [helper.make_node("Identity", [cos], [outs[0]], name=f"/model/rope{tag}/cos/Identity"),
                  helper.make_node("Identity", [sin], [outs[1]], name=f"/model/rope{tag}/sin/Identity")]
-        shape = [length, cfg.head_dim // 2]
+        shape = [length, cfg.rope_dim // 2]  # partial RoPE: the ops rotate 2 * width values
         branches[tag] = helper.make_graph(nodes, f"rope{tag}", [],
                                           [tensor_info(o, TensorProto.FLOAT, shape) for o in outs])
     is_long = g.node("Greater", [total_len_i64, g.const(orig)], name="/model/rope_caches/Greater")[0]

@@ -326,6 +326,6 @@ def test_head_dim_onnxruntime_cannot_rotate_is_refused(tmp_path):
     """head_dim 24: GroupQueryAttention and SparseAttention need a multiple of 16 with rotary."""
     ckpt = with_byte_ranks(make_phi3small_checkpoint(tmp_path / "ckpt", hidden=96, heads=4, layers=2, shards=1))
     gguf_path = export_gguf(ckpt, tmp_path / "hd24.gguf", dtype="f32")
-    with pytest.raises(PocketLMError, match=r"hd24\.gguf.*head_dim 24 is not a multiple of 16|head_dim 24"):
+    with pytest.raises(PocketLMError, match=r"hd24\.gguf: head_dim 24 is not a multiple of 16"):
         export_onnx(gguf_path, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
