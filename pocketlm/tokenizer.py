@@ -235,7 +235,7 @@ class Tokenizer:
             return fields[key]
 
         model = _as_str(need("tokenizer.ggml.model"))
-        if model == "tiktoken":  # byte-level BPE by rank (phi3small): see tokenizer_from_gguf_fields
+        if model in ("tiktoken", "gpt2"):  # byte-level BPE (phi3small, Phi-4-mini): see tokenizer_from_gguf_fields
             return tokenizer_from_gguf_fields(fields, source)
         if model != "llama":
             raise PocketLMError(
@@ -1026,22 +1026,34 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def tokenizer_from_gguf_fields(fields: Mapping[str, Any], source: str | os.PathLike | None = None) -> Any:
     """The tokenizer GGUF `fields` describe: `TiktokenTokenizer` (byte-level BPE by rank,
-    Phi-3-small) for tokenizer.ggml.model "tiktoken", else the SentencePiece `Tokenizer`."""
-    if _as_str(fields.get("tokenizer.ggml.model", "")) == "tiktoken":
+    Phi-3-small) for tokenizer.ggml.model "tiktoken", `ByteLevelTokenizer` (HF byte-level BPE,
+    Phi-4-mini) for "gpt2", else the SentencePiece `Tokenizer`."""
+    model = _as_str(fields.get("tokenizer.ggml.model", ""))
+    if model == "tiktoken":
         from .tokenizer_tiktoken import TiktokenTokenizer
 
         return TiktokenTokenizer.from_gguf_fields(fields, source)
+    if model == "gpt2":
+        from .tokenizer_bytelevel import ByteLevelTokenizer
+
+        return ByteLevelTokenizer.from_gguf_fields(fields, source)
     return Tokenizer.from_gguf_fields(fields, source)
 
 
 def tokenizer_from_dir(path: str | os.PathLike) -> Any:
-    """The tokenizer of a checkpoint folder: a `*.tiktoken` rank file (Phi-3-small) or a
-    Hugging Face tokenizer.json (Phi-3)."""
+    """The tokenizer of a checkpoint folder: a `*.tiktoken` rank file (Phi-3-small), a byte-level
+    BPE tokenizer.json (Phi-4-mini) or a SentencePiece-style tokenizer.json (Phi-3)."""
     folder = Path(path)
     if any(folder.glob("*.tiktoken")):
         from .tokenizer_tiktoken import TiktokenTokenizer
 
         return TiktokenTokenizer.from_hf_dir(folder)
+    if (folder / "tokenizer.json").is_file():
+        from .tokenizer_bytelevel import ByteLevelTokenizer, is_bytelevel_json
+
+        data = _read_json(folder / "tokenizer.json")  # parsed once, handed on
+        if is_bytelevel_json(data):
+            return ByteLevelTokenizer.from_hf_dir(folder, data)
     return Tokenizer.from_hf_dir(folder)
 
 
