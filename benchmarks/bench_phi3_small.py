@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 import make_phi3_small_gguf  # noqa: E402  (a sibling script)
 
 MB = 1e6
+MAX_CONTEXT = 8192  # Phi-3-small-8k's max_position_embeddings
 
 
 def vm_hwm_mb() -> float:
@@ -99,7 +100,7 @@ def child_attention(path: str, threads: int, position: int, repeats: int) -> dic
 
     out: dict = {}
     for dense in (False, True):
-        model = load(path, threads=threads, dense_attention=dense)  # context: the model's (8192)
+        model = load(path, threads=threads, ctx=MAX_CONTEXT, dense_attention=dense)
         cfg, cache = model.cfg, model.cache
         position = min(position, cache.n_ctx - 9)  # room for the 1 + 8 timed steps
         rng = np.random.default_rng(0)
