@@ -58,17 +58,18 @@ from ..config import LAYER_LINEARS, Phi3Config, tensor_specs
 from ..errors import PocketLMError
 from ..export.gguf_format import bf16_to_float32, type_name
 from ..export.gguf_reader import GGUFReader
+from ..hostinfo import default_threads
 from ..layers import rope_cos_sin
 from ..quantize.formats import GGMLType, dequantize
 from ..reference import MASKED_LOGIT
+from ..threads import check_threads
 from . import _kernel
 from . import kernel as kern
 from .kv_cache import KV_TYPES, KVCache
 from .packed_cache import packed_matrices
 
 DENSE_TYPES = {int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)}
-KERNEL_TYPES = {int(GGMLType.Q4_0), int(GGMLType.Q4_1), int(GGMLType.Q8_0), int(GGMLType.Q4_K),
-                int(GGMLType.Q6_K)}
+KERNEL_TYPES = kern.KERNEL_TYPES  # the block types the C kernel runs (its own table, checked against formats)
 DEFAULT_BATCH = 256      # prompt tokens per prefill chunk (bounds prefill temporaries)
 LONGROPE_POLICIES = ("context", "sequence")
 NORM_KINDS = {"rms": 0, "layer": 1}          # the kernel's NORM_* / ACT_* codes (kernel.h)
@@ -508,10 +509,7 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
-    if threads is None:
-        threads = min(4, os.cpu_count() or 1)
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise PocketLMError(f"threads must be an integer >= 1, got {threads!r}")
+    threads = default_threads() if threads is None else check_threads(threads)  # one rule for every verb
     if kv not in KV_TYPES:
         raise PocketLMError(f"kv must be one of {', '.join(KV_TYPES)}, got {kv!r}")
     if validate not in (True, False, "lazy"):
