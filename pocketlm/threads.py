@@ -44,4 +44,4 @@ def threads_arg(text: str) -> int:
     try:
         return check_threads(value, "--threads")
     except PocketLMError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--threads ")) from None
+        raise argparse.ArgumentTypeError(str(e)) from None

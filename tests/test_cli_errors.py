@@ -24,7 +24,7 @@ from pocketlm.export.gguf_reader import GGUFReader
 from pocketlm.quantize.formats import BLOCK_SHAPE, GGMLType
 from pocketlm.threads import available_cpus, check_threads
 
-CLI = [sys.executable, "-m", "pocketlm.cli"]
+CLI = [sys.executable, "-P", "-m", "pocketlm.cli"]  # -P: the installed package, not ./pocketlm
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:
@@ -291,9 +291,8 @@ def test_every_verb_applies_the_thread_rule(tiny_model, tmp_path, capsys, verb):
     for bad in ("0", "-2", "x"):
         code, out, err = run_main(capsys, *argv, "--threads", bad)
         assert code == 2 and out == ""
-        assert err.strip().splitlines()[-1].endswith(f"argument --threads{'/-t' if verb != 'quantize' else ''}: "
-                                                     f"must be {'an integer ' if bad == 'x' else ''}>= 1, "
-                                                     f"got {bad if bad != 'x' else repr(bad)}")
+        got = f"must be an integer >= 1, got {bad!r}" if bad == "x" else f"--threads must be >= 1, got {bad}"
+        assert err.strip().splitlines()[-1].endswith(f"argument --threads{'/-t' if verb != 'quantize' else ''}: {got}")
     assert leftovers(tmp_path) == []
 
 

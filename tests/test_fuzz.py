@@ -202,8 +202,8 @@ def run_limited(argv: list[str], named: Path, what: str) -> None:
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
 
-    res = subprocess.run([sys.executable, "-m", "pocketlm.cli", *argv], capture_output=True, text=True,
-                         timeout=120, preexec_fn=limit)
+    res = subprocess.run([sys.executable, "-P", "-m", "pocketlm.cli", *argv],  # -P: not ./pocketlm
+                         capture_output=True, text=True, timeout=120, preexec_fn=limit)
     assert res.returncode in (0, 2), f"{what}: exit {res.returncode} (a signal if negative): {res.stderr}"
     assert "Traceback" not in res.stderr, f"{what}: {res.stderr}"
     if res.returncode == 2:
