@@ -462,7 +462,8 @@ def _flatten(node: Any, key: str) -> list[Mapping[str, Any]]:
     if not isinstance(node, Mapping):
         return []
     if node.get("type") == "Sequence":
-        return [m for child in node.get(key) or [] for m in _flatten(child, key)]
+        children = node.get(key)
+        return [m for child in children for m in _flatten(child, key)] if isinstance(children, list) else []
     return [node]
 
 
