@@ -13,10 +13,12 @@ SentencePiece vocabulary) and what this module reads from any tokenizer.json of 
   use_regex false)]: the o200k pieces (`pocketlm.pretokenize`), BPE inside each piece;
 - added_tokens: found in the text before splitting, leftmost first and the longest at a
   position (HF's AddedVocabulary); `special` ones are left out of decoded text when skipping
-  special tokens. Phi-4-mini's: <|endoftext|> 199999 (bos, eos and pad in its
-  tokenizer_config/generation_config), <|endofprompt|> 200018, <|assistant|> 200019, <|end|>
-  200020, <|user|> 200021, <|system|> 200022, <|tool|> 200023, then <|/tool|>, <|tool_call|>,
-  <|/tool_call|>, <|tool_response|>, <|tag|>; config.json's vocab_size 200064 pads the rest;
+  special tokens. Every id is read from the file; Phi-4-mini's, as seen in public copies of its
+  generation_config.json (bos 199999, eos [200020, 199999], pad 199999) and in code that names
+  them: <|endoftext|> 199999, <|assistant|> 200019, <|end|> 200020, <|user|> 200021, <|system|>
+  200022, <|tool|> 200023; o200k_base puts <|endofprompt|> at 200018; the tool tokens <|/tool|>,
+  <|tool_call|>, <|/tool_call|>, <|tool_response|> and <|tag|> follow (their ids were not seen in
+  the stored copies). config.json's vocab_size 200064 pads the rest;
 - decoder: ByteLevel: token strings back to bytes, invalid UTF-8 replaced by U+FFFD.
 
 GGUF (`to_gguf_fields`) in llama.cpp's layout for this model (convert_hf_to_gguf.py
@@ -44,7 +46,17 @@ import numpy as np
 
 from .errors import PocketLMError
 from .pretokenize import pretokenize
-from .tokenizer import CONTROL, NORMAL, UNUSED, USER_DEFINED, _as_str, _merge_pairs, _read_json, _scalar
+from .tokenizer import (
+    CONTROL,
+    NORMAL,
+    UNUSED,
+    USER_DEFINED,
+    _as_str,
+    _merge_pairs,
+    _read_json,
+    _scalar,
+    _write_atomic,
+)
 from .tokenizer_tiktoken import _BYTE_CHARS, _CHAR_BYTES, ByteStreamDecoder
 
 # tiktoken_ext/openai_public.py o200k_base pat_str; the Split pattern of Phi-4-mini's tokenizer.json
@@ -437,6 +449,10 @@ class ByteLevelTokenizer:
             fields["tokenizer.chat_template"] = self.chat_template
         return fields
 
+    def write_hf_files(self, out_dir: str | os.PathLike) -> None:
+        """tokenizer.json and tokenizer_config.json (for the ONNX export); HF reads them as this."""
+        write_hf_files(self, out_dir)
+
     def _error(self, message: str) -> PocketLMError:
         return PocketLMError(message, self.source)
 
@@ -604,4 +620,4 @@ def write_hf_files(tok: ByteLevelTokenizer, out_dir: str | os.PathLike) -> None:
     if tok.chat_template is not None:
         config["chat_template"] = tok.chat_template
     for name, content in (("tokenizer.json", tokenizer_json), ("tokenizer_config.json", config)):
-        (out / name).write_text(json.dumps(content, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        _write_atomic(out / name, json.dumps(content, ensure_ascii=False, indent=1) + "\n")

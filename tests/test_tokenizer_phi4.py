@@ -306,6 +306,17 @@ def test_llama_cpp_tokenizes_the_same(tok: ByteLevelTokenizer, llama, corpus: st
     assert llama.detokenize(ids).decode("utf-8", "replace") == tok.decode(ids)
 
 
+def test_written_hf_files_read_back(tok: ByteLevelTokenizer, tmp_path: Path, corpus: str):
+    """write_hf_files (the ONNX export's tokenizer) gives files HF `tokenizers` and pocketlm read
+    as the same tokenizer."""
+    tok.write_hf_files(tmp_path)
+    hf_back = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ours_back = tokenizer_from_dir(tmp_path)
+    for text in [*EDGE_CASES, corpus[:20_000]]:
+        assert hf_back.encode(text).ids == ours_back.encode(text) == tok.encode(text)
+    assert ours_back.chat_template == tok.chat_template and ours_back.stop_ids == tok.stop_ids
+
+
 # ------------------------------------------------------------------------------------ chat template
 
 CONVERSATIONS = [
