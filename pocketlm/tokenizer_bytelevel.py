@@ -335,6 +335,8 @@ class ByteLevelTokenizer:
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         ids: list[int] = []
         if self.add_bos if add_bos is None else add_bos:
+            if self.bos_id is None:
+                raise self._error("add_bos is asked for but the vocabulary has no bos token")
             ids.append(self.bos_id)
         finder = self._added_re if parse_special else self._ordinary_re
         start = 0
