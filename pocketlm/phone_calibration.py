@@ -20,7 +20,8 @@ Projection of engine E on device D for the user's file (quantization family Q):
   - "calibrated": D has llama.cpp rows of family Q: their achieved rates x (E / llama.cpp speed
     measured on this host on the same file; assumed 1 without a llama.cpp run, and labelled so).
   - "fallback" (the weaker estimate): D's DRAM peak x the share of peak that phones with llama.cpp
-    rows of family Q achieve (median over devices), and likewise its int8 peak for prefill.
+    rows of family Q achieve (median over devices); prefill likewise (see `_peak` for why the DRAM
+    peak and not the int8 peak).
 Each estimate carries a relative band: the 90th percentile of |error| of its path in the
 leave-one-out check over the data. A budget inside the band reads "borderline".
 """
@@ -181,13 +182,19 @@ def achieved_rate(rows: Sequence[Measurement], metric: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def _peak(device: Any, metric: str) -> float:
-    """The device's DRAM peak (decode) or big-core int8 peak (prefill), in bytes/s or ops/s."""
-    return (device.bandwidth_gbs if metric == "decode" else device.int8_gops) * GB
+def _peak(device: Any, metric: str, prefill_peak: str = "bandwidth") -> float:
+    """The figure a fallback estimate scales with: the DRAM peak (bytes/s) for decode; for prefill
+    the DRAM peak too by default, or the big-core int8 peak estimate (ops/s) with
+    prefill_peak="int8". Prefill is compute-bound, but our int8 peaks (cores x clock x SIMD pipes)
+    predict phones' llama.cpp prefill poorly (leave-one-out median error 58 % against 29 % with the
+    DRAM peak, which tracks the SoC generation): see benchmarks/phone_projection_check.py."""
+    if metric == "decode" or prefill_peak == "bandwidth":
+        return device.bandwidth_gbs * GB
+    return device.int8_gops * GB
 
 
 def phone_efficiency(rows: Sequence[Measurement], devices: dict, family: str, metric: str,
-                     exclude_device: str | None = None) -> float | None:
+                     exclude_device: str | None = None, prefill_peak: str = "bandwidth") -> float | None:
     """Share of its peak that a phone reaches with the reference engine on a quantization family:
     per device the median achieved rate / its peak, then the median over devices."""
     per_device = []
@@ -197,7 +204,7 @@ def phone_efficiency(rows: Sequence[Measurement], devices: dict, family: str, me
         ref = [r for r in rows if r.device == key and r.engine == REFERENCE_ENGINE and r.family == family]
         rate = achieved_rate(ref, metric)
         if rate is not None:
-            per_device.append(rate / _peak(devices[key], metric))
+            per_device.append(rate / _peak(devices[key], metric, prefill_peak))
     return statistics.median(per_device) if per_device else None
 
 
@@ -291,7 +298,7 @@ class LooResult:
     error: float     # projected / published - 1
 
 
-def leave_one_out(rows: Sequence[Measurement], devices: dict) -> list[LooResult]:
+def leave_one_out(rows: Sequence[Measurement], devices: dict, prefill_peak: str = "bandwidth") -> list[LooResult]:
     """Project every row from the others, both ways the bench can: 'calibrated' from the other rows
     of its device, engine and quantization family (rate x scale, median, / its scale); 'fallback'
     with its whole device left out, from the peak efficiency the other devices' reference-engine
@@ -308,9 +315,9 @@ def leave_one_out(rows: Sequence[Measurement], devices: dict) -> list[LooResult]
                 p = rate / r.scale(metric)
                 out.append(LooResult(r, "calibrated", metric, p, p / r.rate(metric) - 1))
             if r.engine == REFERENCE_ENGINE and r.device in devices:
-                eff = phone_efficiency(rows, devices, r.family, metric, exclude_device=r.device)
+                eff = phone_efficiency(rows, devices, r.family, metric, r.device, prefill_peak)
                 if eff is not None:
-                    p = eff * _peak(devices[r.device], metric) / r.scale(metric)
+                    p = eff * _peak(devices[r.device], metric, prefill_peak) / r.scale(metric)
                     out.append(LooResult(r, "fallback", metric, p, p / r.rate(metric) - 1))
     return out
 

@@ -1,0 +1,182 @@
+"""The phone measurements data, the calibrated projection, leave-one-out and the borderline verdicts
+(pocketlm/phone_calibration.py, pocketlm/phone_measurements.json). No model runs here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pocketlm import phone_calibration as calib
+from pocketlm.devices import DEVICES, Device
+from pocketlm.errors import PocketLMError
+
+
+def test_shipped_data_parses_and_every_row_has_a_source():
+    doc = json.loads(calib.DATA_PATH.read_text())
+    rows = calib.parse_rows(doc)
+    assert len(rows) == len(doc["rows"]) >= 60
+    for r in rows:
+        assert r.source.strip() and r.device in DEVICES, r
+        assert r.decode_tok_s is not None and r.decode_tok_s > 0
+        if r.engine == calib.REFERENCE_ENGINE:   # what calibrates: shape and bytes known
+            assert r.weight_bytes_per_token and r.n_weight_params, r
+            assert r.model in doc["models"], r.model
+    for name, m in doc["models"].items():
+        assert m["source"].startswith("https://"), name
+    # the figures the issue quotes are in the data as published
+    s23 = next(r for r in rows if (r.device, r.model, r.quant) == ("galaxy-s23", "phi-3.5-mini", "Q4_0"))
+    assert (s23.prefill_tok_s, s23.decode_tok_s, s23.threads, s23.prompt_tokens) == (43.12, 9.94, 6, 256)
+    assert "pocketpal-ai" in s23.source
+
+
+def test_phi35_bytes_per_token_is_the_file_less_the_embedding():
+    """Phi-3.5-mini Q4_0 (3.82 B weights, untied embedding): the weights a token reads come to
+    4.5-4.7 bits per weight over the matrices it multiplies (Q4_0 is 4.5, the Q6_K head a bit more)."""
+    r = next(r for r in calib.load_measurements(use_env=False)
+             if (r.device, r.model, r.quant) == ("poco-myron", "phi-3.5-mini", "Q4_0"))
+    assert 4.5 <= 8 * r.weight_bytes_per_token / r.n_weight_params <= 4.75
+
+
+def test_bad_rows_are_refused():
+    good = {"device": "galaxy-s23", "engine": "llama.cpp", "model": "m", "quant": "Q4_0", "source": "x",
+            "decode_tok_s": 1.0}
+    calib.parse_rows({"schema": calib.SCHEMA, "rows": [good]})
+    for bad in ({**good, "source": ""}, {**good, "decode_tok_s": -1}, {**good, "tok_s": 3}):
+        with pytest.raises(PocketLMError):
+            calib.parse_rows({"schema": calib.SCHEMA, "rows": [bad]})
+    with pytest.raises(PocketLMError):
+        calib.parse_rows({"schema": "other/1", "rows": []})
+
+
+def _device(key: str, bw: float) -> Device:
+    return Device(key, key, key, "", 8, bw, 5, 4, 4, 100.0, "synthetic")
+
+
+def _synthetic(noise: float, eff: dict[str, float], seed: int = 0) -> tuple[list, dict]:
+    """Planted: decode = eff_device x bandwidth / bytes, prefill = c_device x bandwidth / ops, times
+    lognormal noise of `noise`."""
+    rng = np.random.default_rng(seed)
+    devices = {k: _device(k, bw) for k, bw in (("a", 50.0), ("b", 70.0), ("c", 90.0))}
+    rows = []
+    for key, dev in devices.items():
+        for params in (1e9, 1.7e9, 3.8e9):
+            bpt = params * 4.5 / 8
+            n1, n2 = np.exp(rng.normal(0, noise, 2)) if noise else (1.0, 1.0)
+            rows.append(calib.Measurement(
+                key, "llama.cpp", f"m{params:g}", "Q4_0", "synthetic",
+                decode_tok_s=float(eff[key] * dev.bandwidth_gbs * 1e9 / bpt * n1),
+                prefill_tok_s=float(2 * eff[key] * dev.bandwidth_gbs * 1e9 / (2 * params) * n2),
+                weight_bytes_per_token=bpt, n_weight_params=params))
+    return rows, devices
+
+
+def test_leave_one_out_recovers_a_planted_relationship():
+    # one efficiency for every device: both paths exact
+    rows, devices = _synthetic(0.0, {"a": 0.4, "b": 0.4, "c": 0.4})
+    res = calib.leave_one_out(rows, devices)
+    assert {(x.path, x.metric) for x in res} == {(p, m) for p in ("calibrated", "fallback")
+                                                 for m in ("decode", "prefill")}
+    assert max(abs(x.error) for x in res) < 1e-12
+    # per-device efficiencies: the calibrated path is still exact, the fallback errs by the spread
+    rows, devices = _synthetic(0.0, {"a": 0.3, "b": 0.4, "c": 0.5})
+    res = calib.leave_one_out(rows, devices)
+    assert max(abs(x.error) for x in res if x.path == "calibrated") < 1e-12
+    fb = {x.row.device: x.error for x in res if x.path == "fallback" and x.metric == "decode"}
+    assert fb["a"] == pytest.approx(0.45 / 0.3 - 1) and fb["c"] == pytest.approx(0.35 / 0.5 - 1)
+    # planted noise: the errors come out at the noise's size, not zero and not wild
+    rows, devices = _synthetic(0.1, {"a": 0.4, "b": 0.4, "c": 0.4}, seed=1)
+    s = calib.error_summary(calib.leave_one_out(rows, devices))[("calibrated", "decode")]
+    assert 0.02 < s["median_abs"] < 0.25
+
+
+def test_estimate_paths_and_the_host_ratio():
+    rows, devices = _synthetic(0.0, {"a": 0.3, "b": 0.4, "c": 0.5})
+    bands = {("calibrated", "decode"): 0.1, ("calibrated", "prefill"): 0.1, ("fallback", "decode"): 0.3,
+             ("fallback", "prefill"): 0.3, ("measured", "decode"): 0.1, ("measured", "prefill"): 0.1}
+    bpt, ops = 2.2e9, 7.6e9
+    e = calib.estimate(devices["b"], "pocketlm", "Q4_0", bpt, ops, rows, devices,
+                       {"decode": 1.25, "prefill": 0.5}, bands)
+    assert e.basis == "calibrated" and e.ratio_measured and e.rows == 3
+    assert e.decode_tok_s == pytest.approx(0.4 * 70e9 / bpt * 1.25)
+    assert e.prefill_tok_s == pytest.approx(2 * 0.4 * 70e9 / ops * 0.5) and e.decode_band == 0.1
+    e = calib.estimate(devices["b"], "pocketlm", "Q4_0", bpt, ops, rows, devices, None, bands)
+    assert not e.ratio_measured and "assumed 1" in e.note
+    assert e.decode_tok_s == pytest.approx(0.4 * 70e9 / bpt)
+    # a device with no rows: its peak x the median efficiency (0.4) of those that have some
+    new = _device("new", 100.0)
+    e = calib.estimate(new, "llama.cpp", "Q4_0", bpt, ops, rows, {**devices, "new": new}, None, bands)
+    assert e.basis == "fallback" and e.decode_band == 0.3 and "weaker" in e.note
+    assert e.decode_tok_s == pytest.approx(0.4 * 100e9 / bpt)
+    # a file of a family the device has no rows of: another family's rows, flagged, the wider band
+    e = calib.estimate(devices["b"], "llama.cpp", "Q8_0", bpt, ops, rows, devices, None, bands)
+    assert not e.quant_matched and e.quant == "Q4_0" and e.decode_band == 0.3
+
+
+@pytest.mark.parametrize("value, band, threshold, higher, expect", [
+    (15.0, 0.2, 12.0, True, "pass"),        # 12.0 .. 18.0: all >= 12
+    (14.0, 0.2, 12.0, True, "borderline"),  # 11.2 .. 16.8
+    (9.0, 0.2, 12.0, True, "fail"),         # 7.2 .. 10.8
+    (10.0, 0.2, 12.0, True, "borderline"),  # 8 .. 12: the top touches the budget
+    (1.0, 0.2, 1.5, False, "pass"),         # 0.8 .. 1.2 s <= 1.5 s
+    (1.4, 0.2, 1.5, False, "borderline"),
+    (2.0, 0.2, 1.5, False, "fail"),
+    (14.0, 0.0, 12.0, True, "pass"),        # no band: pass/fail only
+    (math.nan, 0.2, 12.0, True, "fail"),
+])
+def test_borderline_verdicts(value, band, threshold, higher, expect):
+    assert calib.verdict(value, band, threshold, higher) == expect
+
+
+def test_bands_are_the_90th_percentile_of_the_loo_errors():
+    assert calib.quantile([0.0, 1.0], 0.9) == pytest.approx(0.9)
+    assert calib.quantile(list(range(11)), 0.9) == pytest.approx(9.0)
+    rows = calib.load_measurements(use_env=False)
+    res = calib.leave_one_out(rows, DEVICES)
+    bands = calib.bands_from(res)
+    errs = sorted(abs(x.error) for x in res if (x.path, x.metric) == ("calibrated", "decode"))
+    assert bands[("calibrated", "decode")] == pytest.approx(float(np.quantile(errs, 0.9)))
+    assert bands[("measured", "decode")] == bands[("calibrated", "decode")]
+
+
+def _phone_run() -> dict:
+    """A `pocketlm bench --device auto --json` result as android_demo/ pulls it from a phone
+    (docs/bench_schema.md): a measured row first, then projections."""
+    model = {"name": "phi3-mini-random", "weight_bytes_per_token": 2119234752, "n_weight_params": 3722382336,
+             "quant_type": "Q4_0", "prompt_tokens": 128, "gen_tokens": 32, "n_layers": 32, "n_heads": 32,
+             "head_dim": 96}
+    engine = {"name": "pocketlm", "version": "0.1.0", "decode_tok_s": 8.0, "prefill_tok_s": 30.0,
+              "bytes_per_token": 2119234752 + 144 * 393216}
+    measured = {"kind": "measured", "device": "galaxy-s23", "name": "Galaxy S23", "soc": "Snapdragon 8 Gen 2",
+                "engine": "pocketlm", "decode_tok_s": 8.0, "prefill_tok_s": 30.0}
+    projection = {**measured, "kind": "projection", "device": "rk3588", "decode_tok_s": 99.0}
+    return {"schema": "pocketlm.bench/1", "created": "2026-01-01T00:00:00+00:00", "host": {"threads": 4},
+            "model": model, "engines": [engine], "devices": [measured, projection]}
+
+
+def test_a_phone_run_slots_into_the_data(tmp_path, monkeypatch):
+    """A bench JSON from android_demo/ is read as it is (a file argument or $POCKETLM_PHONE_MEASUREMENTS);
+    its measured row becomes a `measured` row, which then projects pocketlm on that phone with ratio 1
+    and enters the leave-one-out check like any other row."""
+    path = tmp_path / "phone-R5CT.json"
+    path.write_text(json.dumps(_phone_run()))
+    shipped = calib.load_measurements(use_env=False)
+    monkeypatch.setenv(calib.ENV, str(path))
+    rows = calib.load_measurements()
+    assert len(rows) == len(shipped) + 1
+    mine = rows[-1]
+    assert (mine.kind, mine.device, mine.engine, mine.quant, mine.decode_tok_s) == (
+        "measured", "galaxy-s23", "pocketlm", "Q4_0", 8.0)
+    assert mine.bytes_per_token == 2119234752 + 144 * 393216 and str(path) in mine.source
+    bands = calib.bands_from(calib.leave_one_out(rows, DEVICES))
+    e = calib.estimate(DEVICES["galaxy-s23"], "pocketlm", "Q4_0", mine.bytes_per_token, mine.ops_per_token,
+                       rows, DEVICES, {"decode": 3.0, "prefill": 3.0}, bands)
+    assert e.basis == "measured" and e.ratio_decode == 1.0
+    assert e.decode_tok_s == pytest.approx(8.0) and e.prefill_tok_s == pytest.approx(30.0)
+    # the converted document is the data file's format: appending it to the shipped file works too
+    doc = json.loads(calib.DATA_PATH.read_text())
+    doc["rows"] += calib.measurement_from_bench(_phone_run(), "phone-R5CT.json")["rows"]
+    assert calib.parse_rows(doc)[-1] == calib.parse_rows(
+        calib.measurement_from_bench(_phone_run(), "phone-R5CT.json"))[0]
