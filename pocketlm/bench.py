@@ -7,7 +7,10 @@ of ordinary tokens, greedily, end-of-text ignored: pocketlm (this runtime), llam
 (llama-cpp-python on the same GGUF: the prompt in one eval, then N single-token evals) and
 onnxruntime-genai (on the ONNX export of the GGUF, made on the fly into a cache folder unless
 --onnx is given; min_length forces N tokens). Then every engine is projected onto the device
-profiles of `pocketlm.devices` (a roofline: see that module) and checked against the phone budget.
+profiles of `pocketlm.devices`, calibrated on published phone measurements (`pocketlm.phone_calibration`:
+a device's measured llama.cpp speed x this engine's speed relative to llama.cpp here; the weaker
+DRAM-peak estimate where a phone has none), and checked against the phone budget with each
+estimate's leave-one-out error band: a budget inside the band reads "borderline".
 On a phone, `--device auto` finds the SoC and labels this run's figures as measured on it.
 
 JSON schema: docs/bench_schema.md.
@@ -30,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from . import phone_calibration as calib
 from .devices import (
     DEVICES,
-    PUBLISHED,
     Budget,
     Device,
     Efficiency,
@@ -114,6 +117,11 @@ def model_facts(path: str, ctx: int | None, kv: str) -> dict[str, Any]:
         cfg = Phi3Config.from_gguf_metadata(r.metadata, factors, source=path)
         tensors = list(r.tensors.values())
         name = str(r.metadata.get("general.name", Path(path).stem))
+        type_bytes: dict[str, int] = {}   # the quantization type that holds most weight bytes
+        for t in tensors:
+            if len(t.shape) == 2 and t.name != "token_embd.weight":
+                type_bytes[t.type_name] = type_bytes.get(t.type_name, 0) + t.nbytes
+        quant_type = max(type_bytes, key=type_bytes.__getitem__) if type_bytes else "unknown"
     tied = not any(t.name == "output.weight" for t in tensors)
     weight_bytes = params = 0
     for t in tensors:
@@ -133,26 +141,42 @@ def model_facts(path: str, ctx: int | None, kv: str) -> dict[str, Any]:
             "n_layers": L, "n_heads": H, "n_kv_heads": KV, "head_dim": hd, "vocab": cfg.vocab_size,
             "max_context": cfg.max_position_embeddings, "sliding_window": cfg.sliding_window or 0,
             "weight_bytes_per_token": weight_bytes, "n_weight_params": params,
-            "bits_per_weight": 8 * weight_bytes / params, "ctx": ctx, "kv": kv,
+            "bits_per_weight": 8 * weight_bytes / params, "quant_type": quant_type, "ctx": ctx, "kv": kv,
             "kv_bytes_per_position": kv_bytes_per_position(L, KV, hd, kv),
             "kv_cache_bytes": kv_bytes_per_position(L, KV, hd, kv) * ctx}
 
 
-def published_comparison(model: dict, records: list[dict]) -> list[dict]:
-    """Our projections beside the published on-device figures (which are for phi-3-mini: a model
-    of another shape is not compared)."""
+PHI3_MINI_MODELS = ("phi-3-mini", "phi-3.5-mini")   # the published models of phi-3-mini's shape
+
+
+def published_comparison(model: dict, records: list[dict], rows: list | None = None) -> list[dict]:
+    """The published phi-3-mini-shaped phone figures beside their projections (only for a run of a
+    phi-3-mini-shaped model): llama.cpp rows projected leave-one-out from the other published rows
+    (calibrated: the same device's other rows; fallback: the device left out), other engines' rows
+    beside this run's projection of that engine on that device."""
     if not is_phi3_mini_shaped(model):
         return []
-    published = []
-    for pub in PUBLISHED:
-        proj = next((r for r in records if r["kind"] == "projection" and r["device"] == pub.device
-                     and r["engine"] == pub.engine), None)
+    rows = calib.load_measurements() if rows is None else rows
+    loo = calib.leave_one_out(rows, DEVICES)
+    out = []
+    for r in rows:
+        if r.model not in PHI3_MINI_MODELS or r.decode_tok_s is None:
+            continue
+        base = {"device": r.device, "engine": r.engine, "model": r.model, "quant": r.quant,
+                "decode_tok_s": r.decode_tok_s, "lower_bound": r.lower_bound, "source": r.source}
+        if r.engine == calib.REFERENCE_ENGINE:
+            for x in loo:
+                if x.row is r and x.metric == "decode":
+                    out.append({**base, "path": f"leave-one-out {x.path}", "projected_decode_tok_s": x.projected,
+                                "error": x.error})
+            continue
+        proj = next((p for p in records if p["kind"] == "projection" and p["device"] == r.device
+                     and p["engine"] == r.engine), None)
         if proj is not None:
-            published.append({"device": pub.device, "engine": pub.engine, "model": pub.model,
-                              "decode_tok_s": pub.decode_tok_s, "lower_bound": pub.lower_bound,
-                              "source": pub.source, "projected_decode_tok_s": proj["decode_tok_s"],
-                              "error": ratio_error(proj["decode_tok_s"], pub.decode_tok_s)})
-    return published
+            out.append({**base, "path": f"this run ({proj['basis']})",
+                        "projected_decode_tok_s": proj["decode_tok_s"],
+                        "error": ratio_error(proj["decode_tok_s"], r.decode_tok_s)})
+    return out
 
 
 def is_phi3_mini_shaped(model: dict) -> bool:
@@ -460,6 +484,48 @@ def add_efficiency(engine: dict, work: Workload, host: dict) -> Efficiency:
     return Efficiency(engine["bandwidth_efficiency"], engine["compute_efficiency"])
 
 
+def ratio_vs_reference(engine: dict, engines: list[dict]) -> dict | None:
+    """{decode, prefill} of this engine / llama.cpp measured here on the same file (what carries a
+    published llama.cpp phone figure over to this engine); without a llama.cpp run, a peer's ratio
+    to pocketlm marked assumed (pocketlm taken as fast as llama.cpp), pocketlm's None (assumed 1)."""
+    ref = next((x for x in engines if x["name"] == calib.REFERENCE_ENGINE and "error" not in x), None)
+    base = ref or next((x for x in engines if x["name"] == "pocketlm" and "error" not in x), None)
+    if base is None or (ref is None and engine["name"] == "pocketlm"):
+        return None
+    return {"decode": engine["decode_tok_s"] / base["decode_tok_s"],
+            "prefill": engine["prefill_tok_s"] / base["prefill_tok_s"], "assumed": ref is None}
+
+
+def calibrated_record(dev: Device, engine: str, quant: str, work: Workload, host_eff: Efficiency,
+                      ratio: dict | None, rows: list, bands: dict, budget: Budget,
+                      memory_bytes: float | None) -> dict:
+    """One device's projection of one engine from the published phone measurements, its error band
+    and verdicts; the host-efficiency roofline kept beside it as `roofline_*`."""
+    est = calib.estimate(dev, engine, quant, work.bytes_per_token, work.ops_per_token, rows, DEVICES,
+                         ratio, bands)
+    # the device efficiency that reproduces the calibrated rates, so budgets and advice re-project
+    # from them (advice: bytes per token or prompt length that pass at this phone's achieved rate)
+    eff = Efficiency(est.decode_tok_s * work.bytes_per_token / (dev.bandwidth_gbs * calib.GB),
+                     est.prefill_tok_s * work.ops_per_token / (dev.int8_gops * calib.GB))
+    rec = projection_record(project(dev, engine, work, eff, budget, memory_bytes))
+    roof = project(dev, engine, work, host_eff, budget, memory_bytes)
+    need = budget.prompt_tokens / budget.first_token_s   # prefill tok/s the first-token budget needs
+    bd, bp = est.decode_band, est.prefill_band
+    rec.update({
+        "basis": est.basis, "calibration": est.note, "calibration_rows": est.rows,
+        "quant_used": est.quant, "quant_matched": est.quant_matched,
+        "ratio_vs_llama_cpp": {"decode": est.ratio_decode, "prefill": est.ratio_prefill,
+                               "measured": est.ratio_measured},
+        "decode_band": bd, "prefill_band": bp,
+        "decode_range_tok_s": [est.decode_tok_s * (1 - bd), est.decode_tok_s * (1 + bd)],
+        "first_token_range_s": [rec["first_token_s"] / (1 + bp), rec["first_token_s"] / max(1e-9, 1 - bp)],
+        "verdicts": {"decode": calib.verdict(est.decode_tok_s, bd, budget.decode_tok_s),
+                     "first_token": calib.verdict(est.prefill_tok_s, bp, need),
+                     "memory": "pass" if rec["passes"]["memory"] else "fail"},
+        "roofline_decode_tok_s": roof.decode_tok_s, "roofline_prefill_tok_s": roof.prefill_tok_s})
+    return rec
+
+
 def projection_record(p: Projection, kind: str = "projection") -> dict:
     d = p.device
     return {"kind": kind, "device": d.key, "name": d.name, "soc": d.soc, "engine": p.engine,
@@ -483,7 +549,7 @@ def measured_record(key: str | None, label: str, engine: dict, work: Workload, b
             "first_token_s": first, "measured_first_token_s": engine["first_token_s"],
             "peak_rss_gb": engine.get("peak_rss_bytes", 0) / 1e9, "memory_gb": mem,
             "memory_limit_gb": None if math.isinf(limit) else limit, "passes": passes,
-            "ok": all(passes.values()),
+            "ok": all(passes.values()), "verdicts": {k: _mark(v).lower() for k, v in passes.items()},
             "advice": []}
 
 
@@ -544,18 +610,26 @@ def benchmark(model_path: str | os.PathLike, *, threads: int | None = None, prom
 
     records: list[dict] = []
     works: dict[str, Workload] = {}
+    effs: dict[str, Efficiency] = {}
     ours = engines[0]
     for e in engines:
         if "error" in e:
             continue
         work = works[e["name"]] = engine_workload(model, e, prompt_len, gen, onnx_bytes)
-        eff = add_efficiency(e, work, host)
+        effs[e["name"]] = add_efficiency(e, work, host)
         if "error" not in ours and e is not ours:
             e["ratio_vs_pocketlm"] = {"decode": e["decode_tok_s"] / ours["decode_tok_s"],
                                       "prefill": e["prefill_tok_s"] / ours["prefill_tok_s"]}
+    rows = calib.load_measurements()
+    bands = calib.bands_from(calib.leave_one_out(rows, DEVICES))
+    for e in engines:
+        if "error" in e:
+            continue
+        work, ratio = works[e["name"]], ratio_vs_reference(e, engines)
         peer_memory = None if e["name"] == "pocketlm" else work.memory_bytes
         for dev in devices:
-            records.append(projection_record(project(dev, e["name"], work, eff, budget, peer_memory)))
+            records.append(calibrated_record(dev, e["name"], model["quant_type"], work, effs[e["name"]], ratio,
+                                             rows, bands, budget, peer_memory))
     if auto and "error" not in ours:
         key = detect_device(hostinfo.read_cpuinfo(), hostinfo.read_getprop(), hostinfo.read_dt_compatible())
         label = hostinfo.read_getprop().get("ro.product.model") or host["cpu"]
@@ -607,8 +681,8 @@ def _mark(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
 
-def format_tables(res: dict) -> str:
-    h, m, b = res["host"], res["model"], res["budget"]
+def format_tables(res: dict, phones: bool = True) -> str:
+    h, m = res["host"], res["model"]
     lines = [f"host: {h['cpu']} ({h['machine']}), {h['threads']} threads, kernel {h['kernel_path']}, "
              f"read bandwidth {h['read_bandwidth_gbs']:.1f} GB/s, int8 peak ~{h['int8_peak_gops']:.0f} Gops",
              f"model: {m['name']} ({m['file_bytes'] / 1e9:.2f} GB, {m['bits_per_weight']:.2f} bpw), prompt "
@@ -631,32 +705,56 @@ def format_tables(res: dict) -> str:
     if sweep:
         lines.append("pocketlm decode vs context: " + ", ".join(
             f"{s['context']}: {s['decode_tok_s']:.2f} tok/s" for s in sweep))
-    lines += ["", f"phone budget: decode >= {b['decode_tok_s']:g} tok/s, first token of a "
-                  f"{b['prompt_tokens']}-token prompt <= {b['first_token_s']:g} s, memory <= "
-                  f"{'the app limit' if b['memory_gb'] is None else str(b['memory_gb']) + ' GB'}",
-              "PROJECTION = roofline from this host's measured efficiency; "
-              "MEASURED = this run, on that device",
-              f"{'kind':<10} {'device':<17} {'SoC':<20} {'engine':<12} {'GB/s':>5} {'decode':>7} "
-              f"{'TTFT s':>7} {'mem GB':>11} decode ttft mem"]
+    if phones:
+        lines += ["", *phone_lines(res)]
+    return "\n".join(lines)
+
+
+def phone_lines(res: dict) -> list[str]:
+    """The phone table: per device and engine the projection, its error band and the verdicts."""
+    b = res["budget"]
+    lines = [f"phone budget: decode >= {b['decode_tok_s']:g} tok/s, first token of a "
+             f"{b['prompt_tokens']}-token prompt <= {b['first_token_s']:g} s, memory <= "
+             f"{'the app limit' if b['memory_gb'] is None else str(b['memory_gb']) + ' GB'}",
+             "CALIBRATED = published llama.cpp figures on that phone x this engine's speed relative to "
+             "llama.cpp here; FALLBACK = the phone's DRAM peak x the efficiency phones with published figures "
+             "reach (weaker); MEASURED = this run, on that device. +-: the leave-one-out error band (90 %); "
+             "a budget inside it is 'borderline'",
+             f"{'basis':<10} {'device':<17} {'SoC':<24} {'engine':<12} {'decode':>7} {'+-':>4} "
+             f"{'TTFT s':>7} {'+-':>4} {'mem GB':>9} decode     ttft       mem"]
     for r in res["devices"]:
         limit = f"{r['memory_gb']:.1f}"
         if r["memory_limit_gb"]:
             limit += f"/{r['memory_limit_gb']:.1f}"
-        bw = f"{r['bandwidth_gbs']:.1f}" if r.get("bandwidth_gbs") else "-"
-        p = r["passes"]
-        lines.append(f"{r['kind'].upper():<10} {r['name'][:17]:<17} {r['soc'][:20]:<20} {r['engine']:<12} "
-                     f"{bw:>5} {r['decode_tok_s']:>7.1f} {r['first_token_s']:>7.2f} {limit:>11} "
-                     f"{_mark(p['decode']):<6} {_mark(p['first_token']):<4} {_mark(p['memory'])}")
+        v = r.get("verdicts") or {k: _mark(x).lower() for k, x in r["passes"].items()}
+        kind = r.get("basis", r["kind"]) if r["kind"] == "projection" else "measured"
+        bd, bp = r.get("decode_band"), r.get("prefill_band")
+        lines.append(f"{kind.upper():<10} {r['name'][:17]:<17} {r['soc'][:24]:<24} {r['engine']:<12} "
+                     f"{r['decode_tok_s']:>7.1f} {_pct(bd):>4} {r['first_token_s']:>7.2f} {_pct(bp):>4} "
+                     f"{limit:>9} {_v(v['decode']):<10} {_v(v['first_token']):<10} {_v(v['memory'])}")
         for a in r["advice"] if r["engine"] == "pocketlm" else []:
             lines.append(f"{'':<12}-> {a}")
+    notes = list(dict.fromkeys(r["calibration"] for r in res["devices"]
+                               if r.get("calibration") and r["engine"] == "pocketlm"))
+    if notes:
+        lines += ["pocketlm's projections rest on:"] + [f"  - {n}" for n in notes]
     if res["published"]:
-        lines += ["", "projection vs published on-device measurements (error = projection / published - 1):"]
+        lines += ["", "published phi-3-mini-shaped phone figures beside their projections "
+                      "(error = projection / published - 1):"]
         for p in res["published"]:
             bound = "> " if p["lower_bound"] else ""
-            lines.append(f"  {p['device']:<11} {p['engine']:<12} projected "
-                         f"{p['projected_decode_tok_s']:6.1f} tok/s, "
-                         f"published {bound}{p['decode_tok_s']:g} ({p['source']}): error {p['error']:+.0%}")
-    return "\n".join(lines)
+            lines.append(f"  {p['device']:<11} {p['engine']:<12} {p['model']:<13} {p['quant']:<7} "
+                         f"published {bound}{p['decode_tok_s']:g}, {p['path']} {p['projected_decode_tok_s']:.1f} "
+                         f"tok/s: error {p['error']:+.0%}")
+    return lines
+
+
+def _pct(band: float | None) -> str:
+    return "-" if band is None or not math.isfinite(band) else f"{band:.0%}"
+
+
+def _v(verdict: str) -> str:
+    return {"pass": "pass", "fail": "FAIL", "borderline": "borderline"}.get(verdict, verdict)
 
 
 def write_json(res: dict, path: str) -> None:
@@ -696,14 +794,16 @@ def bench_command(args: argparse.Namespace) -> int:
     return report(run_bench(args), args.json, args.plot)
 
 
-def report(res: dict, json_path: str | os.PathLike | None = None, plot: str | os.PathLike | None = None) -> int:
-    """Print `benchmark`'s tables, write its JSON and plot when asked; 0 if every engine ran, else 1."""
+def report(res: dict, json_path: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
+           phones: bool = True) -> int:
+    """Print `benchmark`'s tables (the phone table unless `phones` is False), write its JSON and plot
+    when asked; 0 if every engine ran, else 1."""
     if plot:
         from .bench_plot import plot_results
         plot_results(res, plot)
         res["plot"] = os.path.abspath(plot)
     res = _finite(res)
-    print(format_tables(res))
+    print(format_tables(res, phones))
     if json_path:
         write_json(res, json_path)
         print(f"\nwrote {json_path}", file=sys.stderr)

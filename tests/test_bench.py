@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pocketlm import phone_calibration as calib
 from pocketlm.bench import kv_bytes_per_position, model_facts
 from pocketlm.cli import main
 from pocketlm.devices import (
     DEVICES,
-    PUBLISHED,
     Budget,
     Efficiency,
     Workload,
@@ -98,49 +98,87 @@ def test_bench_json_schema(bench_run, tiny_gguf):
     kinds = {r["kind"] for r in res["devices"]}
     assert kinds == {"projection"}                               # no --device auto: nothing measured
     assert len(res["devices"]) == 3 * len(DEVICES)
+    assert m["quant_type"] == "Q4_0"
     for r in res["devices"]:
         assert set(r["passes"]) == {"decode", "first_token", "memory"}
         assert r["ok"] == all(r["passes"].values())
+        assert set(r["verdicts"].values()) <= {"pass", "fail", "borderline"}
+        assert r["basis"] in ("calibrated", "fallback") and 0 < r["decode_band"] < 1, r
+        lo, hi = r["decode_range_tok_s"]
+        assert lo < r["decode_tok_s"] < hi
+        # a verdict is borderline exactly when the budget lies inside the band
+        inside = lo <= res["budget"]["decode_tok_s"] <= hi
+        assert (r["verdicts"]["decode"] == "borderline") == inside, r
 
 
-def test_projections_scale_with_bandwidth_and_compute(bench_run):
-    """Every engine's projected decode speed is proportional to the device's bandwidth, its prefill
-    speed to the device's int8 peak (one efficiency per engine, measured here)."""
+def test_projections_come_from_the_published_phone_figures(bench_run):
+    """A device with published llama.cpp Q4_0 rows: llama.cpp's projection is their median achieved
+    bandwidth / this file's bytes per token, the other engines' that times their speed relative to
+    llama.cpp measured here; a device without: its DRAM peak x the fitted phone efficiency."""
     res, _, _ = bench_run
-    for engine in ("pocketlm", "llama.cpp", "onnxruntime"):
-        rows = [r for r in res["devices"] if r["engine"] == engine]
-        e = next(x for x in res["engines"] if x["name"] == engine)
-        per_gbs = {r["decode_tok_s"] / r["bandwidth_gbs"] for r in rows}
-        assert max(per_gbs) == pytest.approx(min(per_gbs), rel=1e-9)
-        # decode on a device = its bandwidth x this engine's efficiency / bytes per token
-        r0 = rows[0]
-        assert r0["decode_tok_s"] == pytest.approx(
-            r0["bandwidth_gbs"] * 1e9 * e["bandwidth_efficiency"] / e["bytes_per_token"])
-        per_gops = {r["prefill_tok_s"] / r["int8_gops"] for r in rows}
-        assert max(per_gops) == pytest.approx(min(per_gops), rel=1e-9)
-        for r in rows:
-            assert r["first_token_s"] == pytest.approx(128 / r["prefill_tok_s"])
+    rows = calib.load_measurements()
+    engines = {e["name"]: e for e in res["engines"]}
+    llama = engines["llama.cpp"]
+    s23 = [r for r in rows if (r.device, r.engine, r.family) == ("galaxy-s23", "llama.cpp", "Q4_0")]
+    achieved = float(np.median([r.decode_tok_s * r.bytes_per_token for r in s23]))
+    achieved_ops = float(np.median([r.prefill_tok_s * 2 * r.n_weight_params for r in s23]))
+    for name, e in engines.items():
+        rec = next(r for r in res["devices"] if (r["device"], r["engine"]) == ("galaxy-s23", name))
+        assert rec["basis"] == "calibrated" and rec["quant_used"] == "Q4_0" and rec["calibration_rows"] == len(s23)
+        ratio = e["decode_tok_s"] / llama["decode_tok_s"]
+        assert rec["ratio_vs_llama_cpp"]["decode"] == pytest.approx(ratio)
+        assert rec["decode_tok_s"] == pytest.approx(achieved / e["bytes_per_token"] * ratio)
+        ops = e["compute_gops"] * 1e9 / e["prefill_tok_s"]
+        assert rec["prefill_tok_s"] == pytest.approx(
+            achieved_ops / ops * e["prefill_tok_s"] / llama["prefill_tok_s"])
+        assert rec["first_token_s"] == pytest.approx(128 / rec["prefill_tok_s"])
+        assert rec["roofline_decode_tok_s"] == pytest.approx(
+            DEVICES["galaxy-s23"].bandwidth_gbs * 1e9 * e["bandwidth_efficiency"] / e["bytes_per_token"])
+    eff = calib.phone_efficiency(rows, DEVICES, "Q4_0", "decode")
+    for r in res["devices"]:
+        if r["device"] == "pixel8":   # no published figure on a Tensor G3
+            e = engines[r["engine"]]
+            assert r["basis"] == "fallback" and "weaker" in r["calibration"]
+            assert r["decode_tok_s"] == pytest.approx(
+                eff * 67.2e9 / e["bytes_per_token"] * e["decode_tok_s"] / llama["decode_tok_s"])
+
+
+def test_without_a_llama_cpp_run_the_ratio_is_assumed_and_said():
+    from pocketlm.bench import ratio_vs_reference
+
+    ours = {"name": "pocketlm", "decode_tok_s": 10.0, "prefill_tok_s": 40.0}
+    ort = {"name": "onnxruntime", "decode_tok_s": 5.0, "prefill_tok_s": 20.0}
+    assert ratio_vs_reference(ours, [ours, ort]) is None
+    assert ratio_vs_reference(ort, [ours, ort]) == {"decode": 0.5, "prefill": 0.5, "assumed": True}
+    e = calib.estimate(DEVICES["galaxy-s23"], "pocketlm", "Q4_0", 2.1e9, 7.4e9, calib.load_measurements(),
+                       DEVICES, None, {})
+    assert not e.ratio_measured and "assumed 1" in e.note and e.basis == "calibrated"
 
 
 def test_published_figures_are_compared_only_for_phi3_mini(bench_run):
-    """The tiny model is no phi-3-mini: its run lists no published comparison; the same run's
-    projections relabelled as a phi-3-mini-shaped model's give one row per published figure."""
+    """The tiny model is no phi-3-mini: its run lists no published comparison; relabelled as a
+    phi-3-mini-shaped model, every published phi-3-mini-shaped llama.cpp figure appears with its
+    leave-one-out projection, and the ONNX Runtime Galaxy S21 figure beside this run's projection."""
     from pocketlm.bench import published_comparison
 
     res, _, _ = bench_run
     assert res["published"] == []
     mini = {**res["model"], "n_layers": 32, "n_heads": 32, "head_dim": 96}
     rows = published_comparison(mini, res["devices"])
-    assert {(p["device"], p["engine"]) for p in rows} == {(p.device, p.engine) for p in PUBLISHED}
+    data = [r for r in calib.load_measurements() if r.model in ("phi-3-mini", "phi-3.5-mini")]
+    llama = {(r.device, r.quant) for r in data if r.engine == "llama.cpp"}
+    assert {(p["device"], p["quant"]) for p in rows if p["engine"] == "llama.cpp"} == llama
     for p in rows:
-        proj = next(r for r in res["devices"] if r["device"] == p["device"] and r["engine"] == p["engine"])
-        assert p["projected_decode_tok_s"] == proj["decode_tok_s"]
-        assert p["error"] == pytest.approx(proj["decode_tok_s"] / p["decode_tok_s"] - 1)
+        assert p["error"] == pytest.approx(p["projected_decode_tok_s"] / p["decode_tok_s"] - 1)
+    (s21,) = [p for p in rows if p["engine"] == "onnxruntime"]
+    proj = next(r for r in res["devices"] if (r["device"], r["engine"]) == ("galaxy-s21", "onnxruntime"))
+    assert s21["projected_decode_tok_s"] == proj["decode_tok_s"] and s21["decode_tok_s"] == 6.2
 
 
 def test_bench_prints_one_table_with_all_engines(bench_run):
     _, _, text = bench_run
-    for word in ("pocketlm", "llama.cpp", "onnxruntime", "PROJECTION", "vs pocketlm", "read bandwidth"):
+    for word in ("pocketlm", "llama.cpp", "onnxruntime", "CALIBRATED", "FALLBACK", "vs pocketlm",
+                 "read bandwidth", "error band"):
         assert word in text
     assert "[pocketlm" in text and "[llama.cpp" in text    # progress lines of the children
 
