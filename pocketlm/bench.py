@@ -496,7 +496,7 @@ def ratio_vs_reference(engine: dict, engines: list[dict]) -> dict | None:
             "prefill": engine["prefill_tok_s"] / base["prefill_tok_s"], "assumed": ref is None}
 
 
-def calibrated_record(dev: Device, engine: str, quant: str, work: Workload, host_eff: Efficiency,
+def calibrated_record(dev: Device, engine: str, quant: str, work: Workload, host_eff: Efficiency | None,
                       ratio: dict | None, rows: list, bands: dict, budget: Budget,
                       memory_bytes: float | None) -> dict:
     """One device's projection of one engine from the published phone measurements, its error band
@@ -508,7 +508,7 @@ def calibrated_record(dev: Device, engine: str, quant: str, work: Workload, host
     eff = Efficiency(est.decode_tok_s * work.bytes_per_token / (dev.bandwidth_gbs * calib.GB),
                      est.prefill_tok_s * work.ops_per_token / (dev.int8_gops * calib.GB))
     rec = projection_record(project(dev, engine, work, eff, budget, memory_bytes))
-    roof = project(dev, engine, work, host_eff, budget, memory_bytes)
+    roof = None if host_eff is None else project(dev, engine, work, host_eff, budget, memory_bytes)
     need = budget.prompt_tokens / budget.first_token_s   # prefill tok/s the first-token budget needs
     bd, bp = est.decode_band, est.prefill_band
     rec.update({
@@ -522,7 +522,7 @@ def calibrated_record(dev: Device, engine: str, quant: str, work: Workload, host
         "verdicts": {"decode": calib.verdict(est.decode_tok_s, bd, budget.decode_tok_s),
                      "first_token": calib.verdict(est.prefill_tok_s, bp, need),
                      "memory": "pass" if rec["passes"]["memory"] else "fail"},
-        "roofline_decode_tok_s": roof.decode_tok_s, "roofline_prefill_tok_s": roof.prefill_tok_s})
+        "roofline_decode_tok_s": roof and roof.decode_tok_s, "roofline_prefill_tok_s": roof and roof.prefill_tok_s})
     return rec
 
 
@@ -747,6 +747,32 @@ def phone_lines(res: dict) -> list[str]:
                          f"published {bound}{p['decode_tok_s']:g}, {p['path']} {p['projected_decode_tok_s']:.1f} "
                          f"tok/s: error {p['error']:+.0%}")
     return lines
+
+
+def phi3_mini_phone_lines(budget: Budget | None = None) -> list[str]:
+    """The phone table for a phi-3-mini-sized Q4_0 file (3.72 B weights at 4.55 bits, f16 KV cache at
+    the default run's mean position), pocketlm taken as fast as llama.cpp: what `pocketlm demo` shows
+    in place of its 4 M-parameter model's phone figures, which say nothing about a phone."""
+    budget = Budget() if budget is None else budget
+    shape = {"n_layers": 32, "n_heads": 32, "n_kv_heads": 32, "head_dim": 96, "sliding_window": 0,
+             "n_weight_params": 3722382336}
+    kv = kv_bytes_per_position(32, 32, 96, "f16")
+    work = Workload(weight_bytes_per_token=2119234752, weight_file_bytes=2176176128,   # our Q4_0 file
+                    n_weight_params=shape["n_weight_params"], kv_bytes_per_position=kv,
+                    kv_positions_read=positions_read(128 + 16, 0), ctx=2048,
+                    # overhead: RssAnon after loading that file (benchmarks/results/phi3-mini-q4_0-x86.json)
+                    ops_per_token=ops_per_prompt_token(shape, 128), overhead_bytes=34938880,
+                    kv_int8_bytes_per_position=kv_bytes_per_position(32, 32, 96, "int8"))
+    rows = calib.load_measurements()
+    bands = calib.bands_from(calib.leave_one_out(rows, DEVICES))
+    recs = [calibrated_record(d, "pocketlm", "Q4_0", work, None, None, rows, bands,
+                              budget, None) for d in DEVICES.values()]
+    res = {"budget": {"decode_tok_s": budget.decode_tok_s, "first_token_s": budget.first_token_s,
+                      "prompt_tokens": budget.prompt_tokens, "memory_gb": budget.memory_gb},
+           "devices": recs, "published": []}
+    return ["phone figures for a PHI-3-MINI-SIZED Q4_0 file (3.7 B weights, 2.2 GB), not the built-in model: "
+            "published llama.cpp phone figures, pocketlm assumed as fast as llama.cpp (measure the ratio with "
+            "`pocketlm bench FILE --vs llama.cpp`); memory: the file + an f16 KV cache of 2048 positions", *phone_lines(res)]
 
 
 def _pct(band: float | None) -> str:
