@@ -772,7 +772,8 @@ def phi3_mini_phone_lines(budget: Budget | None = None) -> list[str]:
            "devices": recs, "published": []}
     return ["phone figures for a PHI-3-MINI-SIZED Q4_0 file (3.7 B weights, 2.2 GB), not the built-in model: "
             "published llama.cpp phone figures, pocketlm assumed as fast as llama.cpp (measure the ratio with "
-            "`pocketlm bench FILE --vs llama.cpp`); memory: the file + an f16 KV cache of 2048 positions", *phone_lines(res)]
+            "`pocketlm bench FILE --vs llama.cpp`); memory: the file + an f16 KV cache of 2048 positions",
+            *phone_lines(res)]
 
 
 def _pct(band: float | None) -> str:

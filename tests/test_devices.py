@@ -180,3 +180,15 @@ def test_a_phone_run_slots_into_the_data(tmp_path, monkeypatch):
     doc["rows"] += calib.measurement_from_bench(_phone_run(), "phone-R5CT.json")["rows"]
     assert calib.parse_rows(doc)[-1] == calib.parse_rows(
         calib.measurement_from_bench(_phone_run(), "phone-R5CT.json"))[0]
+
+
+def test_the_demo_phone_table_is_for_a_phi3_mini_sized_file():
+    """`pocketlm demo` shows phone figures of a phi-3-mini-sized Q4_0 file, labelled, with the Galaxy
+    S23 decode figure near llama.cpp's published phi-3.5-mini Q4_0 one (9.94 tok/s; ratio assumed 1)."""
+    from pocketlm.bench import phi3_mini_phone_lines
+
+    text = "\n".join(phi3_mini_phone_lines())
+    assert "PHI-3-MINI-SIZED" in text and "assumed as fast as llama.cpp" in text
+    (s23,) = [line for line in text.splitlines() if "Galaxy S23" in line]
+    decode = float(s23.split("pocketlm")[1].split()[0])
+    assert decode == pytest.approx(9.94, rel=0.1)
