@@ -120,6 +120,13 @@ class GGUFModel:
             return LlamaCppLinear(w, self.reader.info(name).gtype)
         return w
 
+    def output(self) -> np.ndarray:
+        """The output matrix [V, D]; tied files use token_embd, whose product with the final states
+        llama.cpp computes like any other matmul (activations rounded for its type)."""
+        name = "token_embd.weight" if self.config.tie_word_embeddings else "output.weight"
+        w = self.reader.dequantize(name)
+        return LlamaCppLinear(w, self.reader.info(name).gtype) if self.llama_cpp_activations else w
+
     def close(self) -> None:
         self.reader.close()
 
@@ -230,7 +237,7 @@ def gguf_logits(path: str | os.PathLike, tokens: np.ndarray,
     tokens = np.asarray(tokens, np.int64)
     try:
         x = hidden_states(model.config, model.tensor, tokens if tokens.ndim == 2 else tokens[None])
-        logits = head_logits(model.config, x, output_weight(model.config, model.tensor))
+        logits = head_logits(model.config, x, model.output())
         return logits if tokens.ndim == 2 else logits[0]
     finally:
         model.close()
@@ -301,7 +308,7 @@ def evaluate(model_path: str | os.PathLike, ref_dir: str | os.PathLike, text: st
         h_ref = hidden_states(ref.config, ref.tensor, tokens)
         h_q = hidden_states(quant.config, quant.tensor, tokens)
         w_ref = output_weight(ref.config, ref.tensor)
-        w_q = output_weight(quant.config, quant.tensor)
+        w_q = quant.output()
         kld, nll_ref, nll_q, agree = [], [], [], []
         for c in range(tokens.shape[0]):
             lp_ref = _log_softmax(head_logits(ref.config, h_ref[c, :-1], w_ref))  # [ctx-1, V]: tokens 1..

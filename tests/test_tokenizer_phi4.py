@@ -25,7 +25,7 @@ import pytest
 import regex
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from phi4_fixtures import corpus_text, write_phi4_tokenizer
 
 from pocketlm.errors import PocketLMError
 from pocketlm.export.gguf_reader import GGUFReader
@@ -33,25 +33,6 @@ from pocketlm.export.gguf_writer import GGUFWriter
 from pocketlm.pretokenize import pretokenize
 from pocketlm.tokenizer import CONTROL, NORMAL, UNUSED, Tokenizer, tokenizer_from_dir, tokenizer_from_gguf_fields
 from pocketlm.tokenizer_bytelevel import O200K_PATTERN, PHI4_MINI_CHAT_TEMPLATE, ByteLevelTokenizer
-
-DATA = Path(__file__).resolve().parent / "data"
-N_MERGES = 3000
-# Offsets after the trained vocabulary, as Phi-4-mini's ids sit after o200k's 199998 ranks
-# (199999 <|endoftext|>, 200018 <|endofprompt|>, 200019 <|assistant|> ...).
-SPECIALS = {
-    1: "<|endoftext|>",
-    20: "<|endofprompt|>",
-    21: "<|assistant|>",
-    22: "<|end|>",
-    23: "<|user|>",
-    24: "<|system|>",
-    25: "<|tool|>",
-    26: "<|/tool|>",
-    27: "<|tool_call|>",
-    28: "<|/tool_call|>",
-    29: "<|tool_response|>",
-    30: "<|tag|>",
-}
 
 EDGE_CASES = [
     "",
@@ -126,40 +107,13 @@ RANDOM = _random_strings(500, seed=18)
 
 @pytest.fixture(scope="module")
 def corpus() -> str:
-    files = sorted((DATA / "shakespeare").glob("*.txt"))
-    assert files
-    return "\n".join(f.read_text(encoding="utf-8") for f in files)
+    return corpus_text()
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, corpus: str) -> Path:
     """A Phi-4-mini-style checkpoint tokenizer folder built with HF `tokenizers`."""
-    hf = tokenizers.Tokenizer(models.BPE(ignore_merges=False))
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(O200K_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=256 + N_MERGES, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    hf.train_from_iterator([corpus], trainer)
-    data = json.loads(hf.to_str())
-    n = len(data["model"]["vocab"])
-    # Added tokens also in the model's vocab keep their ids in HF (as in real checkpoints).
-    data["added_tokens"] = [
-        {"id": n + k, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-         "special": True}
-        for k, c in SPECIALS.items()
-    ]
-    for t in data["added_tokens"]:
-        data["model"]["vocab"][t["content"]] = t["id"]
-    out = tmp_path_factory.mktemp("phi4_tok")
-    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-              "pad_token": "<|endoftext|>", "chat_template": PHI4_MINI_CHAT_TEMPLATE}
-    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    (out / "config.json").write_text(json.dumps({"vocab_size": -(-(n + 31) // 64) * 64 + 64}), encoding="utf-8")
-    return out
+    return write_phi4_tokenizer(tmp_path_factory.mktemp("phi4_tok"), corpus)
 
 
 @pytest.fixture(scope="module")
