@@ -95,9 +95,10 @@ def projections_table(res: dict) -> list[str]:
     mem = "the app's memory limit" if b["memory_gb"] is None else f"{b['memory_gb']:g} GB"
     rows = [f"Budget: decode >= {b['decode_tok_s']:g} tok/s, first token of a {b['prompt_tokens']}-token "
             f"prompt <= {b['first_token_s']:g} s, memory <= {mem}. **Projections**, not measurements: "
-            "each engine's efficiency on this host (achieved / measured read bandwidth; achieved / peak "
-            "int8 rate) applied to the device's peak DRAM bandwidth and int8 rate (pocketlm/devices.py). "
-            "A figure that fails its budget is in bold.", ""]
+            "published llama.cpp figures on the phone x each engine's speed relative to llama.cpp here "
+            "(pocketlm/phone_calibration.py; *fallback*: the phone's DRAM peak x the share of peak measured "
+            "phones reach, the weaker estimate), with the leave-one-out error band (+-). A figure that fails "
+            "its budget is in bold, one whose band holds the budget is marked (borderline).", ""]
     proj = [r for r in res["devices"] if r["kind"] == "projection"]
     engines = list(dict.fromkeys(r["engine"] for r in proj))
     devices = list(dict.fromkeys(r["device"] for r in proj))
@@ -110,6 +111,11 @@ def projections_table(res: dict) -> list[str]:
         if r is None:
             return "-"
         text = format(r[key], fmt)
+        band = r.get("decode_band" if budget == "decode" else "prefill_band")
+        if band is not None and budget != "memory":
+            text += f" +-{band:.0%}"
+        if (r.get("verdicts") or {}).get(budget) == "borderline":
+            return f"{text} (borderline)"
         return text if r["passes"][budget] else f"**{text}**"
 
     advice = []
@@ -122,7 +128,8 @@ def projections_table(res: dict) -> list[str]:
         if ours is not None:
             memory = cell(ours, "memory_gb", ".2f", "memory") + f" / {_f(ours['memory_limit_gb'])}"
             advice += [f"- {ours['name']}: {a}" for a in ours["advice"]]
-        rows.append(f"| {first['name']} ({first['soc']}) | {first['bandwidth_gbs']:.1f} | "
+        basis = f" *{first['basis']}*" if first.get("basis") == "fallback" else ""
+        rows.append(f"| {first['name']} ({first['soc']}){basis} | {first['bandwidth_gbs']:.1f} | "
                     + " | ".join(decode) + " | " + " | ".join(ttft) + f" | {memory} |")
     if advice:
         rows += ["", "What would pass a failing pocketlm budget (each change re-projected):", "", *advice]

@@ -61,19 +61,29 @@ def plot_results(res: dict, path: str | os.PathLike) -> None:
                 ys.append(r["decode_tok_s"])
                 if r["kind"] == "projection":
                     bar_x[(r["device"], eng)] = xs[-1]
-        right.bar(xs, ys, width=width, color=ENGINE_COLORS.get(eng, "gray"), label=eng)
+        # error bars: the leave-one-out band of each calibrated / fallback projection
+        errs: list[list[float]] = [[], []]
+        for key in devices:
+            r = next((r for r in rows if (r["kind"], r["name"]) == key and r["engine"] == eng), None)
+            if r is not None:
+                lo, hi = r.get("decode_range_tok_s") or (r["decode_tok_s"], r["decode_tok_s"])
+                errs[0].append(r["decode_tok_s"] - lo)
+                errs[1].append(hi - r["decode_tok_s"])
+        right.bar(xs, ys, width=width, color=ENGINE_COLORS.get(eng, "gray"), label=eng, yerr=errs,
+                  error_kw={"elinewidth": 0.8, "capsize": 2})
     right.axhline(budget["decode_tok_s"], color="red", linestyle="--",
                   label=f"budget {budget['decode_tok_s']:g} tok/s")
     stars = [(bar_x[(p["device"], p["engine"])], p["decode_tok_s"]) for p in res.get("published", [])
              if (p["device"], p["engine"]) in bar_x]
     if stars:
         right.plot(*zip(*stars, strict=True), "k*", markersize=12,
-                   label="published measurement (same engine)")
+                   label="published measurement (same engine and device)")
     right.set_xticks(range(len(devices)))
     right.set_xticklabels([f"{name}\n({'measured' if kind == 'measured' else 'projected'})"
                            for kind, name in devices], fontsize=8, rotation=30, ha="right")
     right.set_ylabel("decode tok/s")
-    right.set_title("decode speed per device: roofline projections from this host (bars), budget line",
+    right.set_title("decode speed per device: projections calibrated on published phone figures "
+                    "(bars, leave-one-out error band), budget line",
                     fontsize=10)
     right.grid(axis="y", alpha=0.3)
     right.legend(fontsize=8)
