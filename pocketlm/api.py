@@ -68,12 +68,14 @@ def load(gguf_path: PathLike, **options: Any) -> Model:
     return _load(gguf_path, **options)
 
 
-def generate(model: Model, prompt: str, **options: Any) -> Generation:
+def generate(model: Model, prompt: str, *, speculate: str | None = None, draft_max: int = 8,
+             **options: Any) -> Generation:
     """Stream text after `prompt` (max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-    seed, stop, stop_tokens, ignore_eos); iterate it for text pieces."""
+    seed, stop, stop_tokens, ignore_eos, speculate="lookup" with draft_max: lossless speculative
+    decoding from the prompt's own text); iterate it for text pieces."""
     from .runtime.generate import generate as _generate
 
-    return _generate(model, prompt, **options)
+    return _generate(model, prompt, speculate=speculate, draft_max=draft_max, **options)
 
 
 def benchmark(gguf_path: PathLike, *, threads: int | None = None, prompt_len: int = 128, gen: int = 32,

@@ -48,6 +48,14 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", "-c", type=int, default=None, help="context size (default: model's, max 4096)")
     p.add_argument("--kv", choices=("f16", "int8", "f32"), default="f16", help="KV cache type (default f16)")
     p.add_argument("--quiet", action="store_true", help="do not print speeds")
+    p.add_argument("--speculate", choices=("lookup",), default=None,
+                   help="lookup: draft tokens from the prompt and the text so far, verify them in one batched "
+                        "forward (same output as without; backs off when drafts fail)")
+    p.add_argument("--draft-max", type=int, default=8, help="most tokens drafted per verify (default 8)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not write (or read) the repacked copy of the weights under ~/.cache/pocketlm/packed "
+                        "(the first run of a Q4_0/Q8_0/Q4_K file otherwise writes one, about the file's size; "
+                        "`rm -r ~/.cache/pocketlm/packed` deletes them): repack in memory at every load instead")
 
 
 def _load(args: argparse.Namespace):
@@ -55,7 +63,8 @@ def _load(args: argparse.Namespace):
 
     if args.n_predict < 1:
         raise PocketLMError(f"-n must be >= 1, got {args.n_predict}")
-    model = load(args.model, threads=args.threads, ctx=args.ctx, kv=args.kv)
+    model = load(args.model, threads=args.threads, ctx=args.ctx, kv=args.kv,
+                 repack="memory" if args.no_cache else "auto")
     if model.tokenizer is None:
         raise PocketLMError("this GGUF file carries no tokenizer", args.model)
     return model
@@ -63,7 +72,8 @@ def _load(args: argparse.Namespace):
 
 def _gen_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
+                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
+                speculate=args.speculate, draft_max=args.draft_max)
 
 
 def _report(model, gen, quiet: bool) -> None:
@@ -73,6 +83,8 @@ def _report(model, gen, quiet: bool) -> None:
     print(f"\n[pocketlm] load {s.load_seconds:.2f} s | prompt {s.prefill_tokens} tokens, "
           f"{s.prefill_tps:.1f} tok/s | generated {len(gen.tokens)} tokens, {s.decode_tps:.1f} tok/s "
           f"| stop: {gen.finish_reason}", file=sys.stderr)
+    if gen.speculation is not None:
+        print(f"[pocketlm] {gen.speculation.summary()}", file=sys.stderr)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -11,18 +11,23 @@ Stops: on a stop token (the tokenizer's eos / <|end|> / <|endoftext|> unless `ig
 could still begin a stop string is held back until it cannot), after `max_tokens` tokens, or when
 the context is full (the KV cache holds n_ctx positions; no sliding). With `ignore_eos` exactly
 `max_tokens` tokens are generated (as llama.cpp's --ignore-eos), context permitting.
+
+`speculate="lookup"` (with `draft_max`) drafts tokens from the prompt and the text so far and checks
+them in one batched forward (runtime/speculative.py): the same tokens as plain greedy decoding, the
+same distribution when sampling; `gen.speculation` then holds its statistics.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import PocketLMError
 from .sampling import Sampler, SamplingParams
+from .speculative import DEFAULT_DRAFT_MAX, LookupSpeculator, SpecStats, make_speculator
 
 if TYPE_CHECKING:
     from .model import Model
@@ -32,7 +37,8 @@ class Generation:
     """An iterator of text pieces; after it is exhausted: tokens, text, finish_reason, stats."""
 
     def __init__(self, model: Model, prompt_ids: list[int], max_tokens: int, sampler: Sampler,
-                 stop: Sequence[str], stop_tokens: set[int], decode_text: bool):
+                 stop: Sequence[str], stop_tokens: set[int], decode_text: bool,
+                 speculator: LookupSpeculator | None = None):
         self.model = model
         self.prompt_ids = prompt_ids
         self.max_tokens = max_tokens
@@ -43,11 +49,17 @@ class Generation:
         self.text = ""
         self.finish_reason: str | None = None
         self._decode_text = decode_text
+        self._speculator = speculator
         self._iter = self._run()
 
     @property
     def stats(self):
         return self.model.stats
+
+    @property
+    def speculation(self) -> SpecStats | None:
+        """Drafts, acceptance and forwards of a speculative generation (None for plain decoding)."""
+        return None if self._speculator is None else self._speculator.stats
 
     def __iter__(self) -> Generation:
         return self
@@ -76,16 +88,20 @@ class Generation:
         history = list(self.prompt_ids)
         t_decode = time.perf_counter()
         k_start = model._kernel_seconds
+        # the tokens, one per forward or several per verify; each source appends to `history`,
+        # forwards only when asked for the next token and ends when the context is full
+        source = (_plain_tokens(model, self.sampler, logits, history) if self._speculator is None
+                  else self._speculator.tokens(model, self.sampler, logits, history, self.max_tokens))
+        n_out = 0  # tokens the source produced (a stop token included)
         try:
-            while True:
-                token = self.sampler(logits, history)
+            for token in source:
+                n_out += 1
                 if not self.tokens:
                     stats.first_token_seconds = time.perf_counter() - t0
                 if token in self.stop_tokens:
                     self.finish_reason = "stop"
                     break
                 self.tokens.append(token)
-                history.append(token)
                 if decoder is not None:
                     pending += decoder.push(token)
                     out, pending, hit = _split_stop(pending, self.stop)
@@ -99,11 +115,10 @@ class Generation:
                 if len(self.tokens) >= self.max_tokens:
                     self.finish_reason = "length"
                     break
-                if model.n_past >= model.n_ctx:
-                    self.finish_reason = "context"
-                    break
-                logits = model.forward([token])
-                stats.decode_tokens += 1
+            else:
+                self.finish_reason = "context"
+            source.close()  # a speculative source drops cache entries past what plain decoding keeps
+            stats.decode_tokens = n_out - 1  # every token but the first came from a decode forward
             if decoder is not None and not hit_string:
                 pending += decoder.flush()
                 out, pending, _ = _split_stop(pending, self.stop, final=True)
@@ -113,6 +128,17 @@ class Generation:
         finally:
             stats.decode_seconds = time.perf_counter() - t_decode
             stats.decode_kernel_seconds = model._kernel_seconds - k_start
+
+
+def _plain_tokens(model: Model, sampler: Sampler, logits: np.ndarray, history: list[int]) -> Iterator[int]:
+    """Plain decoding: sample, then one forward of that token for the next logits."""
+    while True:
+        token = sampler(logits, history)
+        history.append(token)
+        yield token
+        if model.n_past >= model.n_ctx:
+            return
+        logits = model.forward([token])
 
 
 def _split_stop(text: str, stops: Sequence[str], final: bool = False) -> tuple[str, str, bool]:
@@ -137,8 +163,13 @@ def generate(model: Model, prompt: str | Sequence[int], max_tokens: int = 256, t
              top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
              repeat_last_n: int = 64, seed: int | None = None, stop: Sequence[str] = (),
              stop_tokens: Sequence[int] = (), ignore_eos: bool = False, add_bos: bool | None = None,
-             ) -> Generation:
+             speculate: str | None = None, draft_max: int = DEFAULT_DRAFT_MAX,
+             verify_costs: Mapping[int, float] | None = None) -> Generation:
     """Start generating after `prompt` (text, or a list of token ids); see the module docstring.
+
+    speculate: None (plain decoding) or "lookup"; draft_max: most tokens drafted per verify;
+    verify_costs: {T: cost of a T-token forward in decode steps} for the controller (None: measured
+    as it runs; a fixed table makes its choices reproducible, e.g. for a projection).
 
     The KV cache keeps the longest prefix shared with what it already holds, so a chat that
     re-sends its history only evaluates the new turn.
@@ -165,4 +196,6 @@ def generate(model: Model, prompt: str | Sequence[int], max_tokens: int = 256, t
     params = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                             min_p=float(min_p), repeat_penalty=float(repeat_penalty),
                             repeat_last_n=int(repeat_last_n), seed=seed)
-    return Generation(model, ids, max_tokens, Sampler(params), list(stop), stops, decode_text=tok is not None)
+    speculator = make_speculator(speculate, draft_max, verify_costs)
+    return Generation(model, ids, max_tokens, Sampler(params), list(stop), stops, decode_text=tok is not None,
+                      speculator=speculator)
