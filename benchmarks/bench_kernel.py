@@ -5,9 +5,10 @@ bandwidth a plain numpy sum achieves. For phi-3-mini shapes (qkv 3072->9216, gat
 down 8192->3072), each weight type and each code path the CPU supports, with 1 and 2 threads, this
 prints GB/s of weights read and the fraction of the measured read bandwidth. Matrices are laid out
 consecutively in a buffer much larger than the caches (like the layers of a model) and each timed
-pass walks all of them. Then: block-sparse matvec cost with 0/25/50 % empty blocks. Then the
-batched (prefill) product, one thread, 3072 x 3072: GMAC/s with 15 activation rows (below
-GEMM_MIN_M: row by row) and with 128 (the register-tiled path where the code path has one).
+pass walks all of them. "_packed" types are the load-time layouts (one SIMD lane per 32-value
+block) the runtime uses where the path has them. Then the batched (prefill) product, one thread,
+3072 x 3072: GMAC/s with 15 activation rows (below GEMM_MIN_M: row by row) and with 128 (the
+register-tiled path where the code path has one).
 
     python benchmarks/bench_kernel.py [--buffer-mb 1536] [--paths avx2 avx512] [--types Q4_0 Q8_0]
 """
@@ -25,8 +26,10 @@ from pocketlm.runtime import kernel
 SHAPES = {"qkv": (9216, 3072), "gate_up": (16384, 3072), "down": (3072, 8192)}  # (rows N, K)
 Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14
 TYPES = {
-    "Q4_0": Q4_0, "Q4_0_packed": kernel.Q4_0_PACKED, "Q4_1": Q4_1, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q6_K": Q6_K,
+    "Q4_0": Q4_0, "Q4_0_packed": kernel.Q4_0_PACKED, "Q4_1": Q4_1, "Q8_0": Q8_0, "Q8_0_packed": kernel.Q8_0_PACKED,
+    "Q4_K": Q4_K, "Q4_K_packed": kernel.Q4_K_PACKED, "Q6_K": Q6_K,
 }
+SOURCE = {kernel.Q4_0_PACKED: Q4_0, kernel.Q8_0_PACKED: Q8_0, kernel.Q4_K_PACKED: Q4_K}  # packed -> GGUF type
 # byte offsets of the fp16 scale fields of each block (set to a valid value; the rest is random)
 SCALE_FIELDS = {Q4_0: [0], Q4_1: [0, 2], Q8_0: [0], Q4_K: [0, 2], Q6_K: [208]}
 
@@ -50,10 +53,11 @@ def read_bandwidth(nbytes: int, threads: int, repeats: int = 3) -> float:
 
 def fill_blocks(buf: np.ndarray, gtype: int) -> None:
     """Turn random bytes into valid blocks: finite fp16 scales (0.01) in every scale field."""
-    _, nbytes = kernel.block_shape(Q4_0 if gtype == kernel.Q4_0_PACKED else gtype)
+    gtype = SOURCE.get(gtype, gtype)
+    _, nbytes = kernel.block_shape(gtype)
     blocks = buf[: buf.size // nbytes * nbytes].reshape(-1, nbytes)
     half = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    for off in SCALE_FIELDS[Q4_0 if gtype == kernel.Q4_0_PACKED else gtype]:
+    for off in SCALE_FIELDS[gtype]:
         blocks[:, off : off + 2] = half
 
 
@@ -63,15 +67,15 @@ def matrices(buf: np.ndarray, gtype: int, rows: int, K: int) -> list[np.ndarray]
 
 
 def time_pass(mats: list[np.ndarray], gtype: int, rows: int, K: int, x: np.ndarray, y: np.ndarray,
-              repeats: int, index: list | None = None) -> float:
+              repeats: int) -> float:
     """Best seconds for one walk over all matrices."""
-    for i, m in enumerate(mats):  # warm-up: page faults, thread start
-        kernel.matvec(m, gtype, rows, K, x, y, None if index is None else index[i])
+    for m in mats:  # warm-up: page faults, thread start
+        kernel.matvec(m, gtype, rows, K, x, y)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for i, m in enumerate(mats):
-            kernel.matvec(m, gtype, rows, K, x, y, None if index is None else index[i])
+        for m in mats:
+            kernel.matvec(m, gtype, rows, K, x, y)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -84,7 +88,7 @@ PHI3_LAYER = [
 
 def decode_estimate(gtype: int, gbs: dict[str, float]) -> str:
     """Weight-read time of one phi-3-mini decode step (32 layers) at the measured speeds."""
-    values, nbytes = kernel.block_shape(Q4_0 if gtype == kernel.Q4_0_PACKED else gtype)
+    values, nbytes = kernel.block_shape(SOURCE.get(gtype, gtype))
     secs = sum(rows * K // values * nbytes / (gbs[s] * 1e9) for (rows, K), s in PHI3_LAYER) * 32
     return f"{1e3 * secs:6.1f} ms/token ({1 / secs:5.1f} tok/s bound)"
 
@@ -95,15 +99,15 @@ def bench_dense(buf: np.ndarray, types: list[str], paths: list[str], threads: li
     print(f"\n{'type':<12} {'path':<8} {'shape':<8} {header}")
     for tname in types:
         gtype = TYPES[tname]
-        raw_type = Q4_0 if gtype == kernel.Q4_0_PACKED else gtype
+        raw_type = SOURCE.get(gtype, gtype)
         fill_blocks(buf, raw_type)
         for path in paths:
             kernel.use_path(path)
             speeds: dict[int, dict[str, float]] = {t: {} for t in threads}
             for sname, (rows, K) in SHAPES.items():
                 mats = matrices(buf, raw_type, rows, K)
-                if gtype == kernel.Q4_0_PACKED:
-                    mats = [kernel.repack(m, Q4_0, rows, K).reshape(-1) for m in mats]
+                if gtype in SOURCE:
+                    mats = [kernel.repack(m, raw_type, rows, K).reshape(-1) for m in mats]
                 x = np.random.default_rng(0).standard_normal(K).astype(np.float32)
                 y = np.empty(rows, np.float32)
                 cells = []
@@ -119,35 +123,6 @@ def bench_dense(buf: np.ndarray, types: list[str], paths: list[str], threads: li
             print(f"{'':<12} {path:<8} phi-3-mini decode weights (no attention): {est}")
 
 
-def bench_sparse(buf: np.ndarray, paths: list[str], threads: list[int], repeats: int) -> None:
-    """Empty blocks scattered at random save compute but hardly any DRAM traffic (an 18-byte block
-    shares its 64-byte cache line with others); empty runs of 8 blocks (144 bytes, e.g. pruned
-    groups of 256 weights) also skip whole cache lines."""
-    rows, K = SHAPES["gate_up"]
-    print(f"\nblock-sparse Q4_0 matvec {rows}x{K}: ms per matrix, sparse (with index) vs dense (without)")
-    fill_blocks(buf, Q4_0)
-    rng = np.random.default_rng(1)
-    for pattern, run in (("random blocks", 1), ("runs of 8", 8)):
-        for frac in (0.0, 0.25, 0.5):
-            mats = [m.copy() for m in matrices(buf, Q4_0, rows, K)[:8]]
-            for m in mats:
-                runs = m.reshape(-1, run * 18)
-                runs[rng.random(runs.shape[0]) < frac] = 0  # scales (and data) of whole runs zeroed
-            index = [kernel.build_sparse_index(m, Q4_0, rows, K) for m in mats]
-            x = np.random.default_rng(0).standard_normal(K).astype(np.float32)
-            y = np.empty(rows, np.float32)
-            for path in (p for p in paths if p != "scalar"):
-                kernel.use_path(path)
-                for t in threads:
-                    kernel.set_threads(t)
-                    dense = time_pass(mats, Q4_0, rows, K, x, y, repeats) / len(mats)
-                    sparse = time_pass(mats, Q4_0, rows, K, x, y, repeats, index) / len(mats)
-                    case = f"{pattern:<13} empty {100 * frac:3.0f} % {path:<7} {t} thr"
-                    print(f"  {case}: dense {1e3 * dense:6.2f}, "
-                          f"sparse {1e3 * sparse:6.2f} = {sparse / dense:4.2f} x dense "
-                          f"(non-empty share {index[0].density:4.2f})", flush=True)
-
-
 def bench_batched(types: list[str], paths: list[str], repeats: int) -> None:
     rows = K = 3072
     print("\nbatched product, 1 thread, 3072 x 3072: GMAC/s row by row (M=15) -> tiled (M=128)")
@@ -155,11 +130,12 @@ def bench_batched(types: list[str], paths: list[str], repeats: int) -> None:
     rng = np.random.default_rng(2)
     for name in types:
         gtype = TYPES[name]
-        bv, bb = kernel.block_shape(gtype)
+        src = SOURCE.get(gtype, gtype)
+        bv, bb = kernel.block_shape(src)
         w = np.frombuffer(rng.bytes(rows * K // bv * bb), dtype=np.uint8).copy()
-        fill_blocks(w, gtype if gtype != kernel.Q4_0_PACKED else Q4_0)
-        if gtype == kernel.Q4_0_PACKED:
-            w = kernel.repack(w, Q4_0, rows, K)
+        fill_blocks(w, src)
+        if gtype in SOURCE:
+            w = kernel.repack(w, src, rows, K)
         cells = []
         for path in paths:
             kernel.use_path(path)
@@ -185,7 +161,6 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=kernel.available_paths())
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip-sparse", action="store_true")
     ap.add_argument("--skip-batched", action="store_true")
     args = ap.parse_args()
 
@@ -194,8 +169,6 @@ def main() -> None:
     print("read bandwidth (numpy sum): " + ", ".join(f"{t} thr {bw[t]:.1f} GB/s" for t in args.threads))
     buf = np.frombuffer(np.random.default_rng(0).bytes(args.buffer_mb << 20), dtype=np.uint8).copy()
     bench_dense(buf, args.types, args.paths, args.threads, bw, args.repeats)
-    if not args.skip_sparse:
-        bench_sparse(buf, args.paths, args.threads, args.repeats)
     if not args.skip_batched:
         bench_batched(args.types, args.paths, args.repeats)
 

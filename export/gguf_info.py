@@ -28,7 +28,21 @@ def describe_gguf(path: str | os.PathLike) -> str:
         pocketlm = {k.removeprefix("pocketlm."): v for k, v in md.items() if k.startswith("pocketlm.")}
         if pocketlm:
             lines.append("pocketlm      " + ", ".join(f"{k} {_short(v)}" for k, v in pocketlm.items()))
+        lines.append(f"packed cache  {_packed_cache(path)}")
         return "\n".join(lines)
+
+
+def _packed_cache(path: str | os.PathLike) -> str:
+    """The runtime's repacked copies of this file (runtime/packed_cache.py), if any."""
+    try:
+        from ..runtime.packed_cache import cache_dir, cached_copies
+        copies = cached_copies(os.fspath(path))
+    except (ImportError, OSError):  # no kernel built: no runtime, no cache
+        return "none"
+    if not copies:
+        return f"none (the first `pocketlm run` of a Q4_0/Q8_0/Q4_K file writes one to {cache_dir()})"
+    return "; ".join(f"{p} ({n / 1e9:.2f} GB{'' if current else ', stale: replaced at the next run'})"
+                     for p, n, current in copies) + f" (delete with `rm -r {cache_dir()}`)"
 
 
 def _model_shape(a) -> str:

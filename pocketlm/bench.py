@@ -671,6 +671,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     """`benchmark` on parsed `pocketlm bench` arguments."""
     budget = Budget(decode_tok_s=args.budget_decode, first_token_s=args.budget_ttft,
                     prompt_tokens=args.budget_prompt, memory_gb=args.budget_memory)
+    if getattr(args, "no_cache", False):  # read by runtime/packed_cache.py in the engine's child process
+        os.environ["POCKETLM_NO_PACKED_CACHE"] = "1"
     return benchmark(args.model, threads=args.threads, prompt_len=args.prompt_len, gen=args.gen, ctx=args.ctx,
                      kv=args.kv, device=args.device, vs=args.vs, onnx=args.onnx, budget=budget)
 
@@ -850,6 +852,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gen", type=int, default=32, help="tokens to decode (default 32)")
     p.add_argument("--ctx", type=int, default=None, help="context size (default: model's, max 2048)")
     p.add_argument("--kv", choices=("f16", "int8", "f32"), default="f16", help="pocketlm KV cache type")
+    p.add_argument("--no-cache", action="store_true",
+                   help="repack weights in memory, never into ~/.cache/pocketlm/packed (see `pocketlm run --help`)")
     p.add_argument("--device", default="all",
                    help=f"device profile(s) to project onto: {', '.join(DEVICES)} (comma list), all, or "
                         f"auto (on a phone: detect the SoC and label this run as measured on it)")

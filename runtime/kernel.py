@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -28,9 +27,15 @@ T = TypeVar("T")
 
 ENV_PATH = "POCKETLM_KERNEL"
 Q4_0 = GGMLType.Q4_0
-# The kernel's load-time layout of Q4_0 (not a GGUF type): groups of 8 blocks with the 8 scales
-# first and nibbles interleaved for 64-byte loads; same size as Q4_0 (runtime/kernel/kernel.h).
+# The kernel's load-time layouts (not GGUF types; runtime/kernel/kernel.h): groups of 512 values
+# (16 blocks of 32, or two Q4_K super-blocks) with their scales first and the codes interleaved so
+# that each int32 SIMD lane accumulates one 32-value block; same size as the source type.
 Q4_0_PACKED = 1002
+Q8_0_PACKED = 1008
+Q4_K_PACKED = 1012
+PACKED = {int(GGMLType.Q4_0): Q4_0_PACKED, int(GGMLType.Q8_0): Q8_0_PACKED, int(GGMLType.Q4_K): Q4_K_PACKED}
+SOURCE_OF_PACKED = {v: k for k, v in PACKED.items()}
+PACK_VALUES = 512  # values per packed group: a matrix is packable when K % 512 == 0
 
 
 def _kernel_knows(gtype: int) -> bool:
@@ -89,37 +94,8 @@ def block_shape(gtype: int) -> tuple[int, int]:
 
 
 def row_bytes(gtype: int, K: int) -> int:
-    """Bytes of one weight row of K values (the packed Q4_0 layout has Q4_0's size)."""
-    return ggml_types.row_bytes(Q4_0 if int(gtype) == Q4_0_PACKED else gtype, K)
-
-
-@dataclass(frozen=True)
-class SparseIndex:
-    """Per-row CSR list of the non-empty blocks of one weight matrix (built once at load).
-
-    row_ptr: int64 [rows + 1]; blocks: int32 [nnz], block numbers within the row. The C handle is
-    immutable and was validated when built, so a matvec does not re-check it.
-    """
-
-    handle: Any
-    gtype: int
-    rows: int
-    blocks_per_row: int
-    nnz: int
-    row_ptr: np.ndarray
-    blocks: np.ndarray
-
-    @property
-    def density(self) -> float:
-        return self.nnz / max(1, self.rows * self.blocks_per_row)
-
-
-def build_sparse_index(raw: Buffer, gtype: int, rows: int, K: int) -> SparseIndex:
-    """Index of the blocks whose scales are not all zero: a matvec with it skips the others."""
-    handle = _call(_kernel.build_sparse_index, raw, int(gtype), rows, K)
-    gt, r, nb, nnz, row_ptr, blocks = _kernel.sparse_index_info(handle)
-    return SparseIndex(handle, gt, r, nb, nnz, np.frombuffer(row_ptr, np.int64),
-                       np.frombuffer(blocks, np.int32))
+    """Bytes of one weight row of K values (a packed layout has its source type's size)."""
+    return ggml_types.row_bytes(SOURCE_OF_PACKED.get(int(gtype), gtype), K)
 
 
 def check_blocks(raw: Buffer, gtype: int) -> int | None:
@@ -139,30 +115,37 @@ def check_tensor(name: str, raw: Buffer, gtype: int, path: str | os.PathLike | N
         raise PocketLMError(f"tensor {name!r} is corrupt: block {bad} has a NaN or infinite scale", path)
 
 
+def packed_type(gtype: int) -> int | None:
+    """The kernel's packed layout of a GGUF type (Q4_0, Q8_0, Q4_K), or None."""
+    return PACKED.get(int(gtype))
+
+
 def should_repack(gtype: int, K: int) -> bool:
-    """True if repacking this matrix at load makes the active path faster (Q4_0, K % 256 == 0, and
-    a SIMD kernel for the packed layout on this path). The packed copy replaces the mapped bytes,
-    so it costs anonymous memory equal to the tensor size (the file pages can then be dropped)."""
-    packable = int(gtype) == Q4_0 and K % 256 == 0
-    return packable and active_path() != "scalar" and _kernel.native_kernel(Q4_0_PACKED)
+    """True if repacking this matrix at load makes the active path faster: a type with a packed
+    layout, K % 512 == 0, and a SIMD kernel for that layout on this path. The packed copy replaces
+    the mapped bytes (packed_cache.py keeps it in a cache file, or in memory)."""
+    packed = packed_type(gtype)
+    return (packed is not None and K % PACK_VALUES == 0 and active_path() != "scalar"
+            and _kernel.native_kernel(packed))
 
 
 def repack(raw: Buffer, gtype: int, rows: int, K: int) -> np.ndarray:
-    """Q4_0 bytes [rows, K/32*18] -> the packed layout (type Q4_0_PACKED), a new uint8 array of the
-    same size. Use it with matvec/matmul/build_sparse_index(..., Q4_0_PACKED, rows, K)."""
-    out = np.empty(rows * row_bytes(Q4_0, K) if K % 32 == 0 and rows > 0 else 0, dtype=np.uint8)
+    """Q4_0 / Q8_0 / Q4_K bytes [rows, row bytes] -> the packed layout (`packed_type(gtype)`), a new
+    uint8 array of the same size [rows, row bytes]. Use it with matvec/matmul(..., packed_type(gtype),
+    rows, K). K must be a multiple of 512."""
+    source = ggml_types.row_bytes(gtype, K) if int(gtype) in PACKED and K % 32 == 0 and rows > 0 else 0
+    out = np.empty(rows * source, dtype=np.uint8)
     _call(_kernel.repack, raw, int(gtype), rows, K, out)
     return out.reshape(rows, -1)
 
 
-def matvec(raw: Buffer, gtype: int, rows: int, K: int, x: np.ndarray, out: np.ndarray | None = None,
-           index: SparseIndex | None = None) -> np.ndarray:
+def matvec(raw: Buffer, gtype: int, rows: int, K: int, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """y[rows] = W[rows, K] . x[K] (float32), W given as raw GGUF blocks."""
     if not isinstance(x, np.ndarray) or x.ndim != 1:
         raise PocketLMError(f"kernel: x must be a 1-D float32 array, got {_describe(x)}")
     if out is None:
         out = np.empty(rows, dtype=np.float32)
-    _call(_kernel.matvec, raw, int(gtype), rows, K, x, out, None if index is None else index.handle)
+    _call(_kernel.matvec, raw, int(gtype), rows, K, x, out)
     return out
 
 

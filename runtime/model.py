@@ -34,11 +34,12 @@ Policies (documented here, tested in tests/test_runtime.py):
     turns the activations or logits non-finite, which the loop checks at every step; it then scans
     the file and raises PocketLMError naming the tensor and block, so no text is ever produced from
     a corrupt block either way.
-  * Q4_0 repacking (`repack="auto"`, the default): where the kernel has a faster layout for Q4_0
-    on this CPU (`kernel.should_repack`), the matrices are repacked once per model file into a
-    cache file that later loads map read-only (see packed_cache.py); the original file's pages of
-    those matrices are then never read, so memory stays at about the file size. `repack=False`
-    runs every matrix zero-copy from the model file itself.
+  * Repacking (`repack="auto"`, the default): where the kernel has a faster layout for a type on
+    this CPU (Q4_0, Q8_0, Q4_K: `kernel.should_repack`), the matrices are repacked once per model
+    file into a cache file that later loads map read-only (see packed_cache.py, which announces
+    the writing on stderr); the original file's pages of those matrices are then never read, so
+    memory stays at about the file size. `repack="memory"` (`--no-cache`) repacks at every load
+    into memory instead of a file; `repack=False` runs every matrix zero-copy from the model file.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class Linear:
         else:
             out = np.empty((X.shape[0], self.rows), dtype=np.float32)
             if X.shape[0] == 1:  # the batched path gains nothing for one row
-                _kernel.matvec(self.raw, self.gtype, self.rows, self.K, X[0], out[0], None)
+                _kernel.matvec(self.raw, self.gtype, self.rows, self.K, X[0], out[0])
             else:
                 _kernel.matmul(self.raw, self.gtype, self.rows, self.K, X, X.shape[0], out)
         if self.bias is not None:
@@ -206,9 +207,9 @@ class Model:
         if self._repack:
             names = [f"blk.{i}.{t}.weight" for i in range(cfg.num_hidden_layers) for t in LAYER_LINEARS]
             infos = [r.tensors[n] for n in [*names, "output.weight"] if n in r.tensors]
-            mats = [(t.name, r.raw(t.name), *t.shape) for t in infos
+            mats = [(t.name, r.raw(t.name), int(t.type_id), *t.shape) for t in infos
                     if kern.should_repack(int(t.type_id), t.shape[1])]
-            self._packed = packed_matrices(self.path, mats)
+            self._packed = packed_matrices(self.path, mats, use_cache=self._repack == "auto")
 
         def sparsity(i: int) -> tuple[int, int, int, int] | None:
             bs = cfg.layer_sparsity(i)
@@ -255,7 +256,7 @@ class Model:
             self._check_blocks(name, raw, gtype)
         if name in self._packed:
             _release_pages(raw)  # only read if validate=True scanned them
-            raw, gtype = self._packed[name], kern.Q4_0_PACKED
+            raw, gtype = self._packed[name], kern.packed_type(gtype)
         return Linear(name, raw, gtype, rows, K, bias=bias)
 
     def find_corrupt_blocks(self) -> None:
@@ -503,7 +504,7 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     the model's, at most 4096; at most the model's max_position_embeddings); kv: "f16" | "int8" |
     "f32"; longrope: "context" | "sequence" (see the module docstring); batch: prompt tokens per
     prefill chunk; validate: True scans every block's scale for NaN/inf at load, "lazy" only when
-    a step produces non-finite values; repack: "auto" | False (see the module docstring);
+    a step produces non-finite values; repack: "auto" | "memory" | False (see the module docstring);
     dense_attention: a debug switch for benchmarks: block-sparse layers attend to every earlier
     position (what the pattern saves is measured against it; the model is then not the same).
     """
@@ -528,8 +529,8 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
         raise PocketLMError(f"context size {ctx} exceeds the model's maximum of "
                             f"{cfg.max_position_embeddings} positions", path)
     kern.set_threads(threads)
-    if repack not in (False, "auto"):
-        raise PocketLMError(f"repack must be 'auto' or False, got {repack!r}")
+    if repack not in (False, "auto", "memory"):
+        raise PocketLMError(f"repack must be 'auto', 'memory' or False, got {repack!r}")
     model = Model(path, reader, cfg, ctx, kv, longrope, batch, validate, repack, dense_attention)
     model.stats.load_seconds = time.perf_counter() - t0
     return model

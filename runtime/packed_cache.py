@@ -1,22 +1,30 @@
-"""Q4_0 matrices repacked once into the kernel's faster layout, kept in a cache file beside the model.
+"""Weight matrices repacked once into the kernel's faster layouts, kept in a cache file.
 
-The kernel decodes Q4_0 faster from its own interleaved layout (`kernel.Q4_0_PACKED`, the same size
-as Q4_0). Repacking a 2 GB model takes seconds, so it is done once per model file: every matrix the
-kernel wants repacked is written, in file order, to one cache file, which later loads map read-only
-(zero copy again; the original file's pages for those matrices are never touched). Models whose
-packed matrices total less than 64 MB are repacked in memory at each load instead.
+The kernel reads Q4_0, Q8_0 and Q4_K faster from its own interleaved layouts (`kernel.packed_type`,
+the same size as the source type). Repacking a 2 GB model takes seconds, so it is done once per
+model file: every matrix the kernel wants repacked is written, in file order, to one cache file,
+which later loads map read-only (zero copy again; the original file's pages for those matrices are
+never touched). Models whose packed matrices total less than 64 MB are repacked in memory at each
+load instead, and so is everything with `use_cache=False` (`--no-cache` on the command line: no
+disk used, the packed copy costs anonymous memory of the same size and the repacking time at every
+load).
 
 Cache key: the model file's absolute path, size and modification time, and the kernel build
 (its shared object's size and modification time: a rebuilt kernel may change the layout). The file
-goes to $POCKETLM_CACHE/packed (default ~/.cache/pocketlm/packed), written atomically; if it cannot
-be written, the matrices are repacked into memory instead.
+goes to $POCKETLM_CACHE/packed (default ~/.cache/pocketlm/packed), written atomically, and its
+writing is announced on stderr with its size; if it cannot be written, the matrices are repacked
+into memory instead. A newer cache file of the same model replaces older ones. To reclaim the
+space: `rm -r ~/.cache/pocketlm/packed` (or the $POCKETLM_CACHE one); the next load rebuilds what
+it needs. `pocketlm info MODEL.gguf` shows the cache files of a model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +35,8 @@ from . import kernel as kern
 
 ALIGN = 64  # each packed matrix starts on a 64-byte boundary of the cache file
 MIN_CACHED_BYTES = 64 << 20  # smaller models are repacked in memory at every load (milliseconds)
+SUFFIX = ".packed"
+ENV_NO_CACHE = "POCKETLM_NO_PACKED_CACHE"  # "1": as use_cache=False (`pocketlm bench --no-cache` sets it)
 
 
 def cache_dir() -> Path:
@@ -40,6 +50,31 @@ def _key(model_path: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
+def cache_path(model_path: str) -> Path:
+    """Where the packed copy of this model file (for this kernel build) lives or would live."""
+    return cache_dir() / f"{Path(model_path).name}.{_key(model_path)}{SUFFIX}"
+
+
+def cached_copies(model_path: str) -> list[tuple[Path, int, bool]]:
+    """(path, bytes, current) of every cache file of a model file of this name; current: made for
+    this very file and kernel build (the others are stale and are replaced at the next load)."""
+    folder, name = cache_dir(), Path(model_path).name
+    if not folder.is_dir():
+        return []
+    try:
+        current = cache_path(model_path)
+    except OSError:
+        current = None
+    out = []
+    for p in sorted(folder.glob(f"{name}.*{SUFFIX}")):
+        if p.name[len(name) + 1:-len(SUFFIX)].isalnum():  # name.<key>.packed, not another model's
+            try:
+                out.append((p, p.stat().st_size, p == current))
+            except OSError:
+                continue
+    return out
+
+
 def _offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
     offsets, pos = [], 0
     for n in sizes:
@@ -48,45 +83,55 @@ def _offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, pos
 
 
-Matrix = tuple[str, np.ndarray, int, int]  # (name, raw Q4_0 bytes, rows, K)
+Matrix = tuple[str, np.ndarray, int, int, int]  # (name, raw bytes, GGML type, rows, K)
 
 
-def packed_matrices(model_path: str, mats: Sequence[Matrix]) -> dict[str, np.ndarray]:
-    """name -> packed bytes (1-D uint8) for `mats` = [(name, raw Q4_0 bytes, rows, K), ...]."""
+def packed_matrices(model_path: str, mats: Sequence[Matrix], use_cache: bool = True) -> dict[str, np.ndarray]:
+    """name -> packed bytes (1-D uint8) for `mats` = [(name, raw bytes, gtype, rows, K), ...]."""
     if not mats:
         return {}
-    sizes = [raw.nbytes for _, raw, _, _ in mats]
+    sizes = [raw.nbytes for _, raw, _, _, _ in mats]
     offsets, total = _offsets(sizes)
-    if total < MIN_CACHED_BYTES:
+    if total < MIN_CACHED_BYTES or not use_cache or os.environ.get(ENV_NO_CACHE, "") not in ("", "0"):
         return _in_memory(mats)
-    path = cache_dir() / f"{Path(model_path).name}.{_key(model_path)}.q4_0_packed"
+    path = cache_path(model_path)
     if not (path.is_file() and path.stat().st_size == total):
         try:
             _write(path, mats, offsets, total)
-        except OSError:  # read-only home, full disk: repack into memory instead
+        except OSError as e:  # read-only home, full disk: repack into memory instead
+            print(f"pocketlm: could not write the repacked weights to {path} ({e.strerror or e}); "
+                  f"repacking in memory", file=sys.stderr)
             return _in_memory(mats)
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    return {name: data[off:off + n] for (name, _, _, _), off, n in zip(mats, offsets, sizes, strict=True)}
+    return {name: data[off:off + n] for (name, _, _, _, _), off, n in zip(mats, offsets, sizes, strict=True)}
 
 
 def _in_memory(mats: Sequence[Matrix]) -> dict[str, np.ndarray]:
-    return {name: kern.repack(raw, kern.Q4_0, rows, K).reshape(-1) for name, raw, rows, K in mats}
+    return {name: kern.repack(raw, gtype, rows, K).reshape(-1) for name, raw, gtype, rows, K in mats}
 
 
 def _write(path: Path, mats: Sequence[Matrix], offsets: list[int], total: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"pocketlm: first run of this file with this kernel build: writing its weights in the kernel's "
+          f"faster layout to {path} ({total / 1e9:.2f} GB, once; --no-cache skips it, "
+          f"`rm -r {path.parent}` reclaims it)", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            for (_, raw, rows, K), off in zip(mats, offsets, strict=True):
+            for (_, raw, gtype, rows, K), off in zip(mats, offsets, strict=True):
                 f.seek(off)
-                f.write(memoryview(kern.repack(raw, kern.Q4_0, rows, K)).cast("B"))
+                f.write(memoryview(kern.repack(raw, gtype, rows, K)).cast("B"))
             f.truncate(total)
         os.replace(tmp, path)
-        for old in path.parent.glob(f"{Path(path.name.split('.q4_0_packed')[0]).stem}.*.q4_0_packed"):
-            if old != path:  # an older build of the same model file: stale
-                old.unlink(missing_ok=True)
+        model_name = path.name[:path.name.rindex(".", 0, len(path.name) - len(SUFFIX))]
+        for old in path.parent.glob(f"{model_name}.*{SUFFIX}"):
+            if old != path and old.name[len(model_name) + 1:-len(SUFFIX)].isalnum():
+                old.unlink(missing_ok=True)  # an older build of the same model file: stale
+        for old in path.parent.glob(f"{model_name}.*.q4_0_packed"):  # the previous layout's files
+            old.unlink(missing_ok=True)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    print(f"pocketlm: repacked in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)

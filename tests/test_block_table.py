@@ -38,11 +38,12 @@ def test_the_kernel_c_table_agrees_with_the_python_table():
     for tid, shape in in_kernel.items():
         assert tuple(shape) == F.BLOCK_SHAPE[F.GGMLType(tid)], F.type_name(tid)
         assert K.row_bytes(tid, 3072) == F.row_bytes(tid, 3072)
-    # The packed Q4_0 layout (not a GGUF type): 8 Q4_0 blocks, their bytes unchanged.
-    values, nbytes = _kernel.type_info(K.Q4_0_PACKED)
-    q4_values, q4_bytes = F.BLOCK_SHAPE[F.GGMLType.Q4_0]
-    assert (values, nbytes) == (8 * q4_values, 8 * q4_bytes)
-    assert K.row_bytes(K.Q4_0_PACKED, 512) == F.row_bytes(F.GGMLType.Q4_0, 512)
+    # The packed layouts (not GGUF types): groups of 512 values, the source type's bytes per weight.
+    for src, packed in K.PACKED.items():
+        values, nbytes = _kernel.type_info(packed)
+        src_values, src_bytes = F.BLOCK_SHAPE[F.GGMLType(src)]
+        assert (values, nbytes) == (512, 512 // src_values * src_bytes)
+        assert K.row_bytes(packed, 1024) == F.row_bytes(src, 1024)
     assert K.Q4_0 == F.GGMLType.Q4_0
 
 

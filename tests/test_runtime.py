@@ -280,30 +280,58 @@ def test_int8_kv_cache_halves_memory():
     assert i8.nbytes / f16.nbytes < 0.52
 
 
-def test_repacked_q4_0_gives_the_same_logits_in_memory_and_from_the_cache_file(tmp_path, monkeypatch):
-    """Q4_0 matrices in the kernel's packed layout (where the CPU has a kernel for it): the same
-    logits as the zero-copy path, repacked in memory (small models) or mapped from the cache file."""
+def test_kv_cache_costs_only_the_positions_written():
+    """The cache is reserved, not touched: a short prompt at n_ctx 4096 costs its own pages (numpy's
+    huge pages zeroed all 1.6 GB of a phi-3-mini cache for a 12-token prompt, 3 s)."""
+    from pocketlm.hostinfo import memory_status
+
+    before = memory_status()["RssAnon"]
+    cache = KVCache(32, 32, 4096, 96, "f16")  # phi-3-mini: 805 MB per k and v
+    cache.k[:, :, :12] = 1.0
+    cache.v[:, :, :12] = 1.0
+    grown = memory_status()["RssAnon"] - before
+    if before:  # Linux: 2 x 32 x 32 rows touch one 4 KB page each (8 MB), never the 1.6 GB
+        assert grown < 64 << 20, grown
+    assert cache.k.flags.writeable and not cache.k[:, :, 12:].any() and cache.nbytes == 2 * 32 * 32 * 4096 * 96 * 2
+
+
+@pytest.mark.parametrize("gtype", [Q.Q4_0, Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
+def test_repacked_weights_give_the_same_logits_in_memory_and_from_the_cache_file(tmp_path, monkeypatch, capfd,
+                                                                                gtype):
+    """Matrices in the kernel's packed layouts (where the CPU has a kernel for them): the same
+    logits as the zero-copy path, repacked in memory (small models, repack="memory" = --no-cache)
+    or mapped from the cache file, whose writing is announced on stderr with its size."""
     from pocketlm.runtime import kernel, packed_cache
 
-    cfg = tiny_config("gqa", 256)
-    if not kernel.should_repack(Q.Q4_0, cfg.hidden_size):
-        pytest.skip(f"no packed Q4_0 kernel on the {kernel.active_path()} path")
-    path = files.write_gguf(tmp_path / "q4_0.gguf", cfg, random_weights(cfg), Q.Q4_0)
+    cfg = tiny_config("gqa", 512)
+    if not kernel.should_repack(gtype, cfg.hidden_size):
+        pytest.skip(f"no packed {gtype.name} kernel on the {kernel.active_path()} path")
+    path = files.write_gguf(tmp_path / f"{gtype.name}.gguf", cfg, random_weights(cfg), gtype)
     ids = prompt(cfg, 12)
     plain = load(path, threads=2, ctx=32, repack=False)
     want = np.stack([plain.forward([t]) for t in ids])
-    assert plain.layers[0].qkv.gtype == Q.Q4_0
-    packed = load(path, threads=2, ctx=32)
-    assert packed.layers[0].qkv.gtype == kernel.Q4_0_PACKED
-    # float summation order differs, and int8 activation rounding amplifies that (see INT8_ACT_TOL)
-    assert rel_error(np.stack([packed.forward([t]) for t in ids]), want) < 1e-2
+    assert plain.layers[0].qkv.gtype == gtype
     monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "cache"))
+    packed = load(path, threads=2, ctx=32)
+    assert packed.layers[0].qkv.gtype == kernel.packed_type(gtype)
+    # float summation order differs, and int8 activation rounding amplifies that (INT8_ACT_TOL;
+    # Q4_K's 256-value activation blocks move most)
+    assert rel_error(np.stack([packed.forward([t]) for t in ids]), want) < INT8_ACT_TOL
     monkeypatch.setattr(packed_cache, "MIN_CACHED_BYTES", 0)
-    for _ in range(2):  # the first load writes the cache file, the second maps it
+    memory = load(path, threads=2, ctx=32, repack="memory")  # --no-cache: no file even above the threshold
+    assert not isinstance(memory.layers[0].qkv.raw, np.memmap) and not (tmp_path / "cache" / "packed").exists()
+    assert rel_error(np.stack([memory.forward([t]) for t in ids]), want) < INT8_ACT_TOL
+    capfd.readouterr()
+    for i in range(2):  # the first load writes the cache file (and says so), the second maps it
         cached = load(path, threads=2, ctx=32)
+        err = capfd.readouterr().err
+        assert ("writing its weights" in err and " GB" in err) == (i == 0), err
         assert isinstance(cached.layers[0].qkv.raw, np.memmap)
-        assert rel_error(np.stack([cached.forward([t]) for t in ids]), want) < 1e-2
-    assert len(list((tmp_path / "cache" / "packed").glob("*.q4_0_packed"))) == 1
+        assert rel_error(np.stack([cached.forward([t]) for t in ids]), want) < INT8_ACT_TOL
+    copies = packed_cache.cached_copies(str(path))
+    assert len(copies) == 1 and copies[0][2] and copies[0][1] > 0
+    from pocketlm.export.gguf_info import describe_gguf
+    assert str(copies[0][0]) in describe_gguf(path)
 
 
 # ---------------------------------------------------------------------------- llama.cpp

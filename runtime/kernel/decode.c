@@ -71,7 +71,7 @@ static void store_kv(const decode_plan *p, int layer, int pos, const float *k, c
 }
 
 static int matvec(const dot_fn *table, const dec_linear *l, const float *x, float *y) {
-    if (run_matvec(table, l->t, l->w, l->rows, l->K, x, y, NULL, NULL)) return -1;
+    if (run_matvec(table, l->t, l->w, l->rows, l->K, x, y)) return -1;
     if (l->bias)
         for (int j = 0; j < l->rows; j++) y[j] += l->bias[j];
     return 0;

@@ -8,11 +8,8 @@
 
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline)) TARGET
-#define BLOCK_ID(i) (idx ? idx[i] : (i))
-#define DEFINE_DOT(name, impl)                                                                     \
-    TARGET static float name(const uint8_t *row, const q8_act *a, int nb, const int32_t *idx, int n) { \
-        return idx ? impl(row, a, nb, idx, n) : impl(row, a, nb, NULL, nb);                                \
-    }
+#define DEFINE_DOT(name, impl) \
+    TARGET static float name(const uint8_t *row, const q8_act *a, int nb) { return impl(row, a, nb); }
 
 INLINE float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -36,15 +33,15 @@ INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
 }
 
 /* Shared by Q4_0 (offset -8 * d) and Q4_1 (min m): two accumulators hide the FMA latency. */
-INLINE float q4_generic(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n, int bsz, int has_m) {
+INLINE float q4_generic(const uint8_t *row, const q8_act *a, int n, int bsz, int has_m) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     float corr = 0.0f;
     const int qoff = has_m ? 4 : 2;
     int i = 0;
     for (; i + 1 < n; i += 2) {
-        const int b0 = BLOCK_ID(i), b1 = BLOCK_ID(i + 1);
+        const int b0 = i, b1 = i + 1;
         const uint8_t *k0 = row + (size_t)b0 * bsz, *k1 = row + (size_t)b1 * bsz;
-        prefetch_ahead(row, idx, i, n, nb_row, bsz);
+        prefetch_ahead(row, i, bsz);
         const __m256i p0 = dot_u8s8(unpack_nibbles(k0 + qoff), _mm256_loadu_si256((const __m256i *)(a->qs + b0 * QK)));
         const __m256i p1 = dot_u8s8(unpack_nibbles(k1 + qoff), _mm256_loadu_si256((const __m256i *)(a->qs + b1 * QK)));
         const float d0 = half(k0), d1 = half(k1);
@@ -56,7 +53,7 @@ INLINE float q4_generic(const uint8_t *row, const q8_act *a, int nb_row, const i
             corr += d0 * a->s[b0] + d1 * a->s[b1];
     }
     for (; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *k = row + (size_t)b * bsz;
         const __m256i p = dot_u8s8(unpack_nibbles(k + qoff), _mm256_loadu_si256((const __m256i *)(a->qs + b * QK)));
         const float d = half(k);
@@ -67,11 +64,11 @@ INLINE float q4_generic(const uint8_t *row, const q8_act *a, int nb_row, const i
     return has_m ? dot + corr : dot - 8.0f * corr;
 }
 
-INLINE float q4_0(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
-    return q4_generic(row, a, nb_row, idx, n, 18, 0);
+INLINE float q4_0(const uint8_t *row, const q8_act *a, int n) {
+    return q4_generic(row, a, n, 18, 0);
 }
-INLINE float q4_1(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
-    return q4_generic(row, a, nb_row, idx, n, 20, 1);
+INLINE float q4_1(const uint8_t *row, const q8_act *a, int n) {
+    return q4_generic(row, a, n, 20, 1);
 }
 
 /* s8 * s8: |w| as unsigned times a with w's sign. */
@@ -81,65 +78,117 @@ INLINE __m256i q8_block(const uint8_t *blk, const int8_t *aq) {
     return dot_u8s8(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
 }
 
-INLINE float q8_0(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+INLINE float q8_0(const uint8_t *row, const q8_act *a, int n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int i = 0;
     for (; i + 1 < n; i += 2) {
-        const int b0 = BLOCK_ID(i), b1 = BLOCK_ID(i + 1);
+        const int b0 = i, b1 = i + 1;
         const uint8_t *k0 = row + (size_t)b0 * 34, *k1 = row + (size_t)b1 * 34;
-        prefetch_ahead(row, idx, i, n, nb_row, 34);
+        prefetch_ahead(row, i, 34);
         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block(k0, a->qs + b0 * QK)), _mm256_set1_ps(half(k0) * a->d[b0]), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block(k1, a->qs + b1 * QK)), _mm256_set1_ps(half(k1) * a->d[b1]), acc1);
     }
     for (; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *k = row + (size_t)b * 34;
         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block(k, a->qs + b * QK)), _mm256_set1_ps(half(k) * a->d[b]), acc0);
     }
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
-/* Packed Q4_0 (kernel.h): per 8-block group one 8-scale conversion, four 32-byte loads each
- * giving two blocks (low nibbles: block h, high: block 2 + h of the chunk); idx/n count groups. */
-INLINE float q4_0_packed(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+/* ---- the packed layouts (kernel.h): one int32 lane per 32-value sub-block, 8 lanes per half
+ * group (bytes 32h..32h+31 of every 64-byte chunk are sub-blocks 8h..8h+7) ---------------------- */
+
+INLINE void prefetch_group(const uint8_t *grp, int bytes) {
+    for (int line = 0; line < bytes; line += 64) __builtin_prefetch(grp + PREFETCH_BYTES + line);
+}
+
+/* Lane b = integer dot of 4-bit sub-block 8h + b with its activations: the 8 `vpmaddubsw` pair sums
+ * (each <= 2 * 15 * 127) are added in int16 (8 * 3810 < 32767), then widened once. */
+INLINE __m256i dot_half4(const uint8_t *chunks, const int8_t *aq, int h) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
-    for (int i = 0; i < n; i++) {
-        const int g = BLOCK_ID(i);
-        const uint8_t *grp = row + (size_t)g * 144;
-        prefetch_ahead(row, idx, i, n, nb_row, 144);
-        prefetch_ahead(row + 64, idx, i, n, nb_row, 144);
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)grp));
-        const __m256 sv = _mm256_mul_ps(dv, _mm256_loadu_ps(a->d + 8 * g));
-        corr = _mm256_fmadd_ps(dv, _mm256_loadu_ps(a->s + 8 * g), corr);
-        const int8_t *aq = a->qs + (size_t)g * 256;
-        for (int c = 0; c < 2; c++)
-            for (int h = 0; h < 2; h++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(grp + 16 + 64 * c + 32 * h));
-                const int blo = 4 * c + h, bhi = 4 * c + 2 + h;
-                const __m256i plo = dot_u8s8(_mm256_and_si256(v, m4), _mm256_loadu_si256((const __m256i *)(aq + 32 * blo)));
-                const __m256i phi = dot_u8s8(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-                                             _mm256_loadu_si256((const __m256i *)(aq + 32 * bhi)));
-                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(plo), _mm256_permutevar8x32_ps(sv, _mm256_set1_epi32(blo)), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(phi), _mm256_permutevar8x32_ps(sv, _mm256_set1_epi32(bhi)), acc1);
-            }
+    __m256i s16 = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(chunks + 64 * c + 32 * h));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(v, m4),
+                                                         _mm256_loadu_si256((const __m256i *)(aq + 128 * c + 32 * h))));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                                         _mm256_loadu_si256((const __m256i *)(aq + 128 * c + 64 + 32 * h))));
     }
-    return hsum8(_mm256_add_ps(acc0, acc1)) - 8.0f * hsum8(corr);
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+}
+
+INLINE float q4_0_packed(const uint8_t *row, const q8_act *a, int n) {
+    __m256 acc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
+    for (int g = 0; g < n; g++) {
+        const uint8_t *grp = row + (size_t)g * 288;
+        prefetch_group(grp, 288);
+        for (int h = 0; h < 2; h++) {
+            const __m256i isum = dot_half4(grp + 32, a->qs16 + (size_t)g * PACK_VALUES, h);
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16 * h)));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_loadu_ps(a->d32 + 16 * g + 8 * h)), acc);
+            corr = _mm256_fmadd_ps(dw, _mm256_loadu_ps(a->s + 16 * g + 8 * h), corr);
+        }
+    }
+    return hsum8(acc) - 8.0f * hsum8(corr);
+}
+
+/* Codes + 128 turned back to signed, then |w| x (a with w's sign) as the raw Q8_0 kernel (a pair
+ * sum reaches 2 * 128 * 127: widened per vector). */
+INLINE float q8_0_packed(const uint8_t *row, const q8_act *a, int n) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < n; g++) {
+        const uint8_t *grp = row + (size_t)g * 544;
+        const int8_t *aq = a->qs16 + (size_t)g * PACK_VALUES;
+        prefetch_group(grp, 544);
+        for (int h = 0; h < 2; h++) {
+            __m256i isum = _mm256_setzero_si256();
+            for (int v = 0; v < 8; v++) {
+                const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(grp + 32 + 64 * v + 32 * h)), flip);
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(aq + 64 * v + 32 * h));
+                isum = _mm256_add_epi32(isum, dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)));
+            }
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16 * h)));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_loadu_ps(a->d32 + 16 * g + 8 * h)), acc);
+        }
+    }
+    return hsum8(acc);
+}
+
+/* Packed Q4_K: half h of a group is super-block h (8 sub-blocks in 8 lanes). */
+INLINE float q4_k_packed(const uint8_t *row, const q8_act *a, int n) {
+    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    for (int g = 0; g < n; g++) {
+        const uint8_t *grp = row + (size_t)g * 288;
+        prefetch_group(grp, 288);
+        for (int h = 0; h < 2; h++) {
+            const q4k_words w = q4k_scale_words(grp + 8 + 12 * h); /* in registers: no store forwarding */
+            const __m256i isum = dot_half4(grp + 32, a->qs16 + (size_t)g * PACK_VALUES, h);
+            const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)w.sc_hi, (int)w.sc_lo)));
+            const __m256 mf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)w.m_hi, (int)w.m_lo)));
+            const __m256 d = _mm256_mul_ps(_mm256_set1_ps(half(grp + 2 * h)), _mm256_loadu_ps(a->d32 + 16 * g + 8 * h));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(scf, d), acc);
+            accm = _mm256_fmadd_ps(_mm256_mul_ps(mf, _mm256_set1_ps(half(grp + 4 + 2 * h))),
+                                   _mm256_loadu_ps(a->s + 16 * g + 8 * h), accm);
+        }
+    }
+    return hsum8(acc) - hsum8(accm);
 }
 
 /* Q4_K: integer sums scaled by the 6-bit sub-block scales in int32, min term from the activation's
  * per-16 sums; one float FMA per super-block. */
-INLINE float q4_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+INLINE float q4_k(const uint8_t *row, const q8_act *a, int n) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 acc = _mm256_setzero_ps();
     float acc_min = 0.0f;
     for (int i = 0; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *blk = row + (size_t)b * 144, *qs = blk + 16;
         const int8_t *aq = a->qs + (size_t)b * QK_K;
-        prefetch_ahead(row, idx, i, n, nb_row, 144);
-        prefetch_ahead(row + 64, idx, i, n, nb_row, 144);
-        prefetch_ahead(row + 128, idx, i, n, nb_row, 144);
+        prefetch_ahead(row, i, 144);
+        prefetch_ahead(row + 64, i, 144);
+        prefetch_ahead(row + 128, i, 144);
         uint8_t sc[8], mn[8];
         q4k_scales_mins(blk + 4, sc, mn);
         __m256i sumi = _mm256_setzero_si256();
@@ -160,15 +209,15 @@ INLINE float q4_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
 
 /* Q6_K: 6-bit codes 0..63 assembled from ql/qh, u8 x s8 sums scaled per 16 values in int32,
  * minus 32 * sum_j sc_j * bsums_j (exact integers). */
-INLINE float q6_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+INLINE float q6_k(const uint8_t *row, const q8_act *a, int n) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *blk = row + (size_t)b * 210;
         const int8_t *sc = (const int8_t *)(blk + 192);
         const int8_t *aq = a->qs + (size_t)b * QK_K;
-        for (int line = 0; line < 256; line += 64) prefetch_ahead(row + line, idx, i, n, nb_row, 210);
+        for (int line = 0; line < 256; line += 64) prefetch_ahead(row + line, i, 210);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
         const __m256i offset = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a->bsums + b * 16)));
         __m256i sumi = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, 5));
@@ -203,10 +252,12 @@ DEFINE_DOT(dot_q4_0, q4_0)
 DEFINE_DOT(dot_q4_0_packed, q4_0_packed)
 DEFINE_DOT(dot_q4_1, q4_1)
 DEFINE_DOT(dot_q8_0, q8_0)
+DEFINE_DOT(dot_q8_0_packed, q8_0_packed)
+DEFINE_DOT(dot_q4_k_packed, q4_k_packed)
 
 const kernel_path path_avx2 = {
     .name = "avx2",
-    .dot = {dot_q4_0, dot_q4_1, dot_q8_0, dot_q4_k, dot_q6_k, dot_q4_0_packed},
+    .dot = {dot_q4_0, dot_q4_1, dot_q8_0, dot_q4_k, dot_q6_k, dot_q4_0_packed, dot_q8_0_packed, dot_q4_k_packed},
     .fallback = "scalar",
     .gemm = &gemm_avx2,
 };

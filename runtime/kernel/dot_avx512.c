@@ -9,11 +9,8 @@
 
 #define TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define INLINE static inline __attribute__((always_inline)) TARGET
-#define BLOCK_ID(i) (idx ? idx[i] : (i))
-#define DEFINE_DOT(name, impl)                                                                     \
-    TARGET static float name(const uint8_t *row, const q8_act *a, int nb, const int32_t *idx, int n) { \
-        return idx ? impl(row, a, nb, idx, n) : impl(row, a, nb, NULL, nb);                                \
-    }
+#define DEFINE_DOT(name, impl) \
+    TARGET static float name(const uint8_t *row, const q8_act *a, int nb) { return impl(row, a, nb); }
 
 INLINE float half(const uint8_t *p) { return _cvtsh_ss(read_u16(p)); }
 
@@ -44,16 +41,16 @@ INLINE __m512 scale_pair(float s0, float s1) {
  * works per block in 256-bit registers (measured faster than pairing blocks in 512-bit ones, which
  * costs extra shuffles); VNNI fuses the AVX2 path's maddubs + madd. Four accumulators hide the FMA
  * latency. */
-INLINE float q4_generic(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n, int bsz, int has_m) {
+INLINE float q4_generic(const uint8_t *row, const q8_act *a, int n, int bsz, int has_m) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     float corr = 0.0f;
     const int qoff = has_m ? 4 : 2;
     int i = 0;
     for (; i + 3 < n; i += 4) {
-        prefetch_ahead(row, idx, i, n, nb_row, bsz);
+        prefetch_ahead(row, i, bsz);
         for (int u = 0; u < 4; u++) {
-            const int b = BLOCK_ID(i + u);
+            const int b = (i + u);
             const uint8_t *k = row + (size_t)b * bsz;
             const __m256i w = _mm256_and_si256(spread_nibbles(k + qoff), m4);
             const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
@@ -64,7 +61,7 @@ INLINE float q4_generic(const uint8_t *row, const q8_act *a, int nb_row, const i
         }
     }
     for (; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *k = row + (size_t)b * bsz;
         const __m256i w = _mm256_and_si256(spread_nibbles(k + qoff), m4);
         const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
@@ -81,11 +78,11 @@ INLINE float q4_generic(const uint8_t *row, const q8_act *a, int nb_row, const i
     return has_m ? total + corr : total - 8.0f * corr;
 }
 
-INLINE float q4_0(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
-    return q4_generic(row, a, nb_row, idx, n, 18, 0);
+INLINE float q4_0(const uint8_t *row, const q8_act *a, int n) {
+    return q4_generic(row, a, n, 18, 0);
 }
-INLINE float q4_1(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
-    return q4_generic(row, a, nb_row, idx, n, 20, 1);
+INLINE float q4_1(const uint8_t *row, const q8_act *a, int n) {
+    return q4_generic(row, a, n, 20, 1);
 }
 
 /* s8 x s8 with vpdpbusd: |w| (unsigned) times a carrying w's sign. */
@@ -95,15 +92,15 @@ INLINE __m512i q8_pair(const uint8_t *k0, const uint8_t *k1, __m512i x) {
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), xs);
 }
 
-INLINE float q8_0(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+INLINE float q8_0(const uint8_t *row, const q8_act *a, int n) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int i = 0;
     for (; i + 3 < n; i += 4) {
-        const int b0 = BLOCK_ID(i), b1 = BLOCK_ID(i + 1), b2 = BLOCK_ID(i + 2), b3 = BLOCK_ID(i + 3);
+        const int b0 = i, b1 = i + 1, b2 = i + 2, b3 = i + 3;
         const uint8_t *k0 = row + (size_t)b0 * 34, *k1 = row + (size_t)b1 * 34;
         const uint8_t *k2 = row + (size_t)b2 * 34, *k3 = row + (size_t)b3 * 34;
-        prefetch_ahead(row, idx, i, n, nb_row, 34);
-        prefetch_ahead(row + 64, idx, i, n, nb_row, 34);
+        prefetch_ahead(row, i, 34);
+        prefetch_ahead(row + 64, i, 34);
         const __m512i p01 = q8_pair(k0, k1, act_pair(a, b0, b1));
         const __m512i p23 = q8_pair(k2, k3, act_pair(a, b2, b3));
         acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p01), scale_pair(half(k0) * a->d[b0], half(k1) * a->d[b1]), acc0);
@@ -111,7 +108,7 @@ INLINE float q8_0(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
     }
     __m256 tail = _mm256_setzero_ps();
     for (; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *k = row + (size_t)b * 34;
         const __m256i w = _mm256_loadu_si256((const __m256i *)(k + 2));
         const __m256i x = _mm256_loadu_si256((const __m256i *)(a->qs + b * QK));
@@ -123,43 +120,119 @@ INLINE float q8_0(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
     return _mm512_reduce_add_ps(all);
 }
 
-/* Packed Q4_0 (kernel.h): per 8-block group one 8-scale conversion, two 64-byte loads, four
- * vpdpbusd; idx/n count groups. */
-INLINE float q4_0_packed(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    /* lanes 0..7 take the scale of the pair's first block, lanes 8..15 of its second */
-    const __m512i s01 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i s23 = _mm512_add_epi32(s01, _mm512_set1_epi32(2));
-    const __m512i s45 = _mm512_add_epi32(s01, _mm512_set1_epi32(4));
-    const __m512i s67 = _mm512_add_epi32(s01, _mm512_set1_epi32(6));
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
-           acc3 = _mm512_setzero_ps();
-    __m256 corr = _mm256_setzero_ps();
-    for (int i = 0; i < n; i++) {
-        const int g = BLOCK_ID(i);
-        const uint8_t *grp = row + (size_t)g * 144;
-        prefetch_ahead(row, idx, i, n, nb_row, 144);
-        prefetch_ahead(row + 64, idx, i, n, nb_row, 144);
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)grp));
-        const __m512 sv = _mm512_castps256_ps512(_mm256_mul_ps(dv, _mm256_loadu_ps(a->d + 8 * g)));
-        corr = _mm256_fmadd_ps(dv, _mm256_loadu_ps(a->s + 8 * g), corr);
-        const int8_t *aq = a->qs + (size_t)g * 256;
-        const __m512i v0 = _mm512_loadu_si512(grp + 16), v1 = _mm512_loadu_si512(grp + 80);
-        const __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v0, m4), _mm512_loadu_si512(aq));
-        const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4),
-                                               _mm512_loadu_si512(aq + 64));
-        const __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v1, m4), _mm512_loadu_si512(aq + 128));
-        const __m512i p3 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4),
-                                               _mm512_loadu_si512(aq + 192));
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(s01, sv), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(s23, sv), acc1);
-        acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p2), _mm512_permutexvar_ps(s45, sv), acc2);
-        acc3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p3), _mm512_permutexvar_ps(s67, sv), acc3);
-    }
-    const __m512 all = _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3));
-    const __m512 c = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_setzero_pd(), _mm256_castps_pd(corr), 0));
-    return _mm512_reduce_add_ps(all) - 8.0f * _mm512_reduce_add_ps(c);
+/* ---- the packed layouts (kernel.h): one int32 lane per 32-value sub-block ---------------- */
+
+/* The group's 288 or 544 bytes, PREFETCH_BYTES ahead (rows are contiguous). */
+INLINE void prefetch_group(const uint8_t *grp, int bytes) {
+    for (int line = 0; line < bytes; line += 64) __builtin_prefetch(grp + PREFETCH_BYTES + line);
 }
+
+/* The group's 8 activation code vectors (kernel.h), loaded once for all rows of a call. */
+INLINE void load_act8(const int8_t *aq, __m512i A[8]) {
+    for (int v = 0; v < 8; v++) A[v] = _mm512_loadu_si512(aq + 64 * v);
+}
+
+/* Lane b = integer dot of 4-bit sub-block b (codes 0..15) with its 32 activations: 8 `vpdpbusd`
+ * over the 4 chunks' low and high nibbles, in two chains. The high nibbles are taken in place
+ * (v & 0xF0 = 16 * code, one op instead of a shift and a mask) and their sum divided by 16
+ * exactly at the end; |lane| <= 16 * 16 * 240 * 127 < 2^31. */
+INLINE __m512i dot_group4(const uint8_t *chunks, const __m512i A[8]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int c = 0; c < 4; c++) {
+        const __m512i v = _mm512_loadu_si512(chunks + 64 * c);
+        const __m512i lo = _mm512_and_si512(v, m4);
+        s0 = _mm512_dpbusd_epi32(s0, lo, A[2 * c]);
+        s1 = _mm512_dpbusd_epi32(s1, _mm512_xor_si512(v, lo), A[2 * c + 1]);
+    }
+    return _mm512_add_epi32(s0, _mm512_srai_epi32(s1, 4));
+}
+
+/* Codes + 128 (uint8) x signed activations, 8 chunks; |lane| <= 32 * 255 * 127. */
+INLINE __m512i dot_group8(const uint8_t *chunks, const __m512i A[8]) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int v = 0; v < 8; v += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(chunks + 64 * v), A[v]);
+        s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(chunks + 64 * v + 64), A[v + 1]);
+    }
+    return _mm512_add_epi32(s0, s1);
+}
+
+/* Q4_0 / Q8_0 packed, R rows (R a constant after inlining): per group of 16 blocks one int->float
+ * conversion and two FMAs per row for all 16 (the weight scales by one 16-value fp16
+ * conversion); the code offset (8 or 128) as -offset * sum_b d_b * s_b at the end. */
+INLINE void q_packed_rows(const uint8_t *row, size_t rb, const q8_act *a, int n, int R, int q8, float *out) {
+    const int gbytes = q8 ? 544 : 288;
+    __m512 acc[DOT_ROWS], corr[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = corr[r] = _mm512_setzero_ps();
+    for (int g = 0; g < n; g++) {
+        __m512i A[8];
+        load_act8(a->qs16 + (size_t)g * PACK_VALUES, A);
+        const __m512 da = _mm512_loadu_ps(a->d32 + 16 * g), sa = _mm512_loadu_ps(a->s + 16 * g);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *grp = row + r * rb + (size_t)g * gbytes;
+            prefetch_group(grp, gbytes);
+            const __m512i isum = q8 ? dot_group8(grp + 32, A) : dot_group4(grp + 32, A);
+            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)grp));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, da), acc[r]);
+            corr[r] = _mm512_fmadd_ps(dw, sa, corr[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]) - (q8 ? 128.0f : 8.0f) * _mm512_reduce_add_ps(corr[r]);
+}
+
+/* Packed Q4_K, two super-blocks per group: lane b = sub-block b % 8 of super-block b / 8, scaled
+ * by d_s * sc_b * da, minus dmin_s * m_b * (da * its activation sum); the 6-bit scales and mins
+ * unpacked word-parallel (q4k_scales_mins) and widened to 16 float lanes. */
+INLINE void q4_k_packed_rows(const uint8_t *row, size_t rb, const q8_act *a, int n, int R, float *out) {
+    const __m512i lane_s = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i lane_dmin = _mm512_add_epi32(lane_s, _mm512_set1_epi32(2));
+    __m512 acc[DOT_ROWS], accm[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = accm[r] = _mm512_setzero_ps();
+    for (int g = 0; g < n; g++) {
+        __m512i A[8];
+        load_act8(a->qs16 + (size_t)g * PACK_VALUES, A);
+        const __m512 da = _mm512_loadu_ps(a->d32 + 16 * g), sa = _mm512_loadu_ps(a->s + 16 * g);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *grp = row + r * rb + (size_t)g * 288;
+            prefetch_group(grp, 288);
+            /* the 16 scales and mins built in registers (bytes stored and reloaded as one vector
+             * would stall on store forwarding) */
+            const q4k_words w0 = q4k_scale_words(grp + 8), w1 = q4k_scale_words(grp + 20);
+            const __m128i sc8 = _mm_set_epi32((int)w1.sc_hi, (int)w1.sc_lo, (int)w0.sc_hi, (int)w0.sc_lo);
+            const __m128i m8 = _mm_set_epi32((int)w1.m_hi, (int)w1.m_lo, (int)w0.m_hi, (int)w0.m_lo);
+            const __m512i isum = dot_group4(grp + 32, A);
+            const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc8));
+            const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m8));
+            const __m512 hv = _mm512_cvtph_ps(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)grp)));
+            const __m512 d = _mm512_mul_ps(_mm512_permutexvar_ps(lane_s, hv), da);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(sc, d), acc[r]);
+            accm[r] = _mm512_fmadd_ps(_mm512_mul_ps(m, _mm512_permutexvar_ps(lane_dmin, hv)), sa, accm[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]) - _mm512_reduce_add_ps(accm[r]);
+}
+
+/* The table entries: one row (dot_fn) and 1..DOT_ROWS rows (dotrows_fn), the same code. */
+#define DEFINE_PACKED(name, body)                                                                   \
+    TARGET static void name##_rows(const uint8_t *row, size_t rb, const q8_act *a, int nb, int nrows, float *out) { \
+        switch (nrows) {                                                                           \
+        case 4: body(row, rb, a, nb, 4, out); break;                                               \
+        case 3: body(row, rb, a, nb, 3, out); break;                                               \
+        case 2: body(row, rb, a, nb, 2, out); break;                                               \
+        default: body(row, rb, a, nb, 1, out); break;                                              \
+        }                                                                                          \
+    }                                                                                              \
+    TARGET static float name(const uint8_t *row, const q8_act *a, int nb) {                        \
+        float out;                                                                                 \
+        body(row, 0, a, nb, 1, &out);                                                              \
+        return out;                                                                                \
+    }
+#define Q4_0_PACKED_BODY(row, rb, a, nb, R, out) q_packed_rows(row, rb, a, nb, R, 0, out)
+#define Q8_0_PACKED_BODY(row, rb, a, nb, R, out) q_packed_rows(row, rb, a, nb, R, 1, out)
+DEFINE_PACKED(dot_q4_0_packed, Q4_0_PACKED_BODY)
+DEFINE_PACKED(dot_q8_0_packed, Q8_0_PACKED_BODY)
+DEFINE_PACKED(dot_q4_k_packed, q4_k_packed_rows)
 
 /* i16 lanes 16h..16h+15 of the result = v16[2*pair + h] for h in 0, 1 (v16: 8 or 16 int16). */
 INLINE __m512i spread_pairs(__m512i v16, int first) {
@@ -171,19 +244,19 @@ INLINE __m512i spread_pairs(__m512i v16, int first) {
  * rearranged into value order (values 0..63 / 64..127 of the super-block's 128-byte half) so the
  * activation is read with plain loads; u8 x s8 pair sums (`vpmaddubsw`, at most 2*15*127) times
  * the 6-bit scales (`vpmaddwd`) into int32; min term and float FMA once per super-block. */
-INLINE float q4_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+INLINE float q4_k(const uint8_t *row, const q8_act *a, int n) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     /* 64-bit lanes: [lo.0 lo.1 lo.2 lo.3 | hi.0 ...] -> [lo 0-3 | hi 0-3] (values 0..63) and the rest */
     const __m512i first = _mm512_set_epi64(11, 10, 9, 8, 3, 2, 1, 0), second = _mm512_set_epi64(15, 14, 13, 12, 7, 6, 5, 4);
     __m512 acc = _mm512_setzero_ps();
     float acc_min = 0.0f;
     for (int i = 0; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *blk = row + (size_t)b * 144, *qs = blk + 16;
         const int8_t *aq = a->qs + (size_t)b * QK_K;
-        prefetch_ahead(row, idx, i, n, nb_row, 144);
-        prefetch_ahead(row + 64, idx, i, n, nb_row, 144);
-        prefetch_ahead(row + 128, idx, i, n, nb_row, 144);
+        prefetch_ahead(row, i, 144);
+        prefetch_ahead(row + 64, i, 144);
+        prefetch_ahead(row + 128, i, 144);
         uint8_t sc[8], mn[8];
         q4k_scales_mins(blk + 4, sc, mn);
         const __m512i sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
@@ -209,7 +282,7 @@ INLINE float q4_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
  * (high) in order; the 2 high bits come from the 32 qh bytes, each 256-bit half shifted by its own
  * count. Codes 0..63 (u8) x s8 pair sums times the int8 scales of the 16-value sub-blocks, minus
  * 32 * sum_j sc_j * bsums_j: the same integers as dot_scalar.c. */
-INLINE float q6_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t *idx, int n) {
+INLINE float q6_k(const uint8_t *row, const q8_act *a, int n) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x30);
     /* bits 2k..2k+1 of qh to bits 4..5: value group k = 0, 1 (first 64 values), 2, 3 (next 64) */
     const __m512i shift01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
@@ -220,10 +293,10 @@ INLINE float q6_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
                          7, 6, 5, 4, 3, 2, 1, 0), 3);
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *blk = row + (size_t)b * 210;
         const int8_t *aq = a->qs + (size_t)b * QK_K;
-        for (int line = 0; line < 256; line += 64) prefetch_ahead(row + line, idx, i, n, nb_row, 210);
+        for (int line = 0; line < 256; line += 64) prefetch_ahead(row + line, i, 210);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
         const __m256i offset = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a->bsums + b * 16)));
         const __m512i scz = _mm512_castsi256_si512(sc16);
@@ -250,7 +323,6 @@ INLINE float q6_k(const uint8_t *row, const q8_act *a, int nb_row, const int32_t
 }
 
 DEFINE_DOT(dot_q4_0, q4_0)
-DEFINE_DOT(dot_q4_0_packed, q4_0_packed)
 DEFINE_DOT(dot_q4_1, q4_1)
 DEFINE_DOT(dot_q8_0, q8_0)
 DEFINE_DOT(dot_q4_k, q4_k)
@@ -258,9 +330,11 @@ DEFINE_DOT(dot_q6_k, q6_k)
 
 const kernel_path path_avx512 = {
     .name = "avx512",
-    .dot = {dot_q4_0, dot_q4_1, dot_q8_0, dot_q4_k, dot_q6_k, dot_q4_0_packed},
+    .dot = {dot_q4_0, dot_q4_1, dot_q8_0, dot_q4_k, dot_q6_k, dot_q4_0_packed, dot_q8_0_packed, dot_q4_k_packed},
     .fallback = "avx2",
     .gemm = &gemm_avx512,
+    .dotrows = {[SLOT_Q4_0_PACKED] = dot_q4_0_packed_rows, [SLOT_Q8_0_PACKED] = dot_q8_0_packed_rows,
+                [SLOT_Q4_K_PACKED] = dot_q4_k_packed_rows},
 };
 
 #endif

@@ -7,7 +7,6 @@
 #if defined(POCKETLM_ARM64)
 #include <arm_neon.h>
 
-#define BLOCK_ID(i) (idx ? idx[i] : (i))
 
 static inline float fp16_load(const uint8_t *p) {
     return fp16_to_fp32(read_u16(p)); /* portable; a hardware fcvt needs __fp16 support */
@@ -21,12 +20,22 @@ static inline int32x4_t dot16_widen(int32x4_t acc, int8x16_t a, int8x16_t b) {
     return vpadalq_s16(acc, p);
 }
 
+/* plain NEON with sdot's lane split: lane k += a[4k..4k+3] . b[4k..4k+3] (int16 pairs, widened
+ * before the second addition: a pair reaches 2 * 128 * 128) */
+static inline int32x4_t dotl_widen(int32x4_t acc, int8x16_t a, int8x16_t b) {
+    const int32x4_t lo = vpaddlq_s16(vmull_s8(vget_low_s8(a), vget_low_s8(b)));
+    const int32x4_t hi = vpaddlq_s16(vmull_high_s8(a, b));
+    return vaddq_s32(acc, vpaddq_s32(lo, hi));
+}
+
 #define NEON_TARGET
 #define NEON_DOT16 dot16_widen
+#define NEON_DOTL dotl_widen
 #define NEON_SUFFIX plain
 #include "dot_neon_body.h"
 #undef NEON_TARGET
 #undef NEON_DOT16
+#undef NEON_DOTL
 #undef NEON_SUFFIX
 #undef NEON_INLINE
 
@@ -45,6 +54,7 @@ NEON_TARGET static inline int32x4_t sdot_asm(int32x4_t acc, int8x16_t a, int8x16
 }
 #define NEON_DOT16 sdot_asm
 #endif
+#define NEON_DOTL NEON_DOT16
 #define NEON_SUFFIX dotprod
 #include "dot_neon_body.h"
 
@@ -127,13 +137,14 @@ I8MM_TARGET static void q8_0_2x2(const uint8_t *row0, const uint8_t *row1, const
 
 const kernel_path path_neon = {
     .name = "neon",
-    .dot = {dot_q4_0_plain, dot_q4_1_plain, dot_q8_0_plain, dot_q4_k_plain, dot_q6_k_plain, dot_q4_0_packed_plain},
+    .dot = {dot_q4_0_plain, dot_q4_1_plain, dot_q8_0_plain, dot_q4_k_plain, dot_q6_k_plain, dot_q4_0_packed_plain,
+            dot_q8_0_packed_plain, dot_q4_k_packed_plain},
     .fallback = "scalar",
 };
 const kernel_path path_neon_dotprod = {
     .name = "neon_dotprod",
     .dot = {dot_q4_0_dotprod, dot_q4_1_dotprod, dot_q8_0_dotprod, dot_q4_k_dotprod, dot_q6_k_dotprod,
-            dot_q4_0_packed_dotprod},
+            dot_q4_0_packed_dotprod, dot_q8_0_packed_dotprod, dot_q4_k_packed_dotprod},
     .fallback = "neon",
     .gemm = &gemm_neon_dotprod,
 };

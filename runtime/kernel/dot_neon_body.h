@@ -1,6 +1,7 @@
 /* Body of the ARM NEON dot products, included twice by dot_neon.c: once for plain ARMv8.0 NEON
  * (widening multiplies) and once with the dotprod extension (`sdot`). Before including define:
- * NEON_TARGET (function attribute), NEON_DOT16 (int32x4 += 16 s8 x s8 products), NEON_SUFFIX. */
+ * NEON_TARGET (function attribute), NEON_DOT16 (int32x4 += 16 s8 x s8 products, any lane split),
+ * NEON_DOTL (the same with lane k += bytes 4k..4k+3, as `sdot`), NEON_SUFFIX. */
 
 #define NEON_CAT2(a, b) a##b
 #define NEON_CAT(a, b) NEON_CAT2(a, b)
@@ -8,14 +9,14 @@
 #define NEON_INLINE static inline __attribute__((always_inline)) NEON_TARGET
 
 /* Q4_0 / Q4_1: nibbles 0..15 are valid signed bytes, so s8 x s8 products apply unchanged. */
-NEON_INLINE float NEON_FN(q4_generic_)(const uint8_t *row, const q8_act *a, const int32_t *idx, int n,
+NEON_INLINE float NEON_FN(q4_generic_)(const uint8_t *row, const q8_act *a, int n,
                                        int bsz, int has_m) {
     const uint8x16_t m4 = vdupq_n_u8(0x0F);
     float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
     float corr = 0.0f;
     const int qoff = has_m ? 4 : 2;
     for (int i = 0; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *k = row + (size_t)b * bsz;
         const uint8x16_t q = vld1q_u8(k + qoff);
         const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(q, m4)), hi = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));
@@ -33,17 +34,17 @@ NEON_INLINE float NEON_FN(q4_generic_)(const uint8_t *row, const q8_act *a, cons
     return has_m ? dot + corr : dot - 8.0f * corr;
 }
 
-NEON_INLINE float NEON_FN(q4_0_)(const uint8_t *row, const q8_act *a, const int32_t *idx, int n) {
-    return NEON_FN(q4_generic_)(row, a, idx, n, 18, 0);
+NEON_INLINE float NEON_FN(q4_0_)(const uint8_t *row, const q8_act *a, int n) {
+    return NEON_FN(q4_generic_)(row, a, n, 18, 0);
 }
-NEON_INLINE float NEON_FN(q4_1_)(const uint8_t *row, const q8_act *a, const int32_t *idx, int n) {
-    return NEON_FN(q4_generic_)(row, a, idx, n, 20, 1);
+NEON_INLINE float NEON_FN(q4_1_)(const uint8_t *row, const q8_act *a, int n) {
+    return NEON_FN(q4_generic_)(row, a, n, 20, 1);
 }
 
-NEON_INLINE float NEON_FN(q8_0_)(const uint8_t *row, const q8_act *a, const int32_t *idx, int n) {
+NEON_INLINE float NEON_FN(q8_0_)(const uint8_t *row, const q8_act *a, int n) {
     float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
     for (int i = 0; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *k = row + (size_t)b * 34;
         const int8_t *aq = a->qs + b * QK;
         int32x4_t p = NEON_DOT16(vdupq_n_s32(0), vld1q_s8((const int8_t *)k + 2), vld1q_s8(aq));
@@ -57,11 +58,11 @@ NEON_INLINE float NEON_FN(q8_0_)(const uint8_t *row, const q8_act *a, const int3
 }
 
 /* Q4_K: 16-value integer dots scaled by the 6-bit sub-block scales in int32. */
-NEON_INLINE float NEON_FN(q4_k_)(const uint8_t *row, const q8_act *a, const int32_t *idx, int n) {
+NEON_INLINE float NEON_FN(q4_k_)(const uint8_t *row, const q8_act *a, int n) {
     const uint8x16_t m4 = vdupq_n_u8(0x0F);
     float acc = 0.0f;
     for (int i = 0; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *blk = row + (size_t)b * 144, *qs = blk + 16;
         const int8_t *aq = a->qs + (size_t)b * QK_K;
         int32x4_t sumi = vdupq_n_s32(0);
@@ -85,11 +86,11 @@ NEON_INLINE float NEON_FN(q4_k_)(const uint8_t *row, const q8_act *a, const int3
 }
 
 /* Q6_K: codes 0..63 from ql/qh, 16-value dots scaled per sub-block, minus 32 * sum sc_j*bsums_j. */
-NEON_INLINE float NEON_FN(q6_k_)(const uint8_t *row, const q8_act *a, const int32_t *idx, int n) {
+NEON_INLINE float NEON_FN(q6_k_)(const uint8_t *row, const q8_act *a, int n) {
     const uint8x16_t m4 = vdupq_n_u8(0x0F), m2 = vdupq_n_u8(3);
     float acc = 0.0f;
     for (int i = 0; i < n; i++) {
-        const int b = BLOCK_ID(i);
+        const int b = i;
         const uint8_t *blk = row + (size_t)b * 210;
         const int8_t *sc = (const int8_t *)(blk + 192);
         const int8_t *aq = a->qs + (size_t)b * QK_K;
@@ -118,60 +119,98 @@ NEON_INLINE float NEON_FN(q6_k_)(const uint8_t *row, const q8_act *a, const int3
     return acc;
 }
 
-/* Packed Q4_0 (kernel.h): 8 scales converted by two fcvtl, aligned 16-byte nibble loads; idx/n
- * count 8-block groups. In a 64-byte chunk, bytes 0..31 hold block 0 (low nibbles) and block 2
- * (high), bytes 32..63 blocks 1 and 3. */
-NEON_INLINE float NEON_FN(q4_0_packed_)(const uint8_t *row, const q8_act *a, const int32_t *idx, int n) {
+/* ---- the packed layouts (kernel.h): one int32 lane per 32-value sub-block; quarter q of a group
+ * (bytes 16q..16q+15 of every 64-byte chunk) is sub-blocks 4q..4q+3, one int32x4 ------------- */
+
+/* Lanes = integer dots of 4-bit sub-blocks 4q..4q+3 (codes 0..15 are valid s8) with their activations. */
+NEON_INLINE int32x4_t NEON_FN(dot_quarter4_)(const uint8_t *chunks, const int8_t *aq, int q) {
     const uint8x16_t m4 = vdupq_n_u8(0x0F);
-    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f), corr = vdupq_n_f32(0.0f);
-    for (int i = 0; i < n; i++) {
-        const int g = BLOCK_ID(i);
-        const uint8_t *grp = row + (size_t)g * 144;
-        const float32x4_t d_lo = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(grp)));     /* blocks 0..3 */
-        const float32x4_t d_hi = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(grp + 8))); /* blocks 4..7 */
-        corr = vfmaq_f32(corr, d_lo, vld1q_f32(a->s + 8 * g));
-        corr = vfmaq_f32(corr, d_hi, vld1q_f32(a->s + 8 * g + 4));
-        for (int c = 0; c < 2; c++) {
-            const uint8_t *chunk = grp + 16 + 64 * c;
-            const int8_t *aq = a->qs + (size_t)g * 256 + 128 * c;
-            const float32x4_t s = vmulq_f32(c ? d_hi : d_lo, vld1q_f32(a->d + 8 * g + 4 * c));
-            const uint8x16_t v0 = vld1q_u8(chunk), v1 = vld1q_u8(chunk + 16);
-            const uint8x16_t v2 = vld1q_u8(chunk + 32), v3 = vld1q_u8(chunk + 48);
-#define LO(v) vreinterpretq_s8_u8(vandq_u8(v, m4))
-#define HI(v) vreinterpretq_s8_u8(vshrq_n_u8(v, 4))
-            const int32x4_t p0 = NEON_DOT16(NEON_DOT16(vdupq_n_s32(0), LO(v0), vld1q_s8(aq)), LO(v1), vld1q_s8(aq + 16));
-            const int32x4_t p1 = NEON_DOT16(NEON_DOT16(vdupq_n_s32(0), LO(v2), vld1q_s8(aq + 32)), LO(v3), vld1q_s8(aq + 48));
-            const int32x4_t p2 = NEON_DOT16(NEON_DOT16(vdupq_n_s32(0), HI(v0), vld1q_s8(aq + 64)), HI(v1), vld1q_s8(aq + 80));
-            const int32x4_t p3 = NEON_DOT16(NEON_DOT16(vdupq_n_s32(0), HI(v2), vld1q_s8(aq + 96)), HI(v3), vld1q_s8(aq + 112));
-#undef LO
-#undef HI
-            acc0 = vfmaq_laneq_f32(acc0, vcvtq_f32_s32(p0), s, 0);
-            acc1 = vfmaq_laneq_f32(acc1, vcvtq_f32_s32(p1), s, 1);
-            acc0 = vfmaq_laneq_f32(acc0, vcvtq_f32_s32(p2), s, 2);
-            acc1 = vfmaq_laneq_f32(acc1, vcvtq_f32_s32(p3), s, 3);
+    int32x4_t s0 = vdupq_n_s32(0), s1 = vdupq_n_s32(0);
+    for (int c = 0; c < 4; c++) {
+        const uint8x16_t v = vld1q_u8(chunks + 64 * c + 16 * q);
+        s0 = NEON_DOTL(s0, vreinterpretq_s8_u8(vandq_u8(v, m4)), vld1q_s8(aq + 128 * c + 16 * q));
+        s1 = NEON_DOTL(s1, vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), vld1q_s8(aq + 128 * c + 64 + 16 * q));
+    }
+    return vaddq_s32(s0, s1);
+}
+
+/* 4 fp16 scales -> float32x4 (one fcvtl). */
+NEON_INLINE float32x4_t NEON_FN(half4_)(const uint8_t *p) {
+    return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p)));
+}
+
+NEON_INLINE float NEON_FN(q4_0_packed_)(const uint8_t *row, const q8_act *a, int n) {
+    float32x4_t acc = vdupq_n_f32(0.0f), corr = vdupq_n_f32(0.0f);
+    for (int g = 0; g < n; g++) {
+        const uint8_t *grp = row + (size_t)g * 288;
+        const int8_t *aq = a->qs16 + (size_t)g * PACK_VALUES;
+        for (int q = 0; q < 4; q++) {
+            const float32x4_t dw = NEON_FN(half4_)(grp + 8 * q);
+            const int32x4_t isum = NEON_FN(dot_quarter4_)(grp + 32, aq, q);
+            acc = vfmaq_f32(acc, vcvtq_f32_s32(isum), vmulq_f32(dw, vld1q_f32(a->d32 + 16 * g + 4 * q)));
+            corr = vfmaq_f32(corr, dw, vld1q_f32(a->s + 16 * g + 4 * q));
         }
     }
-    return vaddvq_f32(vaddq_f32(acc0, acc1)) - 8.0f * vaddvq_f32(corr);
+    return vaddvq_f32(acc) - 8.0f * vaddvq_f32(corr);
 }
 
-NEON_TARGET static float NEON_FN(dot_q4_0_packed_)(const uint8_t *row, const q8_act *a, int nb, const int32_t *idx,
-                                                  int n) {
-    return idx ? NEON_FN(q4_0_packed_)(row, a, idx, n) : NEON_FN(q4_0_packed_)(row, a, NULL, nb);
+/* Codes stored + 128: flipped back to s8 (no offset term then). */
+NEON_INLINE float NEON_FN(q8_0_packed_)(const uint8_t *row, const q8_act *a, int n) {
+    const uint8x16_t flip = vdupq_n_u8(0x80);
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (int g = 0; g < n; g++) {
+        const uint8_t *grp = row + (size_t)g * 544;
+        const int8_t *aq = a->qs16 + (size_t)g * PACK_VALUES;
+        for (int q = 0; q < 4; q++) {
+            int32x4_t s0 = vdupq_n_s32(0), s1 = vdupq_n_s32(0);
+            for (int v = 0; v < 8; v += 2) {
+                const int8x16_t w0 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(grp + 32 + 64 * v + 16 * q), flip));
+                const int8x16_t w1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(grp + 96 + 64 * v + 16 * q), flip));
+                s0 = NEON_DOTL(s0, w0, vld1q_s8(aq + 64 * v + 16 * q));
+                s1 = NEON_DOTL(s1, w1, vld1q_s8(aq + 64 * v + 64 + 16 * q));
+            }
+            const float32x4_t dw = NEON_FN(half4_)(grp + 8 * q);
+            acc = vfmaq_f32(acc, vcvtq_f32_s32(vaddq_s32(s0, s1)), vmulq_f32(dw, vld1q_f32(a->d32 + 16 * g + 4 * q)));
+        }
+    }
+    return vaddvq_f32(acc);
 }
 
-NEON_TARGET static float NEON_FN(dot_q4_k_)(const uint8_t *row, const q8_act *a, int nb, const int32_t *idx, int n) {
-    return idx ? NEON_FN(q4_k_)(row, a, idx, n) : NEON_FN(q4_k_)(row, a, NULL, nb);
-}
-NEON_TARGET static float NEON_FN(dot_q6_k_)(const uint8_t *row, const q8_act *a, int nb, const int32_t *idx, int n) {
-    return idx ? NEON_FN(q6_k_)(row, a, idx, n) : NEON_FN(q6_k_)(row, a, NULL, nb);
+/* Packed Q4_K: quarters 0, 1 are super-block 0, quarters 2, 3 super-block 1. */
+NEON_INLINE float NEON_FN(q4_k_packed_)(const uint8_t *row, const q8_act *a, int n) {
+    float32x4_t acc = vdupq_n_f32(0.0f), accm = vdupq_n_f32(0.0f);
+    for (int g = 0; g < n; g++) {
+        const uint8_t *grp = row + (size_t)g * 288;
+        const int8_t *aq = a->qs16 + (size_t)g * PACK_VALUES;
+        uint8_t sc[16], m[16];
+        q4k_scales_mins(grp + 8, sc, m);
+        q4k_scales_mins(grp + 20, sc + 8, m + 8);
+        const uint16x8_t sc_lo = vmovl_u8(vld1_u8(sc)), sc_hi = vmovl_u8(vld1_u8(sc + 8));
+        const uint16x8_t m_lo = vmovl_u8(vld1_u8(m)), m_hi = vmovl_u8(vld1_u8(m + 8));
+        for (int q = 0; q < 4; q++) {
+            const uint16x8_t scq = q < 2 ? sc_lo : sc_hi, mq = q < 2 ? m_lo : m_hi;
+            const float32x4_t scf = vcvtq_f32_u32(q % 2 ? vmovl_high_u16(scq) : vmovl_u16(vget_low_u16(scq)));
+            const float32x4_t mf = vcvtq_f32_u32(q % 2 ? vmovl_high_u16(mq) : vmovl_u16(vget_low_u16(mq)));
+            const float d = fp16_load(grp + 2 * (q / 2)), dmin = fp16_load(grp + 4 + 2 * (q / 2));
+            const int32x4_t isum = NEON_FN(dot_quarter4_)(grp + 32, aq, q);
+            const float32x4_t da = vld1q_f32(a->d32 + 16 * g + 4 * q);
+            acc = vfmaq_f32(acc, vcvtq_f32_s32(isum), vmulq_n_f32(vmulq_f32(scf, da), d));
+            accm = vfmaq_f32(accm, vmulq_n_f32(mf, dmin), vld1q_f32(a->s + 16 * g + 4 * q));
+        }
+    }
+    return vaddvq_f32(acc) - vaddvq_f32(accm);
 }
 
-NEON_TARGET static float NEON_FN(dot_q4_0_)(const uint8_t *row, const q8_act *a, int nb, const int32_t *idx, int n) {
-    return idx ? NEON_FN(q4_0_)(row, a, idx, n) : NEON_FN(q4_0_)(row, a, NULL, nb);
-}
-NEON_TARGET static float NEON_FN(dot_q4_1_)(const uint8_t *row, const q8_act *a, int nb, const int32_t *idx, int n) {
-    return idx ? NEON_FN(q4_1_)(row, a, idx, n) : NEON_FN(q4_1_)(row, a, NULL, nb);
-}
-NEON_TARGET static float NEON_FN(dot_q8_0_)(const uint8_t *row, const q8_act *a, int nb, const int32_t *idx, int n) {
-    return idx ? NEON_FN(q8_0_)(row, a, idx, n) : NEON_FN(q8_0_)(row, a, NULL, nb);
-}
+#define NEON_DEFINE_DOT(name)                                                                      \
+    NEON_TARGET static float NEON_FN(dot_##name##_)(const uint8_t *row, const q8_act *a, int nb) {         \
+        return NEON_FN(name##_)(row, a, nb);                                                       \
+    }
+NEON_DEFINE_DOT(q4_0)
+NEON_DEFINE_DOT(q4_1)
+NEON_DEFINE_DOT(q8_0)
+NEON_DEFINE_DOT(q4_k)
+NEON_DEFINE_DOT(q6_k)
+NEON_DEFINE_DOT(q4_0_packed)
+NEON_DEFINE_DOT(q8_0_packed)
+NEON_DEFINE_DOT(q4_k_packed)
+#undef NEON_DEFINE_DOT

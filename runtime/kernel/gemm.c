@@ -5,7 +5,8 @@
 #include "gemm.h"
 
 gemm_shape gemm_shape_of(const gtype_info *t) {
-    gemm_shape s = {t->gtype == GT_Q6_K ? 16 : 32, t->act_block, t->gtype == GT_Q4_1 || t->gtype == GT_Q4_K};
+    gemm_shape s = {t->gtype == GT_Q6_K ? 16 : 32, t->act_block,
+                    t->gtype == GT_Q4_1 || t->gtype == GT_Q4_K || t->gtype == GT_Q4_K_PACKED};
     return s;
 }
 

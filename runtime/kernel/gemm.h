@@ -96,14 +96,31 @@ static inline __attribute__((always_inline)) void gemm_decode_row(const gtype_in
         }
         break;
     case GT_Q4_0_PACKED:
-        for (int g = 0; g < K / 256; g++) {
-            const uint8_t *grp = row + (size_t)g * 144;
-            for (int j = 0; j < 8; j++) {
-                const uint8_t *chunk = grp + 16 + 64 * (j / 4) + 32 * (j % 2);
-                const int shift = 4 * ((j % 4) / 2);
-                int8_t *o = q + 256 * g + 32 * j;
-                for (int l = 0; l < 32; l++) o[l] = (int8_t)(((chunk[l] >> shift) & 0xF) - 8);
-                scale[8 * g + j] = fp16_to_fp32(read_u16(grp + 2 * j));
+    case GT_Q8_0_PACKED:
+    case GT_Q4_K_PACKED: /* kernel.h: code k of sub-block b is byte 4b + k % 4 of code vector k / 4 */
+        for (int g = 0; g < K / PACK_VALUES; g++) {
+            const int q8 = t->gtype == GT_Q8_0_PACKED, gbytes = q8 ? 544 : 288;
+            const uint8_t *grp = row + (size_t)g * gbytes;
+            uint8_t sc[16], m[16];
+            if (t->gtype == GT_Q4_K_PACKED) {
+                q4k_scales_mins(grp + 8, sc, m);
+                q4k_scales_mins(grp + 20, sc + 8, m + 8);
+            }
+            for (int b = 0; b < 16; b++) {
+                int8_t *o = q + PACK_VALUES * g + 32 * b;
+                for (int k = 0; k < 32; k++) {
+                    const int v = k / 4, at = 4 * b + k % 4;
+                    o[k] = q8 ? (int8_t)(grp[32 + 64 * v + at] - 128)
+                              : (int8_t)(((grp[32 + 64 * (v / 2) + at] >> (4 * (v % 2))) & 0xF) -
+                                         (t->gtype == GT_Q4_0_PACKED ? 8 : 0));
+                }
+                const int j = 16 * g + b;
+                if (t->gtype == GT_Q4_K_PACKED) {
+                    scale[j] = fp16_to_fp32(read_u16(grp + 2 * (b / 8))) * (float)sc[b];
+                    minv[j] = -fp16_to_fp32(read_u16(grp + 4 + 2 * (b / 8))) * (float)m[b];
+                } else {
+                    scale[j] = fp16_to_fp32(read_u16(grp + 2 * b));
+                }
             }
         }
         break;

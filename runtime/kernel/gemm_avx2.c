@@ -2,7 +2,7 @@
  * rows (row-major tile, as the scalar kernel) x 8 activation rows (one 256-bit register). Without
  * `vpdpbusd`, each 4-value product is `vpmaddubsw` (u8 activation + 128 times s8 code, pairs into
  * int16) + `vpmaddwd` by ones (into int32). A pair sum is at most 2 * 255 * 32 for the 4- and 6-bit
- * codes; Q8_0's codes reach -128 and would saturate int16, so Q8_0 keeps the row-by-row path. */
+ * codes; Q8_0's codes reach -128 and would saturate int16, so Q8_0 (raw or packed) keeps the row-by-row path. */
 #include "gemm.h"
 
 #if defined(POCKETLM_X86)
@@ -19,7 +19,7 @@ TARGET static void decode_avx2(const gtype_info *t, const uint8_t *row, int K, i
                     w->corr + (size_t)r * nsb);
 }
 
-static int supports_avx2(const gtype_info *t) { return t->gtype != GT_Q8_0; }
+static int supports_avx2(const gtype_info *t) { return t->gtype != GT_Q8_0 && t->gtype != GT_Q8_0_PACKED; }
 
 INLINE __m256i bcast4(const int8_t *p) {
     int32_t v;

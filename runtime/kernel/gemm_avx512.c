@@ -38,22 +38,66 @@ INLINE void code_sums(const int8_t *q, int K, int sb, int32_t *corr) {
     }
 }
 
+/* One packed group's codes (kernel.h) into value order: V[v] holds values 4v..4v+3 of the 16
+ * sub-blocks (one dword lane each); a dword transpose (unpack 32, unpack 64 within 128-bit lanes,
+ * then 16-byte moves) writes sub-block b's 32 codes to q[32b..32b+31]. */
+INLINE void packed_codes(const __m512i V[8], int8_t *q) {
+    __m512i B[2][4]; /* B[h][e]: 128-bit lane l holds dword 4l + e of V[4h .. 4h+3] */
+    for (int h = 0; h < 2; h++) {
+        const __m512i a_lo = _mm512_unpacklo_epi32(V[4 * h], V[4 * h + 1]), a_hi = _mm512_unpackhi_epi32(V[4 * h], V[4 * h + 1]);
+        const __m512i b_lo = _mm512_unpacklo_epi32(V[4 * h + 2], V[4 * h + 3]), b_hi = _mm512_unpackhi_epi32(V[4 * h + 2], V[4 * h + 3]);
+        B[h][0] = _mm512_unpacklo_epi64(a_lo, b_lo);
+        B[h][1] = _mm512_unpackhi_epi64(a_lo, b_lo);
+        B[h][2] = _mm512_unpacklo_epi64(a_hi, b_hi);
+        B[h][3] = _mm512_unpackhi_epi64(a_hi, b_hi);
+    }
+    int8_t tmp[2][4][64];
+    for (int h = 0; h < 2; h++)
+        for (int e = 0; e < 4; e++) _mm512_storeu_si512(tmp[h][e], B[h][e]);
+    for (int e = 0; e < 4; e++)
+        for (int l = 0; l < 4; l++) { /* sub-block 4l + e: codes 0..15 from V[0..3], 16..31 from V[4..7] */
+            int8_t *o = q + 32 * (4 * l + e);
+            _mm_storeu_si128((__m128i *)o, _mm_loadu_si128((const __m128i *)(tmp[0][e] + 16 * l)));
+            _mm_storeu_si128((__m128i *)(o + 16), _mm_loadu_si128((const __m128i *)(tmp[1][e] + 16 * l)));
+        }
+}
+
 TARGET static void decode_avx512(const gtype_info *t, const uint8_t *row, int K, int r, wtile *w) {
     const int sb = t->gtype == GT_Q6_K ? 16 : 32, nsb = K / sb;
     int8_t *q = w->q + (size_t)r * K;
     float *scale = w->scale + (size_t)r * nsb, *minv = w->minv + (size_t)r * (K / 32);
     const __m256i eight = _mm256_set1_epi8(8);
     switch (t->gtype) {
-    case GT_Q4_0_PACKED: {
-        const __m512i m4 = _mm512_set1_epi8(0x0F), e8 = _mm512_set1_epi8(8);
-        for (int g = 0; g < K / 256; g++) {
-            const uint8_t *grp = row + (size_t)g * 144;
-            _mm256_storeu_ps(scale + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)grp)));
-            for (int c = 0; c < 2; c++) { /* chunk c: low nibbles = blocks 4c, 4c+1; high = 4c+2, 4c+3 */
-                const __m512i v = _mm512_loadu_si512(grp + 16 + 64 * c);
-                _mm512_storeu_si512(q + 256 * g + 128 * c, _mm512_sub_epi8(_mm512_and_si512(v, m4), e8));
-                _mm512_storeu_si512(q + 256 * g + 128 * c + 64,
-                                    _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), e8));
+    case GT_Q4_0_PACKED:
+    case GT_Q8_0_PACKED:
+    case GT_Q4_K_PACKED: {
+        const int q8 = t->gtype == GT_Q8_0_PACKED, gbytes = q8 ? 544 : 288;
+        const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+        const __m512i off = _mm512_set1_epi8(t->gtype == GT_Q4_0_PACKED ? 8 : 0);
+        for (int g = 0; g < K / PACK_VALUES; g++) {
+            const uint8_t *grp = row + (size_t)g * gbytes;
+            __m512i V[8];
+            for (int v = 0; v < 8; v++) {
+                if (q8) {
+                    V[v] = _mm512_xor_si512(_mm512_loadu_si512(grp + 32 + 64 * v), flip); /* u8 - 128 */
+                } else {
+                    const __m512i c = _mm512_loadu_si512(grp + 32 + 64 * (v / 2));
+                    V[v] = _mm512_sub_epi8(_mm512_and_si512(v % 2 ? _mm512_srli_epi16(c, 4) : c, m4), off);
+                }
+            }
+            packed_codes(V, q + PACK_VALUES * g);
+            if (t->gtype == GT_Q4_K_PACKED) {
+                for (int s = 0; s < 2; s++) {
+                    uint8_t sc[8], m[8];
+                    q4k_scales_mins(grp + 8 + 12 * s, sc, m);
+                    const float d = _cvtsh_ss(read_u16(grp + 2 * s)), dmin = _cvtsh_ss(read_u16(grp + 4 + 2 * s));
+                    for (int j = 0; j < 8; j++) {
+                        scale[16 * g + 8 * s + j] = d * (float)sc[j];
+                        minv[16 * g + 8 * s + j] = -dmin * (float)m[j];
+                    }
+                }
+            } else {
+                _mm512_storeu_ps(scale + 16 * g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)grp)));
             }
         }
         break;

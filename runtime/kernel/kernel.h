@@ -23,18 +23,33 @@
 
 /* GGML type ids as stored in GGUF. */
 enum { GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q8_0 = 8, GT_Q4_K = 12, GT_Q6_K = 14 };
-/* pocketlm's own load-time repacking of Q4_0 (not a GGUF type; id outside GGML's range):
- * groups of 8 Q4_0 blocks (256 values) in 144 bytes = the same bytes per weight as Q4_0:
- *   bytes 0..15   the 8 fp16 scales d[0..7]
- *   bytes 16..79  blocks 0-3, bytes 80..143 blocks 4-7: in each 64-byte chunk, byte i (0..63)
- *                 holds value i%32 of the chunk's block i/32 in its low nibble and value i%32 of
- *                 its block 2 + i/32 in its high nibble.
- * So one 64-byte load + mask/shift yields 128 values in activation order, and the 8 scales
- * convert with one instruction. */
+/* pocketlm's own load-time repacked layouts (not GGUF types; ids outside GGML's range), the same
+ * bytes per weight as their source type. One group = 16 sub-blocks of 32 values (512 values) laid
+ * out so that int32 lane b (0..15) of a 512-bit register -- or lane b % 4 of the b / 4-th 128-bit
+ * one -- holds sub-block b: a `vpdpbusd` / `sdot` chain over the group's 8 code vectors leaves one
+ * sub-block's integer dot per lane, converted to float once per 32 values, with the scales
+ * applied as 16-lane vectors (no per-block broadcasts or permutes).
+ *   Q4_0_PACKED (288 B = 16 Q4_0 blocks): bytes 0..31 the 16 fp16 scales d[b]; then 4 chunks of
+ *     64 bytes: byte 4b + i of chunk c holds value 8c + i of block b in its low nibble and value
+ *     8c + 4 + i in its high nibble (codes 0..15 as in Q4_0: x = d * (q - 8)).
+ *   Q8_0_PACKED (544 B = 16 Q8_0 blocks): bytes 0..31 the 16 fp16 scales; then 8 chunks of 64
+ *     bytes: byte 4b + i of chunk v holds code 4v + i of block b plus 128, as uint8
+ *     (x = d * (u - 128)).
+ *   Q4_K_PACKED (288 B = 2 Q4_K super-blocks s = 0, 1): bytes 0..7 fp16 d0, d1, dmin0, dmin1;
+ *     8..19 and 20..31 the 12 scale/min bytes of super-block 0 and 1 as in Q4_K; then 4 chunks of
+ *     64 bytes as Q4_0_PACKED, where "block" b is sub-block b % 8 of super-block b / 8
+ *     (x = d_s * sc_j * q - dmin_s * m_j).
+ * So vector v (0..7) of a group -- chunk v / 2, low nibbles for even v, high for odd (Q4), chunk v
+ * (Q8) -- holds values 4v..4v+3 of every sub-block, and the activation is interleaved the same
+ * way once per matvec (q8_act.qs16). Rows of K values hold K / 512 groups (K % 512 == 0). */
 #define GT_Q4_0_PACKED 1002
+#define GT_Q8_0_PACKED 1008
+#define GT_Q4_K_PACKED 1012
+#define PACK_VALUES 512 /* values per packed group */
 
 /* Dense slot of each supported type in the per-path function tables. */
-enum { SLOT_Q4_0, SLOT_Q4_1, SLOT_Q8_0, SLOT_Q4_K, SLOT_Q6_K, SLOT_Q4_0_PACKED, N_SLOTS };
+enum { SLOT_Q4_0, SLOT_Q4_1, SLOT_Q8_0, SLOT_Q4_K, SLOT_Q6_K, SLOT_Q4_0_PACKED, SLOT_Q8_0_PACKED, SLOT_Q4_K_PACKED,
+       N_SLOTS };
 
 #define QK 32    /* values per block of Q4_0 / Q4_1 / Q8_0 and per activation block */
 #define QK_K 256 /* values per K-quant super-block */
@@ -42,8 +57,8 @@ enum { SLOT_Q4_0, SLOT_Q4_1, SLOT_Q8_0, SLOT_Q4_K, SLOT_Q6_K, SLOT_Q4_0_PACKED, 
 typedef struct {
     int gtype;        /* GGML type id */
     int slot;         /* SLOT_* */
-    int block_values; /* 32 or 256 */
-    int block_bytes;  /* 18, 20, 34, 144, 210 */
+    int block_values; /* 32, 256, or 512 (packed groups) */
+    int block_bytes;  /* 18, 20, 34, 144, 210; packed 288, 544 */
     int act_block;    /* activation block: 32 (Q8_0-style) or 256 (Q8_K-style) */
 } gtype_info;
 
@@ -52,13 +67,18 @@ const gtype_info *kernel_type_info(int gtype);
 
 /* The int8 activation of one input row of length K.
  * 32-block types: d[K/32], s[K/32] = d * sum(qs of the block) (for the offset/min terms).
- * K-quants:       d[K/256], bsums[K/16] = integer sums of qs over each 16 values. */
+ * K-quants:       d[K/256], bsums[K/16] = integer sums of qs over each 16 values.
+ * Packed types (act_prepare_packed, after quantizing): qs16 = qs interleaved as the packed
+ * groups' code vectors (qs16[512g + 64v + 4b + i] = qs[512g + 32b + 4v + i]); d32[K/32] the
+ * scale of each 32 values and s[K/32] = d32 * their sum (K-quants too). */
 typedef struct {
     int K;
     int8_t *qs;     /* [K], natural order */
     float *d;       /* activation scale per block */
-    float *s;       /* [K/32] (32-block types only) */
+    float *s;       /* [K/32] (32-block and packed types) */
     int16_t *bsums; /* [K/16] (K-quants only) */
+    int8_t *qs16;   /* [K] packed types only */
+    float *d32;     /* [K/32] packed types only (== d for 32-value activation blocks) */
 } q8_act;
 
 /* Quantize x[K] (K % 32 == 0 resp. % 256 == 0) into a; a's arrays must be sized for K. */
@@ -67,12 +87,21 @@ void quantize_act_256(const float *x, int K, q8_act *a);
 /* Bytes needed for the arrays of one activation row of length K (one allocation, see act_bind). */
 size_t act_bytes(int K);
 void act_bind(q8_act *a, void *mem, int K);
+/* For a packed weight type t: fill qs16, d32 (and s for K-quants) of an activation already quantized. */
+void act_prepare_packed(const gtype_info *t, q8_act *a);
+static inline int is_packed_type(int gtype) {
+    return gtype == GT_Q4_0_PACKED || gtype == GT_Q8_0_PACKED || gtype == GT_Q4_K_PACKED;
+}
 
-/* Dot of one weight row (nb blocks of raw GGUF bytes) with the activation.
- * idx == NULL: all blocks 0..nb-1. Otherwise only blocks idx[0..n-1] (sorted, each < nb): the
- * block-sparse path; the data of skipped blocks is never read. idx[n .. n+IDX_PAD-1] must be
- * readable (any values: they only steer prefetches). */
-typedef float (*dot_fn)(const uint8_t *row, const q8_act *a, int nb, const int32_t *idx, int n);
+/* Dot of one weight row (nb blocks of raw GGUF bytes, or nb packed groups) with the activation. */
+typedef float (*dot_fn)(const uint8_t *row, const q8_act *a, int nb);
+
+/* out[r] = dot of row r (at row + r * row_bytes) for r < nrows <= DOT_ROWS, each bit-identical to
+ * the path's dot_fn of that row, so splitting rows differently never changes a result. Rows
+ * share the activation loads: on Zen 4 (one 512-bit load per cycle) a single-row packed dot is
+ * bound by its loads (8 activation vectors per 4 weight vectors), four rows a quarter of that. */
+#define DOT_ROWS 4
+typedef void (*dotrows_fn)(const uint8_t *row, size_t row_bytes, const q8_act *a, int nb, int nrows, float *out);
 
 /* Two weight rows times two activation rows at once (ARM i8mm `smmla` computes a 2x2 int8 product):
  * out[2*r + m] = row_r . act_m for r, m in {0, 1}. Used by the batched (prefill) driver. */
@@ -87,6 +116,7 @@ typedef struct {
     dot_fn dot[N_SLOTS]; /* NULL entries are filled from the fallback path at init */
     const char *fallback;
     dot2x2_fn dot2x2[N_SLOTS]; /* optional, the path's own only */
+    dotrows_fn dotrows[N_SLOTS]; /* optional: taken with the dot of the same path (fallbacks alike) */
     const gemm_kernel *gemm;   /* optional, the path's own only: the batched path for M >= GEMM_MIN_M */
 } kernel_path;
 
@@ -116,6 +146,8 @@ const char *best_path_name(void);
 /* Resolved function table for the named path (fallbacks filled); NULL if unavailable. */
 const dot_fn *path_table(const char *name);
 const dot2x2_fn *path_table2x2(const char *name); /* the path's 2x2 kernels (entries may be NULL) */
+/* The multi-row kernels that go with a table returned by path_table (entries may be NULL), or NULL. */
+const dotrows_fn *path_rows_table(const dot_fn *table);
 const gemm_kernel *path_gemm(const char *name);     /* the path's batched micro-kernel or NULL */
 
 /* fp16 <-> fp32, portable. */
@@ -133,41 +165,40 @@ static inline void q4k_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *
     }
 }
 
-/* Repack rows*nb Q4_0 blocks (nb % 8 == 0) into GT_Q4_0_PACKED groups (same size). */
-void repack_q4_0(const uint8_t *src, uint8_t *dst, size_t n_groups);
+/* types.c: the packed type of a GGUF type (Q4_0, Q8_0, Q4_K), or 0; repack n_groups groups of
+ * src (raw blocks of gtype, whole rows: K % 512 == 0) into dst (same size). 0, or -1 if gtype has
+ * no packed layout. */
+int packed_type_of(int gtype);
+int repack_groups(int gtype, const uint8_t *src, uint8_t *dst, size_t n_groups);
 
-/* Software prefetch about PREFETCH_BYTES ahead in the stream of blocks actually read (this
- * machine's hardware prefetchers alone leave the matvec well short of the memory bandwidth).
- * Sparse: the block PREFETCH_BYTES/bsz entries later *in the index*, which may already belong to
- * the next row (CSR rows are consecutive; rows are short), so index arrays must be readable
- * IDX_PAD entries past their end; prefetching by address would pull in the cache lines of the
- * skipped blocks and spend the bandwidth the index saves. i counts blocks of bsz bytes; nb is the
- * row length in blocks. */
+/* Software prefetch PREFETCH_BYTES ahead in a row's stream of blocks (this machine's hardware
+ * prefetchers alone leave the matvec short of the memory bandwidth); rows are contiguous, so
+ * near a row's end it fetches the next row's start. i counts blocks of bsz bytes. */
 #define PREFETCH_BYTES 1024
-#define IDX_PAD 64 /* >= PREFETCH_BYTES / smallest block (18) */
-static inline void prefetch_ahead(const uint8_t *row, const int32_t *idx, int i, int n, int nb, int bsz) {
-    if (idx) {
-        const int j = i + PREFETCH_BYTES / bsz;
-        const uint8_t *base = j < n ? row : row + (size_t)nb * bsz; /* past the row: the next row */
-        __builtin_prefetch(base + (size_t)idx[j] * bsz);
-    } else {
-        __builtin_prefetch(row + (size_t)i * bsz + PREFETCH_BYTES);
-    }
+static inline void prefetch_ahead(const uint8_t *row, int i, int bsz) {
+    __builtin_prefetch(row + (size_t)i * bsz + PREFETCH_BYTES);
 }
 
 /* Q4_K: all 8 scales (sc[0..7]) and mins (m[0..7]) at once, word-parallel (same values as
  * q4k_scale_min): with w0, w1, w2 the 12 bytes as little-endian u32, sc[0..3] = w0 & 63,
  * m[0..3] = w1 & 63, sc[4..7] = (w2 & 15) | (w0 >> 6) << 4, m[4..7] = (w2 >> 4 & 15) | (w1 >> 6) << 4,
  * byte-wise. */
-static inline void q4k_scales_mins(const uint8_t *q, uint8_t sc[8], uint8_t m[8]) {
-    uint32_t w[3], out[4];
+typedef struct {
+    uint32_t sc_lo, sc_hi, m_lo, m_hi; /* bytes sc[0..3], sc[4..7], m[0..3], m[4..7] */
+} q4k_words;
+static inline q4k_words q4k_scale_words(const uint8_t *q) {
+    uint32_t w[3];
     memcpy(w, q, 12);
-    out[0] = w[0] & 0x3F3F3F3Fu;
-    out[1] = (w[2] & 0x0F0F0F0Fu) | (((w[0] >> 6) & 0x03030303u) << 4);
-    out[2] = w[1] & 0x3F3F3F3Fu;
-    out[3] = ((w[2] >> 4) & 0x0F0F0F0Fu) | (((w[1] >> 6) & 0x03030303u) << 4);
-    memcpy(sc, out, 8);
-    memcpy(m, out + 2, 8);
+    const q4k_words o = {w[0] & 0x3F3F3F3Fu, (w[2] & 0x0F0F0F0Fu) | (((w[0] >> 6) & 0x03030303u) << 4),
+                         w[1] & 0x3F3F3F3Fu, ((w[2] >> 4) & 0x0F0F0F0Fu) | (((w[1] >> 6) & 0x03030303u) << 4)};
+    return o;
+}
+static inline void q4k_scales_mins(const uint8_t *q, uint8_t sc[8], uint8_t m[8]) {
+    const q4k_words o = q4k_scale_words(q);
+    memcpy(sc, &o.sc_lo, 4);
+    memcpy(sc + 4, &o.sc_hi, 4);
+    memcpy(m, &o.m_lo, 4);
+    memcpy(m + 4, &o.m_hi, 4);
 }
 
 /* Q4_K's min term of one super-block: sum_j m_j * (bsums[2j] + bsums[2j+1]) (8 products). */
@@ -177,15 +208,13 @@ static inline int q4k_min_sum(const int16_t *bsums, const uint8_t m[8]) {
     return s;
 }
 
-/* blocks.c: block inspection done once at load. */
-/* 1 if the block contributes exactly zero whatever its data (all scale fields zero). */
-int block_is_empty(const gtype_info *t, const uint8_t *blk);
+/* types.c: block inspection done once at load. */
 /* 1 if a scale field of the block is NaN or infinite. */
 int block_is_bad(const gtype_info *t, const uint8_t *blk);
 
 /* matmul.c: the drivers (thread split, activation quantization). Return 0 or -1 on OOM. */
 int run_matvec(const dot_fn *table, const gtype_info *t, const uint8_t *w, int rows, int K,
-               const float *x, float *y, const int64_t *row_ptr, const int32_t *blk_idx);
+               const float *x, float *y);
 /* Batched: with a gemm kernel and M >= GEMM_MIN_M the tiled path (gemm.c), else row by row. */
 #define GEMM_MIN_M 16
 int run_matmul(const dot_fn *table, const dot2x2_fn *table2, const gemm_kernel *gemm, const gtype_info *t,

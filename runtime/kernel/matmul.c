@@ -5,6 +5,7 @@
 
 typedef struct {
     const dot_fn *table;
+    const dotrows_fn *rows_table; /* optional multi-row kernels (matvec) */
     const dot2x2_fn *table2; /* optional 2 rows x 2 activations kernels */
     const gtype_info *t;
     const uint8_t *w;
@@ -12,9 +13,7 @@ typedef struct {
     size_t row_bytes;
     const q8_act *acts; /* [M] */
     int M;
-    float *out;              /* matvec: y[rows]; matmul: Y[M, rows] */
-    const int64_t *row_ptr;  /* optional CSR index of non-empty blocks */
-    const int32_t *blk_idx;
+    float *out; /* matvec: y[rows]; matmul: Y[M, rows] */
 } job;
 
 /* Rows of chunk c of n: contiguous, near-equal shares starting at even rows, so the row pairs of
@@ -31,15 +30,11 @@ static void matvec_task(void *ctx, int chunk, int n_chunks) {
     const dot_fn dot = j->table[j->t->slot];
     int r0, r1;
     row_range(j->rows, chunk, n_chunks, &r0, &r1);
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = j->w + (size_t)r * j->row_bytes;
-        if (j->row_ptr) {
-            const int64_t b0 = j->row_ptr[r], b1 = j->row_ptr[r + 1];
-            j->out[r] = b1 > b0 ? dot(row, j->acts, j->nb, j->blk_idx + b0, (int)(b1 - b0)) : 0.0f;
-        } else {
-            j->out[r] = dot(row, j->acts, j->nb, NULL, j->nb);
-        }
-    }
+    const dotrows_fn dr = j->rows_table ? j->rows_table[j->t->slot] : NULL;
+    int r = r0;
+    if (dr)
+        for (; r + DOT_ROWS <= r1; r += DOT_ROWS) dr(j->w + (size_t)r * j->row_bytes, j->row_bytes, j->acts, j->nb, DOT_ROWS, j->out + r);
+    for (; r < r1; r++) j->out[r] = dot(j->w + (size_t)r * j->row_bytes, j->acts, j->nb);
 }
 
 /* Each weight row (pair) is dotted with all M activation rows while it is hot in L1. With a 2x2
@@ -64,13 +59,13 @@ static void matmul_task(void *ctx, int chunk, int n_chunks) {
                 j->out[(size_t)(m + 1) * j->rows + r + 1] = o[3];
             }
             for (; m < j->M; m++) {
-                j->out[(size_t)m * j->rows + r] = dot(row0, &j->acts[m], j->nb, NULL, j->nb);
-                j->out[(size_t)m * j->rows + r + 1] = dot(row1, &j->acts[m], j->nb, NULL, j->nb);
+                j->out[(size_t)m * j->rows + r] = dot(row0, &j->acts[m], j->nb);
+                j->out[(size_t)m * j->rows + r + 1] = dot(row1, &j->acts[m], j->nb);
             }
         }
     for (; r < r1; r++) {
         const uint8_t *row = j->w + (size_t)r * j->row_bytes;
-        for (int m = 0; m < j->M; m++) j->out[(size_t)m * j->rows + r] = dot(row, &j->acts[m], j->nb, NULL, j->nb);
+        for (int m = 0; m < j->M; m++) j->out[(size_t)m * j->rows + r] = dot(row, &j->acts[m], j->nb);
     }
 }
 
@@ -84,17 +79,18 @@ static void quantize_act(const gtype_info *t, const float *x, int K, q8_act *a) 
         quantize_act_256(x, K, a);
     else
         quantize_act_32(x, K, a);
+    if (is_packed_type(t->gtype)) act_prepare_packed(t, a);
 }
 
 int run_matvec(const dot_fn *table, const gtype_info *t, const uint8_t *w, int rows, int K,
-               const float *x, float *y, const int64_t *row_ptr, const int32_t *blk_idx) {
+               const float *x, float *y) {
     void *mem = alloc_aligned(act_bytes(K));
     if (!mem) return -1;
     q8_act a;
     act_bind(&a, mem, K);
     quantize_act(t, x, K, &a);
-    job j = {table, NULL, t, w, rows, K / t->block_values, (size_t)(K / t->block_values) * t->block_bytes,
-             &a, 1, y, row_ptr, blk_idx};
+    job j = {table, path_rows_table(table), NULL, t, w, rows, K / t->block_values, (size_t)(K / t->block_values) * t->block_bytes,
+             &a, 1, y};
     pool_run(matvec_task, &j, pool_chunks(rows, MIN_CHUNK_ROWS));
     free(mem);
     return 0;
@@ -115,8 +111,8 @@ int run_matmul(const dot_fn *table, const dot2x2_fn *table2, const gemm_kernel *
         act_bind(&acts[m], mem + per * (size_t)m, K);
         quantize_act(t, X + (size_t)m * K, K, &acts[m]);
     }
-    job j = {table, table2, t, w, rows, K / t->block_values, (size_t)(K / t->block_values) * t->block_bytes,
-             acts, M, Y, NULL, NULL};
+    job j = {table, NULL, table2, t, w, rows, K / t->block_values, (size_t)(K / t->block_values) * t->block_bytes,
+             acts, M, Y};
     pool_run(matmul_task, &j, pool_chunks(rows, MIN_CHUNK_ROWS));
     free(mem);
     free(acts);

@@ -73,7 +73,7 @@ static int check_matrix(int gtype, int rows, int K, const Py_buffer *w, const gt
     *t = kernel_type_info(gtype);
     if (!*t) {
         PyErr_Format(PyExc_ValueError, "GGML type %d is not supported by the kernel (Q4_0=2, Q4_1=3, "
-                     "Q8_0=8, Q4_K=12, Q6_K=14, packed Q4_0=1002)", gtype);
+                     "Q8_0=8, Q4_K=12, Q6_K=14, packed Q4_0=1002, Q8_0=1008, Q4_K=1012)", gtype);
         return -1;
     }
     if (rows < 1 || K < 1) {
@@ -94,120 +94,23 @@ static int check_matrix(int gtype, int rows, int K, const Py_buffer *w, const gt
     return 0;
 }
 
-/* ---- sparse index: an immutable capsule, validated by construction ------------------------ */
-
-typedef struct {
-    int gtype, rows, nb;
-    int64_t nnz;
-    int64_t *row_ptr; /* [rows + 1] */
-    int32_t *blk_idx; /* [nnz], strictly increasing within a row, each < nb */
-} sparse_index;
-
-#define SPARSE_CAPSULE "pocketlm.kernel.sparse_index"
-
-static void sparse_free(PyObject *cap) {
-    sparse_index *s = PyCapsule_GetPointer(cap, SPARSE_CAPSULE);
-    if (s) {
-        free(s->row_ptr);
-        free(s->blk_idx);
-        free(s);
-    }
-}
-
-static PyObject *py_build_sparse_index(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *wo;
-    int gtype, rows, K, nb;
-    if (!PyArg_ParseTuple(args, "Oiii", &wo, &gtype, &rows, &K)) return NULL;
-    Py_buffer w;
-    if (get_raw(wo, &w, "weights") != 0) return NULL;
-    const gtype_info *t;
-    if (check_matrix(gtype, rows, K, &w, &t, &nb) != 0) goto fail_buf;
-    sparse_index *s = calloc(1, sizeof(*s));
-    if (!s) goto fail_oom;
-    s->gtype = gtype;
-    s->rows = rows;
-    s->nb = nb;
-    s->row_ptr = malloc(sizeof(int64_t) * ((size_t)rows + 1));
-    const uint8_t *base = w.buf;
-    const size_t n_blocks = (size_t)rows * nb;
-    int64_t nnz = 0;
-    for (size_t i = 0; i < n_blocks; i++) nnz += !block_is_empty(t, base + i * t->block_bytes);
-    s->blk_idx = calloc((size_t)nnz + IDX_PAD, sizeof(int32_t)); /* padding: see prefetch_ahead */
-    if (!s->row_ptr || !s->blk_idx) {
-        free(s->row_ptr);
-        free(s->blk_idx);
-        free(s);
-        goto fail_oom;
-    }
-    int64_t k = 0;
-    for (int r = 0; r < rows; r++) {
-        s->row_ptr[r] = k;
-        for (int b = 0; b < nb; b++)
-            if (!block_is_empty(t, base + ((size_t)r * nb + b) * t->block_bytes)) s->blk_idx[k++] = b;
-    }
-    s->row_ptr[rows] = k;
-    s->nnz = k;
-    PyBuffer_Release(&w);
-    PyObject *cap = PyCapsule_New(s, SPARSE_CAPSULE, sparse_free);
-    if (!cap) {
-        free(s->row_ptr);
-        free(s->blk_idx);
-        free(s);
-    }
-    return cap;
-fail_oom:
-    PyErr_NoMemory();
-fail_buf:
-    PyBuffer_Release(&w);
-    return NULL;
-}
-
-static sparse_index *get_sparse(PyObject *o) {
-    if (!PyCapsule_IsValid(o, SPARSE_CAPSULE)) {
-        PyErr_SetString(PyExc_TypeError, "index must be a sparse index built by build_sparse_index");
-        return NULL;
-    }
-    return PyCapsule_GetPointer(o, SPARSE_CAPSULE);
-}
-
-/* (gtype, rows, nb, nnz, row_ptr bytes (int64), blk_idx bytes (int32)) for inspection. */
-static PyObject *py_sparse_index_info(PyObject *self, PyObject *o) {
-    (void)self;
-    sparse_index *s = get_sparse(o);
-    if (!s) return NULL;
-    return Py_BuildValue("iiiLy#y#", s->gtype, s->rows, s->nb, (long long)s->nnz, (const char *)s->row_ptr,
-                         (Py_ssize_t)(sizeof(int64_t) * ((size_t)s->rows + 1)), (const char *)s->blk_idx,
-                         (Py_ssize_t)(sizeof(int32_t) * (size_t)s->nnz));
-}
-
 /* ---- compute ------------------------------------------------------------------------------- */
 
 static PyObject *py_matvec(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *wo, *xo, *yo, *io = Py_None;
+    PyObject *wo, *xo, *yo;
     int gtype, rows, K, nb, rc = 0;
-    if (!PyArg_ParseTuple(args, "OiiiOO|O", &wo, &gtype, &rows, &K, &xo, &yo, &io)) return NULL;
+    if (!PyArg_ParseTuple(args, "OiiiOO", &wo, &gtype, &rows, &K, &xo, &yo)) return NULL;
     Py_buffer w, x, y;
     const gtype_info *t;
-    sparse_index *s = NULL;
     if (get_raw(wo, &w, "weights") != 0) return NULL;
     if (check_matrix(gtype, rows, K, &w, &t, &nb) != 0) goto fail_w;
-    if (io != Py_None) {
-        if (!(s = get_sparse(io))) goto fail_w;
-        if (s->gtype != gtype || s->rows != rows || s->nb != nb) {
-            PyErr_Format(PyExc_ValueError, "sparse index was built for type %d, %d rows, %d blocks per row; "
-                         "this matrix is type %d, %d rows, %d blocks per row", s->gtype, s->rows, s->nb,
-                         gtype, rows, nb);
-            goto fail_w;
-        }
-    }
     if (get_f32(xo, &x, K, 0, "x") != 0) goto fail_w;
     if (get_f32(yo, &y, rows, 1, "out") != 0) goto fail_x;
     if (check_finite(x.buf, (size_t)K, "x") != 0) goto fail_y;
     const dot_fn *table = ACTIVE_TABLE;
     Py_BEGIN_ALLOW_THREADS
-    rc = run_matvec(table, t, w.buf, rows, K, x.buf, y.buf, s ? s->row_ptr : NULL, s ? s->blk_idx : NULL);
+    rc = run_matvec(table, t, w.buf, rows, K, x.buf, y.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&y);
     PyBuffer_Release(&x);
@@ -874,18 +777,19 @@ static PyObject *py_check_blocks(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(bad);
 }
 
-/* Q4_0 raw rows -> GT_Q4_0_PACKED rows in a caller-allocated buffer of the same size. */
+/* Q4_0 / Q8_0 / Q4_K raw rows -> their packed layout (kernel.h) in a caller-allocated buffer of
+ * the same size. */
 static PyObject *py_repack(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *wo, *oo;
     int gtype, rows, K, nb;
     if (!PyArg_ParseTuple(args, "OiiiO", &wo, &gtype, &rows, &K, &oo)) return NULL;
-    if (gtype != GT_Q4_0) {
-        PyErr_Format(PyExc_ValueError, "only Q4_0 (type 2) can be repacked, not type %d", gtype);
+    if (!packed_type_of(gtype)) {
+        PyErr_Format(PyExc_ValueError, "only Q4_0 (2), Q8_0 (8) and Q4_K (12) can be repacked, not type %d", gtype);
         return NULL;
     }
-    if (K % 256 != 0) {
-        PyErr_Format(PyExc_ValueError, "K=%d: repacking needs K to be a multiple of 256", K);
+    if (K % PACK_VALUES != 0) {
+        PyErr_Format(PyExc_ValueError, "K=%d: repacking needs K to be a multiple of %d", K, PACK_VALUES);
         return NULL;
     }
     Py_buffer w, o;
@@ -905,7 +809,7 @@ static PyObject *py_repack(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "out has %zd bytes, expected %zd", o.len, w.len);
     } else {
         Py_BEGIN_ALLOW_THREADS
-        repack_q4_0(w.buf, o.buf, (size_t)rows * nb / 8);
+        repack_groups(gtype, w.buf, o.buf, (size_t)rows * (K / PACK_VALUES));
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&o);
@@ -999,15 +903,13 @@ static PyObject *py_type_info(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef METHODS[] = {
-    {"matvec", py_matvec, METH_VARARGS, "matvec(w, gtype, rows, K, x, out, index=None): out[rows] = W.x"},
+    {"matvec", py_matvec, METH_VARARGS, "matvec(w, gtype, rows, K, x, out): out[rows] = W.x"},
     {"matmul", py_matmul, METH_VARARGS, "matmul(w, gtype, rows, K, X, M, out): out[M, rows] = X.W^T"},
     {"attention", py_attention, METH_VARARGS,
      "attention(q, k, v, H, KV, hd, n_ctx, lo, hi, out): decode attention of one token over a KV cache"},
     {"attention_rows", py_attention_rows, METH_VARARGS,
      "attention_rows(q, k, v, k_scale, v_scale, H, KV, hd, n_ctx, pos, window, scale, sparse, out): attention "
      "of T query rows (dense, window, block-sparse) over a KV cache"},
-    {"build_sparse_index", py_build_sparse_index, METH_VARARGS, "CSR index of the non-empty blocks"},
-    {"sparse_index_info", py_sparse_index_info, METH_O, "(gtype, rows, nb, nnz, row_ptr, blk_idx)"},
     {"check_blocks", py_check_blocks, METH_VARARGS, "index of the first block with a NaN/inf scale, or -1"},
     {"set_path", py_set_path, METH_VARARGS, "select a code path by name"},
     {"active_path", py_active_path, METH_NOARGS, "name of the code path in use"},
@@ -1021,7 +923,7 @@ static PyMethodDef METHODS[] = {
     {"norm", py_norm, METH_VARARGS, "norm(h, w, b, eps, out): RMSNorm (b None) or LayerNorm of each row"},
     {"rope", py_rope, METH_VARARGS, "rope(x, n_heads, hd, cos, sin): NEOX RoPE in place on each row"},
     {"gated_act", py_gated_act, METH_VARARGS, "gated_act(gu, kind, limit, out): SwiGLU (0) or GeGELU (1) of each row"},
-    {"repack", py_repack, METH_VARARGS, "repack(w, 2, rows, K, out): Q4_0 -> packed layout (type 1002)"},
+    {"repack", py_repack, METH_VARARGS, "repack(w, gtype, rows, K, out): Q4_0 / Q8_0 / Q4_K -> packed layout (1002 / 1008 / 1012)"},
     {"native_kernel", py_native_kernel, METH_VARARGS, "True if the active path has its own kernel for a type"},
     {"type_info", py_type_info, METH_VARARGS, "(block_values, block_bytes) of a GGML type"},
     {NULL, NULL, 0, NULL},

@@ -7,11 +7,10 @@
 #include "kernel.h"
 
 size_t act_bytes(int K) {
-    /* qs[K] + d[K/32] + s[K/32] + bsums[K/16], each array 64-byte aligned */
+    /* qs[K] + d[K/32] + s[K/32] + bsums[K/16] + qs16[K] + d32[K/32], each array 64-byte aligned */
     size_t n = 0;
-    n += ((size_t)K + 63) & ~(size_t)63;
-    n += ((size_t)(K / QK) * 4 + 63) & ~(size_t)63;
-    n += ((size_t)(K / QK) * 4 + 63) & ~(size_t)63;
+    n += 2 * (((size_t)K + 63) & ~(size_t)63);
+    n += 3 * (((size_t)(K / QK) * 4 + 63) & ~(size_t)63);
     n += ((size_t)(K / 16) * 2 + 63) & ~(size_t)63;
     return n;
 }
@@ -26,6 +25,28 @@ void act_bind(q8_act *a, void *mem, int K) {
     a->s = (float *)p;
     p += ((size_t)(K / QK) * 4 + 63) & ~(size_t)63;
     a->bsums = (int16_t *)p;
+    p += ((size_t)(K / 16) * 2 + 63) & ~(size_t)63;
+    a->qs16 = (int8_t *)p;
+    p += ((size_t)K + 63) & ~(size_t)63;
+    a->d32 = (float *)p;
+}
+
+void act_prepare_packed(const gtype_info *t, q8_act *a) {
+    const int K = a->K;
+    for (int g = 0; g < K / PACK_VALUES; g++) { /* 16 x 8 moves of 4 bytes: a transpose */
+        const int8_t *src = a->qs + (size_t)g * PACK_VALUES;
+        int8_t *dst = a->qs16 + (size_t)g * PACK_VALUES;
+        for (int v = 0; v < 8; v++)
+            for (int b = 0; b < 16; b++) memcpy(dst + 64 * v + 4 * b, src + 32 * b + 4 * v, 4);
+    }
+    if (t->act_block == QK) {
+        memcpy(a->d32, a->d, sizeof(float) * (size_t)(K / QK));
+    } else { /* per 256: each 32 values take their super-block's scale; s from the per-16 sums */
+        for (int j = 0; j < K / QK; j++) {
+            a->d32[j] = a->d[j / 8];
+            a->s[j] = a->d32[j] * (float)(a->bsums[2 * j] + a->bsums[2 * j + 1]);
+        }
+    }
 }
 
 /* Quantize n values with one scale d = amax/127; returns d. q = round half away from zero of

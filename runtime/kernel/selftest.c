@@ -113,14 +113,20 @@ static int failures;
 
 static const char *PATH_NAMES[] = {"scalar", "avx2", "avx512", "neon", "neon_dotprod", "neon_i8mm"};
 
-static void test_type(int gtype) {
-    const gtype_info *t = kernel_type_info(gtype);
-    const int rows = 13, K = 1024, nb = K / t->block_values, bs = t->block_values;
-    const size_t row_bytes = (size_t)nb * t->block_bytes;
-    uint8_t *w = malloc(rows * row_bytes);
+/* One GGUF type, or (packed) its load-time packed layout: the same random rows repacked; the
+ * reference always dequantizes the raw blocks. */
+static void test_type(int gtype, int packed) {
+    const gtype_info *raw = kernel_type_info(gtype), *t = packed ? kernel_type_info(packed_type_of(gtype)) : raw;
+    const int rows = 13, K = 1024, nb = K / t->block_values, raw_nb = K / raw->block_values, bs = raw->block_values;
+    const size_t row_bytes = (size_t)nb * t->block_bytes, raw_row_bytes = (size_t)raw_nb * raw->block_bytes;
+    uint8_t *w = malloc(rows * row_bytes), *wraw = malloc(rows * raw_row_bytes);
     float *x = malloc(sizeof(float) * K), *y1 = malloc(sizeof(float) * rows), *y2 = malloc(sizeof(float) * rows);
     double *wd = malloc(sizeof(double) * K), *xd = malloc(sizeof(double) * K);
-    for (int i = 0; i < rows * nb; i++) fill_block(t, w + (size_t)i * t->block_bytes);
+    for (int i = 0; i < rows * raw_nb; i++) fill_block(raw, wraw + (size_t)i * raw->block_bytes);
+    if (packed)
+        CHECK(repack_groups(gtype, wraw, w, (size_t)rows * nb) == 0, "type %d: no packed layout", gtype);
+    else
+        memcpy(w, wraw, rows * row_bytes);
     for (int i = 0; i < K; i++) x[i] = rnd_gauss();
 
     void *mem;
@@ -131,48 +137,45 @@ static void test_type(int gtype) {
         quantize_act_256(x, K, &a);
     else
         quantize_act_32(x, K, &a);
+    if (packed) act_prepare_packed(t, &a);
     for (int i = 0; i < K; i++) xd[i] = (double)a.qs[i] * a.d[i / bs];
-
-    /* sparse subset: every block whose number is not a multiple of 3 */
-    int32_t idx[64 + IDX_PAD] = {0};
-    int n_idx = 0;
-    for (int b = 0; b < nb; b++)
-        if (b % 3) idx[n_idx++] = b;
 
     for (size_t p = 0; p < sizeof(PATH_NAMES) / sizeof(PATH_NAMES[0]); p++) {
         if (!path_available(PATH_NAMES[p])) continue;
         const dot_fn *table = path_table(PATH_NAMES[p]);
         for (int r = 0; r < rows; r++) {
-            const uint8_t *row = w + r * row_bytes;
-            for (int b = 0; b < nb; b++) dequant_block(t, row + (size_t)b * t->block_bytes, wd + b * bs);
-            double ref = 0, ref_sparse = 0, wn = 0, xn = 0;
+            const uint8_t *row = w + r * row_bytes, *rawrow = wraw + r * raw_row_bytes;
+            for (int b = 0; b < raw_nb; b++) dequant_block(raw, rawrow + (size_t)b * raw->block_bytes, wd + b * bs);
+            double ref = 0, wn = 0, xn = 0;
             for (int i = 0; i < K; i++) {
                 ref += wd[i] * xd[i];
-                if ((i / bs) % 3) ref_sparse += wd[i] * xd[i];
                 wn += wd[i] * wd[i];
                 xn += xd[i] * xd[i];
             }
             const double tol = 2e-6 * sqrt(wn * xn);
-            const float got = table[t->slot](row, &a, nb, NULL, nb);
-            const float got_sparse = table[t->slot](row, &a, nb, idx, n_idx);
-            CHECK(fabs(got - ref) <= tol, "type %d path %s row %d: dense %.7g vs reference %.7g", gtype,
-                  PATH_NAMES[p], r, got, ref);
-            CHECK(fabs(got_sparse - ref_sparse) <= tol, "type %d path %s row %d: sparse %.7g vs reference %.7g",
-                  gtype, PATH_NAMES[p], r, got_sparse, ref_sparse);
-            if (gtype == GT_Q4_0) { /* the load-time packed layout of the same row */
-                uint8_t packed[1024 / 32 * 18];
-                repack_q4_0(row, packed, (size_t)nb / 8);
-                const float got_packed = table[SLOT_Q4_0_PACKED](packed, &a, nb / 8, NULL, nb / 8);
-                CHECK(fabs(got_packed - ref) <= tol, "packed Q4_0 path %s row %d: %.7g vs reference %.7g",
-                      PATH_NAMES[p], r, got_packed, ref);
-            }
+            const float got = table[t->slot](row, &a, nb);
+            CHECK(fabs(got - ref) <= tol, "type %d%s path %s row %d: %.7g vs reference %.7g", gtype,
+                  packed ? " packed" : "", PATH_NAMES[p], r, got, ref);
         }
+        /* the multi-row kernel (if any) gives each row's dot bit for bit, for every row count */
+        const dotrows_fn *rows_tab = path_rows_table(table);
+        if (rows_tab && rows_tab[t->slot])
+            for (int nr = 1; nr <= DOT_ROWS; nr++)
+                for (int r0 = 0; r0 + nr <= rows; r0 += nr) {
+                    float out[DOT_ROWS];
+                    rows_tab[t->slot](w + r0 * row_bytes, row_bytes, &a, nb, nr, out);
+                    for (int i = 0; i < nr; i++) {
+                        const float one = table[t->slot](w + (r0 + i) * row_bytes, &a, nb);
+                        CHECK(memcmp(&one, &out[i], 4) == 0, "type %d%s path %s: rows kernel (%d rows) row %d: %.9g != dot %.9g",
+                              gtype, packed ? " packed" : "", PATH_NAMES[p], nr, r0 + i, out[i], one);
+                    }
+                }
         /* drivers: 1 thread == 3 threads; matmul row m == matvec */
         pool_set_threads(1);
-        run_matvec(table, t, w, rows, K, x, y1, NULL, NULL);
+        run_matvec(table, t, w, rows, K, x, y1);
         pool_set_threads(3);
-        run_matvec(table, t, w, rows, K, x, y2, NULL, NULL);
-        CHECK(memcmp(y1, y2, sizeof(float) * rows) == 0, "type %d path %s: threads 1 != 3", gtype, PATH_NAMES[p]);
+        run_matvec(table, t, w, rows, K, x, y2);
+        CHECK(memcmp(y1, y2, sizeof(float) * rows) == 0, "type %d%s path %s: threads 1 != 3", gtype, packed ? " packed" : "", PATH_NAMES[p]);
         /* M = 3 (row by row: a 2x2 pair + a leftover) and M = GEMM_MIN_M + 3 (the tiled path where
          * the path has one, with a partial activation group) against single matvecs */
         const int Ms[2] = {3, GEMM_MIN_M + 3};
@@ -184,15 +187,16 @@ static void test_type(int gtype) {
                 for (int i = 0; i < K; i++) X[m * K + i] = x[(i + 37 * m) % K] * (m % 2 ? -0.5f : 1.0f);
             run_matmul(table, path_table2x2(PATH_NAMES[p]), path_gemm(PATH_NAMES[p]), t, w, rows, K, X, M, Y);
             for (int m = 0; m < M; m++) {
-                run_matvec(table, t, w, rows, K, X + m * K, ym, NULL, NULL);
+                run_matvec(table, t, w, rows, K, X + m * K, ym);
                 double xn = 0;
                 for (int i = 0; i < K; i++) xn += (double)X[m * K + i] * X[m * K + i];
                 for (int r = 0; r < rows; r++) { /* other kernels sum in another order: float rounding */
                     double wn = 0;
-                    for (int b = 0; b < nb; b++) dequant_block(t, w + r * row_bytes + (size_t)b * t->block_bytes, wd + b * bs);
+                    for (int b = 0; b < raw_nb; b++)
+                        dequant_block(raw, wraw + r * raw_row_bytes + (size_t)b * raw->block_bytes, wd + b * bs);
                     for (int i = 0; i < K; i++) wn += wd[i] * wd[i];
                     CHECK(fabs((double)Y[m * rows + r] - ym[r]) <= 1e-6 * sqrt(wn * xn),
-                          "type %d path %s row %d: matmul[%d of %d] %.7g != matvec %.7g", gtype, PATH_NAMES[p], r,
+                          "type %d%s path %s row %d: matmul[%d of %d] %.7g != matvec %.7g", gtype, packed ? " packed" : "", PATH_NAMES[p], r,
                           m, M, Y[m * rows + r], ym[r]);
                 }
             }
@@ -204,6 +208,7 @@ static void test_type(int gtype) {
     }
     free(mem);
     free(w);
+    free(wraw);
     free(x);
     free(y1);
     free(y2);
@@ -448,7 +453,10 @@ int main(int argc, char **argv) {
         CHECK(strcmp(argv[1], available_paths_string()) == 0, "expected paths '%s', got '%s'", argv[1],
               available_paths_string());
     const int types[] = {GT_Q4_0, GT_Q4_1, GT_Q8_0, GT_Q4_K, GT_Q6_K};
-    for (int i = 0; i < 5; i++) test_type(types[i]);
+    for (int i = 0; i < 5; i++) {
+        test_type(types[i], 0);
+        if (packed_type_of(types[i])) test_type(types[i], 1);
+    }
     test_attention();
     test_decode_step();
     printf("%s (%d failures)\n", failures ? "FAILED" : "ALL PASSED", failures);

@@ -7,7 +7,8 @@
 static const gtype_info TYPES[] = {
     {GT_Q4_0, SLOT_Q4_0, QK, 18, QK},          {GT_Q4_1, SLOT_Q4_1, QK, 20, QK},
     {GT_Q8_0, SLOT_Q8_0, QK, 34, QK},          {GT_Q4_K, SLOT_Q4_K, QK_K, 144, QK_K},
-    {GT_Q6_K, SLOT_Q6_K, QK_K, 210, QK_K},     {GT_Q4_0_PACKED, SLOT_Q4_0_PACKED, 256, 144, QK},
+    {GT_Q6_K, SLOT_Q6_K, QK_K, 210, QK_K},     {GT_Q4_0_PACKED, SLOT_Q4_0_PACKED, PACK_VALUES, 288, QK},
+    {GT_Q8_0_PACKED, SLOT_Q8_0_PACKED, PACK_VALUES, 544, QK}, {GT_Q4_K_PACKED, SLOT_Q4_K_PACKED, PACK_VALUES, 288, QK_K},
 };
 
 const gtype_info *kernel_type_info(int gtype) {
@@ -38,40 +39,7 @@ float fp16_to_fp32(uint16_t h) {
     return f;
 }
 
-static int half_is_zero(const uint8_t *p) { return (read_u16(p) & 0x7FFF) == 0; }
 static int half_is_bad(const uint8_t *p) { return (read_u16(p) & 0x7C00) == 0x7C00; }
-
-static int q4k_all_zero(const uint8_t *scales, int want_min) {
-    for (int j = 0; j < 8; j++) {
-        uint8_t sc, m;
-        q4k_scale_min(j, scales, &sc, &m);
-        if ((want_min ? m : sc) != 0) return 0;
-    }
-    return 1;
-}
-
-int block_is_empty(const gtype_info *t, const uint8_t *b) {
-    switch (t->gtype) {
-    case GT_Q4_0:
-    case GT_Q8_0:
-        return half_is_zero(b); /* x = d * (...) */
-    case GT_Q4_1:
-        return half_is_zero(b) && half_is_zero(b + 2); /* x = d*q + m */
-    case GT_Q4_K: /* x = d*sc*q - dmin*m */
-        return (half_is_zero(b) || q4k_all_zero(b + 4, 0)) && (half_is_zero(b + 2) || q4k_all_zero(b + 4, 1));
-    case GT_Q4_0_PACKED:
-        for (int j = 0; j < 8; j++)
-            if (!half_is_zero(b + 2 * j)) return 0;
-        return 1;
-    case GT_Q6_K: { /* x = d*scale*(q - 32) */
-        if (half_is_zero(b + 208)) return 1;
-        for (int j = 0; j < 16; j++)
-            if (b[192 + j] != 0) return 0;
-        return 1;
-    }
-    }
-    return 0;
-}
 
 int block_is_bad(const gtype_info *t, const uint8_t *b) {
     switch (t->gtype) {
@@ -84,28 +52,74 @@ int block_is_bad(const gtype_info *t, const uint8_t *b) {
     case GT_Q6_K:
         return half_is_bad(b + 208);
     case GT_Q4_0_PACKED:
-        for (int j = 0; j < 8; j++)
+    case GT_Q8_0_PACKED:
+        for (int j = 0; j < 16; j++)
+            if (half_is_bad(b + 2 * j)) return 1;
+        return 0;
+    case GT_Q4_K_PACKED:
+        for (int j = 0; j < 4; j++)
             if (half_is_bad(b + 2 * j)) return 1;
         return 0;
     }
     return 0;
 }
 
-/* Value l (0..31) of block j (0..7) of a packed group sits in chunk j/4, byte 32*(j%2) + l,
- * nibble (j%4)/2 (see kernel.h). */
-void repack_q4_0(const uint8_t *src, uint8_t *dst, size_t n_groups) {
-    for (size_t g = 0; g < n_groups; g++, src += 8 * 18, dst += 144) {
-        memset(dst + 16, 0, 128);
-        for (int j = 0; j < 8; j++) {
-            const uint8_t *blk = src + j * 18;
-            dst[2 * j] = blk[0];
-            dst[2 * j + 1] = blk[1];
-            uint8_t *chunk = dst + 16 + 64 * (j / 4);
-            const int base = 32 * (j % 2), shift = 4 * ((j % 4) / 2);
-            for (int l = 0; l < 32; l++) {
-                const int q = l < 16 ? blk[2 + l] & 0xF : blk[2 + l - 16] >> 4;
-                chunk[base + l] |= (uint8_t)(q << shift);
-            }
+/* The packed layouts (kernel.h). Value 4v + i of sub-block b goes to byte 4b + i of code vector v:
+ * for 4-bit codes, chunk v / 2 in the low (v even) or high (v odd) nibble; for Q8_0, chunk v. */
+static void pack_nibbles(const uint8_t *const qs[16], uint8_t *chunks) {
+    memset(chunks, 0, 256);
+    for (int b = 0; b < 16; b++)
+        for (int k = 0; k < 32; k++) { /* value k of sub-block b: 4-bit code q */
+            const int q = k < 16 ? qs[b][k] & 0xF : qs[b][k - 16] >> 4; /* GGML: low nibbles = values 0..15 */
+            const int v = k / 4, i = k % 4;
+            chunks[64 * (v / 2) + 4 * b + i] |= (uint8_t)(q << (4 * (v % 2)));
         }
-    }
+}
+
+int packed_type_of(int gtype) {
+    return gtype == GT_Q4_0 ? GT_Q4_0_PACKED : gtype == GT_Q8_0 ? GT_Q8_0_PACKED : gtype == GT_Q4_K ? GT_Q4_K_PACKED : 0;
+}
+
+int repack_groups(int gtype, const uint8_t *src, uint8_t *dst, size_t n_groups) {
+    const uint8_t *qs[16];
+    for (size_t g = 0; g < n_groups; g++)
+        switch (gtype) {
+        case GT_Q4_0: /* 16 blocks of 18 bytes -> 288 */
+            for (int b = 0; b < 16; b++, src += 18) {
+                memcpy(dst + 2 * b, src, 2);
+                qs[b] = src + 2;
+            }
+            pack_nibbles(qs, dst + 32);
+            dst += 288;
+            break;
+        case GT_Q8_0: /* 16 blocks of 34 bytes -> 544 */
+            for (int b = 0; b < 16; b++, src += 34) {
+                memcpy(dst + 2 * b, src, 2);
+                for (int k = 0; k < 32; k++) dst[32 + 64 * (k / 4) + 4 * b + k % 4] = (uint8_t)(src[2 + k] ^ 0x80);
+            }
+            dst += 544;
+            break;
+        case GT_Q4_K: { /* 2 super-blocks of 144 bytes -> 288; sub-block j of super-block s is lane 8s + j */
+            uint8_t blocks[16][16]; /* each sub-block as a Q4_0 block's nibbles: byte l = values l, l + 16 */
+            for (int s = 0; s < 2; s++, src += 144) {
+                memcpy(dst + 2 * s, src, 2);         /* d */
+                memcpy(dst + 4 + 2 * s, src + 2, 2); /* dmin */
+                memcpy(dst + 8 + 12 * s, src + 4, 12);
+                /* Q4_K codes: 32-byte run c (0..3) holds sub-block 2c in its low nibbles, 2c + 1 in its high */
+                for (int j = 0; j < 8; j++) {
+                    const uint8_t *run = src + 16 + 32 * (j / 2);
+                    const int shift = 4 * (j % 2);
+                    for (int l = 0; l < 16; l++)
+                        blocks[8 * s + j][l] = (uint8_t)(((run[l] >> shift) & 0xF) | (((run[l + 16] >> shift) & 0xF) << 4));
+                    qs[8 * s + j] = blocks[8 * s + j];
+                }
+            }
+            pack_nibbles(qs, dst + 32);
+            dst += 288;
+            break;
+        }
+        default:
+            return -1;
+        }
+    return 0;
 }
