@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import struct
-import tempfile
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -319,14 +319,26 @@ class GGUFWriter:
         self.data_offset = align(len(header), self.alignment)
         self._written: set[str] = set()
         folder = os.path.dirname(os.path.abspath(self.path))
-        try:
-            fd, self._tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(self.path) + ".",
-                                             suffix=".tmp")
-        except OSError as e:
-            raise PocketLMError(f"cannot create a file in {folder}: {e.strerror}", self.path) from None
-        self._file = os.fdopen(fd, "wb")
-        # Safety net: a writer dropped without commit or abort leaves no temporary file behind.
-        self._cleanup = weakref.finalize(self, _remove_quietly, self._file, self._tmp)
+        # The temporary file's cleanup is registered *before* the file exists: an exception raised
+        # by a signal handler (SIGINT, SIGTERM) between creating it and remembering it would
+        # otherwise leave it behind. Safety net: a writer dropped without commit or abort (or an
+        # interpreter exiting) leaves no temporary file either.
+        self._handle: list[Any] = [None]  # the open file, once there is one, for the cleanup
+        for _ in range(100):
+            self._tmp = os.path.join(folder, f"{os.path.basename(self.path)}.{secrets.token_hex(6)}.tmp")
+            self._cleanup = weakref.finalize(self, _remove_quietly, self._handle, self._tmp)
+            try:
+                fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+            except FileExistsError:
+                self._cleanup.detach()  # someone else's file: never remove it
+                continue
+            except OSError as e:
+                self._cleanup.detach()
+                raise PocketLMError(f"cannot create a file in {folder}: {e.strerror}", self.path) from None
+            break
+        else:
+            raise PocketLMError(f"cannot create a temporary file in {folder}", self.path)
+        self._file = self._handle[0] = os.fdopen(fd, "wb")
         try:
             self._file.write(header)
             self._file.write(bytes(self.data_offset - len(header)))
@@ -425,9 +437,10 @@ def _check_finite(a: np.ndarray, where: str, path: str) -> None:
         raise PocketLMError(f"{where} holds NaN or infinite values", path)
 
 
-def _remove_quietly(f: Any, tmp: str) -> None:
-    with contextlib.suppress(OSError):
-        f.close()
+def _remove_quietly(handle: list[Any], tmp: str) -> None:
+    if handle[0] is not None:
+        with contextlib.suppress(OSError):
+            handle[0].close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
 
