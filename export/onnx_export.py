@@ -28,10 +28,14 @@ Policies (documented because peers differ):
   separate arrays); io_binding one buffer as both works (`onnx_runner.CachedSession`), and so does
   onnxruntime-genai (0.18 checked) with genai_config's past_present_share_buffer = true, which the
   export writes (with it false genai fails as the plain run does). Model type "phi3small".
-- accuracy_level (MatMulNBits activations): default 1, float32 activations, so the ONNX model
-  computes what the GGUF defines; 4 (int8 activations, ~5x faster per 4-bit matmul on this x86
-  CPU) is opt-in because it flips top tokens on Phi-3.5-mini (onnxruntime issue 29849); "auto"
-  builds with 1 and switches to 4 only if a probe text keeps every top-1 token (`onnx_accuracy`).
+- accuracy_level (MatMulNBits activations): default "auto": the export is built at level 1 (float32
+  activations, the GGUF's model to float32 rounding), then a probe text runs at level 1 and at
+  level 4 (int8 activations, ~3x faster decoding on this x86 CPU, the arithmetic llama.cpp's own
+  Q4_0/Q4_K dot products use) and the folder is switched to 4 when the measured cost -- KL
+  divergence from level 1 and top-1 agreement on the probe -- is inside `onnx_accuracy`'s
+  thresholds (justified there by the Q4_0 vs Q4_K_M KLD step); models with activation outliers
+  (onnxruntime issue 29849, Phi-3.5-mini) stay at 1. The export prints what it chose and why.
+  `--accuracy-level 1` or `4` forces a level.
   8-bit weights (Q8_0, Q6_K) are written as two exact 4-bit halves at levels 0/1, because
   onnxruntime has no float32 kernel for 8-bit MatMulNBits (~20x slower), and whole at level 4.
 - Size: MatMulNBits scales must have the activations' type (float32), so each block costs 2 bytes
@@ -79,30 +83,27 @@ EXPORT_FILES = (MODEL_FILE, DATA_FILE, GENAI_CONFIG, *TOKENIZER_FILES)
 
 ACCURACY_LEVELS = (0, 1, 4)
 AUTO = "auto"
-DEFAULT_ACCURACY_LEVEL = 1
-PROBE_TOKENS = 64  # tokens of the probe text the "auto" check runs (level 1 vs 4)
+DEFAULT_ACCURACY_LEVEL = AUTO
+PROBE_TOKENS = 128  # tokens of the probe text the "auto" check runs (level 1 vs 4)
 ACCURACY_REASONS = {
     0: "accuracy_level 0 (unset: ONNX Runtime computes with float32 activations on CPU)",
     1: "accuracy_level 1 (float32 activations): the exported model computes what the GGUF "
        "defines, to float32 rounding",
-    4: "accuracy_level 4 (int8 activations): faster on CPU, but activations are rounded to int8 "
-       "per block; on models with outlier activations it picks wrong top tokens (onnxruntime issue "
-       "29849, Phi-3.5-mini)",
+    4: "accuracy_level 4 (int8 activations per block, as llama.cpp's Q4_0/Q4_K dot products): ~3x "
+       "faster decoding on CPU",
 }
 
 
 def choose_accuracy_level(requested: int | str | None) -> tuple[int, str]:
-    """-> (level to build with, why). The default is 1: the export promises the GGUF's model, and
-    int8 activations (level 4) change the top token on Phi-3.5-mini (onnxruntime issue 29849), so
-    speed is opt-in: `4`, or `"auto"` (build with 1, switch to 4 if `int8_activation_check` passes)."""
-    if requested == AUTO:
-        return 1, "auto"
+    """-> (level to build with, why). None means the default, "auto": build with 1 and switch to 4
+    if the probe's measured cost is acceptable (`onnx_accuracy.LevelCost.acceptable`); the reason is
+    then exactly "auto" and `_auto_accuracy_level` writes the real one."""
     if requested is None:
-        return DEFAULT_ACCURACY_LEVEL, (f"{ACCURACY_REASONS[DEFAULT_ACCURACY_LEVEL]} (default; "
-                                        f"--accuracy-level 4 is faster but can flip top tokens, "
-                                        f"onnxruntime issue 29849)")
+        requested = DEFAULT_ACCURACY_LEVEL
+    if requested == AUTO:
+        return 1, AUTO
     if requested not in ACCURACY_LEVELS:
-        raise PocketLMError(f"accuracy level must be one of {ACCURACY_LEVELS}, got {requested}")
+        raise PocketLMError(f"accuracy level must be one of {ACCURACY_LEVELS} or {AUTO!r}, got {requested!r}")
     return requested, f"{ACCURACY_REASONS[requested]} (requested)"
 
 
@@ -224,8 +225,8 @@ class _Source:
 def export_onnx(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
                 accuracy_level: int | str | None = None, progress: bool = True) -> ExportSummary:
     """Convert a GGUF (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32 tensors) into
-    an ONNX folder; see the module docstring. `accuracy_level`: None (default 1), 0, 1, 4 or "auto"
-    (`choose_accuracy_level`). The folder appears atomically (built beside it, then renamed)."""
+    an ONNX folder; see the module docstring. `accuracy_level`: None (default "auto"), 0, 1, 4 or
+    "auto" (`choose_accuracy_level`). The folder appears atomically (built beside it, then renamed)."""
     start = time.time()
     gguf_path, out = os.fspath(gguf_path), Path(out_dir)
     level, reason = choose_accuracy_level(accuracy_level)
@@ -267,7 +268,7 @@ def _export(src: _Source, out: Path, level: int, reason: str, progress: bool, st
         write_genai_config(tmp, make_genai_config(cfg, filename=MODEL_FILE, bos_id=tok.bos_id,
                                                   eos_ids=tok.stop_ids, pad_id=cfg.pad_token_id))
         tok.write_hf_files(tmp)
-        if reason == "auto":
+        if reason == AUTO:
             level, reason = _auto_accuracy_level(tmp, tok, cfg, progress)
         os.chmod(tmp, 0o777 & ~_umask())
         _replace_dir(tmp, out)
@@ -286,17 +287,19 @@ def _export(src: _Source, out: Path, level: int, reason: str, progress: bool, st
 
 
 def _auto_accuracy_level(folder: Path, tok, cfg: Phi3Config, progress: bool) -> tuple[int, str]:
-    """Run the int8-activation check on the built folder; switch it to level 4 if it passes."""
-    from .onnx_accuracy import PROBE_TEXT, int8_activation_check, set_accuracy_level
+    """Measure level 4's cost on the probe text in the built folder; switch it to 4 if acceptable."""
+    from .onnx_accuracy import MAX_KLD, MIN_TOP1, PROBE_TEXT, int8_activation_cost, set_accuracy_level
 
     tokens = tok.encode(PROBE_TEXT)[: min(PROBE_TOKENS, cfg.max_position_embeddings)]
     if progress:
-        print(f"  checking int8 activations on {len(tokens)} probe tokens ...", file=sys.stderr)
-    ok, detail = int8_activation_check(folder, MODEL_FILE, tokens)
-    if ok:
+        print(f"  auto accuracy level: measuring int8 activations on {len(tokens)} probe tokens ...",
+              file=sys.stderr)
+    cost = int8_activation_cost(folder, MODEL_FILE, tokens)
+    if cost.acceptable:
         set_accuracy_level(folder / MODEL_FILE, 4)
-        return 4, f"{ACCURACY_REASONS[4]} (auto: check passed, {detail})"
-    return 1, f"{ACCURACY_REASONS[1]} (auto: level 4 refused, {detail})"
+        return 4, f"{ACCURACY_REASONS[4]} (auto: check passed, {cost})"
+    return 1, (f"{ACCURACY_REASONS[1]} (auto: level 4 refused, its cost is over the threshold "
+               f"(KL {MAX_KLD:g} nats, top-1 {100 * MIN_TOP1:g} %): {cost})")
 
 
 def _check_target(out: Path) -> None:
@@ -334,15 +337,17 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
                         help="convert a GGUF (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K/F16/F32) into an ONNX folder for "
                              "ONNX Runtime and onnxruntime-genai, with the same weights")
     parser.add_argument("--accuracy-level", choices=[*map(str, ACCURACY_LEVELS), AUTO], default=None,
-                        help="MatMulNBits activations: 1 = float32 (default, exact), 4 = int8 (faster; "
-                             "can change top tokens, onnxruntime issue 29849), auto = 4 if a probe text "
-                             "keeps every top-1 token, else 1; 0 = unset")
+                        help="MatMulNBits activations: auto (default) = 4 if a probe text shows int8 "
+                             "activations cost less than a KL/top-1 threshold (pocketlm.export."
+                             "onnx_accuracy), else 1; 1 = float32 (exact); 4 = int8 (~3x faster "
+                             "decoding; can change top tokens on models with activation outliers, "
+                             "onnxruntime issue 29849); 0 = unset")
 
 
 def run_onnx_export(args: argparse.Namespace) -> int:
     """Handler for `pocketlm export MODEL.gguf --onnx OUT_DIR`."""
     level = args.accuracy_level
-    level = None if level is None else (level if level == AUTO else int(level))
+    level = None if level is None or level == AUTO else int(level)
     summary = export_onnx(args.source, args.onnx, accuracy_level=level, progress=True)
     print(describe_onnx(summary.path))
     print(f"chose {summary.accuracy_reason}")

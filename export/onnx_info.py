@@ -20,6 +20,16 @@ def is_onnx_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / MODEL_FILE).is_file() and (p / GENAI_CONFIG).is_file()
 
 
+def accuracy_levels(folder: str | os.PathLike) -> list[int]:
+    """The MatMulNBits accuracy_level(s) of an exported folder's model.onnx (read without weights):
+    [1] float32 activations, [4] int8 activations; [] if it has no MatMulNBits."""
+    import onnx
+
+    model = onnx.load(str(Path(folder) / MODEL_FILE), load_external_data=False)
+    return sorted({a.i for n in model.graph.node if n.op_type == "MatMulNBits"
+                   for a in n.attribute if a.name == "accuracy_level"})
+
+
 def describe_onnx(folder: str | os.PathLike) -> str:
     """A few lines for `pocketlm info` on an exported folder (reads model.onnx without weights)."""
     import onnx

@@ -1,0 +1,182 @@
+"""`--accuracy-level auto` (the default): the measured cost of int8 activations decides.
+
+(a) the KL divergence and top-1 agreement it measures equal torch's (an independent oracle);
+(b) on the built-in trained model's Q4_0 export the probe measures a cost inside the thresholds
+    and the default export is level 4, whose logits on held-out text stay close to level 1's;
+    on the same model with outlier activation channels (the same function: its fp32 logits are
+    the built-in model's) the probe refuses level 4 and the default export stays at level 1;
+(c) the export says what it chose and why (summary, CLI), and rewriting the level is atomic and
+    complete.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from pocketlm.export.onnx_accuracy import (
+    MAX_KLD,
+    MIN_TOP1,
+    PROBE_TEXT,
+    compare_levels,
+    int8_activation_cost,
+    kld_top1,
+    level_logits,
+    set_accuracy_level,
+)
+from pocketlm.export.onnx_export import PROBE_TOKENS, export_onnx
+
+pytest.importorskip("onnxruntime")
+REPO = Path(__file__).resolve().parents[1]
+BUILTIN = REPO / "pocketlm" / "builtin"
+
+
+def _quality_module():
+    spec = importlib.util.spec_from_file_location("onnx_level_quality", REPO / "benchmarks" / "onnx_level_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def levels_in(model_path: Path) -> set[int]:
+    nodes = onnx.load(str(model_path), load_external_data=False).graph.node
+    return {helper.get_attribute_value(a) for n in nodes if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "accuracy_level"}
+
+
+# ---------------------------------------------------------------------------- (a) the measure
+
+def test_kld_and_top1_equal_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    p = rng.normal(0, 3, (3, 17, 50)).astype(np.float32)
+    q = (p + rng.normal(0, 0.5, p.shape)).astype(np.float32)
+    kl, agree = kld_top1(p, q)
+    want = torch.nn.functional.kl_div(torch.log_softmax(torch.tensor(q, dtype=torch.float64), -1),
+                                      torch.log_softmax(torch.tensor(p, dtype=torch.float64), -1),
+                                      log_target=True, reduction="none").sum(-1).numpy()
+    np.testing.assert_allclose(kl, want, rtol=1e-9, atol=1e-12)
+    assert agree.shape == (3, 17) and agree.mean() == (p.argmax(-1) == q.argmax(-1)).mean() < 1
+    same = compare_levels(p, p)
+    assert same.kld == 0 and same.top1 == 1 and same.flips == 0 and same.acceptable
+    cost = compare_levels(p, q)
+    assert cost.tokens == 51 and cost.kld == pytest.approx(float(want.mean()))
+    assert not cost.acceptable  # noise of 0.5 on logits of spread 3 flips many top-1 tokens
+    assert f"{cost.flips} top-1 changes" in str(cost)
+
+
+def test_thresholds_bound_both_measures():
+    """A small KL with many flips, or few flips with a large KL, is refused alike."""
+    base = np.zeros((100, 4), np.float32)
+    base[:, 0] = 4.0
+    base[:5, 1] = 3.999     # 5 near-ties ...
+    flipped = base.copy()
+    flipped[:5, :2] = [3.999, 4.0]  # ... flipped: 5 % top-1 changes, a tiny KL
+    c = compare_levels(base, flipped)
+    assert c.kld < MAX_KLD and c.top1 == 0.95 < MIN_TOP1 and not c.acceptable
+    shifted = base.copy()
+    shifted[:, 1] = 3.0     # the same argmax everywhere, a large KL
+    c = compare_levels(base, shifted)
+    assert c.top1 == 1 and c.kld > MAX_KLD and not c.acceptable
+
+
+# ---------------------------------------------------------------------------- (b) real models
+
+@pytest.fixture(scope="module")
+def builtin_files(tmp_path_factory):
+    """The built-in model and its outlier copy, each quantized Q4_0 (rtn) and exported by default."""
+    from pocketlm.quantize.pipeline import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("accuracy")
+    outliers = root / "outliers-ckpt"
+    _quality_module().outlier_checkpoint(BUILTIN, outliers)
+    made = {}
+    for name, ckpt in (("builtin", BUILTIN), ("outliers", outliers)):
+        gguf = root / f"{name}.gguf"
+        quantize_checkpoint(ckpt, gguf, recipe="q4_0", method="rtn")
+        made[name] = (ckpt, gguf, export_onnx(gguf, root / f"{name}-onnx", progress=False))
+    return made
+
+
+def heldout_chunks(n: int, ctx: int) -> np.ndarray:
+    from pocketlm.quantize.evaluate import eval_chunks, eval_text
+    from pocketlm.tokenizer import tokenizer_from_dir
+
+    text, where = eval_text(None)
+    return eval_chunks(tokenizer_from_dir(BUILTIN), text, where, n * (ctx - 1), ctx)
+
+
+def test_outlier_model_is_the_same_function(builtin_files):
+    mod = _quality_module()
+    tokens = heldout_chunks(2, 64)
+    plain = mod.fp32_logits(builtin_files["builtin"][0], tokens)
+    out = mod.fp32_logits(builtin_files["outliers"][0], tokens)
+    assert np.abs(out - plain).max() / np.abs(plain).max() < 1e-3
+
+
+def test_default_export_is_level_4_on_the_builtin_model(builtin_files):
+    _, _, summary = builtin_files["builtin"]
+    assert summary.accuracy_level == 4 and "auto: check passed" in summary.accuracy_reason
+    assert levels_in(summary.path / "model.onnx") == {4}
+    # the probe's verdict holds on held-out text the probe never saw: level 4 stays near level 1
+    tokens = heldout_chunks(4, 128)
+    exact = level_logits(summary.path, "model.onnx", tokens, 1)
+    fast = level_logits(summary.path, "model.onnx", tokens, 4)
+    cost = compare_levels(exact, fast)
+    assert cost.tokens == 512 and cost.kld < MAX_KLD and cost.top1 >= MIN_TOP1, cost
+
+
+def test_default_export_refuses_level_4_with_outlier_activations(builtin_files):
+    _, _, summary = builtin_files["outliers"]
+    assert summary.accuracy_level == 1 and "auto: level 4 refused" in summary.accuracy_reason
+    assert levels_in(summary.path / "model.onnx") == {1}
+    # and the refusal is right on held-out text too: level 4 costs more than the threshold there
+    tokens = heldout_chunks(4, 128)
+    cost = compare_levels(level_logits(summary.path, "model.onnx", tokens, 1),
+                          level_logits(summary.path, "model.onnx", tokens, 4))
+    assert not cost.acceptable, cost
+
+
+# ---------------------------------------------------------------------------- (c) reporting
+
+def test_cli_prints_the_choice_and_its_measure(builtin_files, tmp_path, capsys):
+    from pocketlm.cli import main
+
+    _, gguf, _ = builtin_files["builtin"]
+    assert main(["export", str(gguf), "--onnx", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("chose "))
+    assert "accuracy_level 4" in line and "auto: check passed" in line and "nats" in line
+    assert f"{PROBE_TOKENS}-token probe" in line or "-token probe" in line
+    assert main(["export", str(gguf), "--onnx", str(tmp_path / "one"), "--accuracy-level", "1"]) == 0
+    assert "chose accuracy_level 1 (float32 activations)" in capsys.readouterr().out
+    assert levels_in(tmp_path / "one" / "model.onnx") == {1}
+
+
+def test_probe_is_real_text_of_probe_length(builtin_files):
+    from pocketlm.tokenizer import tokenizer_from_dir
+
+    ids = tokenizer_from_dir(BUILTIN).encode(PROBE_TEXT)
+    assert len(ids) >= PROBE_TOKENS  # the probe uses PROBE_TOKENS of them
+    _, _, summary = builtin_files["builtin"]
+    cost = int8_activation_cost(summary.path, "model.onnx", ids[:PROBE_TOKENS])
+    assert f"{PROBE_TOKENS}-token probe" in summary.accuracy_reason and str(cost) in summary.accuracy_reason
+
+
+def test_set_accuracy_level_rewrites_every_node_atomically(builtin_files, tmp_path):
+    _, _, summary = builtin_files["builtin"]
+    folder = summary.path
+    target = folder / ".copy.model.onnx"  # beside the data file it references
+    try:
+        set_accuracy_level(folder / "model.onnx", 1, target)
+        assert levels_in(target) == {1} and levels_in(folder / "model.onnx") == {4}
+        meta = {p.key: p.value for p in onnx.load(str(target), load_external_data=False).metadata_props}
+        assert meta["pocketlm.accuracy_level"] == "1"
+        assert not (folder / ".copy.model.onnx.tmp").exists()
+    finally:
+        target.unlink(missing_ok=True)
