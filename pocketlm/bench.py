@@ -342,7 +342,12 @@ def child_onnxruntime(spec: dict, progress: Progress) -> dict:
         gen.generate_next_token()
         progress.update(f"onnxruntime-genai: decoded {i + 1}/{spec['gen']}")
     decode_s = time.perf_counter() - t0
-    return {"name": "onnxruntime", "version": f"onnxruntime-genai {og.__version__}", "kv": "f32",
+    from .export.onnx_info import accuracy_levels
+
+    levels = "/".join(map(str, accuracy_levels(spec["onnx"]))) or "-"  # 4: int8 activations, 1: float32
+    progress.stage(f"onnxruntime: MatMulNBits accuracy_level {levels}")
+    return {"name": "onnxruntime", "version": f"onnxruntime-genai {og.__version__}, accuracy_level {levels}",
+            "kv": "f32",
             "load_s": load_s, "prefill_tok_s": len(ids) / first_s, "decode_tok_s": spec["gen"] / decode_s,
             "first_token_s": first_s, "decoded_tokens": spec["gen"], **_memory()}
 
@@ -387,7 +392,8 @@ def child_main(engine: str, spec_json: str) -> int:
 def onnx_cache_folder(gguf: str) -> Path:
     """Where the on-the-fly ONNX export of this exact file (path, size, mtime) lives."""
     st = os.stat(gguf)
-    key = hashlib.sha1(f"{os.path.abspath(gguf)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    # "|auto": exports made before the default accuracy level became auto are not reused
+    key = hashlib.sha1(f"{os.path.abspath(gguf)}|{st.st_size}|{st.st_mtime_ns}|auto".encode()).hexdigest()[:12]
     root = Path(os.environ.get(ONNX_CACHE_ENV, Path.home() / ".cache" / "pocketlm"))
     return root / "bench-onnx" / f"{Path(gguf).stem}-{key}"
 
@@ -405,7 +411,8 @@ def ensure_onnx(gguf: str, onnx_dir: str | None, progress: Progress) -> Path:
     from .export.onnx_export import export_onnx
 
     progress.stage(f"onnxruntime: exporting the GGUF to ONNX in {folder} (once per file)")
-    export_onnx(gguf, folder, progress=True)
+    summary = export_onnx(gguf, folder, progress=True)  # the default export: accuracy level auto
+    progress.stage(f"onnxruntime: the export chose {summary.accuracy_reason}")
     return folder
 
 
@@ -832,7 +839,7 @@ def report(res: dict, json_path: str | os.PathLike | None = None, plot: str | os
         plot_results(res, plot)
         res["plot"] = os.path.abspath(plot)
     res = _finite(res)
-    print(format_tables(res, phones))
+    print(format_tables(res) if phones else format_tables(res, phones=False))
     if json_path:
         write_json(res, json_path)
         print(f"\nwrote {json_path}", file=sys.stderr)
