@@ -271,8 +271,9 @@ class LookupSpeculator:
                 if model.n_past >= model.n_ctx:
                     return
                 last = history[-1]
-                # room: every verified draft may be emitted (max_tokens) and cached (context)
-                room = min(max_tokens - yielded - 1, model.n_ctx - model.n_past - 1, self.draft_max)
+                # room: every verified draft may be emitted (max_tokens; the extra token of a fully
+                # kept draft may go unused) and cached after `last` (context)
+                room = min(max_tokens - yielded, model.n_ctx - model.n_past - 1, self.draft_max)
                 draft, n = index.draft(room) if room > 0 else ([], 0)
                 k = self.choose(len(draft), n)
                 if k == 0:
