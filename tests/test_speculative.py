@@ -284,12 +284,12 @@ E2E_SAMPLING = {**SAMPLING, "temperature": 0.6, "repeat_penalty": 1.0}
 E2E_PROMPT = "And, in the bargain of the world,\nAnd, in the bargain of the world,\nAnd, in"
 
 
-def first_verified_tokens(model, ids: list[int], seeds: int, speculate: str | None) -> tuple[Counter, Counter, int]:
-    """Over `seeds` runs of two generated tokens: the counts of the pairs, the counts of whether the
+def first_verified_tokens(model, ids: list[int], seeds: range, speculate: str | None) -> tuple[Counter, Counter, int]:
+    """Over runs of two generated tokens (one per seed): the counts of the pairs, the counts of whether the
     second is the draft lookup makes after the first, and the runs whose second token was decided
     by a verify. The second token is the first one a draft can decide."""
     pairs, hits, verified = Counter(), Counter(), 0
-    for seed in range(seeds):
+    for seed in seeds:
         gen = generate(model, ids, max_tokens=2, ignore_eos=True, seed=seed, speculate=speculate,
                        verify_costs=FLAT, draft_max=4, **E2E_SAMPLING)
         list(gen.token_ids())
@@ -310,12 +310,14 @@ def test_sampled_generation_keeps_the_distribution(q4, monkeypatch):
     ids = q4.tokenizer.encode(E2E_PROMPT)
     q4.reset()
     n = 3000
-    plain_pairs, plain_hits, _ = first_verified_tokens(q4, ids, n, None)
-    pairs, hits, verified = first_verified_tokens(q4, ids, n, "lookup")
+    # disjoint seeds: the two samples must be independent for the two-sample test (one seed
+    # draws the same first token either way, which would make any two rules look alike)
+    plain_pairs, plain_hits, _ = first_verified_tokens(q4, ids, range(n), None)
+    pairs, hits, verified = first_verified_tokens(q4, ids, range(n, 2 * n), "lookup")
     assert verified > n // 3
     p_pairs, p_hits = chi2_two_sample(pairs, plain_pairs), chi2_two_sample(hits, plain_hits)
     monkeypatch.setattr(spec, "residual", lambda ids_, probs, draft: probs)
-    _, wrong_hits, _ = first_verified_tokens(q4, ids, n, "lookup")
+    _, wrong_hits, _ = first_verified_tokens(q4, ids, range(2 * n, 3 * n), "lookup")
     p_wrong = chi2_two_sample(wrong_hits, plain_hits)
     print(f"{verified}/{n} verified; p-values: pairs {p_pairs:.3g}, draft hits {p_hits:.3g} "
           f"({dict(hits)} vs plain {dict(plain_hits)}); wrong rule {p_wrong:.3g} ({dict(wrong_hits)})")
