@@ -36,7 +36,7 @@ def test_the_command_line_is_a_thin_layer_over_benchmark(tiny_model, monkeypatch
         return {"engines": [{"error": "not measured"}]}
 
     monkeypatch.setattr(bench, "benchmark", fake)
-    monkeypatch.setattr(bench, "format_tables", lambda res: "tables")
+    monkeypatch.setattr(bench, "format_tables", lambda *args, **kwargs: "tables")
     assert main(["bench", str(gguf), "--gen", "5", "--vs", "llama.cpp", "--budget-decode", "20"]) == 1
     (path, kw), = calls
     assert path == str(gguf) and kw["gen"] == 5 and kw["vs"] == "llama.cpp" and kw["prompt_len"] == 128
