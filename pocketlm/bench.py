@@ -236,12 +236,23 @@ def child_pocketlm(spec: dict, progress: Progress) -> dict:
     for position in spec["sweep"]:
         progress.update(f"pocketlm: decode speed at context {position}")
         sweep.append({"context": position, "decode_tok_s": _decode_at(model, position, SWEEP_TOKENS)})
-    return {"name": "pocketlm", "version": _version("pocketlm"), "kernel_path": kernel.active_path(),
-            "kv": spec["kv"], "load_s": s.load_seconds, "prefill_tok_s": s.prefill_tps,
-            "decode_tok_s": s.decode_tps, "first_token_s": s.first_token_seconds,
-            "decoded_tokens": s.decode_tokens, "python_overhead": s.python_overhead,
-            "kv_cache_bytes": model.cache.nbytes, "anon_after_load_bytes": after_load["rss_anon_bytes"],
-            "decode_vs_context": sweep, **_memory()}
+    res = {"name": "pocketlm", "version": _version("pocketlm"), "kernel_path": kernel.active_path(),
+           "kv": spec["kv"], "load_s": s.load_seconds, "prefill_tok_s": s.prefill_tps,
+           "decode_tok_s": s.decode_tps, "first_token_s": s.first_token_seconds,
+           "decoded_tokens": s.decode_tokens, "python_overhead": s.python_overhead,
+           "kv_cache_bytes": model.cache.nbytes, "anon_after_load_bytes": after_load["rss_anon_bytes"],
+           "decode_vs_context": sweep, **_memory()}
+    if spec.get("speculate"):  # the same generation again with speculation (issue 15)
+        progress.update(f"pocketlm: decode {spec['gen']} with --speculate {spec['speculate']}")
+        sg = generate(model, ids, max_tokens=spec["gen"] + 1, temperature=0, ignore_eos=True,
+                      speculate=spec["speculate"], draft_max=spec["draft_max"])
+        list(sg.token_ids())
+        st = sg.speculation
+        res["speculative"] = {"mode": st.mode, "draft_max": st.draft_max, "decode_tok_s": s.decode_tps,
+                              "same_tokens": sg.tokens == gen.tokens, "acceptance": st.acceptance,
+                              "tokens_per_forward": st.tokens_per_forward, "verifies": st.verifies,
+                              "drafted": st.drafted, "accepted": st.accepted}
+    return res
 
 
 def _decode_at(model, position: int, n: int) -> float:
@@ -562,7 +573,8 @@ def measured_record(key: str | None, label: str, engine: dict, work: Workload, b
 
 def benchmark(model_path: str | os.PathLike, *, threads: int | None = None, prompt_len: int = 128,
               gen: int = 32, ctx: int | None = None, kv: str = "f16", device: str = "all",
-              vs: str | None = None, onnx: str | os.PathLike | None = None, budget: Budget | None = None) -> dict:
+              vs: str | None = None, onnx: str | os.PathLike | None = None, budget: Budget | None = None,
+              speculate: str | None = None, draft_max: int = 8) -> dict:
     """Measure a GGUF model here (optionally beside llama.cpp / onnxruntime-genai: `vs`), project it
     onto phone profiles (`device`) and check `budget`: the results dict `--json` writes
     (docs/bench_schema.md). `pocketlm bench` and `pocketlm.benchmark` are thin layers over this;
@@ -575,9 +587,13 @@ def benchmark(model_path: str | os.PathLike, *, threads: int | None = None, prom
         threads = check_threads(threads, "--threads")
     if prompt_len < 1 or gen < 1:
         raise PocketLMError("--prompt-len and --gen must be >= 1")
+    if speculate is not None:
+        from .runtime.speculative import make_speculator
+        make_speculator(speculate, draft_max)  # a bad mode or --draft-max fails here, not in the child
     budget = Budget() if budget is None else budget
     command = bench_command_line(path, threads=threads, prompt_len=prompt_len, gen=gen, ctx=ctx, kv=kv,
-                                 device=device, vs=vs, onnx=onnx, budget=budget)
+                                 device=device, vs=vs, onnx=onnx, budget=budget, speculate=speculate,
+                                 draft_max=draft_max)
     devices, auto = parse_devices(device)
     peers = parse_peers(vs)
     from . import hostinfo
@@ -601,7 +617,8 @@ def benchmark(model_path: str | os.PathLike, *, threads: int | None = None, prom
     # the sweep positions within the context (the last one pulled back so its steps fit)
     sweep = sorted({min(c, ctx - SWEEP_TOKENS) for c in SWEEP_CONTEXTS if c <= ctx and ctx > SWEEP_TOKENS})
     spec = {"path": os.path.abspath(path), "threads": threads, "ctx": ctx, "kv": kv,
-            "prompt": prompt_len, "gen": gen, "sweep": sweep, "vocab": model["vocab"]}
+            "prompt": prompt_len, "gen": gen, "sweep": sweep, "vocab": model["vocab"],
+            "speculate": speculate, "draft_max": draft_max}
     engines = [run_child("pocketlm", spec, progress)]
     onnx_bytes = None
     for peer in peers:
@@ -656,7 +673,8 @@ def benchmark(model_path: str | os.PathLike, *, threads: int | None = None, prom
 
 
 def bench_command_line(path: str, *, threads: int | None, prompt_len: int, gen: int, ctx: int | None, kv: str,
-                       device: str, vs: str | None, onnx: str | os.PathLike | None, budget: Budget) -> list[str]:
+                       device: str, vs: str | None, onnx: str | os.PathLike | None, budget: Budget,
+                       speculate: str | None = None, draft_max: int = 8) -> list[str]:
     """The `pocketlm bench` argv that repeats a run with these settings (defaults left out); the
     model path as given (a relative path stays relative, so a report shows a path anyone can run)."""
     argv = ["pocketlm", "bench", path]
@@ -668,7 +686,8 @@ def bench_command_line(path: str, *, threads: int | None, prompt_len: int, gen: 
             ("--budget-decode", budget.decode_tok_s, defaults.decode_tok_s),
             ("--budget-ttft", budget.first_token_s, defaults.first_token_s),
             ("--budget-prompt", budget.prompt_tokens, defaults.prompt_tokens),
-            ("--budget-memory", budget.memory_gb, defaults.memory_gb)):
+            ("--budget-memory", budget.memory_gb, defaults.memory_gb),
+            ("--speculate", speculate, None), ("--draft-max", draft_max if speculate else 8, 8)):
         if value != default:
             argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return argv
@@ -681,7 +700,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     if getattr(args, "no_cache", False):  # read by runtime/packed_cache.py in the engine's child process
         os.environ["POCKETLM_NO_PACKED_CACHE"] = "1"
     return benchmark(args.model, threads=args.threads, prompt_len=args.prompt_len, gen=args.gen, ctx=args.ctx,
-                     kv=args.kv, device=args.device, vs=args.vs, onnx=args.onnx, budget=budget)
+                     kv=args.kv, device=args.device, vs=args.vs, onnx=args.onnx, budget=budget,
+                     speculate=args.speculate, draft_max=args.draft_max)
 
 
 # ---------------------------------------------------------------------------- output
@@ -714,6 +734,12 @@ def format_tables(res: dict, phones: bool = True) -> str:
     if sweep:
         lines.append("pocketlm decode vs context: " + ", ".join(
             f"{s['context']}: {s['decode_tok_s']:.2f} tok/s" for s in sweep))
+    sp = next((e.get("speculative") for e in res["engines"] if e["name"] == "pocketlm"), None)
+    if sp:
+        lines.append(f"pocketlm --speculate {sp['mode']} --draft-max {sp['draft_max']}: decode "
+                     f"{sp['decode_tok_s']:.2f} tok/s, acceptance {sp['acceptance']:.0%} "
+                     f"({sp['accepted']}/{sp['drafted']}), {sp['tokens_per_forward']:.2f} tokens per forward pass, "
+                     f"same tokens as plain: {'yes' if sp['same_tokens'] else 'no'}")
     if phones:
         lines += ["", *phone_lines(res)]
     return "\n".join(lines)
@@ -867,6 +893,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vs", default=None, help="peers to run on the same model: llama.cpp,onnxruntime")
     p.add_argument("--onnx", default=None,
                    help="ONNX export folder for onnxruntime (default: export on the fly, cached)")
+    p.add_argument("--speculate", choices=("lookup",), default=None,
+                   help="also decode with speculative lookup decoding: acceptance rate, tokens per forward pass")
+    p.add_argument("--draft-max", type=int, default=8, help="most tokens drafted per verify (default 8)")
     p.add_argument("--json", default=None, help="write the results as JSON (docs/bench_schema.md)")
     p.add_argument("--plot", default=None, help="write a PNG: tok/s vs context, projected tok/s per device")
     p.add_argument("--budget-decode", type=float, default=Budget.decode_tok_s,

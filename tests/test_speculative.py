@@ -358,3 +358,17 @@ def test_run_and_chat_with_speculation_print_the_plain_text(files):
     assert a.stdout == b.stdout and a.stdout.strip()
     bad = cli(*base, "--speculate", "lookup", "--draft-max", "0")
     assert bad.returncode == 2 and "draft_max must be" in bad.stderr
+
+
+def test_bench_reports_acceptance_and_tokens_per_forward(files):
+    from pocketlm.bench import benchmark, format_tables
+
+    res = benchmark(files["q4_0"], threads=1, prompt_len=32, gen=24, device="galaxy-s23", speculate="lookup",
+                    draft_max=4)
+    sp = res["engines"][0]["speculative"]
+    assert sp["mode"] == "lookup" and sp["draft_max"] == 4 and sp["same_tokens"] is True
+    assert sp["tokens_per_forward"] >= 1.0 and 0.0 <= sp["acceptance"] <= 1.0 and sp["decode_tok_s"] > 0
+    assert res["command"][-4:] == ["--speculate", "lookup", "--draft-max", "4"]
+    assert "tokens per forward pass" in format_tables(res, phones=False)
+    with pytest.raises(PocketLMError, match="draft_max"):
+        benchmark(files["q4_0"], threads=1, speculate="lookup", draft_max=0)
