@@ -134,7 +134,8 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
             else:
                 ckpt = tiny_checkpoint(kind)
             gguf_path = write_gguf(out / "model.gguf", ckpt, gguf_type(qtype))
-            export_onnx(gguf_path, out / "onnx", progress=False)
+            # level 1 (float32 activations): these folders are compared with the reference's logits
+            export_onnx(gguf_path, out / "onnx", accuracy_level=1, progress=False)
             made[kind, qtype] = (gguf_path, out / "onnx")
         return made[kind, qtype]
 
@@ -201,7 +202,7 @@ def test_llama_cpp_quantized_files_export(tmp_path, ftype):
     with GGUFReader(quantized) as r:
         types = {t.type_name for t in r}
     assert types & {"Q4_K", "Q5_K"} and "Q6_K" in types, types
-    export_onnx(quantized, tmp_path / "onnx", progress=False)
+    export_onnx(quantized, tmp_path / "onnx", accuracy_level=1, progress=False)
     ref = reference_from_gguf(quantized)
     sess = session(tmp_path / "onnx")
     kv = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in sess.get_inputs()[2:]}
@@ -395,7 +396,7 @@ def builtin_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("builtin-onnx")
     gguf_path = out / "builtin-q4_0.gguf"
     quantize_checkpoint(builtin, gguf_path, recipe="q4_0", method="rtn")
-    export_onnx(gguf_path, out / "onnx", progress=False)
+    export_onnx(gguf_path, out / "onnx", accuracy_level=1, progress=False)
     return gguf_path, out / "onnx"
 
 
@@ -418,18 +419,18 @@ def test_genai_llama_cpp_and_reference_agree_on_builtin_model(builtin_export):
 
 
 def test_auto_accuracy_level_follows_the_int8_check(tiny_export, tmp_path):
-    from pocketlm.export.onnx_accuracy import int8_activation_check
+    from pocketlm.export.onnx_accuracy import int8_activation_cost
 
     gguf_path, _ = tiny_export("gqa", "Q8_0")
-    summary = export_onnx(gguf_path, tmp_path / "auto", accuracy_level="auto", progress=False)
+    summary = export_onnx(gguf_path, tmp_path / "auto", progress=False)  # the default is auto
     assert summary.accuracy_level in (1, 4) and "auto" in summary.accuracy_reason
     nodes = onnx.load(str(tmp_path / "auto" / "model.onnx"), load_external_data=False).graph.node
     levels = {helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {summary.accuracy_level}
     assert ("check passed" in summary.accuracy_reason) == (summary.accuracy_level == 4)
-    # the check compares level 1 with level 4 logits; on this model int8 activations keep the top-1
-    ok, detail = int8_activation_check(tmp_path / "auto", "model.onnx", PROMPT * 3)
-    assert ok and "0 top-1 changes" in detail
+    # the measured cost of level 4 against level 1 decides; on this model it is small
+    cost = int8_activation_cost(tmp_path / "auto", "model.onnx", PROMPT * 3)
+    assert cost.tokens == 30 and cost.acceptable and 0 <= cost.kld < 1e-3 and cost.top1 >= 0.9
     assert sorted(p.name for p in (tmp_path / "auto").iterdir()) == sorted(
         ["model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
          "special_tokens_map.json"])
