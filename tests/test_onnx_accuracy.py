@@ -180,3 +180,20 @@ def test_set_accuracy_level_rewrites_every_node_atomically(builtin_files, tmp_pa
         assert not (folder / ".copy.model.onnx.tmp").exists()
     finally:
         target.unlink(missing_ok=True)
+
+
+def test_bench_says_which_level_onnxruntime_ran(builtin_files, tmp_path, monkeypatch):
+    """`pocketlm bench --vs onnxruntime` exports with the default (auto) and names the level it ran."""
+    import io
+
+    from pocketlm.bench import Progress, child_onnxruntime, ensure_onnx
+
+    _, gguf, _ = builtin_files["builtin"]
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path))
+    log = io.StringIO()
+    folder = ensure_onnx(str(gguf), None, Progress("t", log))
+    assert folder.is_relative_to(tmp_path) and levels_in(folder / "model.onnx") == {4}
+    assert "the export chose accuracy_level 4" in log.getvalue()
+    out = child_onnxruntime({"onnx": str(folder), "threads": 1, "prompt": 8, "gen": 4, "vocab": 2048},
+                            Progress("t", log))
+    assert out["version"].endswith("accuracy_level 4") and out["decoded_tokens"] == 4
