@@ -9,9 +9,13 @@ own to ~/.cache/pocketlm: phi-3-mini shapes (32 layers, hidden 3072, ffn 8192, v
 Phi-3 vocabulary, random Q4_0 blocks (output Q6_K as llama.cpp's Q4_0 file type) - the exporter's
 cost does not depend on the values.
 
---speed also times greedy decoding with onnxruntime: the default export (accuracy_level 1, float32
-activations, 8-bit layers split in 4-bit halves) against an export at accuracy_level 4 (int8
-activations, 8-bit layers whole), the trade-off behind the exporter's default.
+The export time includes the default `--accuracy-level auto` probe (128 tokens at level 1 and at
+level 4, onnx_accuracy), which runs on every export.
+
+--speed also times greedy decoding with onnxruntime: the default export (auto: level 4, int8
+activations, 8-bit layers whole, when the probe accepts it) against an export at accuracy_level 1
+(float32 activations, 8-bit layers split in 4-bit halves). benchmarks/onnx_vs_builder.py is the
+full comparison (onnxruntime-genai, the model builder's output, pocketlm, llama.cpp).
 """
 
 from __future__ import annotations
@@ -145,7 +149,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", type=Path, help="GGUF to export (default: a phi-3-mini-shaped Q4_0 file)")
     ap.add_argument("--out", type=Path, default=CACHE / "phi3-mini-random-onnx")
-    ap.add_argument("--speed", action="store_true", help="also time decoding at accuracy_level 1 and 4")
+    ap.add_argument("--speed", action="store_true", help="also time decoding: the default export and level 1")
     args = ap.parse_args()
     gguf_path = args.gguf or default_gguf()
     size = gguf_path.stat().st_size
@@ -158,12 +162,14 @@ def main() -> int:
           f"ONNX model {out_size / 1e9:.2f} GB")
     if args.speed:
         pp, tg = decode_speed(args.out)
-        print(f"onnxruntime, default export (level 1): prompt {pp:.1f} tok/s, generation {tg:.2f} tok/s",
-              flush=True)
-        out4 = args.out.with_name(args.out.name + "-level4")
-        wall4, _ = export_child(gguf_path, out4, 4)
-        pp, tg = decode_speed(out4)
-        print(f"onnxruntime, --accuracy-level 4 export ({wall4:.0f} s): prompt {pp:.1f} tok/s, "
+        from pocketlm.export.onnx_info import accuracy_levels
+
+        print(f"onnxruntime, default export (auto: accuracy_level {accuracy_levels(args.out)}): prompt "
+              f"{pp:.1f} tok/s, generation {tg:.2f} tok/s", flush=True)
+        out1 = args.out.with_name(args.out.name + "-level1")
+        wall1, _ = export_child(gguf_path, out1, 1)
+        pp, tg = decode_speed(out1)
+        print(f"onnxruntime, --accuracy-level 1 export ({wall1:.0f} s): prompt {pp:.1f} tok/s, "
               f"generation {tg:.2f} tok/s", flush=True)
     return 0
 
