@@ -217,6 +217,17 @@ class GGUFReader:
         for name, (type_id, shape, rel_offset, nbytes) in infos.items():
             self.tensors[name] = TensorInfo(name, type_id, shape, self.data_offset + rel_offset, nbytes)
         self._check_tensor_extents(cur)
+        self._check_block_count(cur)
+
+    def _check_block_count(self, cur: _Cursor) -> None:
+        """`<arch>.block_count` layers need at least that many tensors: a corrupt count (2^31) would
+        otherwise have a loader plan billions of layers before it missed the first tensor. A
+        vocabulary-only file (no tensors, e.g. llama.cpp's ggml-vocab-*.gguf) keeps its model's count."""
+        arch = self.metadata.get("general.architecture")
+        count = self.metadata.get(f"{arch}.block_count") if isinstance(arch, str) else None
+        if self.tensors and isinstance(count, int | np.integer) and count > len(self.tensors):
+            raise cur.error(f"metadata '{arch}.block_count' is {count}, but the file holds only "
+                            f"{len(self.tensors)} tensors (each layer has several)")
 
     def _read_kv(self, cur: _Cursor, i: int) -> None:
         key = cur.name(f"metadata key #{i}")

@@ -153,17 +153,17 @@ def gguf_mutants(src: Path, rng: np.random.Generator):
     assert len(layout["u64"]) > 40 and len(layout["u32"]) > 30 and layout["vocabulary"][0][1] > 2000
     for region in ("header", "metadata", "vocabulary", "tensor infos"):
         (start, size), = layout[region]
-        for _ in range(30 if region != "header" else 15):
+        for _ in range(20 if region != "header" else 10):
             b = bytearray(data)
             pos = start + int(rng.integers(size))
             bit = int(rng.integers(8))
             b[pos] ^= 1 << bit
             yield f"bit {bit} of byte {pos} ({region}) flipped", bytes(b)
-    for cut in sorted({int(c) for c in rng.integers(1, len(data), 20)} | {0, 4, 23, 24}):
+    for cut in sorted({int(c) for c in rng.integers(1, len(data), 12)} | {0, 4, 23, 24}):
         yield f"truncated to {cut} bytes", data[:cut]
     for kind, values in (("u64", U64_VALUES), ("u32", U32_VALUES)):
         fields = layout[kind]
-        picks = rng.choice(len(fields), size=min(len(fields), 40), replace=False)
+        picks = rng.choice(len(fields), size=min(len(fields), 30), replace=False)
         for i in picks:
             pos, size = fields[int(i)]
             value = values[int(rng.integers(len(values)))]
@@ -194,7 +194,7 @@ def test_fuzz_gguf_through_info_run_and_eval(fuzz_model, tmp_path, harness):
     elapsed = time.perf_counter() - t0
     print(f"GGUF fuzz: {files} mutated files, {harness.cases} in-process runs ({harness.errors} clean errors), "
           f"{len(subprocess_picks)} subprocess runs, {elapsed:.1f} s")
-    assert files >= 150 and 0 < harness.errors < harness.cases  # mutants refused, and some still load
+    assert files >= 120 and 0 < harness.errors < harness.cases  # mutants refused, and some still load
 
 
 def run_limited(argv: list[str], named: Path, what: str) -> None:
@@ -277,7 +277,7 @@ def test_fuzz_checkpoint_files_through_info_and_quantize(fuzz_model, tmp_path, h
 
     for name in ("config.json", "tokenizer.json"):
         original = (src / name).read_text()
-        for what, text in json_mutants(json.loads(original), rng, 60):
+        for what, text in json_mutants(json.loads(original), rng, 45):
             check(name, what, text)
         (folder / name).write_text(original)
 
@@ -285,7 +285,7 @@ def test_fuzz_checkpoint_files_through_info_and_quantize(fuzz_model, tmp_path, h
     n = int.from_bytes(st[:8], "little")
     for value in (*U64_VALUES, n - 1, n + 1, len(st)):
         check("model.safetensors", f"header length set to {value}", value.to_bytes(8, "little") + st[8:])
-    for _ in range(40):
+    for _ in range(25):
         b = bytearray(st)
         pos = 8 + int(rng.integers(n))
         b[pos] ^= 1 << int(rng.integers(8))
@@ -295,7 +295,7 @@ def test_fuzz_checkpoint_files_through_info_and_quantize(fuzz_model, tmp_path, h
     elapsed = time.perf_counter() - t0
     print(f"checkpoint fuzz: {files} mutated files, {harness.cases} runs ({harness.errors} clean errors), "
           f"{elapsed:.1f} s")
-    assert files >= 150 and 0 < harness.errors < harness.cases
+    assert files >= 120 and 0 < harness.errors < harness.cases
 
 
 def test_fuzz_is_seeded():
