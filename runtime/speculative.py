@@ -23,10 +23,11 @@ can be guessed for free and checked together:
 Never slower: each verify is a bet. The controller keeps an acceptance estimate per n-gram length
 (updated by verifies and, for free, by plain steps whose token can be compared with the draft's
 first token) and a cost model c(T) of a T-token forward relative to one decode step (measured
-online from this run's own forwards, or a fixed table). It verifies the k that maximises the
-expected tokens per unit cost, (1 + a + ... + a^k) / c(k + 1), and takes a plain step unless that
-beats 1 by `MIN_GAIN`; so when drafts keep failing, or a batch costs what k steps cost, it backs off
-to plain decoding while still watching whether the drafts would have been right.
+online from the model's own forwards and kept across its generations, or a fixed table). It
+verifies the k that maximises the expected tokens per unit cost, (1 + a + ... + a^k) / c(k + 1),
+and takes a plain step unless that beats 1 by `MIN_GAIN`; so when drafts keep failing, or a batch
+costs what k steps cost, it backs off to plain decoding while still watching whether the drafts
+would have been right.
 
 Greedy output equals plain greedy's token for token as long as the batched forward's logits equal
 the one-token forward's (on the quantized kernels they may differ in rounding: the tests compare
@@ -36,6 +37,7 @@ where no near-tie exists and check exactness on an F32 file).
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -100,8 +102,8 @@ class VerifyCost:
 
     With a `table` ({T: ratio}, e.g. measured at phi-3-mini shape by benchmarks/bench_speculative.py)
     c is interpolated linearly between its points and extrapolated from the last two. Without one
-    it is measured online: c(T) = 1 + slope (T - 1), the slope a running estimate from this run's
-    verify forwards against its one-token forwards (a single slope: a batch of a few rows costs
+    it is measured online: c(T) = 1 + slope (T - 1), the slope a running estimate from the verify
+    forwards against the one-token forwards (a single slope: a batch of a few rows costs
     about linearly more per row on both kernel paths)."""
 
     def __init__(self, table: Mapping[int, float] | None = None, prior_slope: float = PRIOR_SLOPE):
@@ -135,6 +137,20 @@ class VerifyCost:
         elif self._step_seconds:
             ratio = seconds / self._step_seconds
             self.slope += EMA * (max(0.0, (ratio - 1.0) / (t - 1)) - self.slope)
+
+
+# the online cost model learned on each loaded model, kept across its generations (a chat's turns,
+# repeated runs): what a batch costs is a property of the model and machine, not of the text
+_LEARNED: weakref.WeakKeyDictionary[Model, VerifyCost] = weakref.WeakKeyDictionary()
+
+
+def cost_model(model: Model, table: Mapping[int, float] | None) -> VerifyCost:
+    """A fixed-table cost model, or the one this model has been measuring (created on first use)."""
+    if table is not None:
+        return VerifyCost(table)
+    if model not in _LEARNED:
+        _LEARNED[model] = VerifyCost()
+    return _LEARNED[model]
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -224,7 +240,8 @@ class LookupSpeculator:
         if not isinstance(draft_max, int) or isinstance(draft_max, bool) or draft_max < 1:
             raise PocketLMError(f"draft_max must be an integer >= 1, got {draft_max!r}")
         self.draft_max = draft_max
-        self.cost = VerifyCost(costs)
+        self._costs = costs
+        self.cost = VerifyCost(costs)  # replaced by the model's learned one when generation starts
         self.n_min, self.n_max = n_min, n_max
         self.alpha = {n: PRIOR_ACCEPT for n in range(n_min, n_max + 1)}  # acceptance per n-gram length
         self.stats = SpecStats("lookup", draft_max)
@@ -254,6 +271,7 @@ class LookupSpeculator:
         On close the cache keeps what plain decoding would have: the prompt and every emitted token
         but the last."""
         st, clock = self.stats, time.perf_counter
+        self.cost = cost_model(model, self._costs)
         base = model.n_past
         index = NGramIndex(self.n_min, self.n_max)
         index.extend(history)

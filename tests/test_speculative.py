@@ -114,6 +114,20 @@ def test_controller_backs_off_when_drafts_fail_or_batches_are_dear():
     assert dear.choose(0, 0) == 0
 
 
+def test_the_online_cost_model_is_kept_per_model_across_generations(files):
+    model = load(files["q4_0"], threads=1, ctx=256)
+    first = generate(model, PROMPTS["repeated"], max_tokens=24, temperature=0, speculate="lookup")
+    list(first)
+    learned = spec.cost_model(model, None)
+    assert first.speculation.verifies > 0 and learned._step_seconds is not None  # measured both kinds
+    assert learned.slope != spec.PRIOR_SLOPE
+    second = generate(model, PROMPTS["free"], max_tokens=4, temperature=0, speculate="lookup")
+    list(second)
+    assert second._speculator.cost is learned
+    assert spec.cost_model(load(files["q4_0"], threads=1, ctx=64), None) is not learned
+    assert spec.cost_model(model, FLAT) is not learned
+
+
 # ---------------------------------------------------------------------------- greedy: lossless
 
 def plain_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
