@@ -86,6 +86,21 @@ def child_first_token(path: str, threads: int, ctx: int, kv: str) -> dict:
     return {"load_first_token_s": time.perf_counter() - t0, "load_s": model.stats.load_seconds}
 
 
+def child_short(path: str, threads: int, ctx: int, kv: str) -> dict:
+    """Prompt speed of a 12-token and a 128-token prompt at context `ctx` (issue 13: a short prompt
+    must not pay for the context size it does not use), each the first prompt of its model."""
+    from pocketlm.runtime.model import load
+
+    out = {}
+    for n in (12, 128):
+        model = load(path, threads=threads, ctx=ctx, kv=kv)
+        t0 = time.perf_counter()
+        model.forward(prompt_ids(n, seed=2))
+        out[f"tps_{n}"] = n / (time.perf_counter() - t0)
+        del model
+    return out
+
+
 def child_llama(path: str, threads: int, n_prompt: int, n_decode: int, ctx: int) -> dict:
     import llama_cpp
 
@@ -206,6 +221,11 @@ def report_file(recipe: str, args: argparse.Namespace, bw: dict[int, float]) -> 
                   f"+ 250 MB)")
         print(f"    roofline at {t} thread(s): {roof:.1f} tok/s ({bw[t]:.1f} GB/s / {per_tok / MB:.0f} MB)")
     t = max(args.threads)
+    for ctx in (512, 4096):
+        short = run_child("short", str(path), str(t), "--ctx", str(ctx), "--kv", args.kv[0])
+        if "error" not in short:
+            print(f"pocketlm prompt speed at ctx {ctx} ({t} threads): 12 tokens {short['tps_12']:.1f} tok/s, "
+                  f"128 tokens {short['tps_128']:.1f} tok/s: ratio {short['tps_12'] / short['tps_128']:.2f}")
     first = run_child("first", str(path), str(t), "--ctx", str(args.ctx), "--kv", args.kv[0])
     if "error" in first:
         print(f"load + first token: error: {first['error']}")
@@ -234,6 +254,8 @@ def main() -> None:
             out = child_pocketlm(path, int(threads), args.prompt, args.decode, args.ctx, args.kv[0])
         elif kind == "first":
             out = child_first_token(path, int(threads), args.ctx, args.kv[0])
+        elif kind == "short":
+            out = child_short(path, int(threads), args.ctx, args.kv[0])
         elif kind == "onnxruntime":
             out = child_onnxruntime(path, int(threads), args.prompt, args.decode)
         else:
@@ -241,6 +263,16 @@ def main() -> None:
         print(json.dumps(out))
         return
 
+    import platform
+
+    import llama_cpp
+
+    from pocketlm.runtime import kernel
+
+    info = Path("/proc/cpuinfo").read_text().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    print(f"cpu: {cpu}, {os.cpu_count()} cores, pocketlm kernel path {kernel.active_path()}; "
+          f"llama.cpp: llama-cpp-python {llama_cpp.__version__}")
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     bw = {t: read_bandwidth_gbs(t, 2 * 10**9) for t in args.threads}
     print("read bandwidth: " + ", ".join(f"{t} thread(s) {bw[t]:.1f} GB/s" for t in args.threads))
