@@ -86,14 +86,14 @@ def main() -> None:
     for t in args.threads:
         kern.set_threads(t)
         print(f"\n== {t} thread(s) (load average {os.getloadavg()[0]:.2f}); microseconds per layer")
-        # pool hand-over: 256 rows (16 chunks of 16 rows) of 256 values, ~18 KB: all cached
-        tiny = model.layers[0].qkv.raw.reshape(-1)[:256 * kern.row_bytes(model.layers[0].qkv.gtype, 256)]
-        xt, yt = x_d[:256].copy(), np.empty(256, np.float32)
+        # pool hand-over: 256 rows (16 chunks of 16 rows) of 512 values, ~73 KB: all cached
+        tiny = model.layers[0].qkv.raw.reshape(-1)[:256 * kern.row_bytes(model.layers[0].qkv.gtype, 512)]
+        xt, yt = x_d[:512].copy(), np.empty(256, np.float32)
         calls = 2000
 
         def tiny_calls(tiny=tiny, xt=xt, yt=yt, calls=calls) -> None:
             for _ in range(calls):
-                _kernel.matvec(tiny, model.layers[0].qkv.gtype, 256, 256, xt, yt)
+                _kernel.matvec(tiny, model.layers[0].qkv.gtype, 256, 512, xt, yt)
 
         pool_us = {}
         for n in (1, t):
@@ -121,7 +121,7 @@ def main() -> None:
                                                     for _ in range(1000)], args.repeat) / 1000 - noop) * 1e6
         qkv = rng.standard_normal((1, (H + 2 * KV) * hd)).astype(np.float32)
         cos, sin = model._rope[False][0][:1], model._rope[False][1][:1]
-        rope_us = (best(lambda qkv=qkv, cos=cos, sin=sin: [_kernel.rope(qkv, H + KV, hd, cos, sin)
+        rope_us = (best(lambda qkv=qkv, cos=cos, sin=sin: [_kernel.rope(qkv, H + KV, hd, cfg.rope_dim, cos, sin)
                                                            for _ in range(1000)], args.repeat) / 1000 - noop) * 1e6
         gu = rng.standard_normal((1, 2 * F)).astype(np.float32) * 0.1
         act = np.empty((1, F), np.float32)
