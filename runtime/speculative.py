@@ -114,11 +114,18 @@ class VerifyCost:
                 raise PocketLMError(f"verify costs must map token counts >= 1 to positive ratios, got {table!r}")
             self.table = sorted(pts.items())
         self.slope = prior_slope
+        self._memo: dict[int, float] = {}
         self._step_seconds: float | None = None  # running one-token forward time
 
     def __call__(self, t: int) -> float:
         if self.table is None:
             return 1.0 + self.slope * (t - 1)
+        c = self._memo.get(t)
+        if c is None:  # a fixed table: computed once per T (np.interp costs microseconds per step)
+            c = self._memo[t] = self._interpolate(t)
+        return c
+
+    def _interpolate(self, t: int) -> float:
         xs = [p[0] for p in self.table]
         ys = [p[1] for p in self.table]
         if len(xs) == 1:
