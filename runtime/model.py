@@ -271,10 +271,7 @@ class Model:
                              f"float32 for this input", self.path)
 
     def _check_blocks(self, name: str, raw: np.ndarray, gtype: int) -> None:
-        bad = kern.check_blocks(raw, gtype)
-        if bad is not None:
-            raise PocketLMError(f"tensor {name!r} is corrupt: block {bad} has a NaN or infinite scale",
-                                self.path)
+        kern.check_tensor(name, raw, gtype, self.path)  # the one check every verb applies
 
     def _init_rope(self, policy: str) -> None:
         """cos/sin tables [n_ctx, rope_dim/2] for the short and (LongRoPE) long factors."""
