@@ -11,10 +11,9 @@ Random blocks (benchmarks/random_gguf.py): only speed is measured on this file.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from random_gguf import build, cache_dir
+from random_gguf import build, cache_dir, ensure_built
 
 from pocketlm.config import Phi3Config
 from pocketlm.export.gguf_reader import GGUFReader
@@ -40,11 +39,7 @@ def build_mini(recipe: str, out: Path, seed: int = 0) -> Path:
 
 def ensure(recipe: str = "q4_0") -> Path:
     """The cached file for `recipe`, built if missing."""
-    path = cached_path(recipe)
-    if not path.is_file():
-        print(f"building {path} (once) ...", file=sys.stderr, flush=True)
-        build_mini(recipe, path)
-    return path
+    return ensure_built(cached_path(recipe), lambda path: build_mini(recipe, path))
 
 
 def main() -> None:

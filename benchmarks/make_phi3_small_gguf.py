@@ -14,12 +14,11 @@ blocks (benchmarks/random_gguf.py): only speed is measured on this file.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 
-from random_gguf import build, cache_dir
+from random_gguf import build, cache_dir, ensure_built
 
 from pocketlm.config import Phi3Config, phi3small_dummy_ids
 from pocketlm.errors import PocketLMError
@@ -55,12 +54,11 @@ def cached_path(recipe: str, layers: int) -> Path:
 
 def ensure(recipe: str = "q4_0", layers: int = PHI3_SMALL.num_hidden_layers) -> Path:
     """The cached file, built if missing."""
-    path = cached_path(recipe, layers)
-    if not path.is_file():
-        print(f"building {path} (once) ...", file=sys.stderr, flush=True)
+    def make(path: Path) -> Path:
         vocab = TiktokenTokenizer.from_rank_file(rank_file()).to_gguf_fields()
-        build(replace(PHI3_SMALL, num_hidden_layers=layers), vocab, recipe, path, "phi3-small-random")
-    return path
+        return build(replace(PHI3_SMALL, num_hidden_layers=layers), vocab, recipe, path, "phi3-small-random")
+
+    return ensure_built(cached_path(recipe, layers), make)
 
 
 def main() -> None:

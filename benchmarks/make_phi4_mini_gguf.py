@@ -14,11 +14,10 @@ from the project's recipes (the tied matrix takes the output's type). Random blo
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from make_phi3_mini_gguf import VOCAB_GGUF
-from random_gguf import build, cache_dir
+from random_gguf import build, cache_dir, ensure_built
 
 from pocketlm.config import LongRope, Phi3Config, longrope_attention_factor
 from pocketlm.export.gguf_reader import GGUFReader
@@ -37,15 +36,15 @@ def cached_path(recipe: str) -> Path:
     return cache_dir() / f"phi4-mini-random-{recipe}.gguf"
 
 
+def build_phi4(recipe: str, out: Path) -> Path:
+    with GGUFReader(VOCAB_GGUF) as r:
+        vocab = r.tokenizer_fields()
+    return build(PHI4_MINI, vocab, recipe, out, "phi4-mini-random")
+
+
 def ensure(recipe: str = "q4_0") -> Path:
     """The cached file for `recipe`, built if missing."""
-    path = cached_path(recipe)
-    if not path.is_file():
-        print(f"building {path} (once) ...", file=sys.stderr, flush=True)
-        with GGUFReader(VOCAB_GGUF) as r:
-            vocab = r.tokenizer_fields()
-        build(PHI4_MINI, vocab, recipe, path, "phi4-mini-random")
-    return path
+    return ensure_built(cached_path(recipe), lambda path: build_phi4(recipe, path))
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ writer one tensor at a time (never the whole model in memory), atomically, under
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,14 @@ ROWS_PER_CHUNK = 1024  # rows generated at a time (bounds memory)
 
 def cache_dir() -> Path:
     return Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm"))
+
+
+def ensure_built(path: Path, make: Callable[[Path], object]) -> Path:
+    """`path`, built once by make(path) if missing (the build says so on stderr: minutes, GBs)."""
+    if not path.is_file():
+        print(f"building {path} (once) ...", file=sys.stderr, flush=True)
+        make(path)
+    return path
 
 
 def fp16_bytes(values: np.ndarray) -> np.ndarray:
