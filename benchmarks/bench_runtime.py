@@ -2,8 +2,11 @@
 
     python benchmarks/bench_runtime.py                          # Q4_0, 1 and 2 threads
     python benchmarks/bench_runtime.py --recipes q4_0 q4_k_m q8_0
+    python benchmarks/bench_runtime.py --model phi4-mini        # Phi-4-mini's shape: partial RoPE,
+                                                                # a tied 200064 x 3072 output matrix
 
-For each file (built once and cached by make_phi3_mini_gguf.py) and thread count, each engine runs
+For each file (built once and cached by make_phi3_mini_gguf.py / make_phi4_mini_gguf.py) and thread
+count, each engine runs
 in its own subprocess (so peak RSS is that engine's alone): load, prefill a 128-token prompt, then
 decode 64 tokens greedily (argmax, end-of-text ignored), context 512. The third engine is
 onnxruntime-genai on pocketlm's ONNX export of the same file (`pocketlm.bench.ensure_onnx`: exported
@@ -43,7 +46,10 @@ from pocketlm.hostinfo import read_bandwidth_gbs
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import make_phi3_mini_gguf  # noqa: E402  (a sibling script)
+import make_phi3_mini_gguf  # noqa: E402  (sibling scripts)
+import make_phi4_mini_gguf  # noqa: E402
+
+MODELS = {"phi3-mini": make_phi3_mini_gguf, "phi4-mini": make_phi4_mini_gguf}
 
 MB = 1e6
 
@@ -135,7 +141,7 @@ def child_onnxruntime(path: str, threads: int, n_prompt: int, n_decode: int) -> 
     progress = Progress("onnxruntime", stream=sys.stderr)
     folder = ensure_onnx(path, None, progress)
     r = run_genai({"onnx": str(folder), "threads": threads, "prompt": n_prompt, "gen": n_decode,
-                   "vocab": 32064}, progress)
+                   "vocab": vocab_size(Path(path))}, progress)
     return {"load_s": r["load_s"], "prefill_tps": r["prefill_tok_s"], "decode_tps": r["decode_tok_s"],
             "peak_rss_mb": r["peak_rss_bytes"] / MB}
 
@@ -153,11 +159,20 @@ def run_child(*args: str) -> dict:
 # ---------------------------------------------------------------------------- machine
 
 def bytes_per_token(path: Path) -> int:
-    """Weight bytes a decode step reads: every tensor but the embedding (one row of it)."""
+    """Weight bytes a decode step reads: every tensor but the embedding (one row of it), unless the
+    embedding is also the output matrix (tied, Phi-4-mini), which is read whole."""
     from pocketlm.export.gguf_reader import GGUFReader
 
     with GGUFReader(path) as r:
-        return sum(t.nbytes for t in r.tensors.values() if t.name != "token_embd.weight")
+        tied = "output.weight" not in r.tensors
+        return sum(t.nbytes for t in r.tensors.values() if tied or t.name != "token_embd.weight")
+
+
+def vocab_size(path: Path) -> int:
+    from pocketlm.export.gguf_reader import GGUFReader
+
+    with GGUFReader(path) as r:
+        return int(r.tensors["token_embd.weight"].shape[0])
 
 
 # ---------------------------------------------------------------------------- report
@@ -188,7 +203,7 @@ def warm_page_cache(path: Path) -> None:
 
 
 def report_file(recipe: str, args: argparse.Namespace, bw: dict[int, float]) -> None:
-    path = make_phi3_mini_gguf.ensure(recipe)
+    path = MODELS[args.model].ensure(recipe)
     warm_page_cache(path)
     run_child("first", str(path), "1", "--ctx", str(args.ctx), "--kv", args.kv[0])  # pages in pocketlm's packed copy
     size_mb = path.stat().st_size / MB
@@ -236,6 +251,7 @@ def report_file(recipe: str, args: argparse.Namespace, bw: dict[int, float]) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="phi3-mini", choices=tuple(MODELS), help="the random file's shape")
     ap.add_argument("--recipes", nargs="+", default=["q4_0"], choices=("q4_0", "q4_k_m", "q8_0"))
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--prompt", type=int, default=128)
