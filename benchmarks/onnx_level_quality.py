@@ -14,7 +14,10 @@ On the corpus heldout split (chunks of --ctx tokens, BOS first, every chunk from
 KL(P_fp32 || P) and top-1 agreement of each export at level 1 and at level 4 against the fp32
 checkpoint; KL(P_level1 || P_level4) directly; and what `--accuracy-level auto` decides on the file
 (its probe, onnx_accuracy.int8_activation_cost). The Q4_0 -> Q4_K_M KLD step is the scale the
-level-4 cost is judged against (onnx_accuracy.MAX_KLD).
+level-4 cost is judged against (onnx_accuracy.MAX_KLD). Beside them, on the same chunks: the
+onnxruntime-genai model builder's int4 output of each checkpoint (`-p int4 -e cpu --extra_options
+int4_accuracy_level=4`, run at its level 4 and at 1), pocketlm's runtime and llama.cpp
+(llama-cpp-python, a child process) on the Q4_0 file.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,8 +82,78 @@ def fp32_logits(ckpt_dir: Path, tokens: np.ndarray) -> np.ndarray:
     return head_logits(ref.config, x, output_weight(ref.config, ref.tensor))
 
 
+_LLAMA_LOGITS = """
+import sys, numpy as np, llama_cpp
+from llama_cpp import llama as L
+default = llama_cpp.llama_model_default_params
+def params():
+    p = default(); p.use_extra_bufts = False; return p   # this build crashes in its AMX/repack path
+L.llama_cpp.llama_model_default_params = params
+tokens = np.load(sys.argv[2])
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=tokens.shape[1], n_batch=tokens.shape[1], n_threads=2, logits_all=True,
+                      verbose=False)
+out = []
+for chunk in tokens:
+    llm.reset()
+    llm.eval(chunk.tolist())
+    out.append(np.array(llm.scores[: len(chunk)], np.float32))
+np.save(sys.argv[3], np.stack(out))
+"""
+
+
+def llama_cpp_logits(gguf: Path, tokens: np.ndarray, work: Path) -> np.ndarray:
+    """llama.cpp's logits [C, L, V] of every chunk (llama-cpp-python in a child process)."""
+    np.save(work / "tokens.npy", tokens)
+    subprocess.run([sys.executable, "-P", "-c", _LLAMA_LOGITS, str(gguf), str(work / "tokens.npy"),
+                    str(work / "llama.npy")], check=True)
+    return np.load(work / "llama.npy")
+
+
+def pocketlm_logits(gguf: Path, tokens: np.ndarray) -> np.ndarray:
+    """pocketlm runtime's logits [C, L, V] (its C kernel: activations rounded to 8 bits)."""
+    from pocketlm.runtime.model import load
+
+    model = load(gguf, threads=2, ctx=tokens.shape[1], kv="f32")
+    out = []
+    for chunk in tokens:
+        model.reset()
+        out.append(model.forward(chunk.tolist(), all_logits=True))
+    return np.stack(out)
+
+
+def builder_folder(ckpt: Path, out: Path) -> Path:
+    """onnxruntime-genai's model builder, int4 at accuracy level 4 (Microsoft's CPU/mobile recipe)."""
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(ckpt), "-o", str(out),
+                    "-p", "int4", "-e", "cpu", "-c", str(out) + "-hf", "--extra_options", "int4_accuracy_level=4"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def others(name: str, ckpt: Path, work: Path, tokens: np.ndarray, ref: np.ndarray) -> list[dict]:
+    """KLD vs fp32 of the builder's int4 output (at its level 4 and at 1), and of pocketlm's runtime
+    and llama.cpp on the Q4_0 file `measure` wrote."""
+    from pocketlm.export.onnx_accuracy import kld_top1, level_logits
+
+    rows = []
+    folder = builder_folder(ckpt, work / f"{name}-builder")
+    runs = {"builder int4, level 4": lambda: level_logits(folder, "model.onnx", tokens[:, :-1], 4),
+            "builder int4, level 1": lambda: level_logits(folder, "model.onnx", tokens[:, :-1], 1)}
+    gguf = work / f"{name}-q4_0.gguf"
+    runs["pocketlm Q4_0"] = lambda: pocketlm_logits(gguf, tokens[:, :-1])
+    runs["llama.cpp Q4_0"] = lambda: llama_cpp_logits(gguf, tokens[:, :-1], work)
+    for label, run in runs.items():
+        try:
+            kl, agree = kld_top1(ref, run())
+        except Exception as e:  # a peer that cannot run here is reported, not fatal
+            print(f"{name:9s} {label}: failed ({e})", flush=True)
+            continue
+        rows.append({"model": name, "engine": label, "kld": float(kl.mean()), "top1": float(agree.mean())})
+        print(f"{name:9s} {label}: KLD vs fp32 {kl.mean():.5f} (top-1 {agree.mean():.4f})", flush=True)
+    return rows
+
+
 def measure(name: str, ckpt: Path, work: Path, tokens: np.ndarray, ref: np.ndarray) -> list[dict]:
-    from pocketlm.export.onnx_accuracy import compare_levels, kld_top1, level_logits
+    from pocketlm.export.onnx_accuracy import compare_levels, kld_top1, level_logits, rounding_noise_scales
     from pocketlm.export.onnx_export import export_onnx
     from pocketlm.quantize.pipeline import quantize_checkpoint
 
@@ -96,12 +170,16 @@ def measure(name: str, ckpt: Path, work: Path, tokens: np.ndarray, ref: np.ndarr
             kl, agree = kld_top1(ref, lg)
             row[f"kld_l{lvl}"], row[f"top1_l{lvl}"] = float(kl.mean()), float(agree.mean())
             row[f"kld_p99_l{lvl}"] = float(np.percentile(kl, 99))
-        cost = compare_levels(logits[1], logits[4])
-        row["kld_l1_l4"], row["top1_l1_l4"] = cost.kld, cost.top1
+        rounded = level_logits(folder, "model.onnx", tokens[:, :-1], 1,
+                               overrides=rounding_noise_scales(folder, "model.onnx"))
+        cost = compare_levels(logits[1], logits[4], rounded)
+        row["kld_l1_l4"], row["top1_l1_l4"] = cost.kld, float(np.mean(kld_top1(logits[1], logits[4])[1]))
+        row["yardstick"], row["ratio"] = cost.rounding_kld, cost.ratio
         rows.append(row)
         print(f"{name:9s} {recipe:7s} KLD vs fp32: level 1 {row['kld_l1']:.5f} (top-1 {row['top1_l1']:.4f}), "
               f"level 4 {row['kld_l4']:.5f} (top-1 {row['top1_l4']:.4f}); level 4 vs 1: KL {cost.kld:.5f}, "
-              f"top-1 {cost.top1:.4f}; auto -> {auto.accuracy_level}", flush=True)
+              f"top-1 {row['top1_l1_l4']:.4f}, {cost.ratio:.4f} of the rounding yardstick {cost.rounding_kld:.4f}; "
+              f"auto -> {auto.accuracy_level}: {auto.accuracy_reason}", flush=True)
     return rows
 
 
@@ -132,23 +210,28 @@ def main() -> int:
               f"{same:.1e} of the largest (the same function)", flush=True)
         rows += measure("builtin", BUILTIN, work, tokens, ref_plain)
         rows += measure("outliers", outliers, work, tokens, ref_out)
+        extra = others("builtin", BUILTIN, work, tokens, ref_plain)
+        extra += others("outliers", outliers, work, tokens, ref_out)
     print(f"\n{tokens.shape[0]} x {tokens.shape[1]} tokens of {where} ({tokens.shape[0] * (tokens.shape[1] - 1)} "
           f"scored), {time.time() - t0:.0f} s\n")
     print("| model | file | KLD level 1 | KLD level 4 | level 4 adds | top-1 L1 / L4 vs fp32 | KL(L1, L4) | "
-          "top-1 L1 = L4 | auto |")
-    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
+          "top-1 L1 = L4 | yardstick | ratio | auto |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['model']} | {r['recipe'].upper()} | {r['kld_l1']:.5f} | {r['kld_l4']:.5f} | "
               f"{r['kld_l4'] - r['kld_l1']:+.5f} | {r['top1_l1']:.4f} / {r['top1_l4']:.4f} | {r['kld_l1_l4']:.5f} | "
-              f"{r['top1_l1_l4']:.4f} | {r['auto_level']} |")
+              f"{r['top1_l1_l4']:.4f} | {r['yardstick']:.4f} | {r['ratio']:.4f} | {r['auto_level']} |")
     for m in ("builtin", "outliers"):
         q4, km = (next(r for r in rows if r["model"] == m and r["recipe"] == x) for x in ("q4_0", "q4_k_m"))
         step = q4["kld_l1"] - km["kld_l1"]
         print(f"{m}: Q4_0 -> Q4_K_M KLD step {step:.5f}; level 4 adds {q4['kld_l4'] - q4['kld_l1']:+.5f} to Q4_0 "
               f"({(q4['kld_l4'] - q4['kld_l1']) / step:.2f} of the step), KL(L1, L4) {q4['kld_l1_l4']:.5f}")
+    print("\n| model | engine | KLD vs fp32 | top-1 |\n| --- | --- | ---: | ---: |")
+    for r in extra:
+        print(f"| {r['model']} | {r['engine']} | {r['kld']:.5f} | {r['top1']:.4f} |")
     if args.json:
         tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows": rows, **facts}, indent=2))
+        tmp.write_text(json.dumps({"rows": rows, "engines": extra, **facts}, indent=2))
         os.replace(tmp, args.json)
     return 0
 

@@ -1,7 +1,7 @@
 """`pocketlm export`: a checkpoint folder to an unquantized GGUF, or a GGUF to an ONNX folder.
 
     pocketlm export CKPT_DIR --gguf OUT.gguf [--dtype f16|f32]
-    pocketlm export MODEL.gguf --onnx OUT_DIR [--accuracy-level 0|1|4]
+    pocketlm export MODEL.gguf --onnx OUT_DIR [--accuracy-level auto|0|1|4]
 
 Nothing heavy is imported until a handler runs (the parser is built for every command, `run` too).
 """
@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", metavar="OUT_DIR",
                    help="convert the GGUF file into an ONNX folder for ONNX Runtime / onnxruntime-genai")
     p.add_argument("--accuracy-level", choices=("0", "1", "4", "auto"), default=None,
-                   help="with --onnx: MatMulNBits accuracy level 0, 1 (default, float32 activations), 4 "
-                        "(int8 activations: faster, can change top tokens; onnxruntime issue 29849) or "
-                        "auto (4 only if it changes no top-1 token on a probe text)")
+                   help="with --onnx: MatMulNBits accuracy level: auto (default: 4 if its measured cost on a "
+                        "probe text is small, see pocketlm.export.onnx_accuracy, else 1), 1 (float32 "
+                        "activations), 4 (int8 activations: ~3x faster decoding; can change top tokens on "
+                        "models with activation outliers, onnxruntime issue 29849) or 0")
     p.set_defaults(func=_run)

@@ -24,7 +24,9 @@ from pocketlm.errors import PocketLMError
 class CachedSession:
     """One sequence through an onnxruntime.InferenceSession of an exported folder (batch 1)."""
 
-    def __init__(self, session, max_cache: int):
+    def __init__(self, session, max_cache: int, head_dim: int | None = None):
+        """`head_dim`: for models whose past inputs leave it symbolic (the model builder's
+        "kv_cache_dim"); our exports declare it."""
         import onnxruntime as ort
 
         self.session = session
@@ -33,7 +35,9 @@ class CachedSession:
         self.caches = {}
         for i in session.get_inputs():
             if i.name.startswith("past_key_values."):
-                kv, hd = i.shape[1], i.shape[3]
+                kv, hd = i.shape[1], i.shape[3] if isinstance(i.shape[3], int) else head_dim
+                if not isinstance(kv, int) or hd is None:
+                    raise PocketLMError(f"{i.name} has shape {i.shape}: give the KV cache's head_dim")
                 self.caches[i.name] = ort.OrtValue.ortvalue_from_numpy(
                     np.zeros((1, kv, self.max_cache, hd), np.float32))
 
