@@ -126,6 +126,12 @@ class Phi3Reference:
     def layer(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache,
               long_rope: bool, tap: LinearTap | None = None) -> np.ndarray:
         """One decoder layer: h [T, D] -> [T, D]; appends this layer's keys/values to the cache."""
+        return self.ffn_block(i, self.attention_block(i, h, positions, cache, long_rope, tap), tap)
+
+    def attention_block(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache,
+                        long_rope: bool, tap: LinearTap | None = None) -> np.ndarray:
+        """The layer's first residual half: h + attn_output(attention(qkv(norm(h)))) [T, D]
+        (the quantizer's calibration resumes a layer between its halves)."""
         cfg = self.cfg
         p = f"blk.{i}."
         n_h, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -140,8 +146,11 @@ class Phi3Reference:
         k_all, v_all = cache.append(i, k, v)
         a = attention(q, k_all, v_all, positions, cfg.attention_scale, cfg.sliding_window,
                       cfg.layer_sparsity(i))                                    # [H, T, hd]
-        h = h + self._linear(p + "attn_output", a.transpose(1, 0, 2).reshape(t, n_h * hd), tap)
+        return h + self._linear(p + "attn_output", a.transpose(1, 0, 2).reshape(t, n_h * hd), tap)
 
+    def ffn_block(self, i: int, h: np.ndarray, tap: LinearTap | None = None) -> np.ndarray:
+        """The layer's second residual half: h + ffn_down(act(ffn_up(norm(h)))) [T, D]."""
+        cfg, p = self.cfg, f"blk.{i}."
         gate_up = self._linear(p + "ffn_up", self._norm(p + "ffn_norm", h), tap)  # [T, 2F]
         return h + self._linear(p + "ffn_down", gated_activation(cfg, gate_up), tap)
 

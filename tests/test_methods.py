@@ -44,6 +44,18 @@ def layer():
     return {"w": w, "x": x, "x_test": x_test, "h": acc.hessian, "imatrix": acc.imatrix}
 
 
+@pytest.fixture(params=["torch", "numpy"])
+def backend(request, monkeypatch):
+    """GPTQ's linear algebra through torch (when installed) and through the numpy-only fallback
+    (gptq.torch_linalg honours POCKETLM_NO_TORCH): both must meet the same oracles."""
+    if request.param == "numpy":
+        monkeypatch.setenv("POCKETLM_NO_TORCH", "1")
+    elif gptq.torch_linalg() is None:
+        pytest.skip("torch is not installed")
+    assert (gptq.torch_linalg() is None) == (request.param == "numpy")
+    return request.param
+
+
 def output_error(layer: dict, raw: np.ndarray, gtype: F.GGMLType, s: np.ndarray | None = None,
                  x: np.ndarray | None = None) -> float:
     """Relative output error on held-out inputs; s: AWQ scales (the stored weight is W * s)."""
@@ -199,7 +211,7 @@ def obq_reference(w: np.ndarray, h: np.ndarray, gtype: F.GGMLType, act_order: bo
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K"])
-def test_gptq_matches_textbook_obq(name, act_order, layer):
+def test_gptq_matches_textbook_obq(name, act_order, layer, backend):
     gtype = F.GGMLType[name]
     w = layer["w"][:12]
     ours = gptq.gptq_quantize(w, gtype, layer["h"], act_order=act_order, dtype=np.float64)
@@ -207,7 +219,7 @@ def test_gptq_matches_textbook_obq(name, act_order, layer):
 
 
 @pytest.mark.parametrize("name", QUANT_TYPES)
-def test_gptq_dead_channels_and_singular_hessian(name, layer):
+def test_gptq_dead_channels_and_singular_hessian(name, layer, backend):
     gtype = F.GGMLType[name]
     w = layer["w"][:16]
     x = layer["x"][:64].copy()
@@ -260,9 +272,10 @@ def test_float_target_is_the_least_squares_fit(layer):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_float_target_from_its_cholesky_factor(act_order, layer):
-    """gptq_quantize(cross=D) forms W* from an inverse Cholesky factor (in sweep order) by matrix
-    products, in row chunks and threads: equal to the reference W* (one float64 solve); the codes
+def test_gptq_float_target_from_its_cholesky_factor(act_order, layer, backend):
+    """gptq_quantize(cross=D) forms W* from a Cholesky factor (numpy: an inverse factor in sweep
+    order; torch: Cholesky solves) by matrix products, in row chunks and threads: equal to the
+    reference W* (one float64 solve), both ways round (fewer inputs than rows and more); the codes
     do not depend on the row chunking or the threads."""
     x_f = layer["x"]
     acc = paired_accumulator(x_f, upstream_error(layer, x_f))
@@ -274,6 +287,10 @@ def test_gptq_float_target_from_its_cholesky_factor(act_order, layer):
     for chunk, workers in ((40, 1), (7, 3)):  # 40 rows < 512 inputs: three products per chunk
         ours = gptq._float_target(w, xtx, acc.cross, perm, dead, 0.1, np.float64, chunk, workers)
         np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+    tall = np.concatenate([layer["w"]] * 6)  # 576 rows > 512 inputs: M = A^-1 D^T formed once
+    ours = gptq._float_target(tall, xtx, acc.cross, perm, dead, 0.1, np.float32, 100, 2)
+    np.testing.assert_allclose(ours, gptq.float_target_weight(tall, xtx, acc.cross, damp=0.1), rtol=2e-3,
+                               atol=2e-5)
     u, _ = gptq.inverse_cholesky(xtx[np.ix_(perm, perm)], 0.1)  # M = U^T U D^T formed once
     corr_t = gptq._float_target_operator(acc.cross, u, perm, 10 * K_IN, np.float64)(w.astype(np.float64))
     np.testing.assert_allclose(corr_t[np.argsort(perm)].T, reference - w, rtol=1e-4, atol=1e-6)
@@ -323,7 +340,7 @@ def test_in_place_cholesky_and_triangular_inverse(dtype):
         gptq._cholesky_inplace(-a.astype(dtype))
 
 
-def test_gptq_indefinite_hessian_is_damped_until_positive():
+def test_gptq_indefinite_hessian_is_damped_until_positive(backend):
     h = np.array([[1.0, 3.0], [3.0, 1.0]])  # eigenvalues 4, -2: not a Gram matrix
     u, damp = gptq.inverse_cholesky(h, 0.01)
     assert damp > 2 and np.isfinite(u).all()

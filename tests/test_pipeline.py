@@ -334,3 +334,96 @@ def test_tied_embeddings(tmp_path):
         assert np.isfinite(_file_tensor(out, "token_embd.weight")).all()
         kld[method] = evaluate(out, ckpt, n_tokens=1024, ctx=64).kld
     assert kld["gptq"] < 0.7 * kld["rtn"], kld
+
+
+@pytest.mark.parametrize("arch", ["phi3", "phi3small"])
+def test_layer_stages_give_the_reference_layers_inputs(ckpt, tmp_path, arch):
+    """Sequential calibration resumes a layer between its halves (`_LayerStages`): each linear's
+    inputs, sequence by sequence, and the layer's output equal what the whole reference layer
+    (`layer_inputs`, `run_layer`) computes with the same weights, also after earlier linears were
+    replaced (quantized) mid-way. Phi-3 (RMSNorm, GQA) and Phi-3-small (LayerNorm and biases,
+    GeGELU, block-sparse layer 0)."""
+    from phi3small_fixtures import make_phi3small_checkpoint
+
+    from pocketlm.config import LAYER_LINEARS
+    from pocketlm.quantize import formats as F
+
+    path = ckpt if arch == "phi3" else make_phi3small_checkpoint(tmp_path / "small", layers=2)
+    ck = Checkpoint.open(path)
+    cfg = ck.config
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((3, 40, cfg.hidden_size)).astype(np.float32)
+    for i in range(cfg.num_hidden_layers):
+        weights = {n: ck.tensor(n) for n in ck.names() if n.startswith(f"blk.{i}.")}
+        stages = pipeline._LayerStages(cfg, i, weights, h)
+        assert stages.halves == ({f"blk.{i}.attn_qkv.weight", f"blk.{i}.attn_output.weight"},
+                                 {f"blk.{i}.ffn_up.weight", f"blk.{i}.ffn_down.weight"})
+        for lin in LAYER_LINEARS:
+            name = f"blk.{i}.{lin}.weight"
+            expected = [x[name] for x in pipeline.layer_inputs(cfg, i, dict(weights), h, {name})]
+            got = list(stages.inputs(name))
+            assert len(got) == len(expected) == 3
+            for a, b in zip(got, expected, strict=True):
+                np.testing.assert_array_equal(a, b)
+            q8 = F.GGMLType.Q8_0  # as the pipeline does: the linear replaced by its dequantized weights
+            weights[name] = F.dequantize(F.quantize(weights[name], q8), q8, weights[name].shape)
+        np.testing.assert_array_equal(stages.output(), pipeline.run_layer(cfg, i, weights, h))
+
+
+def test_tied_embedding_hessian_covers_the_output_head(tmp_path):
+    """Tied embeddings with gptq: token_embd is quantized after the layers, with the head as a third
+    reader of embedding_hessian (X^T X of the final normed states). Oracle: the calibration replayed
+    independently (the float embedding rows, then the file's dequantized layers through the
+    reference forward), its X^T X, and GPTQ of the embedding under that Hessian: the file's
+    tensor. Without the head reader the rounding differs, and with it the head's logits are
+    closer to the float model's on the calibration states."""
+    from pocketlm.layers import norm
+    from pocketlm.quantize import formats as F
+    from pocketlm.quantize.gptq import gptq_quantize
+
+    path = helpers.make_checkpoint(tmp_path / "tied", seed=2)
+    _tie_embeddings(path)
+    ck = Checkpoint.open(path)
+    cfg, emb = ck.config, ck.tensor("token_embd.weight")
+    out = tmp_path / "gptq.gguf"
+    summary = quantize_checkpoint(path, out, recipe="q4_0", method="gptq", **SMALL_CALIB)
+    gtype = F.GGMLType[summary.tensor_types["token_embd.weight"]]
+    tokens = load_calibration(Tokenizer.from_hf_dir(path), None, 8, 64).tokens
+    file_weights = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(
+        [int(d) for d in t.shape]))) for t in gguf.GGUFReader(out).tensors}
+    ref = Phi3Reference(cfg, {**file_weights, "token_embd.weight": emb})
+    xs = []
+    for seq in tokens:
+        hs = ref.embed(seq)
+        cache = ref.new_cache()
+        for i in range(cfg.num_hidden_layers):
+            hs = ref.layer(i, hs, np.arange(len(seq)), cache, False)
+        xs.append(norm(cfg, hs, file_weights["output_norm.weight"], None))
+    x = np.concatenate(xs).astype(np.float64)  # [N*L, D] the head's inputs
+    hess = pipeline.embedding_hessian(ck.tensor, cfg.hidden_size, head_xtx=x.T @ x)
+    expected = F.dequantize(gptq_quantize(emb, gtype, hess, act_order=True), gtype, emb.shape)
+    got = file_weights["token_embd.weight"]
+    assert np.mean(got != expected) < 0.01  # float32 summation order moves a rare code (GPTQ spreads it)
+    without = F.dequantize(gptq_quantize(emb, gtype, pipeline.embedding_hessian(ck.tensor, cfg.hidden_size),
+                                         act_order=True), gtype, emb.shape)
+    assert np.mean(without != expected) > 0.1, np.mean(without != expected)
+
+    def head_error(e: np.ndarray) -> float:
+        return float(np.linalg.norm(x @ (e - emb).T) / np.linalg.norm(x @ emb.T))
+
+    assert head_error(got) < 0.95 * head_error(without), (head_error(got), head_error(without))
+    with pytest.raises(PocketLMError, match="head statistics"):
+        pipeline.embedding_hessian(ck.tensor, cfg.hidden_size, head_xtx=np.eye(3))
+
+
+def test_progress_estimate():
+    """The time left: mean time per decoder layer so far x layers left, plus the head (taken as
+    long as the embedding step); none before a layer is done."""
+    bar = pipeline.Progress(total=34, enabled=False)  # embedding, 32 layers, head
+    assert bar.estimate(0, 0.0) is None
+    bar.first = 10.0  # the embedding step took 10 s
+    assert bar.estimate(1, 10.0) is None
+    assert bar.estimate(4, 10.0 + 3 * 60.0) == pytest.approx(29 * 60.0 + 10.0)
+    assert bar.estimate(33, 10.0 + 32 * 60.0) == pytest.approx(10.0)  # only the head is left
+    assert bar.estimate(34, 2000.0) == 0.0
+    assert pipeline.clock(59.6) == "1:00" and pipeline.clock(3725) == "1:02:05"
