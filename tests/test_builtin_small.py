@@ -232,3 +232,12 @@ def test_greedy_text_decodes_to_shakespeare(f32_gguf, reference, tok, data_root)
     known = set(re.findall(r"[A-Za-z]+", "\n".join(
         corpus.read_work(p) for s in corpus.SPLITS for p in corpus.corpus_files(s, data_root))))
     assert len(words) >= 10 and sum(w in known for w in words) >= 0.9 * len(words), text
+
+
+def test_demo_names_its_models(tmp_path):
+    from pocketlm.demo import MODELS, run_demo
+    from pocketlm.errors import PocketLMError
+
+    assert MODELS["small"][0] == SMALL
+    with pytest.raises(PocketLMError, match="unknown built-in model 'medium'"):
+        run_demo(tmp_path, model_name="medium", bench=False)
