@@ -32,7 +32,7 @@ Policies (documented because peers differ):
   activations, ~3x faster decoding on this x86 CPU, the arithmetic llama.cpp's own Q4_0/Q4_K dot
   products use; 8-bit layers whole), then a probe text runs at level 1 (float32 activations, the
   GGUF's model to float32 rounding), at level 4 and at level 1 with one more rounding's worth of
-  noise on the weights; level 4 stays when its KL from level 1 is under 1 % of that noise's
+  noise on the weights; level 4 stays when its KL from level 1 is under 10 % of that noise's
   (`onnx_accuracy`: the threshold and the measurements behind it) and confident top-1 tokens stay,
   else the folder is rebuilt at level 1 -- models with activation outliers (onnxruntime issue 29849,
   Phi-3.5-mini). The export prints what it chose and why. `--accuracy-level 1` or `4` forces a level.
@@ -346,7 +346,7 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
                              "ONNX Runtime and onnxruntime-genai, with the same weights")
     parser.add_argument("--accuracy-level", choices=[*map(str, ACCURACY_LEVELS), AUTO], default=None,
                         help="MatMulNBits activations: auto (default) = 4 if on a probe text int8 "
-                             "activations cost under 1%% of the KL one more weight rounding costs, and keep "
+                             "activations cost under 10%% of the KL one more weight rounding costs, and keep "
                              "confident top-1 tokens (pocketlm.export.onnx_accuracy), else 1; 1 = float32 "
                              "(exact); 4 = int8 (~3x faster "
                              "decoding; can change top tokens on models with activation outliers, "

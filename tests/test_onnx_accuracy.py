@@ -83,13 +83,16 @@ def test_criterion_planted():
     c = compare_levels(base, flipped, rounded=base + np.eye(4, dtype=np.float32)[1])
     assert c.confident == 100 and c.kld < FLOOR_KLD and c.top1 == 0.95 < MIN_TOP1 and not c.acceptable
     rng = np.random.default_rng(1)
-    noisy = base + rng.normal(0, 0.05, base.shape).astype(np.float32)    # level 4's noise
-    small = base + rng.normal(0, 1.0, base.shape).astype(np.float32)     # a yardstick 400x larger
-    big = base + rng.normal(0, 0.2, base.shape).astype(np.float32)       # a yardstick 16x larger
-    assert compare_levels(base, noisy, small).acceptable
-    c = compare_levels(base, noisy, big)
+    clear = np.zeros((100, 4), np.float32)
+    clear[:, 0] = 4.0                                                      # no near-ties: KL alone decides
+    noisy = clear + rng.normal(0, 0.08, clear.shape).astype(np.float32)   # level 4's noise
+    small = clear + rng.normal(0, 1.0, clear.shape).astype(np.float32)    # a yardstick ~150x its KL
+    big = clear + rng.normal(0, 0.16, clear.shape).astype(np.float32)     # a yardstick ~4x its KL
+    c = compare_levels(clear, noisy, small)
+    assert c.kld > FLOOR_KLD and c.top1 == 1 and c.ratio < MAX_RATIO and c.acceptable
+    c = compare_levels(clear, noisy, big)
     assert c.kld > FLOOR_KLD and c.ratio > MAX_RATIO and not c.acceptable
-    assert not compare_levels(base, noisy).acceptable  # above the floor, no yardstick: refused
+    assert not compare_levels(clear, noisy).acceptable  # above the floor, no yardstick: refused
     flat = rng.normal(0, 0.01, (50, 1000)).astype(np.float32)  # near-uniform: top-1 means nothing
     c = compare_levels(flat, flat[:, ::-1].copy(), flat)
     assert c.confident == 0 and c.top1 == 1.0 and "no confident position" in str(c)
@@ -160,6 +163,8 @@ def test_default_export_is_level_4_on_the_builtin_model(builtin_files):
     _, _, summary = builtin_files["builtin"]
     assert summary.accuracy_level == 4 and "auto: check passed" in summary.accuracy_reason
     assert levels_in(summary.path / "model.onnx") == {4}
+    nodes = onnx.load(str(summary.path / "model.onnx"), load_external_data=False).graph.node
+    assert not any(n.name.endswith("MatMulNBits_hi") for n in nodes)  # the Q6_K output whole, 8-bit
     # the probe's verdict holds on held-out text the probe never saw: level 4 stays near level 1
     tokens = heldout_chunks(4, 128)
     exact = level_logits(summary.path, "model.onnx", tokens, 1)
@@ -172,6 +177,11 @@ def test_default_export_refuses_level_4_with_outlier_activations(builtin_files):
     _, _, summary = builtin_files["outliers"]
     assert summary.accuracy_level == 1 and "auto: level 4 refused" in summary.accuracy_reason
     assert levels_in(summary.path / "model.onnx") == {1}
+    # rebuilt at level 1: the Q6_K output layer as two exact 4-bit halves, not a slow 8-bit node
+    nodes = onnx.load(str(summary.path / "model.onnx"), load_external_data=False).graph.node
+    bits = {helper.get_attribute_value(a) for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "bits"}
+    assert bits == {4} and any(n.name.endswith("MatMulNBits_hi") for n in nodes)
     # and the refusal holds on held-out text too: level 4 costs more than the threshold there
     tokens = heldout_chunks(4, 128)
     noise = rounding_noise_scales(summary.path, "model.onnx")
@@ -236,3 +246,35 @@ def test_bench_says_which_level_onnxruntime_ran(builtin_files, tmp_path, monkeyp
     out = child_onnxruntime({"onnx": str(folder), "threads": 1, "prompt": 8, "gen": 4, "vocab": 2048},
                             Progress("t", log))
     assert out["version"].endswith("accuracy_level 4") and out["decoded_tokens"] == 4
+
+
+def test_rounding_noise_of_a_split_8bit_layer_is_that_of_the_whole_weight(tmp_path):
+    """Level 1 writes an 8-bit (Q6_K-like) layer as lo + 16 hi halves: both halves get one factor
+    per block, so their sum carries s^2/12 per weight, as the whole 8-bit node would."""
+    from onnx import TensorProto, numpy_helper
+
+    from pocketlm.export.onnx_graph import ExternalData, GraphBuilder, tensor_info, write_model
+    from pocketlm.export.onnx_weights import NBitsWeight, dequantize_nbits
+
+    rng = np.random.default_rng(3)
+    n, k = 128, 256
+    codes = (rng.integers(0, 64, (n, k)) + 96).astype(np.uint8)           # Q6_K: q + 96, zero point 128
+    w = NBitsWeight(n, k, 8, 16, codes.reshape(n, k // 16, 16), rng.uniform(0.5, 2, (n, k // 16)).astype(np.float32),
+                    None)
+    with open(tmp_path / "model.onnx.data", "wb") as f:
+        g = GraphBuilder(ExternalData(f, "model.onnx.data"), 1)
+        y = g.linear("x", "/lm_head", w)
+    write_model(g.model([tensor_info("x", TensorProto.FLOAT, [1, k])], [tensor_info(y, TensorProto.FLOAT, [1, n])],
+                        "t", {}), tmp_path / "model.onnx")
+    noise = rounding_noise_scales(tmp_path, "model.onnx")
+    assert sorted(noise) == ["/lm_head.weight_scales_hi", "/lm_head.weight_scales_lo"]
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    total = 0.0
+    for tag in ("lo", "hi"):
+        node = next(x for x in model.graph.node if x.name.endswith(f"MatMulNBits_{tag}"))
+        zp = inits[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+        total = total + dequantize_nbits(NBitsWeight(n, k, 4, 16, inits[node.input[1]], noise[node.input[2]], zp))
+    err = total.astype(np.float64) - dequantize_nbits(w)
+    step2 = np.repeat(w.scales.astype(np.float64) ** 2, 16, axis=1)
+    assert float((err ** 2).mean() / (step2 / 12).mean()) == pytest.approx(1.0, rel=0.1)
