@@ -101,7 +101,7 @@ def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 def kv_bytes_per_position(n_layers: int, n_kv_heads: int, head_dim: int, kv: str) -> float:
     """KV cache bytes of one position over all layers (keys + values); int8 adds one fp16 scale per
-    head and position (runtime/kv_cache.py)."""
+    head and position (pocketlm/kv_cache.py)."""
     per_value = {"f16": 2.0, "f32": 4.0, "int8": 1.0 + 2.0 / head_dim}[kv]
     return 2 * n_layers * n_kv_heads * head_dim * per_value
 

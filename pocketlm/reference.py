@@ -18,13 +18,13 @@ torch model written from the Phi-3-small facts). Weights: GGUF name -> float32 a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from .blocksparse import BlockSparse, token_mask
 from .config import Phi3Config
 from .errors import PocketLMError
+from .kv_cache import KVCache
 from .layers import apply_rope, gated_activation, norm, rope_cos_sin, uses_long_factors
 
 # Called with (GGUF weight name, the input that linear layer sees [T, in]); the quantizer's
@@ -34,27 +34,6 @@ LinearTap = Callable[[str, np.ndarray], None]
 # The logit of a masked (dummy) token: float32's lowest finite value, as Hugging Face's
 # masked_fill(min_value_of_dtype) gives; finite, so softmax and log-softmax stay finite.
 MASKED_LOGIT = np.finfo(np.float32).min
-
-
-@dataclass
-class KVCache:
-    """Per-layer keys and values [kv_heads, positions, head_dim], grown as tokens arrive."""
-
-    keys: list[np.ndarray] = field(default_factory=list)
-    values: list[np.ndarray] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[1] if self.keys else 0
-
-    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if layer == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            self.keys[layer] = np.concatenate([self.keys[layer], k], axis=1)
-            self.values[layer] = np.concatenate([self.values[layer], v], axis=1)
-        return self.keys[layer], self.values[layer]
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
@@ -96,8 +75,11 @@ class Phi3Reference:
         """All weights converted to float32 once (fine for small models; big ones stream layers)."""
         return cls(ckpt.config, {name: ckpt.tensor(name) for name in ckpt.names()})
 
-    def new_cache(self) -> KVCache:
-        return KVCache()
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """A float32 cache for `capacity` positions (default: the model's context, at most 4096)."""
+        cfg = self.cfg
+        n = capacity or min(cfg.max_position_embeddings, 4096)
+        return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, n, cfg.head_dim, "f32")
 
     # ------------------------------------------------------------------ pieces
 
@@ -123,12 +105,13 @@ class Phi3Reference:
         bias = self.w.get(f"{name}.bias")
         return y if bias is None else y + bias
 
-    def layer(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache,
+    def layer(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache | None,
               long_rope: bool, tap: LinearTap | None = None) -> np.ndarray:
-        """One decoder layer: h [T, D] -> [T, D]; appends this layer's keys/values to the cache."""
+        """One decoder layer: h [T, D] -> [T, D]; writes this layer's keys/values to the cache at
+        positions[0] (cache None: h is a whole sequence from position 0, attending to itself)."""
         return self.ffn_block(i, self.attention_block(i, h, positions, cache, long_rope, tap), tap)
 
-    def attention_block(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache,
+    def attention_block(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache | None,
                         long_rope: bool, tap: LinearTap | None = None) -> np.ndarray:
         """The layer's first residual half: h + attn_output(attention(qkv(norm(h)))) [T, D]
         (the quantizer's calibration resumes a layer between its halves)."""
@@ -143,10 +126,17 @@ class Phi3Reference:
         v = qkv[:, (n_h + n_kv) * hd :].reshape(t, n_kv, hd).transpose(1, 0, 2)
         cos, sin = rope_cos_sin(cfg, positions, long_rope)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = cache.append(i, k, v)
+        k_all, v_all = (k, v) if cache is None else self._cached(cache, i, positions, k, v)
         a = attention(q, k_all, v_all, positions, cfg.attention_scale, cfg.sliding_window,
                       cfg.layer_sparsity(i))                                    # [H, T, hd]
         return h + self._linear(p + "attn_output", a.transpose(1, 0, 2).reshape(t, n_h * hd), tap)
+
+    @staticmethod
+    def _cached(cache: KVCache, i: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Write k, v [KV, T, hd] at positions[0].. and read back every position up to the last."""
+        cache.write(i, int(positions[0]), k, v)
+        return cache.read(i, int(positions[-1]) + 1)
 
     def ffn_block(self, i: int, h: np.ndarray, tap: LinearTap | None = None) -> np.ndarray:
         """The layer's second residual half: h + ffn_down(act(ffn_up(norm(h)))) [T, D]."""
@@ -171,7 +161,7 @@ class Phi3Reference:
     def forward(self, tokens: Sequence[int], cache: KVCache | None = None,
                 tap: LinearTap | None = None) -> np.ndarray:
         """Logits [T, V] for `tokens` following whatever the cache already holds."""
-        cache = cache if cache is not None else self.new_cache()
+        cache = cache if cache is not None else self.new_cache(capacity=len(tokens))
         start = cache.length
         h = self.embed(tokens)
         end = start + h.shape[0]
@@ -182,4 +172,5 @@ class Phi3Reference:
         long_rope = uses_long_factors(self.cfg, end)
         for i in range(self.cfg.num_hidden_layers):
             h = self.layer(i, h, positions, cache, long_rope, tap)
+        cache.length = end
         return self.head(h, tap)

@@ -166,13 +166,6 @@ class LinearStats:
         return self.count == 0 or not np.any(self.sum_sq > 0)
 
 
-class _NoCache:
-    """KV "cache" for one full sequence at a time: the layer sees exactly this call's keys/values."""
-
-    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return k, v
-
-
 def run_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
               tap: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
     """h [N, L, D] through decoder layer i (weights: at least that layer's tensors) -> [N, L, D].
@@ -180,7 +173,7 @@ def run_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.
     ref = Phi3Reference(cfg, weights)
     positions = np.arange(h.shape[1])
     long_rope = uses_long_factors(cfg, h.shape[1])
-    return np.stack([ref.layer(i, seq, positions, _NoCache(), long_rope, tap) for seq in h])
+    return np.stack([ref.layer(i, seq, positions, None, long_rope, tap) for seq in h])
 
 
 class _InputsSeen(Exception):
@@ -206,7 +199,7 @@ def layer_inputs(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: 
     for seq in h:
         seen.clear()
         with contextlib.suppress(_InputsSeen):
-            ref.layer(i, seq, positions, _NoCache(), long_rope, tap)
+            ref.layer(i, seq, positions, None, long_rope, tap)
         yield dict(seen)
 
 
@@ -661,7 +654,7 @@ class _LayerStages:
         self.halves = _halves(self.ref, i, h[0, :1])
 
     def _attention(self, seq: np.ndarray, tap: Callable[[str, np.ndarray], None] | None) -> np.ndarray:
-        return self.ref.attention_block(self.i, seq, self.positions, _NoCache(), self.long_rope, tap)
+        return self.ref.attention_block(self.i, seq, self.positions, None, self.long_rope, tap)
 
     def inputs(self, name: str) -> Iterator[np.ndarray]:
         """The input [L, in] of linear `name`, sequence after sequence, through the weights as they are
@@ -698,7 +691,7 @@ def _halves(ref: Phi3Reference, i: int, probe: np.ndarray) -> tuple[set[str], se
     """(linears of the attention half, of the ffn half) of layer i, read off one token probe [1, D]."""
     first: set[str] = set()
     second: set[str] = set()
-    h2 = ref.attention_block(i, probe, np.arange(1), _NoCache(), False, lambda n, x: first.add(n))
+    h2 = ref.attention_block(i, probe, np.arange(1), None, False, lambda n, x: first.add(n))
     ref.ffn_block(i, h2, lambda n, x: second.add(n))
     return first, second
 
@@ -718,7 +711,7 @@ def _float_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], hf:
                 if name not in inputs:
                     inputs[name] = np.empty((hf.shape[0], *x.shape), np.float32)
                 inputs[name][s] = x
-        out[s] = ref.layer(i, seq, positions, _NoCache(), long_rope, tap)
+        out[s] = ref.layer(i, seq, positions, None, long_rope, tap)
     return inputs, out
 
 

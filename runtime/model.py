@@ -60,13 +60,13 @@ from ..errors import PocketLMError
 from ..export.gguf_format import bf16_to_float32, type_name
 from ..export.gguf_reader import GGUFReader
 from ..hostinfo import default_threads
+from ..kv_cache import KV_TYPES, KVCache
 from ..layers import rope_cos_sin
 from ..quantize.formats import GGMLType, dequantize
 from ..reference import MASKED_LOGIT
 from ..threads import check_threads
 from . import _kernel
 from . import kernel as kern
-from .kv_cache import KV_TYPES, KVCache
 from .packed_cache import packed_matrices
 
 DENSE_TYPES = {int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)}

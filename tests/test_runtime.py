@@ -27,10 +27,10 @@ from pocketlm.config import Phi3Config, tensor_specs
 from pocketlm.errors import PocketLMError
 from pocketlm.export.gguf_reader import GGUFReader
 from pocketlm.export.gguf_writer import GGUFWriter
+from pocketlm.kv_cache import KVCache
 from pocketlm.quantize.formats import GGMLType
 from pocketlm.reference import Phi3Reference
 from pocketlm.runtime import _kernel
-from pocketlm.runtime.kv_cache import KVCache
 from pocketlm.runtime.model import load
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,4 +1,5 @@
-"""The runtime's KV cache: preallocated to the context length, fp16 by default, int8 as an option.
+"""The KV cache, one class for the numpy reference (float32) and the runtime (fp16 by default, int8
+as an option): preallocated to a context length, written per layer at a position.
 
 Per layer, keys and values are stored [kv_heads, n_ctx, head_dim] so that one head's positions are
 contiguous (the attention reads `[:, :length]` slices without copying the layout).
@@ -25,7 +26,7 @@ import mmap
 
 import numpy as np
 
-from ..errors import PocketLMError
+from .errors import PocketLMError
 
 KV_TYPES = ("f16", "int8", "f32")
 
@@ -89,6 +90,14 @@ class KVCache:
         wide = scratch[:, :end - start]
         np.copyto(wide, block, casting="unsafe")
         return wide, None if scale is None else scale[layer, :, start:end].astype(np.float32)
+
+    def read(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of positions 0..end-1 as float32 [kv_heads, end, head_dim]: views for an
+        f32 cache (the reference's), widened copies otherwise (int8 rows times their scales)."""
+        (k, ks), (v, vs) = self.keys(layer, 0, end), self.values(layer, 0, end)
+        if ks is not None:
+            k, v = k * ks[..., None], v * vs[..., None]
+        return k, v
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (entries are overwritten by later writes)."""
