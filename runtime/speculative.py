@@ -27,7 +27,7 @@ online from the model's own forwards and kept across its generations, or a fixed
 verifies the k that maximises the expected tokens per unit cost, (1 + a + ... + a^k) / c(k + 1),
 and takes a plain step unless that beats 1 by `MIN_GAIN`; so when drafts keep failing, or a batch
 costs what k steps cost, it backs off to plain decoding while still watching whether the drafts
-would have been right.
+would have been right (and, with online costs, re-measures a batch after `EXPLORE` plain steps).
 
 Greedy output equals plain greedy's token for token as long as the batched forward's logits equal
 the one-token forward's (on the quantized kernels they may differ in rounding: the tests compare
@@ -58,6 +58,8 @@ MIN_GAIN = 1.05        # expected tokens per unit cost a verify must reach (marg
 PRIOR_ACCEPT = 0.5     # acceptance estimate before any observation (gain 1.0 at the prior slope: no bet)
 PRIOR_SLOPE = 0.5      # cost per extra token of a batch, before any measurement (issue 15: 1.51x at T = 2)
 EMA = 0.2              # weight of a new observation in the running estimates
+EXPLORE = 256          # one-token forwards after which a likely draft is verified anyway, so a cost
+                       # estimate that once ruled batches out is measured again (< 1 % of the steps)
 
 
 # ---------------------------------------------------------------------------- drafting
@@ -115,6 +117,7 @@ class VerifyCost:
             self.table = sorted(pts.items())
         self.slope = prior_slope
         self._memo: dict[int, float] = {}
+        self.idle = 0  # one-token forwards since the last batch was measured
         self._step_seconds: float | None = None  # running one-token forward time
 
     def __call__(self, t: int) -> float:
@@ -139,9 +142,11 @@ class VerifyCost:
         if self.table is not None:
             return
         if t == 1:
+            self.idle += 1
             s = self._step_seconds
             self._step_seconds = seconds if s is None else s + EMA * (seconds - s)
         elif self._step_seconds:
+            self.idle = 0
             ratio = seconds / self._step_seconds
             self.slope += EMA * (max(0.0, (ratio - 1.0) / (t - 1)) - self.slope)
 
@@ -269,6 +274,8 @@ class LookupSpeculator:
             gain = expected / self.cost(k + 1)
             if gain > best:
                 best, best_k = gain, k
+        if best_k == 0 and self.cost.table is None and self.cost.idle >= EXPLORE and a > 0.5:
+            return 1  # re-measure what a batch costs now (the load, or the kernel, may have changed)
         return best_k
 
     def tokens(self, model: Model, sampler: Sampler, logits: np.ndarray, history: list[int],

@@ -112,6 +112,15 @@ def test_controller_backs_off_when_drafts_fail_or_batches_are_dear():
     dear.alpha[2] = 0.9
     assert dear.choose(8, 2) == 0                  # a batch costs what its tokens would: no gain
     assert dear.choose(0, 0) == 0
+    learned = spec.LookupSpeculator(8)             # online costs that once ruled batches out ...
+    learned.alpha[2], learned.cost.slope = 0.9, 1.5
+    learned.cost.observe(1, 1e-3)
+    assert learned.choose(8, 2) == 0
+    for _ in range(spec.EXPLORE):
+        learned.cost.observe(1, 1e-3)
+    assert learned.choose(8, 2) == 1               # ... are measured again after EXPLORE plain steps
+    learned.cost.observe(2, 1.2e-3)
+    assert learned.cost.idle == 0 and learned.cost.slope < 1.5 and learned.choose(8, 2) == 0
 
 
 def test_the_online_cost_model_is_kept_per_model_across_generations(files):
