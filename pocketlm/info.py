@@ -48,7 +48,8 @@ def describe_rope(cfg: Phi3Config) -> str:
                    f"attention factor {cfg.rope_scaling.attention_factor:.4f}")
         if cfg.rope_scaling.short_attention_factor is not None:
             scaling += f" (short {cfg.rope_scaling.short_attention_factor:.4f})"
-    return f"theta {cfg.rope_theta:g}, scaling {scaling}"
+    partial = "" if cfg.rotary_dim is None else f", on {cfg.rope_dim} of {cfg.head_dim} values per head (partial)"
+    return f"theta {cfg.rope_theta:g}{partial}, scaling {scaling}"
 
 
 def describe_attention(cfg: Phi3Config) -> str:

@@ -74,6 +74,15 @@ def test_checkpoint_and_reference_match_transformers(folder):
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
 
 
+def test_info_describes_partial_rope_and_tied_output(folder, q8_file, capsys):
+    from pocketlm.cli import main as cli_main
+
+    assert cli_main(["info", str(folder)]) == 0
+    assert "on 48 of 64 values per head (partial)" in capsys.readouterr().out
+    assert cli_main(["info", str(q8_file)]) == 0
+    assert "phi3: 2 layers" in capsys.readouterr().out
+
+
 def test_gguf_is_llama_cpps_layout(q8_file, folder):
     with GGUFReader(q8_file) as r:
         md = r.metadata
