@@ -105,14 +105,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], kld_digits: int = 5) -> str:
     head = ("| model | bits/weight | size (MB) | KLD vs fp32 | PPL (fp32 {:.3f}) | top-1 agreement |\n"
             "| --- | ---: | ---: | ---: | ---: | ---: |\n").format(rows[0]["ppl_ref"])
 
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    body = "".join(f"| {r['label']} | {num(r['bpw'], '.3f')} | {num(r['mb'], '.2f')} | {r['kld']:.5f} | "
+    body = "".join(f"| {r['label']} | {num(r['bpw'], '.3f')} | {num(r['mb'], '.2f')} | {r['kld']:.{kld_digits}f} | "
                    f"{r['ppl']:.3f} | {r['top1']:.4f} |\n" for r in rows)
     return head + body
 
@@ -171,7 +171,7 @@ def main() -> None:
         from quant_quality_small import run_small, verdicts_small
 
         rows = run_small(args, score_file=evaluate, bpw=file_bpw)
-        print("\n" + table(rows))
+        print("\n" + table(rows, kld_digits=7))  # the small model's KLDs are 1e-5..1e-3
         print(verdicts_small(rows))
     else:
         rows = run(args)
