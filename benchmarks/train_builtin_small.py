@@ -154,10 +154,11 @@ def write_folder(stage: Path, model: Phi3SmallLM, tok: TiktokenTokenizer, rank_f
                                                  encoding="utf-8")
 
 
-def save_state(path: Path, model, opt, step: int, total: int, gen: np.random.Generator, elapsed: float) -> None:
+def save_state(path: Path, model, opt, step: int, total: int, gen: np.random.Generator, elapsed: float,
+               cuts: list) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "total": total,
-                "rng": gen.bit_generator.state, "elapsed": elapsed}, tmp)
+                "rng": gen.bit_generator.state, "elapsed": elapsed, "cuts": cuts}, tmp)
     os.replace(tmp, path)
 
 
@@ -190,18 +191,21 @@ def run(args: argparse.Namespace) -> None:
     gen = np.random.default_rng(args.seed)
     state_path = work / "state.pt"
     step, total, elapsed = 0, args.steps, 0.0
+    cuts: list[list[int]] = []  # [step, new total] each time the step count was re-planned
     if args.resume and state_path.is_file():
         st = torch.load(state_path, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         gen.bit_generator.state = st["rng"]
         step, total, elapsed = st["step"], args.steps or st["total"], st["elapsed"]
+        cuts = st.get("cuts", [])
         log(f"resumed at step {step}/{total}")
 
     warmup, train = 100, ids["train"]
     model.train()
     t_start = time.time() - elapsed
-    t_probe = last_save = time.time()
+    t_probe = last_save = t_mark = time.time()
+    sec_per_step = 0.0  # moving average of the recent seconds per step
     probe_from = step + 3  # the first steps warm up allocators; time from here
     while total == 0 or step < total:
         starts = gen.integers(0, len(train) - SEQ_LEN - 1, size=args.batch)
@@ -223,15 +227,26 @@ def run(args: argparse.Namespace) -> None:
             left = args.minutes * 60 - (time.time() - t_start)
             total = step + max(1, int(left / per_step))
             log(f"probe: {per_step:.2f} s/step, {args.batch * SEQ_LEN / per_step:.0f} tokens/s -> {total} steps")
+        if total and args.steps == 0 and step % 25 == 0:
+            # The machine is shared: re-plan to the recent speed, shrinking only (the schedule's
+            # tail is what moves, so a cut mid-run keeps a clean cosine to the new end).
+            recent = (time.time() - t_mark) / 25
+            sec_per_step = recent if sec_per_step == 0 else 0.7 * sec_per_step + 0.3 * recent
+            fit = step + 1 + int(max(0.0, args.minutes * 60 - (time.time() - t_start)) / sec_per_step)
+            if fit < total - 10:
+                total = max(step + 1, fit)
+                cuts.append([step, total])
+                log(f"{sec_per_step:.2f} s/step: step count re-planned to {total}")
         if step % 25 == 0:
+            t_mark = time.time()
             el = time.time() - t_start
             log(f"step {step}/{total} loss {loss.item():.3f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{step * args.batch * SEQ_LEN / el:.0f} tok/s {el / 60:.1f} min")
         if time.time() - last_save > 180:
-            save_state(state_path, model, opt, step, total, gen, time.time() - t_start)
+            save_state(state_path, model, opt, step, total, gen, time.time() - t_start, cuts)
             last_save = time.time()
     train_seconds = time.time() - t_start
-    save_state(state_path, model, opt, step, total, gen, train_seconds)
+    save_state(state_path, model, opt, step, total, gen, train_seconds, cuts)
 
     out = args.out.resolve()
     stage = out.with_name(out.name + ".tmp")
@@ -246,6 +261,7 @@ def run(args: argparse.Namespace) -> None:
         "steps": step, "batch_windows": args.batch, "seq_len": SEQ_LEN,
         "tokens_seen": step * args.batch * SEQ_LEN, "train_seconds": round(train_seconds, 1),
         "tokens_per_second": round(step * args.batch * SEQ_LEN / train_seconds, 1),
+        "step_count_replans": cuts,
         "optimizer": {"name": "AdamW", "peak_lr": args.lr, "betas": [0.9, 0.95],
                       "weight_decay": "0.1 on linear weights (not the embedding, biases, norms)",
                       "warmup_steps": warmup, "schedule": "cosine to 10% of peak", "grad_clip": 1.0,
