@@ -104,7 +104,7 @@ def child_attention(path: str, threads: int, position: int, repeats: int) -> dic
     for dense in (False, True):
         model = load(path, threads=threads, ctx=MAX_CONTEXT, dense_attention=dense)
         cfg, cache = model.cfg, model.cache
-        position = min(position, cache.n_ctx - 9)  # room for the 1 + 8 timed steps
+        position = min(position, cache.n_ctx - 12)  # room for the 1 + 2 warm-up + 8 timed steps
         rng = np.random.default_rng(0)
         fill = rng.standard_normal((cfg.num_key_value_heads, position, cfg.head_dim)).astype(np.float16)
         for i in range(cfg.num_hidden_layers):

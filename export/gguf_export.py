@@ -88,7 +88,9 @@ def phi3_gguf_metadata(cfg: Phi3Config, tokenizer_fields: Mapping[str, Any], *, 
     arch = cfg.to_gguf_metadata()
     md: dict[str, Any] = {
         "general.architecture": arch.pop("general.architecture"),
-        "general.name": gguf_model_name(name, tokenizer_from_gguf_fields(tokenizer_fields).wants_phi3_name),
+        # llama.cpp's name rule only matters for the architecture it runs (phi3)
+        "general.name": (gguf_model_name(name, tokenizer_from_gguf_fields(tokenizer_fields).wants_phi3_name)
+                         if cfg.gguf_arch == "phi3" else name),
         "general.file_type": int(file_type),
         "general.quantization_version": QUANTIZATION_VERSION,
     }

@@ -160,3 +160,10 @@ def test_cli_verbs_on_a_phi3small_file(folder, tmp_path, capsys):
     assert 0 < result["kld"] < 1 and result["top1"] > 0.5
     assert cli_main(["bench", str(out), "--device", "all", "--prompt-len", "16", "--gen", "4", "--ctx", "64"]) == 0
     assert "Galaxy S21" in capsys.readouterr().out
+
+
+def test_gguf_name_is_kept(f32_file, folder):
+    """llama.cpp's phi3 naming rule (a "phi3-" prefix or "phi-3" removed, for its whitespace rule) is
+    for the architecture it runs, not for phi3small files."""
+    with GGUFReader(f32_file) as r:
+        assert r.metadata["general.name"] == folder.resolve().name
