@@ -119,8 +119,10 @@ def test_folder_is_laid_out_as_microsoft_ships_phi3_small(ckpt, tok):
     assert cfg.hidden_size % 256 == 0 and cfg.intermediate_size % 256 == 0  # Q4_K super-blocks
 
 
-def test_tokenizer_is_a_small_tiktoken_bpe_with_phi3_small_specials(tok, data_root):
-    """tiktoken itself reads the rank file and tokenizes held-out text exactly as pocketlm."""
+def test_tokenizer_is_a_small_tiktoken_bpe_with_phi3_small_specials(tok, data_root, monkeypatch):
+    """tiktoken itself reads the rank file and tokenizes held-out text exactly as pocketlm (its
+    loader's path-keyed cache off: a retrained file at the same path must not come back stale)."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 

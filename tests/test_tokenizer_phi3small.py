@@ -11,9 +11,11 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import gguf
 import jinja2
@@ -142,8 +144,12 @@ def tok(rank_path: Path) -> TiktokenTokenizer:
 
 
 def oracle(rank_path: Path, pattern: str = CLASSIC_PATTERN) -> tiktoken.Encoding:
-    """tiktoken on the same rank file with Phi-3-small's special tokens at 100256.."""
-    ranks = load_tiktoken_bpe(str(rank_path))
+    """tiktoken on the same rank file with Phi-3-small's special tokens at 100256..
+
+    Its loader's cache is off: it keys cached files by their path, and pytest reuses temporary
+    paths across runs, so a rank file trained in an earlier run would come back."""
+    with mock.patch.dict(os.environ, {"TIKTOKEN_CACHE_DIR": ""}):
+        ranks = load_tiktoken_bpe(str(rank_path))
     specials = {name: len(ranks) + k for k, name in enumerate(SPECIAL_NAMES)}
     return tiktoken.Encoding("phi3small", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
 
