@@ -131,3 +131,29 @@ def onnxruntime_weight_t(nodes: list, inits: dict[str, np.ndarray]) -> np.ndarra
     if f"{prefix}.weight_mins_t" in inits:
         wt = wt + np.repeat(inits[f"{prefix}.weight_mins_t"], nodes[0][1]["block_size"], axis=0)
     return wt
+
+
+def genai_greedy(folder: Path, prompt: list[int], n: int) -> list[int]:
+    """onnxruntime-genai's greedy tokens after `prompt` (at most n; it stops at an end token)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], np.int32))
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+def reference_greedy(ref: Phi3Reference, prompt: list[int], n: int) -> list[int]:
+    """The reference's n greedy tokens after `prompt`, through its cache."""
+    cache, feed, out = ref.new_cache(), list(prompt), []
+    for _ in range(n):
+        tok = int(np.argmax(ref.forward(feed, cache)[-1]))
+        out.append(tok)
+        feed = [tok]
+    return out

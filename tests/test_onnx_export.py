@@ -25,11 +25,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 from onnx_helpers import (  # tests/ is on sys.path (conftest)
+    genai_greedy,
     gguf_py_weights,
     nbits_layers,
     nbits_weight,
     onnxruntime_weight_t,
     reference_from_gguf,
+    reference_greedy,
     session_for,
 )
 from quant_helpers import NEAR_TIE, llama_cpp_greedy
@@ -41,7 +43,6 @@ from pocketlm.export.gguf_reader import GGUFReader
 from pocketlm.export.gguf_writer import GGUFWriter
 from pocketlm.export.onnx_export import describe_onnx, export_onnx
 from pocketlm.quantize.formats import GGMLType, quantize
-from pocketlm.reference import Phi3Reference
 from pocketlm.tokenizer import Tokenizer
 
 ort = pytest.importorskip("onnxruntime")  # a declared test dependency: missing means a broken install
@@ -349,32 +350,8 @@ def test_genai_config_and_describe(tiny_export):
 
 # ---------------------------------------------------------------------------- (b) genai vs llama.cpp
 
-def genai_greedy(folder: Path, prompt: list[int], n: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([prompt], np.int32))
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
-
-
 # llama.cpp in a child process (a crash there must not take pytest down), without the "extra"
 # repacked weight buffers, which crash this llama-cpp-python build on small shapes (see test_generate).
-def reference_greedy(ref: Phi3Reference, prompt: list[int], n: int) -> list[int]:
-    cache, feed, out = ref.new_cache(), list(prompt), []
-    for _ in range(n):
-        tok = int(np.argmax(ref.forward(feed, cache)[-1]))
-        out.append(tok)
-        feed = [tok]
-    return out
-
-
 @pytest.mark.parametrize(("kind", "qtype"), [("gqa", "Q4_0"), ("longrope", "Q8_0"), ("swa", "Q4_1")])
 def test_genai_runs_the_folder_like_the_reference(tiny_export, kind, qtype):
     """onnxruntime-genai (its own KV-cache handling: past and present share one buffer) on tiny

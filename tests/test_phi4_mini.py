@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from onnx_helpers import genai_greedy, reference_from_gguf, reference_greedy
 from phi4_fixtures import corpus_text, padded_vocab, write_phi4_tokenizer
 from quant_helpers import NEAR_TIE, llama_cpp_greedy, llama_cpp_logits
 
@@ -136,25 +137,9 @@ def test_onnx_export_runs_in_genai_like_the_reference(q8_file, folder, tmp_path)
     from pocketlm.export.onnx_export import export_onnx
 
     export_onnx(q8_file, tmp_path / "onnx", accuracy_level=1, progress=False)  # float32 activations: the oracle
-    import onnxruntime_genai as og
-
     tok = tokenizer_from_dir(folder)
     prompt = tok.encode("OPHELIA.\nGood my lord,\n")
     n = 16
-    model = og.Model(str(tmp_path / "onnx"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([prompt], np.int32))
-    theirs = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        theirs.append(int(gen.get_next_tokens()[0]))
-    from onnx_helpers import reference_from_gguf
-
-    ref = reference_from_gguf(q8_file)
-    cache, feed, want = ref.new_cache(), list(prompt), []
-    for _ in range(n):
-        want.append(int(np.argmax(ref.forward(feed, cache)[-1])))
-        feed = [want[-1]]
+    theirs = genai_greedy(tmp_path / "onnx", prompt, n)
+    want = reference_greedy(reference_from_gguf(q8_file), prompt, n)
     assert theirs == want[: len(theirs)] and len(theirs) >= n // 2
