@@ -15,6 +15,7 @@ Every ONNX folder runs in onnxruntime-genai, the GGUFs in pocketlm's runtime and
 a fresh child process (pocketlm.bench's engine children: random prompt of --prompt ordinary tokens,
 --gen greedy tokens forced by min_length), at each thread count, engines interleaved within a
 repeat, best of --repeats. Ratios are against the builder's output at the same thread count.
+The builder needs `onnx_ir` (in pocketlm's `dev` extra: `pip install '.[dev]'`).
 """
 
 from __future__ import annotations
