@@ -51,7 +51,8 @@ def gated_activation(cfg: Phi3Config, gate_up: np.ndarray) -> np.ndarray:
     limit = np.float32(cfg.gegelu_limit)
     g = np.where(np.isinf(gate), gate, np.minimum(gate, limit))
     lin = np.where(np.isinf(up), up, np.clip(up, -limit, limit))
-    return g / (1.0 + np.exp(-QUICK_GELU * g)) * (lin + np.float32(1.0))
+    with np.errstate(over="ignore"):  # exp of a large -g is inf: sigmoid 0, the exact limit
+        return g / (1.0 + np.exp(-QUICK_GELU * g)) * (lin + np.float32(1.0))
 
 
 def rope_inv_freq(cfg: Phi3Config, long: bool) -> np.ndarray:
