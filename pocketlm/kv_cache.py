@@ -10,8 +10,8 @@ contiguous (the attention reads `[:, :length]` slices without copying the layout
         int8 rows are only widened to float32, never multiplied out.
   f32   4 bytes per value: no conversion at read time (fastest in numpy; twice f16's memory).
 
-`keys(layer, start, end)` / `values(...)` give float32 arrays [kv_heads, end - start, head_dim]
-(a view for f32, a widened copy otherwise) plus, for int8, the scales [kv_heads, end - start].
+The runtime's C kernel reads the arrays in place; `read(layer, end)` gives float32 arrays
+[kv_heads, end, head_dim] (a view for f32, the reference's kind; a widened copy otherwise).
 
 Memory: the arrays are anonymous memory maps in small pages (`zeroed_array`), so nothing is
 allocated until written and a prompt costs only the pages its positions touch, whatever n_ctx is.
@@ -45,11 +45,6 @@ class KVCache:
         if kind == "int8":
             self.k_scale = zeroed_array(shape[:3], np.float16)  # [layers, kv_heads, n_ctx]
             self.v_scale = zeroed_array(shape[:3], np.float16)
-        if kind != "f32":
-            # float32 scratch for one layer's keys and values: widening into preallocated memory
-            # avoids faulting in fresh pages for every layer of every token
-            self._k32 = np.empty(shape[1:], dtype=np.float32)
-            self._v32 = np.empty(shape[1:], dtype=np.float32)
 
     @property
     def nbytes(self) -> int:
@@ -71,32 +66,16 @@ class KVCache:
             self.k[layer, :, pos:pos + t] = k
             self.v[layer, :, pos:pos + t] = v
 
-    def keys(self, layer: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """float32 keys [kv_heads, end-start, head_dim] and int8 scales [kv_heads, end-start] (or None)."""
-        return self._read(self.k, getattr(self, "k_scale", None), getattr(self, "_k32", None), layer, start,
-                          end)
-
-    def values(self, layer: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Like keys(); the float32 arrays returned by keys() and values() are overwritten by the
-        next call for another layer (shared scratch)."""
-        return self._read(self.v, getattr(self, "v_scale", None), getattr(self, "_v32", None), layer, start,
-                          end)
-
-    def _read(self, store: np.ndarray, scale: np.ndarray | None, scratch: np.ndarray | None, layer: int,
-              start: int, end: int) -> tuple[np.ndarray, np.ndarray | None]:
-        block = store[layer, :, start:end]
-        if scratch is None:
-            return block, None
-        wide = scratch[:, :end - start]
-        np.copyto(wide, block, casting="unsafe")
-        return wide, None if scale is None else scale[layer, :, start:end].astype(np.float32)
-
     def read(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values of positions 0..end-1 as float32 [kv_heads, end, head_dim]: views for an
         f32 cache (the reference's), widened copies otherwise (int8 rows times their scales)."""
-        (k, ks), (v, vs) = self.keys(layer, 0, end), self.values(layer, 0, end)
-        if ks is not None:
-            k, v = k * ks[..., None], v * vs[..., None]
+        k, v = self.k[layer, :, :end], self.v[layer, :, :end]
+        if self.kind == "f32":
+            return k, v
+        k, v = k.astype(np.float32), v.astype(np.float32)
+        if self.kind == "int8":
+            k *= self.k_scale[layer, :, :end, None].astype(np.float32)
+            v *= self.v_scale[layer, :, :end, None].astype(np.float32)
         return k, v
 
     def truncate(self, length: int) -> None:

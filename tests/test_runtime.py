@@ -463,3 +463,17 @@ def test_pocketlm_run_imports_no_torch_transformers_or_onnx(data_root, tmp_path)
     heavy = {"torch", "transformers", "onnx", "onnxruntime", "onnxruntime_genai", "llama_cpp", "gguf",
              "safetensors", "tokenizers", "jinja2"}
     assert not imported & heavy
+
+
+@pytest.mark.parametrize(("kind", "tol"), [("f32", 0.0), ("f16", 1e-3), ("int8", 1e-2)])
+def test_kv_cache_reads_back_what_was_written(kind, tol):
+    """read() gives positions 0..end-1 as float32, to the storage type's rounding."""
+    cache = KVCache(2, 3, 16, 8, kind)
+    rng = np.random.default_rng(0)
+    k, v = rng.standard_normal((2, 3, 10, 8), dtype=np.float32)
+    cache.write(1, 0, k[:, :6], v[:, :6])
+    cache.write(1, 6, k[:, 6:], v[:, 6:])
+    got_k, got_v = cache.read(1, 10)
+    assert got_k.dtype == np.float32 and got_k.shape == (3, 10, 8)
+    np.testing.assert_allclose(got_k, k, atol=tol * np.abs(k).max(), rtol=0)
+    np.testing.assert_allclose(got_v, v, atol=tol * np.abs(v).max(), rtol=0)
