@@ -12,7 +12,9 @@ decode 64 tokens greedily (argmax, end-of-text ignored), context 512. The third 
 onnxruntime-genai on pocketlm's ONNX export of the same file (`pocketlm.bench.ensure_onnx`: exported
 once, cached under ~/.cache/pocketlm/bench-onnx; its decode includes its greedy search step). Also
 measured: the machine's read bandwidth (numpy sum over a 2 GB array, 1 and 2 threads) and the decode
-roofline it implies (bandwidth / bytes of weights read per token); pocketlm's time to load the file
+roofline it implies (bandwidth / bytes of weights read per token); the "paired" column: each engine's
+decode against the bandwidth sampled between rounds of its own decode steps, in its own process
+(benchmarks/roofline.py; the shared machine's bandwidth moves during a run); pocketlm's time to load the file
 and produce the first token of a 16-token prompt (fresh process, warm page cache); pocketlm's Python
 overhead per decoded token (1 - time inside kernel calls / decode time, instrumented in the model
 loop).
@@ -48,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import make_phi3_mini_gguf  # noqa: E402  (sibling scripts)
 import make_phi4_mini_gguf  # noqa: E402
+from roofline import paired_roofline  # noqa: E402
 
 MODELS = {"phi3-mini": make_phi3_mini_gguf, "phi4-mini": make_phi4_mini_gguf}
 
@@ -72,12 +75,17 @@ def child_pocketlm(path: str, threads: int, n_prompt: int, n_decode: int, ctx: i
     model = load(path, threads=threads, ctx=ctx, kv=kv)
     load_s = model.stats.load_seconds
     gen = generate(model, prompt_ids(n_prompt), max_tokens=n_decode + 1, temperature=0, ignore_eos=True)
-    for _ in gen.token_ids():
-        pass
+    generated = list(gen.token_ids())
     s = model.stats
-    return {"load_s": load_s, "prefill_tps": s.prefill_tps, "decode_tps": s.decode_tps,
-            "python_overhead": s.python_overhead, "decoded": s.decode_tokens, "peak_rss_mb": peak_rss_mb(),
-            "kv_mb": model.cache.nbytes / MB}
+    out = {"load_s": load_s, "prefill_tps": s.prefill_tps, "decode_tps": s.decode_tps,
+           "python_overhead": s.python_overhead, "decoded": s.decode_tokens, "peak_rss_mb": peak_rss_mb(),
+           "kv_mb": model.cache.nbytes / MB}
+    state = {"token": generated[-1]}
+
+    def step() -> None:  # greedy decode, as the timed run above
+        state["token"] = int(np.argmax(model.forward([state["token"]])))
+
+    return {**out, **paired_roofline(step, bytes_per_token(Path(path)), threads).as_dict()}
 
 
 def child_first_token(path: str, threads: int, ctx: int, kv: str) -> dict:
@@ -129,8 +137,15 @@ def child_llama(path: str, threads: int, n_prompt: int, n_decode: int, ctx: int)
         llm.eval([tok])
         tok = int(np.argmax(last_logits()))
     decode_s = time.perf_counter() - t0
-    return {"load_s": load_s, "prefill_tps": n_prompt / prefill_s, "decode_tps": n_decode / decode_s,
-            "peak_rss_mb": peak_rss_mb(), "repack": repack}
+    out = {"load_s": load_s, "prefill_tps": n_prompt / prefill_s, "decode_tps": n_decode / decode_s,
+           "peak_rss_mb": peak_rss_mb(), "repack": repack}
+    state = {"token": tok}
+
+    def step() -> None:
+        llm.eval([state["token"]])
+        state["token"] = int(np.argmax(last_logits()))
+
+    return {**out, **paired_roofline(step, bytes_per_token(Path(path)), threads).as_dict()}
 
 
 def child_onnxruntime(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
@@ -189,8 +204,9 @@ def print_row(t: int, name: str, r: dict, roof: float) -> None:
         print(f"{t:>3} {name:<16} error: {r['error']}")
         return
     ovh = f"{100 * r['python_overhead']:5.1f}%" if "python_overhead" in r else "     -"
+    paired = f"{r['roofline_fraction']:>6.0%}" if "roofline_fraction" in r else "     -"
     print(f"{t:>3} {name:<16} {r['prefill_tps']:>11.2f} {r['decode_tps']:>10.2f} "
-          f"{r['decode_tps'] / roof:>7.0%} {r['peak_rss_mb']:>11.0f} {r['load_s']:>6.2f} {ovh} "
+          f"{r['decode_tps'] / roof:>7.0%} {paired} {r['peak_rss_mb']:>11.0f} {r['load_s']:>6.2f} {ovh} "
           f"{os.getloadavg()[0]:>5.1f}")
 
 
@@ -210,7 +226,7 @@ def report_file(recipe: str, args: argparse.Namespace, bw: dict[int, float]) -> 
     per_tok = bytes_per_token(path)
     print(f"\n== {recipe}: {path} ({size_mb:.0f} MB, {per_tok / MB:.0f} MB read per token), "
           f"prompt {args.prompt}, decode {args.decode}, ctx {args.ctx}, best of {args.repeat}")
-    print(f"{'thr':>3} {'engine':<16} {'prefill t/s':>11} {'decode t/s':>10} {'roofline':>8} "
+    print(f"{'thr':>3} {'engine':<16} {'prefill t/s':>11} {'decode t/s':>10} {'roofline':>8} {'paired':>6} "
           f"{'peak RSS MB':>11} {'load s':>6} {'py ovh':>6} {'load':>5}")
     common = ("--prompt", str(args.prompt), "--decode", str(args.decode), "--ctx", str(args.ctx))
     for t in args.threads:

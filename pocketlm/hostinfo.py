@@ -2,7 +2,7 @@
 
 - `read_bandwidth_gbs(threads)`: measured DRAM read bandwidth (numpy sums over a buffer far larger
   than the caches, split over `threads` Python threads; numpy releases the GIL in the reduction).
-  Measured once per process and cached.
+  Measured once per process and cached; `BandwidthProbe` keeps its buffer for repeated samples.
 - `int8_peak(threads)`: this CPU's peak int8 rate, estimated exactly as the device profiles' peaks
   are (pocketlm.devices): cores x clock x int8 multiply-adds per cycle x 2.
 - `memory_status()`: /proc/self/status peak RSS (VmHWM), resident anonymous memory (RssAnon) and
@@ -32,22 +32,42 @@ ENV_BW_BYTES = "POCKETLM_BW_BYTES"   # buffer size override (tests use a small o
 BANDWIDTH_BUFFER = 1 << 29   # bytes summed per pass: 512 MiB, far beyond any cache (at most 1/4 of free RAM)
 
 
+class BandwidthProbe:
+    """A reusable read-bandwidth probe: numpy sums over one buffer far larger than the caches,
+    split over `threads` Python threads (numpy releases the GIL in the reduction). Keeping the
+    buffer lets a benchmark sample the bandwidth again and again between its own timings."""
+
+    def __init__(self, threads: int, nbytes: int | None = None):
+        nbytes = nbytes or int(os.environ.get(ENV_BW_BYTES, BANDWIDTH_BUFFER))
+        avail = _meminfo().get("MemAvailable")
+        if avail and nbytes > avail // 4:
+            nbytes = max(64 << 20, avail // 4)
+        self.buffer = np.ones(nbytes // 8)          # touched: every page is resident before timing
+        self.parts = np.array_split(self.buffer, threads)
+        self.pool = ThreadPoolExecutor(threads)
+
+    def gbs(self, repeats: int = 3) -> float:
+        """Best-of-`repeats` GB/s (10^9 bytes)."""
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(self.pool.map(np.sum, self.parts))
+            best = min(best, time.perf_counter() - t0)
+        return self.buffer.nbytes / best / 1e9
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.buffer = self.parts = None
+
+
 @functools.cache
 def read_bandwidth_gbs(threads: int, nbytes: int | None = None, repeats: int = 3) -> float:
     """Best-of-`repeats` GB/s (10^9 bytes) of summing an nbytes float64 buffer in `threads` threads."""
-    nbytes = nbytes or int(os.environ.get(ENV_BW_BYTES, BANDWIDTH_BUFFER))
-    avail = _meminfo().get("MemAvailable")
-    if avail and nbytes > avail // 4:
-        nbytes = max(64 << 20, avail // 4)
-    a = np.ones(nbytes // 8)                       # touched: every page is resident before timing
-    parts = np.array_split(a, threads)
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best / 1e9
+    probe = BandwidthProbe(threads, nbytes)
+    try:
+        return probe.gbs(repeats)
+    finally:
+        probe.close()
 
 
 def memory_status() -> dict[str, int]:

@@ -192,3 +192,15 @@ def test_the_demo_phone_table_is_for_a_phi3_mini_sized_file():
     (s23,) = [line for line in text.splitlines() if "Galaxy S23" in line]
     decode = float(s23.split("pocketlm")[1].split()[0])
     assert decode == pytest.approx(9.94, rel=0.1)
+
+
+def test_bandwidth_probe_samples_again_and_again():
+    from pocketlm.hostinfo import BandwidthProbe
+
+    probe = BandwidthProbe(2, 8 << 20)
+    try:
+        assert probe.buffer.nbytes == 8 << 20 and len(probe.parts) == 2
+        samples = [probe.gbs(repeats=1) for _ in range(3)]  # one buffer, sampled three times
+    finally:
+        probe.close()
+    assert all(np.isfinite(g) and g > 0 for g in samples) and probe.buffer is None
