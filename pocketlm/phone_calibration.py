@@ -15,13 +15,34 @@ ops per token = 2 x weights, not bytes. Within one quantization family the two a
 proportional; across families (Q4_0 vs Q8_0) bytes would mislead, and they did: scaling prefill by
 bytes gives a leave-one-out median error of 18 % against 6 % by weights (benchmarks/phone_projection_check.py).
 
+Prefill is calibrated per quantization family (a device's Q4_0 rows predict Q4_0 files, its K-quant
+rows K-quant files), with one rule for what a family's name does not say. A K-quant block spans 256
+weights of a row, so llama.cpp stores a matrix whose rows are not a multiple of 256 in a 32-block
+type instead (src/llama-quant.cpp `tensor_type_fallback`: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0),
+which runs on other kernels (PocketPal's logs hold 285 MiB more of gemma-3-1b Q4_K_M than of its
+Q4_0 twin outside llama.cpp's repacked int8-matmul buffers, about its Q5_0 matrices' size, and that
+file prefills at half its peers' rate). A K-quant file's prompt token therefore costs
+ops x (1 - s + s / rho): s, the share of its weights in such matrices (`k_fallback_share`, from
+the model's shapes: 0 for every Phi-3 and most models, 0.76 for gemma-3-1b, hidden size 1152);
+rho, the fallback matrices' rate relative to the family's own kernels, fitted per family on the
+rows with s > 0 against their own device's rows with s = 0 (`fallback_ratios`). Every prefill rate
+is compared in these units (decode is not: its bytes already count what the fallback types read).
+In the shipped data only gemma-3-1b has s > 0, so rho rests on one model on three phones (0.44;
+the leave-one-out refits it without the row it projects).
+
 Projection of engine E on device D for the user's file (quantization family Q):
   - "measured": D has rows of E itself (a phone run of pocketlm): their achieved rates, ratio 1.
   - "calibrated": D has llama.cpp rows of family Q: their achieved rates x (E / llama.cpp speed
     measured on this host on the same file; assumed 1 without a llama.cpp run, and labelled so).
+  - "cross-family" (still basis "calibrated", with its own wider band): D has llama.cpp rows of
+    another family only: their achieved rates x the Q / other-family ratio fitted on the devices
+    that have both (`family_ratio`); without such devices the other family's rates as they are,
+    with the fallback band.
   - "fallback" (the weaker estimate): D's DRAM peak x the share of peak that phones with llama.cpp
     rows of family Q achieve (median over devices); prefill likewise (see `_peak` for why the DRAM
-    peak and not the int8 peak).
+    peak and not the int8 peak). One share for all phones: the measured LPDDR5X phones reach 32 %,
+    40 % and 54 % of their peaks, which no DRAM type or core class in the profiles separates (a fit
+    per DRAM type checked no better; each core generation has one measured phone).
 Each estimate carries a relative band: the 90th percentile of |error| of its path in the
 leave-one-out check over the data. A budget inside the band reads "borderline".
 """
@@ -46,13 +67,46 @@ ENV = "POCKETLM_PHONE_MEASUREMENTS"
 REFERENCE_ENGINE = "llama.cpp"   # the engine whose published phone figures calibrate the others
 BAND_QUANTILE = 0.9              # the band is this quantile of the path's leave-one-out |error|
 GB = 1e9
-PATHS = ("measured", "calibrated", "fallback")
+PATHS = ("measured", "calibrated", "cross-family", "fallback")
+LOO_PATHS = ("calibrated", "cross-family", "fallback")   # the paths the leave-one-out check can test
+K_BLOCK = 256    # weights of a row one K-quant block spans (QK_K in llama.cpp's ggml-common.h)
 
 
 def quant_family(quant: str | None) -> str:
     """Q4_K_M, Q4_K_S, q4_k -> Q4_K; Q4_0 -> Q4_0: llama.cpp's kernel is chosen by the block type."""
     q = (quant or "").upper()
     return "Q4_K" if q.startswith("Q4_K") else q
+
+
+def is_k_family(family: str) -> bool:
+    """Q4_K, Q6_K, ...: block-256 types, which llama.cpp cannot use for every matrix shape."""
+    return "_K" in family
+
+
+def matrix_shapes(model: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """(row length, rows, how many) of each weight matrix a prompt token multiplies, from a model's
+    config (the `models` entries of phone_measurements.json): attention q, k and v, its output, the
+    MLP's gate and up, its down projection, the output head. A fused qkv or gate_up matrix has the
+    same row length as its parts, so the split does not change what follows."""
+    h, inter, layers = model["hidden"], model["intermediate"], model["n_layers"]
+    q, kv = model["n_heads"] * model["head_dim"], model["n_kv_heads"] * model["head_dim"]
+    return [(h, q, layers), (h, kv, 2 * layers), (q, h, layers), (h, inter, 2 * layers),
+            (inter, h, layers), (h, model["vocab"], 1)]
+
+
+def k_fallback_share(model: dict[str, Any]) -> float:
+    """Share of a model's matrix weights whose rows are not a multiple of 256: the part of a K-quant
+    file that llama.cpp holds in a 32-block fallback type (see the module doc)."""
+    mats = matrix_shapes(model)
+    total = sum(cols * rows * n for cols, rows, n in mats)
+    off = sum(cols * rows * n for cols, rows, n in mats if cols % K_BLOCK)
+    return off / total if total else 0.0
+
+
+def work_factor(share: float, rho: float | None) -> float:
+    """A prompt token's work in units of the family's own kernels: the fallback share counts 1/rho
+    (rho unknown: 1, the file taken as its family's)."""
+    return 1.0 if not share or not rho else 1.0 - share + share / rho
 
 
 @dataclass(frozen=True)
@@ -75,6 +129,7 @@ class Measurement:
     prompt_tokens: int | None = None
     gen_tokens: int | None = None
     lower_bound: bool = False
+    k_fallback_share: float = 0.0   # see k_fallback_share(); 0 for a row that is not a K-quant GGUF
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -93,16 +148,21 @@ class Measurement:
     def family(self) -> str:
         return quant_family(self.quant)
 
-    def achieved(self, metric: str) -> float | None:
-        """decode: achieved bytes/s; prefill: achieved ops/s (None if the row lacks either part)."""
-        rate, scale = self.rate(metric), self.scale(metric)
+    def achieved(self, metric: str, rho: float | None = None) -> float | None:
+        """decode: achieved bytes/s; prefill: achieved ops/s in units of the family's own kernels
+        (rho: see `fallback_ratios`). None if the row lacks either part or is a lower bound."""
+        rate, scale = self.rate(metric), self.scale(metric, rho)
         return None if rate is None or scale is None or self.lower_bound else rate * scale
 
     def rate(self, metric: str) -> float | None:
         return self.decode_tok_s if metric == "decode" else self.prefill_tok_s
 
-    def scale(self, metric: str) -> float | None:
-        return self.bytes_per_token if metric == "decode" else self.ops_per_token
+    def scale(self, metric: str, rho: float | None = None) -> float | None:
+        """decode: bytes per token; prefill: ops per token x `work_factor` of the row's fallback share."""
+        if metric == "decode":
+            return self.bytes_per_token
+        ops = self.ops_per_token
+        return None if ops is None else ops * work_factor(self.k_fallback_share, rho)
 
 
 _FIELDS = frozenset(Measurement.__dataclass_fields__)
@@ -110,10 +170,12 @@ _FIELDS = frozenset(Measurement.__dataclass_fields__)
 
 def parse_rows(doc: dict, where: str = "phone measurements") -> list[Measurement]:
     """Rows of a measurements document, checked: a device, engine, model, a non-empty source and
-    positive rates (or null)."""
+    positive rates (or null). A K-quant row's `k_fallback_share` comes from its model's shapes in the
+    document's `models` (a row may give it itself; 0 when neither says)."""
     if doc.get("schema") != SCHEMA:
         raise PocketLMError(f"not a {SCHEMA} file (schema {doc.get('schema')!r})", where)
     out = []
+    models = doc.get("models", {})
     for i, row in enumerate(doc.get("rows", [])):
         unknown = set(row) - _FIELDS - {"bytes_basis"}
         missing = [k for k in ("device", "engine", "model", "quant", "source") if not row.get(k)]
@@ -123,8 +185,19 @@ def parse_rows(doc: dict, where: str = "phone measurements") -> list[Measurement
             v = row.get(k)
             if v is not None and not (isinstance(v, int | float) and v > 0 and math.isfinite(v)):
                 raise PocketLMError(f"row {i}: {k} must be a positive number or null, not {v!r}", where)
-        out.append(Measurement(**{k: v for k, v in row.items() if k in _FIELDS}))
+        share = row.get("k_fallback_share", _model_share(row, models))
+        if not (isinstance(share, int | float) and 0 <= share <= 1):
+            raise PocketLMError(f"row {i}: k_fallback_share must be within 0..1, not {share!r}", where)
+        fields = {k: v for k, v in row.items() if k in _FIELDS}
+        out.append(Measurement(**{**fields, "k_fallback_share": float(share)}))
     return out
+
+
+def _model_share(row: dict, models: dict) -> float:
+    model = models.get(row.get("model"))
+    if model is None or not is_k_family(quant_family(row.get("quant"))):
+        return 0.0
+    return k_fallback_share(model)
 
 
 def measurement_from_bench(res: dict, source: str) -> dict:
@@ -176,10 +249,35 @@ def _shipped() -> tuple[Measurement, ...]:
 
 # ---------------------------------------------------------------------------- fitting
 
-def achieved_rate(rows: Sequence[Measurement], metric: str) -> float | None:
-    """Median achieved bytes/s (decode) or ops/s (prefill) over rows (None if none has it)."""
-    vals = [v for r in rows if (v := r.achieved(metric)) is not None]
+Rho = dict[str, float]   # quantization family -> rho (see fallback_ratios)
+
+
+def achieved_rate(rows: Sequence[Measurement], metric: str, rho: Rho | None = None) -> float | None:
+    """Median achieved bytes/s (decode) or ops/s (prefill, in units of each row's family's own
+    kernels given rho) over rows (None if none has it)."""
+    rho = rho or {}
+    vals = [v for r in rows if (v := r.achieved(metric, rho.get(r.family))) is not None]
     return statistics.median(vals) if vals else None
+
+
+def fallback_ratios(rows: Sequence[Measurement]) -> Rho:
+    """Per K-quant family, rho: the prefill rate of its fallback matrices / that of its own, the
+    median over rows with a fallback share s > 0. A row that prefills at q x the rate of its
+    device's s = 0 rows (same engine and family) spends 1/q = 1 - s + s/rho of their time per op,
+    so rho = s / (1/q - 1 + s). Families with no such row (or no s = 0 row beside it) are left out:
+    their files are taken at the family's rate."""
+    fits: dict[str, list[float]] = {}
+    for r in rows:
+        s, raw = r.k_fallback_share, r.achieved("prefill")
+        if not s or raw is None:
+            continue
+        own = [o for o in rows if (o.device, o.engine, o.family) == (r.device, r.engine, r.family)
+               and not o.k_fallback_share]
+        native = achieved_rate(own, "prefill")
+        rest = None if native is None else native / raw - (1 - s)
+        if rest is not None and rest > 0:   # else the row beat its family's rate: no ratio fits it
+            fits.setdefault(r.family, []).append(s / rest)
+    return {fam: statistics.median(v) for fam, v in fits.items()}
 
 
 def _peak(device: Any, metric: str, prefill_peak: str = "bandwidth") -> float:
@@ -193,19 +291,45 @@ def _peak(device: Any, metric: str, prefill_peak: str = "bandwidth") -> float:
     return device.int8_gops * GB
 
 
+def _reference(rows: Sequence[Measurement], device: str, family: str | None = None) -> list[Measurement]:
+    """The reference engine's rows on a device (of one family, if given)."""
+    return [r for r in rows if r.device == device and r.engine == REFERENCE_ENGINE
+            and (family is None or r.family == family)]
+
+
 def phone_efficiency(rows: Sequence[Measurement], devices: dict, family: str, metric: str,
-                     exclude_device: str | None = None, prefill_peak: str = "bandwidth") -> float | None:
+                     exclude_device: str | None = None, prefill_peak: str = "bandwidth",
+                     rho: Rho | None = None) -> float | None:
     """Share of its peak that a phone reaches with the reference engine on a quantization family:
     per device the median achieved rate / its peak, then the median over devices."""
     per_device = []
     for key in sorted({r.device for r in rows}):
         if key == exclude_device or key not in devices:
             continue
-        ref = [r for r in rows if r.device == key and r.engine == REFERENCE_ENGINE and r.family == family]
-        rate = achieved_rate(ref, metric)
+        rate = achieved_rate(_reference(rows, key, family), metric, rho)
         if rate is not None:
             per_device.append(rate / _peak(devices[key], metric, prefill_peak))
     return statistics.median(per_device) if per_device else None
+
+
+def nearest_family(family: str, available: Iterable[str]) -> str | None:
+    """The family to stand in for `family` when a device has none of it: Q4_0 (the 4-bit family
+    with the most published rows) first, then by name; None if nothing else is available."""
+    others = sorted(set(available) - {family}, key=lambda f: (f != "Q4_0", f))
+    return others[0] if others else None
+
+
+def family_ratio(rows: Sequence[Measurement], target: str, source: str, metric: str,
+                 rho: Rho | None = None, exclude_device: str | None = None) -> tuple[float | None, int]:
+    """The reference engine's achieved rate on `target` files / on `source` files: per device that
+    has both, the ratio of its medians; then the median over those devices (and how many)."""
+    per_device = []
+    for key in sorted({r.device for r in rows} - {exclude_device}):
+        t = achieved_rate(_reference(rows, key, target), metric, rho)
+        s = achieved_rate(_reference(rows, key, source), metric, rho)
+        if t is not None and s is not None:
+            per_device.append(t / s)
+    return (statistics.median(per_device) if per_device else None), len(per_device)
 
 
 @dataclass
@@ -226,60 +350,107 @@ class PhoneEstimate:
     note: str
 
 
+@dataclass
+class _Source:
+    """The rows an estimate rests on, how they carry over to the file, and what to call it."""
+
+    rows: list[Measurement]
+    basis: str                 # measured / calibrated / fallback
+    band_path: str             # the leave-one-out path whose band applies
+    family: str                # the family of `rows`
+    carry: dict[str, float]    # per metric: the factor the rows' rates carry over to the file's family by
+    note: str
+
+
+def _device_source(device: Any, engine: str, family: str, rows: Sequence[Measurement],
+                   rho: Rho) -> _Source | None:
+    """The device's own rows for this file: the engine's own phone runs, else the reference engine's
+    rows of the file's family, else of the nearest other family x the fitted family ratio."""
+    own = [r for r in rows if r.device == device.key and r.engine == engine and r.family == family]
+    if own and engine != REFERENCE_ENGINE:
+        return _Source(own, "measured", "measured", family, {"decode": 1.0, "prefill": 1.0},
+                       f"{len(own)} phone measurement(s) of {engine} itself")
+    ref = _reference(rows, device.key, family)
+    if ref:
+        return _Source(ref, "calibrated", "calibrated", family, {"decode": 1.0, "prefill": 1.0},
+                       f"{len(ref)} published {REFERENCE_ENGINE} measurement(s) on this device")
+    other = nearest_family(family, {r.family for r in _reference(rows, device.key)})
+    if other is None:
+        return None
+    use = _reference(rows, device.key, other)
+    fits = {m: family_ratio(rows, family, other, m, rho, device.key) for m in ("decode", "prefill")}
+    note = f"{len(use)} published {REFERENCE_ENGINE} measurement(s) on this device"
+    if any(v is None for v, _ in fits.values()):   # no device has both: the other family as it is
+        return _Source(use, "calibrated", "fallback", other, {"decode": 1.0, "prefill": 1.0},
+                       note + f"; no {family} rows on this device, {other} rows used")
+    n = min(n for _, n in fits.values())
+    return _Source(use, "calibrated", "cross-family", other, {m: v for m, (v, _) in fits.items()},
+                   note + f"; no {family} rows on this device: its {other} rows x the {family} / {other} "
+                   f"ratio of {n} device(s) with both")
+
+
+def _band(bands: dict[tuple[str, str], float], path: str, metric: str) -> float:
+    """The band of a path; a cross-family estimate's is never narrower than a calibrated one's."""
+    band = bands.get((path, metric), math.nan)
+    if path == "cross-family":
+        band = max(band, bands.get(("calibrated", metric), math.nan))
+    return band
+
+
 def estimate(device: Any, engine: str, family: str, bytes_per_token: float, ops_per_token: float,
              rows: Sequence[Measurement], devices: dict, ratio: dict[str, Any] | None,
-             bands: dict[tuple[str, str], float]) -> PhoneEstimate:
+             bands: dict[tuple[str, str], float], k_fallback_share: float = 0.0) -> PhoneEstimate:
     """Project `engine` on `device` for a file of `bytes_per_token` and `ops_per_token` (see the
     module doc). ratio: {decode, prefill} of engine / llama.cpp measured on this host on the same
     file (with "assumed": True when it is relative to pocketlm, taken as fast as llama.cpp); None:
-    assumed 1."""
+    assumed 1. k_fallback_share: the file's share of K-quant fallback matrices (0: none; the bench
+    passes none, as every Phi-3 size has hidden and intermediate sizes that are multiples of 256)."""
     family = quant_family(family)
-    own = [r for r in rows if r.device == device.key and r.engine == engine and r.family == family]
-    ref_all = [r for r in rows if r.device == device.key and r.engine == REFERENCE_ENGINE]
-    ref = [r for r in ref_all if r.family == family]
-    matched = True
-    if own and engine != REFERENCE_ENGINE:
-        use, basis, rd, rp, measured = own, "measured", 1.0, 1.0, True
-        note = f"{len(own)} phone measurement(s) of {engine} itself"
+    rho = fallback_ratios(rows)
+    work = {"decode": bytes_per_token, "prefill": ops_per_token * work_factor(k_fallback_share, rho.get(family))}
+    src = _device_source(device, engine, family, rows, rho) or _Source(
+        [], "fallback", "fallback", family, {"decode": 1.0, "prefill": 1.0},
+        "no phone measurement on this device: its peak x the share of peak phones with "
+        f"{REFERENCE_ENGINE} measurements reach (the weaker estimate)")
+    if src.basis == "measured":   # the engine itself on this phone: no host ratio to carry it over
+        rd, rp, measured = 1.0, 1.0, True
     else:
         rd, rp = (ratio or {}).get("decode", 1.0), (ratio or {}).get("prefill", 1.0)
         measured = (ratio is not None and not ratio.get("assumed")) or engine == REFERENCE_ENGINE
-        if not ref and ref_all:   # the device has llama.cpp rows, none of this family: the nearest
-            matched = False
-            fams = sorted({r.family for r in ref_all}, key=lambda f: (f != "Q4_0", f))
-            family_used = fams[0]
-            ref = [r for r in ref_all if r.family == family_used]
-        use, basis = ref, "calibrated"
-        note = f"{len(ref)} published {REFERENCE_ENGINE} measurement(s) on this device"
-    dec = achieved_rate(use, "decode") if use else None
-    pre = achieved_rate(use, "prefill") if use else None
-    band_path = basis if matched else "fallback"
-    n = len(use)
-    used_family = use[0].family if use else family
-    fallback_note = []
-    if dec is None:
-        eff = phone_efficiency(rows, devices, family, "decode") or phone_efficiency(rows, devices, "Q4_0", "decode")
-        dec = eff * _peak(device, "decode") if eff else math.nan
-        fallback_note.append("decode")
-    if pre is None:
-        eff = phone_efficiency(rows, devices, family, "prefill") or phone_efficiency(rows, devices, "Q4_0", "prefill")
-        pre = eff * _peak(device, "prefill") if eff else math.nan
-        fallback_note.append("prefill")
-    if fallback_note and not use:
-        basis, band_path, n, used_family = "fallback", "fallback", _fitted_devices(rows, devices, family), family
-        note = ("no phone measurement on this device: its peak x the share of peak phones with "
-                f"{REFERENCE_ENGINE} measurements reach (the weaker estimate)")
-    elif fallback_note:
-        note += f"; {' and '.join(fallback_note)} from its peak x the fitted phone efficiency"
+    rates, paths, gaps = {}, {}, []
+    for metric in ("decode", "prefill"):
+        rate = achieved_rate(src.rows, metric, rho)
+        if rate is not None:
+            rates[metric], paths[metric] = rate * src.carry[metric], src.band_path
+        else:   # no row of the device has this metric: the fitted phone efficiency
+            rates[metric], paths[metric] = _fallback_rate(device, family, metric, rows, devices, rho), "fallback"
+            gaps.append(metric)
+    note = _note(src, gaps, measured, engine, ratio)
+    if k_fallback_share and family in rho:
+        note += (f"; {k_fallback_share:.0%} of its weights in K-quant fallback matrices, "
+                 f"run at {rho[family]:.2f}x the {family} rate")
+    n = len(src.rows) if src.rows else _fitted_devices(rows, devices, family)
+    return PhoneEstimate(rates["decode"] * rd / work["decode"], rates["prefill"] * rp / work["prefill"],
+                         src.basis, _band(bands, paths["decode"], "decode"), _band(bands, paths["prefill"], "prefill"),
+                         n, src.family, src.family == family, rd, rp, measured, note)
+
+
+def _fallback_rate(device: Any, family: str, metric: str, rows: Sequence[Measurement], devices: dict,
+                   rho: Rho) -> float:
+    """The device's peak x the phone efficiency of the family (of Q4_0 if no phone has the family)."""
+    eff = (phone_efficiency(rows, devices, family, metric, rho=rho)
+           or phone_efficiency(rows, devices, "Q4_0", metric, rho=rho))
+    return eff * _peak(device, metric) if eff else math.nan
+
+
+def _note(src: _Source, gaps: list[str], measured: bool, engine: str, ratio: dict[str, Any] | None) -> str:
+    note = src.note
+    if gaps and src.rows:
+        note += f"; {' and '.join(gaps)} from its peak x the fitted phone efficiency"
     if not measured:
         who = engine if ratio is None else "pocketlm"
         note += f"; {who} / {REFERENCE_ENGINE} speed assumed 1 (no --vs {REFERENCE_ENGINE} run)"
-    if not matched:
-        note += f"; no {family} rows on this device, {used_family} rows used"
-    band_d = bands.get((band_path if "decode" not in fallback_note else "fallback", "decode"), math.nan)
-    band_p = bands.get((band_path if "prefill" not in fallback_note else "fallback", "prefill"), math.nan)
-    return PhoneEstimate(dec * rd / bytes_per_token, pre * rp / ops_per_token, basis, band_d, band_p, n,
-                         used_family, matched, rd, rp, measured, note)
+    return note
 
 
 def _fitted_devices(rows: Sequence[Measurement], devices: dict, family: str) -> int:
@@ -292,34 +463,67 @@ def _fitted_devices(rows: Sequence[Measurement], devices: dict, family: str) -> 
 @dataclass(frozen=True)
 class LooResult:
     row: Measurement
-    path: str        # calibrated (from the same device's other rows) or fallback (device left out)
+    path: str        # calibrated, cross-family or fallback (see leave_one_out)
     metric: str      # decode or prefill
     projected: float
     error: float     # projected / published - 1
 
 
 def leave_one_out(rows: Sequence[Measurement], devices: dict, prefill_peak: str = "bandwidth") -> list[LooResult]:
-    """Project every row from the others, both ways the bench can: 'calibrated' from the other rows
-    of its device, engine and quantization family (rate x scale, median, / its scale); 'fallback'
-    with its whole device left out, from the peak efficiency the other devices' reference-engine
-    rows of its family reach. Lower bounds and rows without bytes or weights are not projected."""
+    """Project every row from the others, each way the bench can:
+      'calibrated': from the other rows of its device, engine and quantization family;
+      'cross-family' (reference-engine rows): with all its device's rows of its family left out,
+        from the device's rows of the nearest other family x the family ratio of the other devices;
+      'fallback' (reference-engine rows): with its whole device left out, from the peak efficiency
+        the other devices' reference-engine rows of its family reach.
+    rho (K-quant fallback matrices) is refitted each time without the rows left out. Lower bounds
+    and rows without bytes or weights are not projected."""
     out = []
     for metric in ("decode", "prefill"):
         for r in rows:
             if r.achieved(metric) is None:
                 continue
-            peers = [o for o in rows if o is not r and o.device == r.device and o.engine == r.engine
-                     and o.family == r.family]
-            rate = achieved_rate(peers, metric)
-            if rate is not None:
-                p = rate / r.scale(metric)
-                out.append(LooResult(r, "calibrated", metric, p, p / r.rate(metric) - 1))
-            if r.engine == REFERENCE_ENGINE and r.device in devices:
-                eff = phone_efficiency(rows, devices, r.family, metric, r.device, prefill_peak)
-                if eff is not None:
-                    p = eff * _peak(devices[r.device], metric, prefill_peak) / r.scale(metric)
-                    out.append(LooResult(r, "fallback", metric, p, p / r.rate(metric) - 1))
+            for path, project in (("calibrated", _loo_calibrated), ("cross-family", _loo_cross_family),
+                                  ("fallback", _loo_fallback)):
+                p = project(r, rows, devices, metric, prefill_peak)
+                if p is not None:
+                    out.append(LooResult(r, path, metric, p, p / r.rate(metric) - 1))
     return out
+
+
+def _loo_calibrated(r: Measurement, rows: Sequence[Measurement], devices: dict, metric: str,
+                    prefill_peak: str) -> float | None:
+    rest = [o for o in rows if o is not r]
+    rho = fallback_ratios(rest)
+    peers = [o for o in rest if (o.device, o.engine, o.family) == (r.device, r.engine, r.family)]
+    rate = achieved_rate(peers, metric, rho)
+    return None if rate is None else rate / r.scale(metric, rho.get(r.family))
+
+
+def _loo_cross_family(r: Measurement, rows: Sequence[Measurement], devices: dict, metric: str,
+                      prefill_peak: str) -> float | None:
+    if r.engine != REFERENCE_ENGINE:
+        return None
+    rest = [o for o in rows if not (o.device == r.device and o.family == r.family)]
+    other = nearest_family(r.family, {o.family for o in _reference(rest, r.device) if o.achieved(metric)})
+    if other is None:
+        return None
+    rho = fallback_ratios(rest)
+    ratio, _ = family_ratio(rest, r.family, other, metric, rho, r.device)
+    base = achieved_rate(_reference(rest, r.device, other), metric, rho)
+    return None if ratio is None or base is None else base * ratio / r.scale(metric, rho.get(r.family))
+
+
+def _loo_fallback(r: Measurement, rows: Sequence[Measurement], devices: dict, metric: str,
+                  prefill_peak: str) -> float | None:
+    if r.engine != REFERENCE_ENGINE or r.device not in devices:
+        return None
+    rest = [o for o in rows if o.device != r.device]
+    rho = fallback_ratios(rest)
+    eff = phone_efficiency(rest, devices, r.family, metric, prefill_peak=prefill_peak, rho=rho)
+    if eff is None:
+        return None
+    return eff * _peak(devices[r.device], metric, prefill_peak) / r.scale(metric, rho.get(r.family))
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -336,7 +540,7 @@ def quantile(values: Sequence[float], q: float) -> float:
 def error_summary(results: Sequence[LooResult]) -> dict[tuple[str, str], dict[str, float]]:
     """(path, metric) -> n, median |error|, 90th percentile |error|, max |error|, median signed error."""
     out = {}
-    for path in ("calibrated", "fallback"):
+    for path in LOO_PATHS:
         for metric in ("decode", "prefill"):
             errs = [x.error for x in results if x.path == path and x.metric == metric]
             if errs:
