@@ -12,16 +12,21 @@
  * positions (inside each visible block), with an online softmax per (row, head): running max m,
  * running sum l, accumulator acc[hd]; a chunk that raises the max rescales l and acc by exp(m_old -
  * m_new). Only visible blocks are read (no dense mask), and memory is O(KCHUNK * hd) per work item
- * whatever the prompt length. A chunk is converted once to fp32 (int8: times its row scale) and
- * then serves every (row, head) of the work item that sees it: the query heads of one GQA group and
- * up to TQ prompt rows share each K/V read. Because the chunk grid is absolute, a row's result does
- * not depend on how the prompt was split into calls or work items (decode at p gives the same bits
- * as row p of a prompt), nor on the thread count.
+ * whatever the prompt length. In a prompt tile a chunk is converted once to fp32 (int8: times its
+ * row scale) and then serves every (row, head) of the work item that sees it: the query heads of
+ * one GQA group and up to TQ prompt rows share each K/V read. Decode (one row) has nothing to share
+ * a conversion with: the SIMD kernels read its fp16 / int8 rows in place, converting in registers
+ * to the same values (storing a converted chunk and loading it back cost 3x the arithmetic and
+ * held decode to 8 GB/s). Because the chunk grid is absolute, a row's result does not depend on
+ * how the prompt was split into calls or work items (decode at p gives the same bits as row p of
+ * a prompt), nor on the thread count.
  *
  * simd = 0 runs the portable C (the reference); otherwise AVX2+FMA+F16C on x86 or NEON on ARM64
  * (same loop structure, vector inner products, vector exp; pair kernels run two (row, head)
  * entries with the same keys at once, each key row loaded once for both, with the bits of the
- * single-entry kernels; the next visible chunk is prefetched while one is computed). Work items (query-row tile x kv head x head
+ * single-entry kernels). No software prefetch: the rows are sequential per head, which the
+ * hardware prefetchers follow; prefetching a whole next chunk at once slowed decode by 1.6x.
+ * Work items (query-row tile x kv head x head
  * subgroup) run on the thread pool, the heaviest (last) tiles first. */
 #include <math.h>
 #include <stdatomic.h>
@@ -40,24 +45,49 @@
 #define KCHUNK 64 /* keys converted and scored at once: 2 x 64 x hd floats of scratch (64 KB at hd 128) */
 #define TQ 16     /* prompt rows per work item (they share each chunk's conversion and cache reads) */
 
+/* Cache rows as the kernels read them: row r (value i) of kind KV_F32 (also the fp32 scratch of a
+ * converted chunk), KV_F16, or KV_I8 times the row's fp16 scale rs[r]. The SIMD kernels convert in
+ * registers exactly as cvt_* converts into the scratch (fp16 -> fp32 is exact; int8 * scale is one
+ * float multiply either way), so a kernel on raw rows and the same kernel on converted rows give
+ * the same bits: decode reads the cache once, with no scratch round trip (the conversion's stores
+ * and reloads cost 3x the arithmetic), while a prompt tile converts each chunk once for its rows. */
+typedef struct {
+    const void *base;
+    const uint16_t *rs;  /* KV_I8: the rows' fp16 scales; else NULL */
+    size_t row_bytes;    /* hd * bytes per value */
+} rows_t;
+
+static inline rows_t rows_at(rows_t R, int r) {
+    const rows_t o = {(const uint8_t *)R.base + (size_t)r * R.row_bytes, R.rs ? R.rs + r : NULL, R.row_bytes};
+    return o;
+}
+
 /* n cache rows of hd values -> fp32 dst [n, hd]; int8 rows are multiplied by their fp16 scale. */
 typedef void (*cvt_fn)(float *dst, const void *src, const uint16_t *scale, int n, int hd);
-/* s[r] = scale * q . K[r] for r < n; K [n, hd] fp32. */
-typedef void (*scores_fn)(const float *q, const float *K, int n, int hd, float scale, float *s);
-/* acc[hd] += sum_r p[r] V[r] for r < n; V [n, hd] fp32. */
-typedef void (*accum_fn)(float *acc, const float *p, const float *V, int n, int hd);
+/* s[r] = scale * q . K[r] for r < n. */
+typedef void (*scores_fn)(const float *q, rows_t K, int n, int hd, float scale, float *s);
+/* acc[hd] += sum_r p[r] V[r] for r < n. */
+typedef void (*accum_fn)(float *acc, const float *p, rows_t V, int n, int hd);
 /* The same for two query rows over the same keys (pair kernels, SIMD paths only): each row's
  * result has the bits of scores_fn / accum_fn on that row alone (same operations in the same
  * order), while each key row is loaded once for both. */
-typedef void (*scores2_fn)(const float *q0, const float *q1, const float *K, int n, int hd, float scale, float *s0,
+typedef void (*scores2_fn)(const float *q0, const float *q1, rows_t K, int n, int hd, float scale, float *s0,
                            float *s1);
-typedef void (*accum2_fn)(float *acc0, float *acc1, const float *p0, const float *p1, const float *V, int n, int hd);
+typedef void (*accum2_fn)(float *acc0, float *acc1, const float *p0, const float *p1, rows_t V, int n, int hd);
 /* Online-softmax step over the scores s[n] of one chunk: m_new = max(*m, max s), s[r] = exp(s[r] -
  * m_new) in place, *corr = exp(*m - m_new) (0 the first time, when *m = -inf), *m = m_new; returns
  * sum_r s[r]. exp is exp_approx's polynomial (3e-7 relative) in every path. */
 typedef float (*softmax_fn)(float *s, int n, float *m, float *corr);
 
-/* ---- portable (the reference) -------------------------------------------------------------- */
+/* The SIMD kernels of one storage kind (f32: also every converted chunk). */
+typedef struct {
+    scores_fn scores;
+    accum_fn accum;
+    scores2_fn scores2;
+    accum2_fn accum2;
+} kernel_set;
+
+/* ---- portable (the reference): fp32 rows (the cache, or the converted chunk) --------------- */
 
 static void cvt_f16_scalar(float *dst, const void *src, const uint16_t *scale, int n, int hd) {
     (void)scale;
@@ -73,7 +103,8 @@ static void cvt_i8_scalar(float *dst, const void *src, const uint16_t *scale, in
     }
 }
 
-static void scores_scalar(const float *q, const float *K, int n, int hd, float scale, float *s) {
+static void scores_scalar(const float *q, rows_t Kr, int n, int hd, float scale, float *s) {
+    const float *K = Kr.base;
     for (int r = 0; r < n; r++) {
         float d = 0.0f;
         for (int i = 0; i < hd; i++) d += q[i] * K[(size_t)r * hd + i];
@@ -81,7 +112,8 @@ static void scores_scalar(const float *q, const float *K, int n, int hd, float s
     }
 }
 
-static void accum_scalar(float *acc, const float *p, const float *V, int n, int hd) {
+static void accum_scalar(float *acc, const float *p, rows_t Vr, int n, int hd) {
+    const float *V = Vr.base;
     for (int r = 0; r < n; r++)
         for (int i = 0; i < hd; i++) acc[i] += p[r] * V[(size_t)r * hd + i];
 }
@@ -100,8 +132,9 @@ static float softmax_scalar(float *s, int n, float *m, float *corr) {
 
 #if defined(POCKETLM_X86)
 #define X86_TARGET __attribute__((target("avx2,f16c,fma")))
+#define X86_INLINE static inline __attribute__((always_inline, target("avx2,f16c,fma")))
 
-X86_TARGET static float hsum256(__m256 v) {
+X86_INLINE float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -131,118 +164,189 @@ X86_TARGET static void cvt_i8_avx2(float *dst, const void *src, const uint16_t *
     }
 }
 
-/* 4 keys per pass: each q load feeds 4 FMAs */
-X86_TARGET static void scores_avx2(const float *q, const float *K, int n, int hd, float scale, float *s) {
+/* Row r's scale (int8 rows; 0 otherwise), then 8 values at i or one value, as cvt_*_avx2 gives them. */
+X86_INLINE float row_scale(rows_t R, int kind, int r) { return kind == KV_I8 ? _cvtsh_ss(R.rs[r]) : 0.0f; }
+X86_INLINE __m256 row8(rows_t R, int kind, int hd, int r, int i, float s) {
+    const size_t at = (size_t)r * hd + i;
+    if (kind == KV_F32) return _mm256_loadu_ps((const float *)R.base + at);
+    if (kind == KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)R.base + at)));
+    const __m128i b = _mm_loadl_epi64((const __m128i *)((const int8_t *)R.base + at));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_set1_ps(s));
+}
+X86_INLINE float row1(rows_t R, int kind, int hd, int r, int i, float s) {
+    const size_t at = (size_t)r * hd + i;
+    if (kind == KV_F32) return ((const float *)R.base)[at];
+    if (kind == KV_F16) return _cvtsh_ss(((const uint16_t *)R.base)[at]);
+    return (float)((const int8_t *)R.base)[at] * s;
+}
+
+/* One key's score: its sum over i in order in one 8-lane accumulator, hsum256, the tail values
+ * in order (the pair kernel does the same per key, so pairs and singles agree bit for bit). */
+X86_INLINE float score_finish(__m256 acc, const float *q, rows_t K, int kind, int hd, int r, int i, float c,
+                              float scale) {
+    float d = hsum256(acc);
+    for (; i < hd; i++) d += q[i] * row1(K, kind, hd, r, i, c);
+    return d * scale;
+}
+
+/* 8 keys per pass: 8 independent FMA chains keep both FMA pipes busy (latency 4, 2 per cycle) and
+ * each q load feeds 8 FMAs */
+X86_INLINE void scores_x86(const float *q, rows_t K, int kind, int n, int hd, float scale, float *s) {
     int r = 0;
-    for (; r + 4 <= n; r += 4) {
-        const float *k0 = K + (size_t)r * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; r + 8 <= n; r += 8) {
+        float c[8];
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) c[j] = row_scale(K, kind, r + j), a[j] = _mm256_setzero_ps();
         int i = 0;
         for (; i + 8 <= hd; i += 8) {
             const __m256 qv = _mm256_loadu_ps(q + i);
-            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
-            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
-            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
-            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, row8(K, kind, hd, r + j, i, c[j]), a[j]);
         }
-        float d0 = hsum256(a0), d1 = hsum256(a1), d2 = hsum256(a2), d3 = hsum256(a3);
-        for (; i < hd; i++) {
-            d0 += q[i] * k0[i];
-            d1 += q[i] * k1[i];
-            d2 += q[i] * k2[i];
-            d3 += q[i] * k3[i];
-        }
-        s[r] = d0 * scale, s[r + 1] = d1 * scale, s[r + 2] = d2 * scale, s[r + 3] = d3 * scale;
+        for (int j = 0; j < 8; j++) s[r + j] = score_finish(a[j], q, K, kind, hd, r + j, i, c[j], scale);
     }
     for (; r < n; r++) {
-        const float *k0 = K + (size_t)r * hd;
+        const float c0 = row_scale(K, kind, r);
         __m256 a0 = _mm256_setzero_ps();
         int i = 0;
-        for (; i + 8 <= hd; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k0 + i), a0);
-        float d0 = hsum256(a0);
-        for (; i < hd; i++) d0 += q[i] * k0[i];
-        s[r] = d0 * scale;
+        for (; i + 8 <= hd; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), row8(K, kind, hd, r, i, c0), a0);
+        s[r] = score_finish(a0, q, K, kind, hd, r, i, c0, scale);
     }
 }
 
-/* acc[0..width) += sum_r p[r] V[r * stride + 0..width): 8 lanes, then one (width < 32) */
-X86_TARGET static void accum_tail_avx2(float *acc, const float *p, const float *V, int n, int stride, int width) {
-    int i = 0;
-    for (; i + 8 <= width; i += 8) {
-        __m256 a0 = _mm256_loadu_ps(acc + i);
-        for (int r = 0; r < n; r++)
-            a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[r]), _mm256_loadu_ps(V + (size_t)r * stride + i), a0);
-        _mm256_storeu_ps(acc + i, a0);
+/* acc[i0 .. i0 + 8 NV) += sum_r p[r] V[r][same lanes] with NV accumulators in registers over all n
+ * keys (NV a constant after inlining; 8 or more keep both FMA pipes busy). Every lane adds its
+ * products in key order, one FMA each, whichever block or kernel (single or pair) it falls in. */
+X86_INLINE void accum_block_x86(float *acc, const float *p, rows_t V, int kind, int n, int hd, int i0, int NV) {
+    __m256 a[12];
+    for (int v = 0; v < NV; v++) a[v] = _mm256_loadu_ps(acc + i0 + 8 * v);
+    for (int r = 0; r < n; r++) {
+        const __m256 pv = _mm256_set1_ps(p[r]);
+        const float c = row_scale(V, kind, r);
+        for (int v = 0; v < NV; v++) a[v] = _mm256_fmadd_ps(pv, row8(V, kind, hd, r, i0 + 8 * v, c), a[v]);
     }
-    for (; i < width; i++)
-        for (int r = 0; r < n; r++) acc[i] += p[r] * V[(size_t)r * stride + i];
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(acc + i0 + 8 * v, a[v]);
+}
+
+/* The same for two accumulator rows sharing each V load (2 x NV accumulators, NV <= 6). */
+X86_INLINE void accum2_block_x86(float *acc0, float *acc1, const float *p0, const float *p1, rows_t V, int kind,
+                                 int n, int hd, int i0, int NV) {
+    __m256 a[6], b[6];
+    for (int v = 0; v < NV; v++) a[v] = _mm256_loadu_ps(acc0 + i0 + 8 * v), b[v] = _mm256_loadu_ps(acc1 + i0 + 8 * v);
+    for (int r = 0; r < n; r++) {
+        const __m256 x = _mm256_set1_ps(p0[r]), y = _mm256_set1_ps(p1[r]);
+        const float c = row_scale(V, kind, r);
+        for (int v = 0; v < NV; v++) {
+            const __m256 vv = row8(V, kind, hd, r, i0 + 8 * v, c);
+            a[v] = _mm256_fmadd_ps(x, vv, a[v]), b[v] = _mm256_fmadd_ps(y, vv, b[v]);
+        }
+    }
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(acc0 + i0 + 8 * v, a[v]), _mm256_storeu_ps(acc1 + i0 + 8 * v, b[v]);
+}
+
+/* The lanes past the last multiple of 8, one at a time (the same in single and pair kernels). */
+X86_INLINE void accum_lanes_x86(float *acc, const float *p, rows_t V, int kind, int n, int hd, int i0) {
+    for (int i = i0; i < hd; i++)
+        for (int r = 0; r < n; r++) acc[i] += p[r] * row1(V, kind, hd, r, i, row_scale(V, kind, r));
+}
+
+/* hd / 8 vectors in near-equal blocks of at most `most` vectors; returns the next block's size. */
+static inline int block_vectors(int vecs_left, int most) {
+    const int blocks = (vecs_left + most - 1) / most;
+    return (vecs_left + blocks - 1) / blocks;
+}
+
+#define NV_CASES(call) /* `call(NV)` with NV a constant 1..12 */                                           \
+    switch (nv) {                                                                                          \
+    case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; case 4: call(4); break;        \
+    case 5: call(5); break; case 6: call(6); break; case 7: call(7); break; case 8: call(8); break;        \
+    case 9: call(9); break; case 10: call(10); break; case 11: call(11); break; default: call(12); break;  \
+    }
+
+X86_INLINE void accum_x86(float *acc, const float *p, rows_t V, int kind, int n, int hd) {
+    const int vecs = hd / 8;
+    for (int done = 0, nv; done < vecs; done += nv) {
+        nv = block_vectors(vecs - done, 12);
+#define ACC1(NV) accum_block_x86(acc, p, V, kind, n, hd, 8 * done, NV)
+        NV_CASES(ACC1)
+#undef ACC1
+    }
+    accum_lanes_x86(acc, p, V, kind, n, hd, 8 * vecs);
+}
+
+X86_INLINE void accum2_x86(float *acc0, float *acc1, const float *p0, const float *p1, rows_t V, int kind, int n,
+                           int hd) {
+    const int vecs = hd / 8;
+    for (int done = 0, nv; done < vecs; done += nv) {
+        nv = block_vectors(vecs - done, 6);
+#define ACC2(NV) accum2_block_x86(acc0, acc1, p0, p1, V, kind, n, hd, 8 * done, (NV) < 6 ? (NV) : 6)
+        NV_CASES(ACC2)
+#undef ACC2
+    }
+    accum_lanes_x86(acc0, p0, V, kind, n, hd, 8 * vecs);
+    accum_lanes_x86(acc1, p1, V, kind, n, hd, 8 * vecs);
 }
 
 /* two query rows x 4 keys per pass: 8 accumulators, each key load feeds 2 FMAs, each q load 4 */
-X86_TARGET static void scores2_avx2(const float *q0, const float *q1, const float *K, int n, int hd, float scale,
-                                    float *s0, float *s1) {
+X86_INLINE void scores2_x86(const float *q0, const float *q1, rows_t K, int kind, int n, int hd, float scale,
+                            float *s0, float *s1) {
     int r = 0;
     for (; r + 4 <= n; r += 4) {
-        const float *k0 = K + (size_t)r * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        const float c0 = row_scale(K, kind, r), c1 = row_scale(K, kind, r + 1);
+        const float c2 = row_scale(K, kind, r + 2), c3 = row_scale(K, kind, r + 3);
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         int i = 0;
         for (; i + 8 <= hd; i += 8) {
             const __m256 x = _mm256_loadu_ps(q0 + i), y = _mm256_loadu_ps(q1 + i);
-            __m256 kv = _mm256_loadu_ps(k0 + i);
+            __m256 kv = row8(K, kind, hd, r, i, c0);
             a0 = _mm256_fmadd_ps(x, kv, a0), b0 = _mm256_fmadd_ps(y, kv, b0);
-            kv = _mm256_loadu_ps(k1 + i);
+            kv = row8(K, kind, hd, r + 1, i, c1);
             a1 = _mm256_fmadd_ps(x, kv, a1), b1 = _mm256_fmadd_ps(y, kv, b1);
-            kv = _mm256_loadu_ps(k2 + i);
+            kv = row8(K, kind, hd, r + 2, i, c2);
             a2 = _mm256_fmadd_ps(x, kv, a2), b2 = _mm256_fmadd_ps(y, kv, b2);
-            kv = _mm256_loadu_ps(k3 + i);
+            kv = row8(K, kind, hd, r + 3, i, c3);
             a3 = _mm256_fmadd_ps(x, kv, a3), b3 = _mm256_fmadd_ps(y, kv, b3);
         }
         float d0 = hsum256(a0), d1 = hsum256(a1), d2 = hsum256(a2), d3 = hsum256(a3);
         float e0 = hsum256(b0), e1 = hsum256(b1), e2 = hsum256(b2), e3 = hsum256(b3);
         for (; i < hd; i++) {
-            d0 += q0[i] * k0[i], d1 += q0[i] * k1[i], d2 += q0[i] * k2[i], d3 += q0[i] * k3[i];
-            e0 += q1[i] * k0[i], e1 += q1[i] * k1[i], e2 += q1[i] * k2[i], e3 += q1[i] * k3[i];
+            const float k0 = row1(K, kind, hd, r, i, c0), k1 = row1(K, kind, hd, r + 1, i, c1);
+            const float k2 = row1(K, kind, hd, r + 2, i, c2), k3 = row1(K, kind, hd, r + 3, i, c3);
+            d0 += q0[i] * k0, d1 += q0[i] * k1, d2 += q0[i] * k2, d3 += q0[i] * k3;
+            e0 += q1[i] * k0, e1 += q1[i] * k1, e2 += q1[i] * k2, e3 += q1[i] * k3;
         }
         s0[r] = d0 * scale, s0[r + 1] = d1 * scale, s0[r + 2] = d2 * scale, s0[r + 3] = d3 * scale;
         s1[r] = e0 * scale, s1[r + 1] = e1 * scale, s1[r + 2] = e2 * scale, s1[r + 3] = e3 * scale;
     }
     if (r < n) {
-        scores_avx2(q0, K + (size_t)r * hd, n - r, hd, scale, s0 + r);
-        scores_avx2(q1, K + (size_t)r * hd, n - r, hd, scale, s1 + r);
+        scores_x86(q0, rows_at(K, r), kind, n - r, hd, scale, s0 + r);
+        scores_x86(q1, rows_at(K, r), kind, n - r, hd, scale, s1 + r);
     }
 }
 
-/* two accumulator rows x 32 lanes in registers; each V load feeds both */
-X86_TARGET static void accum2_avx2(float *acc0, float *acc1, const float *p0, const float *p1, const float *V, int n,
-                                   int hd) {
-    int i = 0;
-    for (; i + 32 <= hd; i += 32) {
-        __m256 a0 = _mm256_loadu_ps(acc0 + i), a1 = _mm256_loadu_ps(acc0 + i + 8);
-        __m256 a2 = _mm256_loadu_ps(acc0 + i + 16), a3 = _mm256_loadu_ps(acc0 + i + 24);
-        __m256 b0 = _mm256_loadu_ps(acc1 + i), b1 = _mm256_loadu_ps(acc1 + i + 8);
-        __m256 b2 = _mm256_loadu_ps(acc1 + i + 16), b3 = _mm256_loadu_ps(acc1 + i + 24);
-        for (int r = 0; r < n; r++) {
-            const __m256 x = _mm256_set1_ps(p0[r]), y = _mm256_set1_ps(p1[r]);
-            const float *v = V + (size_t)r * hd + i;
-            __m256 vv = _mm256_loadu_ps(v);
-            a0 = _mm256_fmadd_ps(x, vv, a0), b0 = _mm256_fmadd_ps(y, vv, b0);
-            vv = _mm256_loadu_ps(v + 8);
-            a1 = _mm256_fmadd_ps(x, vv, a1), b1 = _mm256_fmadd_ps(y, vv, b1);
-            vv = _mm256_loadu_ps(v + 16);
-            a2 = _mm256_fmadd_ps(x, vv, a2), b2 = _mm256_fmadd_ps(y, vv, b2);
-            vv = _mm256_loadu_ps(v + 24);
-            a3 = _mm256_fmadd_ps(x, vv, a3), b3 = _mm256_fmadd_ps(y, vv, b3);
-        }
-        _mm256_storeu_ps(acc0 + i, a0), _mm256_storeu_ps(acc0 + i + 8, a1);
-        _mm256_storeu_ps(acc0 + i + 16, a2), _mm256_storeu_ps(acc0 + i + 24, a3);
-        _mm256_storeu_ps(acc1 + i, b0), _mm256_storeu_ps(acc1 + i + 8, b1);
-        _mm256_storeu_ps(acc1 + i + 16, b2), _mm256_storeu_ps(acc1 + i + 24, b3);
+/* One instantiation per storage kind: every `kind` test folds away. */
+#define X86_KERNEL_SET(sfx, KIND)                                                                           \
+    X86_TARGET static void scores_##sfx(const float *q, rows_t K, int n, int hd, float scale, float *s) {  \
+        scores_x86(q, K, KIND, n, hd, scale, s);                                                           \
+    }                                                                                                      \
+    X86_TARGET static void accum_##sfx(float *acc, const float *p, rows_t V, int n, int hd) {             \
+        accum_x86(acc, p, V, KIND, n, hd);                                                                 \
+    }                                                                                                      \
+    X86_TARGET static void scores2_##sfx(const float *q0, const float *q1, rows_t K, int n, int hd,       \
+                                         float scale, float *s0, float *s1) {                             \
+        scores2_x86(q0, q1, K, KIND, n, hd, scale, s0, s1);                                               \
+    }                                                                                                      \
+    X86_TARGET static void accum2_##sfx(float *acc0, float *acc1, const float *p0, const float *p1,       \
+                                        rows_t V, int n, int hd) {                                         \
+        accum2_x86(acc0, acc1, p0, p1, V, KIND, n, hd);                                                   \
     }
-    if (i < hd) { /* the lanes past the last 32: the single-row code on the rest of each row */
-        accum_tail_avx2(acc0 + i, p0, V + i, n, hd, hd - i);
-        accum_tail_avx2(acc1 + i, p1, V + i, n, hd, hd - i);
-    }
-}
+X86_KERNEL_SET(f32_avx2, KV_F32)
+X86_KERNEL_SET(f16_avx2, KV_F16)
+X86_KERNEL_SET(i8_avx2, KV_I8)
+static const kernel_set KERNELS_X86[3] = {
+    {scores_f32_avx2, accum_f32_avx2, scores2_f32_avx2, accum2_f32_avx2},
+    {scores_f16_avx2, accum_f16_avx2, scores2_f16_avx2, accum2_f16_avx2},
+    {scores_i8_avx2, accum_i8_avx2, scores2_i8_avx2, accum2_i8_avx2},
+};
 
 /* exp_approx on 8 lanes (same clamps, reduction and polynomial; round half to even for n) */
 X86_TARGET static __m256 exp8_avx2(__m256 x) {
@@ -284,26 +388,6 @@ X86_TARGET static float softmax_avx2(float *s, int n, float *m, float *corr) {
     for (; r < n; r++) sum += (s[r] = exp_approx(s[r] - cm));
     return sum;
 }
-
-/* 32 accumulator lanes stay in registers over all n keys */
-X86_TARGET static void accum_avx2(float *acc, const float *p, const float *V, int n, int hd) {
-    int i = 0;
-    for (; i + 32 <= hd; i += 32) {
-        __m256 a0 = _mm256_loadu_ps(acc + i), a1 = _mm256_loadu_ps(acc + i + 8);
-        __m256 a2 = _mm256_loadu_ps(acc + i + 16), a3 = _mm256_loadu_ps(acc + i + 24);
-        for (int r = 0; r < n; r++) {
-            const __m256 pv = _mm256_set1_ps(p[r]);
-            const float *v = V + (size_t)r * hd + i;
-            a0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v), a0);
-            a1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8), a1);
-            a2 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 16), a2);
-            a3 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 24), a3);
-        }
-        _mm256_storeu_ps(acc + i, a0), _mm256_storeu_ps(acc + i + 8, a1);
-        _mm256_storeu_ps(acc + i + 16, a2), _mm256_storeu_ps(acc + i + 24, a3);
-    }
-    if (i < hd) accum_tail_avx2(acc + i, p, V + i, n, hd, hd - i);
-}
 #endif
 
 /* ---- ARM64: NEON (fp16 <-> fp32 conversion is part of base AArch64) ----------------------- */
@@ -332,38 +416,177 @@ static void cvt_i8_neon(float *dst, const void *src, const uint16_t *scale, int 
     }
 }
 
-static void scores_neon(const float *q, const float *K, int n, int hd, float scale, float *s) {
+/* Row r's scale (int8 rows; 0 otherwise), then 4 values at i or one value, as cvt_*_neon gives them. */
+static inline __attribute__((always_inline)) float row_scale(rows_t R, int kind, int r) {
+    return kind == KV_I8 ? fp16_to_fp32(R.rs[r]) : 0.0f;
+}
+static inline __attribute__((always_inline)) float32x4_t row4(rows_t R, int kind, int hd, int r, int i, float s) {
+    const size_t at = (size_t)r * hd + i;
+    if (kind == KV_F32) return vld1q_f32((const float *)R.base + at);
+    if (kind == KV_F16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)R.base + at)));
+    int32_t w; /* 4 bytes (an 8-byte load could pass the cache's end) */
+    memcpy(&w, (const int8_t *)R.base + at, 4);
+    const int16x8_t h = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w)));
+    return vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(h))), s);
+}
+static inline __attribute__((always_inline)) float row1(rows_t R, int kind, int hd, int r, int i, float s) {
+    const size_t at = (size_t)r * hd + i;
+    if (kind == KV_F32) return ((const float *)R.base)[at];
+    if (kind == KV_F16) return fp16_to_fp32(((const uint16_t *)R.base)[at]);
+    return (float)((const int8_t *)R.base)[at] * s;
+}
+#define NEON_INLINE static inline __attribute__((always_inline))
+
+NEON_INLINE void scores_arm(const float *q, rows_t K, int kind, int n, int hd, float scale, float *s) {
     int r = 0;
     for (; r + 4 <= n; r += 4) {
-        const float *k0 = K + (size_t)r * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        const float c0 = row_scale(K, kind, r), c1 = row_scale(K, kind, r + 1);
+        const float c2 = row_scale(K, kind, r + 2), c3 = row_scale(K, kind, r + 3);
         float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
         int i = 0;
         for (; i + 4 <= hd; i += 4) {
             const float32x4_t qv = vld1q_f32(q + i);
-            a0 = vfmaq_f32(a0, qv, vld1q_f32(k0 + i));
-            a1 = vfmaq_f32(a1, qv, vld1q_f32(k1 + i));
-            a2 = vfmaq_f32(a2, qv, vld1q_f32(k2 + i));
-            a3 = vfmaq_f32(a3, qv, vld1q_f32(k3 + i));
+            a0 = vfmaq_f32(a0, qv, row4(K, kind, hd, r, i, c0));
+            a1 = vfmaq_f32(a1, qv, row4(K, kind, hd, r + 1, i, c1));
+            a2 = vfmaq_f32(a2, qv, row4(K, kind, hd, r + 2, i, c2));
+            a3 = vfmaq_f32(a3, qv, row4(K, kind, hd, r + 3, i, c3));
         }
         float d0 = vaddvq_f32(a0), d1 = vaddvq_f32(a1), d2 = vaddvq_f32(a2), d3 = vaddvq_f32(a3);
         for (; i < hd; i++) {
-            d0 += q[i] * k0[i];
-            d1 += q[i] * k1[i];
-            d2 += q[i] * k2[i];
-            d3 += q[i] * k3[i];
+            d0 += q[i] * row1(K, kind, hd, r, i, c0);
+            d1 += q[i] * row1(K, kind, hd, r + 1, i, c1);
+            d2 += q[i] * row1(K, kind, hd, r + 2, i, c2);
+            d3 += q[i] * row1(K, kind, hd, r + 3, i, c3);
         }
         s[r] = d0 * scale, s[r + 1] = d1 * scale, s[r + 2] = d2 * scale, s[r + 3] = d3 * scale;
     }
     for (; r < n; r++) {
-        const float *k0 = K + (size_t)r * hd;
+        const float c0 = row_scale(K, kind, r);
         float32x4_t a0 = vdupq_n_f32(0.0f);
         int i = 0;
-        for (; i + 4 <= hd; i += 4) a0 = vfmaq_f32(a0, vld1q_f32(q + i), vld1q_f32(k0 + i));
+        for (; i + 4 <= hd; i += 4) a0 = vfmaq_f32(a0, vld1q_f32(q + i), row4(K, kind, hd, r, i, c0));
         float d0 = vaddvq_f32(a0);
-        for (; i < hd; i++) d0 += q[i] * k0[i];
+        for (; i < hd; i++) d0 += q[i] * row1(K, kind, hd, r, i, c0);
         s[r] = d0 * scale;
     }
 }
+
+/* acc[0..width) += sum_r p[r] V[r][i0 + 0..width): 4 lanes, then one (width < 16) */
+NEON_INLINE void accum_tail_arm(float *acc, const float *p, rows_t V, int kind, int n, int hd, int i0, int width) {
+    int i = 0;
+    for (; i + 4 <= width; i += 4) {
+        float32x4_t a0 = vld1q_f32(acc + i);
+        for (int r = 0; r < n; r++) a0 = vfmaq_n_f32(a0, row4(V, kind, hd, r, i0 + i, row_scale(V, kind, r)), p[r]);
+        vst1q_f32(acc + i, a0);
+    }
+    for (; i < width; i++)
+        for (int r = 0; r < n; r++) acc[i] += p[r] * row1(V, kind, hd, r, i0 + i, row_scale(V, kind, r));
+}
+
+NEON_INLINE void accum_arm(float *acc, const float *p, rows_t V, int kind, int n, int hd) {
+    int i = 0;
+    for (; i + 16 <= hd; i += 16) {
+        float32x4_t a0 = vld1q_f32(acc + i), a1 = vld1q_f32(acc + i + 4);
+        float32x4_t a2 = vld1q_f32(acc + i + 8), a3 = vld1q_f32(acc + i + 12);
+        for (int r = 0; r < n; r++) {
+            const float c = row_scale(V, kind, r);
+            a0 = vfmaq_n_f32(a0, row4(V, kind, hd, r, i, c), p[r]);
+            a1 = vfmaq_n_f32(a1, row4(V, kind, hd, r, i + 4, c), p[r]);
+            a2 = vfmaq_n_f32(a2, row4(V, kind, hd, r, i + 8, c), p[r]);
+            a3 = vfmaq_n_f32(a3, row4(V, kind, hd, r, i + 12, c), p[r]);
+        }
+        vst1q_f32(acc + i, a0), vst1q_f32(acc + i + 4, a1), vst1q_f32(acc + i + 8, a2), vst1q_f32(acc + i + 12, a3);
+    }
+    if (i < hd) accum_tail_arm(acc + i, p, V, kind, n, hd, i, hd - i);
+}
+
+NEON_INLINE void scores2_arm(const float *q0, const float *q1, rows_t K, int kind, int n, int hd, float scale,
+                             float *s0, float *s1) {
+    int r = 0;
+    for (; r + 4 <= n; r += 4) {
+        const float c0 = row_scale(K, kind, r), c1 = row_scale(K, kind, r + 1);
+        const float c2 = row_scale(K, kind, r + 2), c3 = row_scale(K, kind, r + 3);
+        float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int i = 0;
+        for (; i + 4 <= hd; i += 4) {
+            const float32x4_t x = vld1q_f32(q0 + i), y = vld1q_f32(q1 + i);
+            float32x4_t kv = row4(K, kind, hd, r, i, c0);
+            a0 = vfmaq_f32(a0, x, kv), b0 = vfmaq_f32(b0, y, kv);
+            kv = row4(K, kind, hd, r + 1, i, c1);
+            a1 = vfmaq_f32(a1, x, kv), b1 = vfmaq_f32(b1, y, kv);
+            kv = row4(K, kind, hd, r + 2, i, c2);
+            a2 = vfmaq_f32(a2, x, kv), b2 = vfmaq_f32(b2, y, kv);
+            kv = row4(K, kind, hd, r + 3, i, c3);
+            a3 = vfmaq_f32(a3, x, kv), b3 = vfmaq_f32(b3, y, kv);
+        }
+        float d0 = vaddvq_f32(a0), d1 = vaddvq_f32(a1), d2 = vaddvq_f32(a2), d3 = vaddvq_f32(a3);
+        float e0 = vaddvq_f32(b0), e1 = vaddvq_f32(b1), e2 = vaddvq_f32(b2), e3 = vaddvq_f32(b3);
+        for (; i < hd; i++) {
+            const float k0 = row1(K, kind, hd, r, i, c0), k1 = row1(K, kind, hd, r + 1, i, c1);
+            const float k2 = row1(K, kind, hd, r + 2, i, c2), k3 = row1(K, kind, hd, r + 3, i, c3);
+            d0 += q0[i] * k0, d1 += q0[i] * k1, d2 += q0[i] * k2, d3 += q0[i] * k3;
+            e0 += q1[i] * k0, e1 += q1[i] * k1, e2 += q1[i] * k2, e3 += q1[i] * k3;
+        }
+        s0[r] = d0 * scale, s0[r + 1] = d1 * scale, s0[r + 2] = d2 * scale, s0[r + 3] = d3 * scale;
+        s1[r] = e0 * scale, s1[r + 1] = e1 * scale, s1[r + 2] = e2 * scale, s1[r + 3] = e3 * scale;
+    }
+    if (r < n) {
+        scores_arm(q0, rows_at(K, r), kind, n - r, hd, scale, s0 + r);
+        scores_arm(q1, rows_at(K, r), kind, n - r, hd, scale, s1 + r);
+    }
+}
+
+NEON_INLINE void accum2_arm(float *acc0, float *acc1, const float *p0, const float *p1, rows_t V, int kind, int n,
+                            int hd) {
+    int i = 0;
+    for (; i + 16 <= hd; i += 16) {
+        float32x4_t a0 = vld1q_f32(acc0 + i), a1 = vld1q_f32(acc0 + i + 4);
+        float32x4_t a2 = vld1q_f32(acc0 + i + 8), a3 = vld1q_f32(acc0 + i + 12);
+        float32x4_t b0 = vld1q_f32(acc1 + i), b1 = vld1q_f32(acc1 + i + 4);
+        float32x4_t b2 = vld1q_f32(acc1 + i + 8), b3 = vld1q_f32(acc1 + i + 12);
+        for (int r = 0; r < n; r++) {
+            const float c = row_scale(V, kind, r);
+            float32x4_t vv = row4(V, kind, hd, r, i, c);
+            a0 = vfmaq_n_f32(a0, vv, p0[r]), b0 = vfmaq_n_f32(b0, vv, p1[r]);
+            vv = row4(V, kind, hd, r, i + 4, c);
+            a1 = vfmaq_n_f32(a1, vv, p0[r]), b1 = vfmaq_n_f32(b1, vv, p1[r]);
+            vv = row4(V, kind, hd, r, i + 8, c);
+            a2 = vfmaq_n_f32(a2, vv, p0[r]), b2 = vfmaq_n_f32(b2, vv, p1[r]);
+            vv = row4(V, kind, hd, r, i + 12, c);
+            a3 = vfmaq_n_f32(a3, vv, p0[r]), b3 = vfmaq_n_f32(b3, vv, p1[r]);
+        }
+        vst1q_f32(acc0 + i, a0), vst1q_f32(acc0 + i + 4, a1), vst1q_f32(acc0 + i + 8, a2), vst1q_f32(acc0 + i + 12, a3);
+        vst1q_f32(acc1 + i, b0), vst1q_f32(acc1 + i + 4, b1), vst1q_f32(acc1 + i + 8, b2), vst1q_f32(acc1 + i + 12, b3);
+    }
+    if (i < hd) {
+        accum_tail_arm(acc0 + i, p0, V, kind, n, hd, i, hd - i);
+        accum_tail_arm(acc1 + i, p1, V, kind, n, hd, i, hd - i);
+    }
+}
+
+#define NEON_KERNEL_SET(sfx, KIND)                                                                          \
+    static void scores_##sfx(const float *q, rows_t K, int n, int hd, float scale, float *s) {             \
+        scores_arm(q, K, KIND, n, hd, scale, s);                                                           \
+    }                                                                                                      \
+    static void accum_##sfx(float *acc, const float *p, rows_t V, int n, int hd) {                        \
+        accum_arm(acc, p, V, KIND, n, hd);                                                                 \
+    }                                                                                                      \
+    static void scores2_##sfx(const float *q0, const float *q1, rows_t K, int n, int hd, float scale,     \
+                              float *s0, float *s1) {                                                     \
+        scores2_arm(q0, q1, K, KIND, n, hd, scale, s0, s1);                                               \
+    }                                                                                                      \
+    static void accum2_##sfx(float *acc0, float *acc1, const float *p0, const float *p1, rows_t V, int n,  \
+                             int hd) {                                                                     \
+        accum2_arm(acc0, acc1, p0, p1, V, KIND, n, hd);                                                   \
+    }
+NEON_KERNEL_SET(f32_neon, KV_F32)
+NEON_KERNEL_SET(f16_neon, KV_F16)
+NEON_KERNEL_SET(i8_neon, KV_I8)
+static const kernel_set KERNELS_ARM[3] = {
+    {scores_f32_neon, accum_f32_neon, scores2_f32_neon, accum2_f32_neon},
+    {scores_f16_neon, accum_f16_neon, scores2_f16_neon, accum2_f16_neon},
+    {scores_i8_neon, accum_i8_neon, scores2_i8_neon, accum2_i8_neon},
+};
 
 /* exp_approx on 4 lanes (same clamps, reduction and polynomial; round half to even for n) */
 static inline float32x4_t exp4_neon(float32x4_t x) {
@@ -402,95 +625,6 @@ static float softmax_neon(float *s, int n, float *m, float *corr) {
     for (; r < n; r++) sum += (s[r] = exp_approx(s[r] - cm));
     return sum;
 }
-
-/* acc[0..width) += sum_r p[r] V[r * stride + 0..width): 4 lanes, then one (width < 16) */
-static void accum_tail_neon(float *acc, const float *p, const float *V, int n, int stride, int width) {
-    int i = 0;
-    for (; i + 4 <= width; i += 4) {
-        float32x4_t a0 = vld1q_f32(acc + i);
-        for (int r = 0; r < n; r++) a0 = vfmaq_n_f32(a0, vld1q_f32(V + (size_t)r * stride + i), p[r]);
-        vst1q_f32(acc + i, a0);
-    }
-    for (; i < width; i++)
-        for (int r = 0; r < n; r++) acc[i] += p[r] * V[(size_t)r * stride + i];
-}
-
-static void accum_neon(float *acc, const float *p, const float *V, int n, int hd) {
-    int i = 0;
-    for (; i + 16 <= hd; i += 16) {
-        float32x4_t a0 = vld1q_f32(acc + i), a1 = vld1q_f32(acc + i + 4);
-        float32x4_t a2 = vld1q_f32(acc + i + 8), a3 = vld1q_f32(acc + i + 12);
-        for (int r = 0; r < n; r++) {
-            const float *v = V + (size_t)r * hd + i;
-            a0 = vfmaq_n_f32(a0, vld1q_f32(v), p[r]);
-            a1 = vfmaq_n_f32(a1, vld1q_f32(v + 4), p[r]);
-            a2 = vfmaq_n_f32(a2, vld1q_f32(v + 8), p[r]);
-            a3 = vfmaq_n_f32(a3, vld1q_f32(v + 12), p[r]);
-        }
-        vst1q_f32(acc + i, a0), vst1q_f32(acc + i + 4, a1), vst1q_f32(acc + i + 8, a2), vst1q_f32(acc + i + 12, a3);
-    }
-    if (i < hd) accum_tail_neon(acc + i, p, V + i, n, hd, hd - i);
-}
-
-static void scores2_neon(const float *q0, const float *q1, const float *K, int n, int hd, float scale, float *s0,
-                         float *s1) {
-    int r = 0;
-    for (; r + 4 <= n; r += 4) {
-        const float *k0 = K + (size_t)r * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
-        float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        int i = 0;
-        for (; i + 4 <= hd; i += 4) {
-            const float32x4_t x = vld1q_f32(q0 + i), y = vld1q_f32(q1 + i);
-            float32x4_t kv = vld1q_f32(k0 + i);
-            a0 = vfmaq_f32(a0, x, kv), b0 = vfmaq_f32(b0, y, kv);
-            kv = vld1q_f32(k1 + i);
-            a1 = vfmaq_f32(a1, x, kv), b1 = vfmaq_f32(b1, y, kv);
-            kv = vld1q_f32(k2 + i);
-            a2 = vfmaq_f32(a2, x, kv), b2 = vfmaq_f32(b2, y, kv);
-            kv = vld1q_f32(k3 + i);
-            a3 = vfmaq_f32(a3, x, kv), b3 = vfmaq_f32(b3, y, kv);
-        }
-        float d0 = vaddvq_f32(a0), d1 = vaddvq_f32(a1), d2 = vaddvq_f32(a2), d3 = vaddvq_f32(a3);
-        float e0 = vaddvq_f32(b0), e1 = vaddvq_f32(b1), e2 = vaddvq_f32(b2), e3 = vaddvq_f32(b3);
-        for (; i < hd; i++) {
-            d0 += q0[i] * k0[i], d1 += q0[i] * k1[i], d2 += q0[i] * k2[i], d3 += q0[i] * k3[i];
-            e0 += q1[i] * k0[i], e1 += q1[i] * k1[i], e2 += q1[i] * k2[i], e3 += q1[i] * k3[i];
-        }
-        s0[r] = d0 * scale, s0[r + 1] = d1 * scale, s0[r + 2] = d2 * scale, s0[r + 3] = d3 * scale;
-        s1[r] = e0 * scale, s1[r + 1] = e1 * scale, s1[r + 2] = e2 * scale, s1[r + 3] = e3 * scale;
-    }
-    if (r < n) {
-        scores_neon(q0, K + (size_t)r * hd, n - r, hd, scale, s0 + r);
-        scores_neon(q1, K + (size_t)r * hd, n - r, hd, scale, s1 + r);
-    }
-}
-
-static void accum2_neon(float *acc0, float *acc1, const float *p0, const float *p1, const float *V, int n, int hd) {
-    int i = 0;
-    for (; i + 16 <= hd; i += 16) {
-        float32x4_t a0 = vld1q_f32(acc0 + i), a1 = vld1q_f32(acc0 + i + 4);
-        float32x4_t a2 = vld1q_f32(acc0 + i + 8), a3 = vld1q_f32(acc0 + i + 12);
-        float32x4_t b0 = vld1q_f32(acc1 + i), b1 = vld1q_f32(acc1 + i + 4);
-        float32x4_t b2 = vld1q_f32(acc1 + i + 8), b3 = vld1q_f32(acc1 + i + 12);
-        for (int r = 0; r < n; r++) {
-            const float *v = V + (size_t)r * hd + i;
-            float32x4_t vv = vld1q_f32(v);
-            a0 = vfmaq_n_f32(a0, vv, p0[r]), b0 = vfmaq_n_f32(b0, vv, p1[r]);
-            vv = vld1q_f32(v + 4);
-            a1 = vfmaq_n_f32(a1, vv, p0[r]), b1 = vfmaq_n_f32(b1, vv, p1[r]);
-            vv = vld1q_f32(v + 8);
-            a2 = vfmaq_n_f32(a2, vv, p0[r]), b2 = vfmaq_n_f32(b2, vv, p1[r]);
-            vv = vld1q_f32(v + 12);
-            a3 = vfmaq_n_f32(a3, vv, p0[r]), b3 = vfmaq_n_f32(b3, vv, p1[r]);
-        }
-        vst1q_f32(acc0 + i, a0), vst1q_f32(acc0 + i + 4, a1), vst1q_f32(acc0 + i + 8, a2), vst1q_f32(acc0 + i + 12, a3);
-        vst1q_f32(acc1 + i, b0), vst1q_f32(acc1 + i + 4, b1), vst1q_f32(acc1 + i + 8, b2), vst1q_f32(acc1 + i + 12, b3);
-    }
-    if (i < hd) {
-        accum_tail_neon(acc0 + i, p0, V + i, n, hd, hd - i);
-        accum_tail_neon(acc1 + i, p1, V + i, n, hd, hd - i);
-    }
-}
 #endif
 
 /* ---- argument check ---------------------------------------------------------------------- */
@@ -517,7 +651,7 @@ const char *attention_args_error(const attention_args *a) {
 
 typedef struct {
     const attention_args *a;
-    cvt_fn cvt;           /* NULL for fp32 caches: the cache rows are used in place */
+    cvt_fn cvt;           /* NULL: the kernels read the cache rows in place (fp32, or SIMD decode) */
     scores_fn scores;
     accum_fn accum;
     softmax_fn softmax;
@@ -550,14 +684,6 @@ static int next_block(const attention_args *a, int jb, int jb_last, int ib0, int
             for (int h = h0; h < h1; h++)
                 if (block_visible(a->sparse, h, ib, jb)) return jb;
     return jb;
-}
-
-/* Software prefetch of `bytes` bytes at `offset` in both caches (one per 64-byte line). */
-static void prefetch_rows(const uint8_t *kc, const uint8_t *vc, size_t offset, size_t bytes) {
-    for (size_t i = 0; i < bytes; i += 64) {
-        __builtin_prefetch(kc + offset + i);
-        __builtin_prefetch(vc + offset + i);
-    }
 }
 
 /* Keys [*k0, *k1) of the chunk [lo, c1) in key block jb that row t, head h sees; 0 if none. */
@@ -621,7 +747,6 @@ static void attend_item(void *ctx, int chunk, int n_chunks) {
     const size_t row_bytes = (size_t)hd * J->elem;
     const uint8_t *kc = a->k, *vc = a->v;
     const int jb_last = (khi - 1) / B;
-    int first_chunk = 1;
     for (int jb = next_block(a, klo / B, jb_last, p_first / B, p_last / B, h0, h1); jb <= jb_last;
          jb = next_block(a, jb + 1, jb_last, p_first / B, p_last / B, h0, h1)) {
         const int b0 = jb * B, b1 = b0 + B < khi ? b0 + B : khi;
@@ -631,27 +756,14 @@ static void attend_item(void *ctx, int chunk, int n_chunks) {
             if (c1 <= klo) continue;
             const int lo = c0 > klo ? c0 : klo; /* rows [lo, c1) of the chunk are read */
             const size_t first = head_row0 + (size_t)lo;
-            { /* prefetch the next chunk's rows (this one's, too, the first time): its memory reads
-               * then overlap this chunk's arithmetic instead of following it */
-                int n0 = c1, n1 = c1 + KCHUNK < b1 ? c1 + KCHUNK : b1;
-                if (c1 >= b1) {
-                    const int nb = next_block(a, jb + 1, jb_last, p_first / B, p_last / B, h0, h1);
-                    n0 = nb * B, n1 = nb <= jb_last ? (n0 + KCHUNK < khi ? n0 + KCHUNK : khi) : n0;
-                    n1 = n1 < n0 + B ? n1 : n0 + B;
-                }
-                if (first_chunk)
-                    prefetch_rows(kc, vc, (head_row0 + (size_t)lo) * row_bytes, (size_t)(c1 - lo) * row_bytes);
-                first_chunk = 0;
-                if (n1 > n0) prefetch_rows(kc, vc, (head_row0 + (size_t)n0) * row_bytes, (size_t)(n1 - n0) * row_bytes);
-            }
-            const float *Kc, *Vc; /* fp32 rows for positions lo..c1-1 */
-            if (J->cvt) {
-                const int i8 = a->kind == KV_I8;
-                J->cvt(Kf, kc + first * row_bytes, i8 ? a->k_scale + first : NULL, c1 - lo, hd);
-                J->cvt(Vf, vc + first * row_bytes, i8 ? a->v_scale + first : NULL, c1 - lo, hd);
-                Kc = Kf, Vc = Vf;
-            } else {
-                Kc = (const float *)a->k + first * hd, Vc = (const float *)a->v + first * hd;
+            const int i8 = a->kind == KV_I8;
+            rows_t Kc = {kc + first * row_bytes, i8 ? a->k_scale + first : NULL, row_bytes};
+            rows_t Vc = {vc + first * row_bytes, i8 ? a->v_scale + first : NULL, row_bytes}; /* positions lo.. */
+            if (J->cvt) { /* converted once for every (row, head) of the item */
+                J->cvt(Kf, Kc.base, Kc.rs, c1 - lo, hd);
+                J->cvt(Vf, Vc.base, Vc.rs, c1 - lo, hd);
+                Kc = (rows_t){Kf, NULL, (size_t)hd * sizeof(float)};
+                Vc = (rows_t){Vf, NULL, (size_t)hd * sizeof(float)};
             }
             /* each (row, head) that sees keys of this chunk: scores, online-softmax step, p.V.
              * Entries e = (head, row) in head-major order; two consecutive ones with the same
@@ -666,7 +778,7 @@ static void attend_item(void *ctx, int chunk, int n_chunks) {
                 const int n = k1 - k0, te = t0 + e % nr, he = h0 + e / nr;
                 const int r = (te - t0) * nh + (he - h0);
                 const float *q = a->q + (size_t)te * a->q_stride + (size_t)he * hd;
-                const float *Kr = Kc + (size_t)(k0 - lo) * hd, *Vr = Vc + (size_t)(k0 - lo) * hd;
+                const rows_t Kr = rows_at(Kc, k0 - lo), Vr = rows_at(Vc, k0 - lo);
                 if (J->scores2 && f < R && f0 == k0 && f1 == k1) {
                     const int tf = t0 + f % nr, hf = h0 + f / nr, r2 = (tf - t0) * nh + (hf - h0);
                     J->scores2(q, a->q + (size_t)tf * a->q_stride + (size_t)hf * hd, Kr, n, hd, a->scale, s, s1);
@@ -702,16 +814,21 @@ int run_attention(const attention_args *a, int simd) {
     static const size_t ELEM[3] = {4, 2, 1};
     attn_job J = {.a = a, .cvt = CVT[a->kind], .scores = scores_scalar, .accum = accum_scalar,
                   .softmax = softmax_scalar, .elem = ELEM[a->kind]};
-    if (simd) {
+    /* SIMD: decode (one query row per item) reads the cache rows in place with the kernels of its
+     * kind; a prompt tile converts each chunk once and runs the fp32 kernels on it */
+    const kernel_set *ks = NULL;
 #if defined(POCKETLM_X86)
-        static const cvt_fn CVT_X86[3] = {NULL, cvt_f16_avx2, cvt_i8_avx2};
-        J.cvt = CVT_X86[a->kind], J.scores = scores_avx2, J.accum = accum_avx2, J.softmax = softmax_avx2;
-        J.scores2 = scores2_avx2, J.accum2 = accum2_avx2;
+    static const cvt_fn CVT_SIMD[3] = {NULL, cvt_f16_avx2, cvt_i8_avx2};
+    if (simd) ks = KERNELS_X86, J.softmax = softmax_avx2;
 #elif defined(POCKETLM_ARM64)
-        static const cvt_fn CVT_ARM[3] = {NULL, cvt_f16_neon, cvt_i8_neon};
-        J.cvt = CVT_ARM[a->kind], J.scores = scores_neon, J.accum = accum_neon, J.softmax = softmax_neon;
-        J.scores2 = scores2_neon, J.accum2 = accum2_neon;
+    static const cvt_fn CVT_SIMD[3] = {NULL, cvt_f16_neon, cvt_i8_neon};
+    if (simd) ks = KERNELS_ARM, J.softmax = softmax_neon;
 #endif
+    if (ks) {
+        const int in_place = a->T == 1 || a->kind == KV_F32;
+        const kernel_set *k = &ks[in_place ? a->kind : KV_F32];
+        J.cvt = in_place ? NULL : CVT_SIMD[a->kind];
+        J.scores = k->scores, J.accum = k->accum, J.scores2 = k->scores2, J.accum2 = k->accum2;
     }
     J.B = a->sparse ? a->sparse->block : KCHUNK;
     J.rows_per_item = a->T == 1 ? 1 : TQ;

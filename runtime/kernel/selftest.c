@@ -337,19 +337,27 @@ static void test_attention(void) {
                     }
             }
         }
-        /* prompt rows equal decode one row at a time (the same chunks in the same order) */
+        /* prompt rows equal decode one row at a time (the same chunks in the same order; decode
+         * reads the cache rows in place, a prompt tile converts them first: the same values) */
+        const void *k_of[3] = {k32, k16, k8}, *v_of[3] = {v32, v16, v8};
+        for (int kind = KV_F32; kind <= KV_I8; kind++) {
+            const attention_args rows = {.q = q, .q_stride = q_stride, .k = k_of[kind], .v = v_of[kind],
+                                         .k_scale = kind == KV_I8 ? ks : NULL, .v_scale = kind == KV_I8 ? vs : NULL,
+                                         .out = out, .H = H, .KV = KV, .hd = hd, .n_ctx = n_ctx, .kind = kind,
+                                         .T = 90, .pos = 100, .window = 0, .scale = 1.0f / hd, .sparse = &hetero};
+            CHECK(run_attention(&rows, 1) == 0, "attention: out of memory");
+            int same = 1;
+            for (int t = 0; t < 90; t++) {
+                attention_args one = rows;
+                one.q = q + (size_t)t * q_stride, one.T = 1, one.pos = 100 + t, one.out = out0;
+                CHECK(run_attention(&one, 1) == 0, "attention: out of memory");
+                same &= memcmp(out0, out + (size_t)t * H * hd, sizeof(float) * H * hd) == 0;
+            }
+            CHECK(same, "attention hd=%d kind=%d: prompt rows differ from decoding them one by one", hd, kind);
+        }
         const attention_args all = {.q = q, .q_stride = q_stride, .k = k16, .v = v16, .out = out, .H = H, .KV = KV,
                                     .hd = hd, .n_ctx = n_ctx, .kind = KV_F16, .T = 90, .pos = 100, .window = 0,
                                     .scale = 1.0f / hd, .sparse = &hetero};
-        CHECK(run_attention(&all, 1) == 0, "attention: out of memory");
-        int same = 1;
-        for (int t = 0; t < 90; t++) {
-            attention_args one = all;
-            one.q = q + (size_t)t * q_stride, one.T = 1, one.pos = 100 + t, one.out = out0;
-            CHECK(run_attention(&one, 1) == 0, "attention: out of memory");
-            same &= memcmp(out0, out + (size_t)t * H * hd, sizeof(float) * H * hd) == 0;
-        }
-        CHECK(same, "attention hd=%d: prompt rows differ from decoding them one by one", hd);
         /* invalid arguments are refused, not run */
         attention_args bad = all;
         bad.pos = n_ctx - 89;
