@@ -14,7 +14,8 @@ once, cached under ~/.cache/pocketlm/bench-onnx; its decode includes its greedy 
 measured: the machine's read bandwidth (numpy sum over a 2 GB array, 1 and 2 threads) and the decode
 roofline it implies (bandwidth / bytes of weights read per token); the "paired" column: each engine's
 decode against the bandwidth sampled between rounds of its own decode steps, in its own process
-(benchmarks/roofline.py; the shared machine's bandwidth moves during a run); pocketlm's time to load the file
+(benchmarks/roofline.py; the shared machine's bandwidth moves during a run); pocketlm's decode at
+positions 128, 1024 and 2048 against the paired roofline of weights + KV cache rows; pocketlm's time to load the file
 and produce the first token of a 16-token prompt (fresh process, warm page cache); pocketlm's Python
 overhead per decoded token (1 - time inside kernel calls / decode time, instrumented in the model
 loop).
@@ -36,6 +37,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -112,6 +114,43 @@ def child_short(path: str, threads: int, ctx: int, kv: str) -> dict:
         model.forward(prompt_ids(n, seed=2))
         out[f"tps_{n}"] = n / (time.perf_counter() - t0)
         del model
+    return out
+
+
+CONTEXT_POSITIONS = (128, 1024, 2048)
+
+
+def child_context(path: str, threads: int, kv: str) -> dict:
+    """Decode at positions 128, 1024 and 2048 against the roofline of every byte a step reads
+    (weights and the KV cache rows up to the position), paired as above (benchmarks/roofline.py).
+    The cache is filled with random rows instead of a prefill (attention time does not depend on
+    the values); each step decodes at the position and is rolled back out of the cache."""
+    from pocketlm.runtime.model import load
+
+    top = max(CONTEXT_POSITIONS)
+    model = load(path, threads=threads, ctx=top + 64, kv=kv)
+    cache, cfg, rng = model.cache, model.cfg, np.random.default_rng(0)
+    for layer in range(cfg.num_hidden_layers):  # one layer at a time: no multi-GB temporaries
+        for arr in (cache.k, cache.v):
+            shape = arr[layer, :, :top].shape
+            arr[layer, :, :top] = (rng.integers(-127, 128, shape) if arr.dtype == np.int8
+                                   else rng.standard_normal(shape) * 0.5).astype(arr.dtype)
+    if cache.kind == "int8":
+        cache.k_scale[:, :, :top] = cache.v_scale[:, :, :top] = 0.01
+    per_row = cfg.num_key_value_heads * (cfg.head_dim * cache.k.itemsize + (2 if cache.kind == "int8" else 0)) * 2
+    weights = bytes_per_token(Path(path))
+    out = {}
+    for pos in CONTEXT_POSITIONS:
+        cache.length, model.tokens = pos, [1] * pos
+
+        def step(pos: int = pos) -> None:
+            model.forward([1])
+            model.truncate(pos)
+
+        per_token = weights + cfg.num_hidden_layers * (pos + 1) * per_row
+        r = paired_roofline(step, per_token, threads, rounds=3, steps=8)
+        out[str(pos)] = {"tps": statistics.median(r.achieved_gbs) * 1e9 / per_token,
+                         "bytes_per_token": per_token, **r.as_dict()}
     return out
 
 
@@ -257,6 +296,13 @@ def report_file(recipe: str, args: argparse.Namespace, bw: dict[int, float]) -> 
         if "error" not in short:
             print(f"pocketlm prompt speed at ctx {ctx} ({t} threads): 12 tokens {short['tps_12']:.1f} tok/s, "
                   f"128 tokens {short['tps_128']:.1f} tok/s: ratio {short['tps_12'] / short['tps_128']:.2f}")
+    context = run_child("context", str(path), str(t), "--kv", args.kv[0])
+    for pos, r in ({} if "error" in context else context).items():
+        print(f"pocketlm decode at position {pos} ({t} threads, kv {args.kv[0]}): {r['tps']:.2f} tok/s, "
+              f"{r['roofline_fraction']:.0%} of the paired roofline counting weights + KV cache "
+              f"({r['bytes_per_token'] / MB:.0f} MB per token)")
+    if "error" in context:
+        print(f"decode at positions {CONTEXT_POSITIONS}: error: {context['error']}")
     first = run_child("first", str(path), str(t), "--ctx", str(args.ctx), "--kv", args.kv[0])
     if "error" in first:
         print(f"load + first token: error: {first['error']}")
@@ -288,6 +334,8 @@ def main() -> None:
             out = child_first_token(path, int(threads), args.ctx, args.kv[0])
         elif kind == "short":
             out = child_short(path, int(threads), args.ctx, args.kv[0])
+        elif kind == "context":
+            out = child_context(path, int(threads), args.kv[0])
         elif kind == "onnxruntime":
             out = child_onnxruntime(path, int(threads), args.prompt, args.decode)
         else:
