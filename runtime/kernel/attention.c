@@ -62,6 +62,12 @@ static inline rows_t rows_at(rows_t R, int r) {
     return o;
 }
 
+/* A row's vectors in near-equal blocks of at most `most` vectors; returns the next block's size. */
+static inline int block_vectors(int vecs_left, int most) {
+    const int blocks = (vecs_left + most - 1) / most;
+    return (vecs_left + blocks - 1) / blocks;
+}
+
 /* n cache rows of hd values -> fp32 dst [n, hd]; int8 rows are multiplied by their fp16 scale. */
 typedef void (*cvt_fn)(float *dst, const void *src, const uint16_t *scale, int n, int hd);
 /* s[r] = scale * q . K[r] for r < n. */
@@ -249,12 +255,6 @@ X86_INLINE void accum_lanes_x86(float *acc, const float *p, rows_t V, int kind, 
         for (int r = 0; r < n; r++) acc[i] += p[r] * row1(V, kind, hd, r, i, row_scale(V, kind, r));
 }
 
-/* hd / 8 vectors in near-equal blocks of at most `most` vectors; returns the next block's size. */
-static inline int block_vectors(int vecs_left, int most) {
-    const int blocks = (vecs_left + most - 1) / most;
-    return (vecs_left + blocks - 1) / blocks;
-}
-
 #define NV_CASES(call) /* `call(NV)` with NV a constant 1..12 */                                           \
     switch (nv) {                                                                                          \
     case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; case 4: call(4); break;        \
@@ -437,67 +437,101 @@ static inline __attribute__((always_inline)) float row1(rows_t R, int kind, int 
 }
 #define NEON_INLINE static inline __attribute__((always_inline))
 
+/* One key's score: its sum over i in order in one 4-lane accumulator, the lane sum, the tail values
+ * in order (the pair kernel does the same per key). */
+NEON_INLINE float score_finish_arm(float32x4_t acc, const float *q, rows_t K, int kind, int hd, int r, int i,
+                                   float c, float scale) {
+    float d = vaddvq_f32(acc);
+    for (; i < hd; i++) d += q[i] * row1(K, kind, hd, r, i, c);
+    return d * scale;
+}
+
+/* 8 keys per pass: 8 independent FMA chains (latency 4, 2 pipes on the big cores) */
 NEON_INLINE void scores_arm(const float *q, rows_t K, int kind, int n, int hd, float scale, float *s) {
     int r = 0;
-    for (; r + 4 <= n; r += 4) {
-        const float c0 = row_scale(K, kind, r), c1 = row_scale(K, kind, r + 1);
-        const float c2 = row_scale(K, kind, r + 2), c3 = row_scale(K, kind, r + 3);
-        float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    for (; r + 8 <= n; r += 8) {
+        float c[8];
+        float32x4_t a[8];
+        for (int j = 0; j < 8; j++) c[j] = row_scale(K, kind, r + j), a[j] = vdupq_n_f32(0.0f);
         int i = 0;
         for (; i + 4 <= hd; i += 4) {
             const float32x4_t qv = vld1q_f32(q + i);
-            a0 = vfmaq_f32(a0, qv, row4(K, kind, hd, r, i, c0));
-            a1 = vfmaq_f32(a1, qv, row4(K, kind, hd, r + 1, i, c1));
-            a2 = vfmaq_f32(a2, qv, row4(K, kind, hd, r + 2, i, c2));
-            a3 = vfmaq_f32(a3, qv, row4(K, kind, hd, r + 3, i, c3));
+            for (int j = 0; j < 8; j++) a[j] = vfmaq_f32(a[j], qv, row4(K, kind, hd, r + j, i, c[j]));
         }
-        float d0 = vaddvq_f32(a0), d1 = vaddvq_f32(a1), d2 = vaddvq_f32(a2), d3 = vaddvq_f32(a3);
-        for (; i < hd; i++) {
-            d0 += q[i] * row1(K, kind, hd, r, i, c0);
-            d1 += q[i] * row1(K, kind, hd, r + 1, i, c1);
-            d2 += q[i] * row1(K, kind, hd, r + 2, i, c2);
-            d3 += q[i] * row1(K, kind, hd, r + 3, i, c3);
-        }
-        s[r] = d0 * scale, s[r + 1] = d1 * scale, s[r + 2] = d2 * scale, s[r + 3] = d3 * scale;
+        for (int j = 0; j < 8; j++) s[r + j] = score_finish_arm(a[j], q, K, kind, hd, r + j, i, c[j], scale);
     }
     for (; r < n; r++) {
         const float c0 = row_scale(K, kind, r);
         float32x4_t a0 = vdupq_n_f32(0.0f);
         int i = 0;
         for (; i + 4 <= hd; i += 4) a0 = vfmaq_f32(a0, vld1q_f32(q + i), row4(K, kind, hd, r, i, c0));
-        float d0 = vaddvq_f32(a0);
-        for (; i < hd; i++) d0 += q[i] * row1(K, kind, hd, r, i, c0);
-        s[r] = d0 * scale;
+        s[r] = score_finish_arm(a0, q, K, kind, hd, r, i, c0, scale);
     }
 }
 
-/* acc[0..width) += sum_r p[r] V[r][i0 + 0..width): 4 lanes, then one (width < 16) */
-NEON_INLINE void accum_tail_arm(float *acc, const float *p, rows_t V, int kind, int n, int hd, int i0, int width) {
-    int i = 0;
-    for (; i + 4 <= width; i += 4) {
-        float32x4_t a0 = vld1q_f32(acc + i);
-        for (int r = 0; r < n; r++) a0 = vfmaq_n_f32(a0, row4(V, kind, hd, r, i0 + i, row_scale(V, kind, r)), p[r]);
-        vst1q_f32(acc + i, a0);
+/* acc[i0 .. i0 + 4 NV) += sum_r p[r] V[r][same lanes], NV accumulators in registers (NV constant
+ * after inlining); every lane adds its products in key order, one FMA each, in any kernel. */
+NEON_INLINE void accum_block_arm(float *acc, const float *p, rows_t V, int kind, int n, int hd, int i0, int NV) {
+    float32x4_t a[16];
+    for (int v = 0; v < NV; v++) a[v] = vld1q_f32(acc + i0 + 4 * v);
+    for (int r = 0; r < n; r++) {
+        const float c = row_scale(V, kind, r);
+        for (int v = 0; v < NV; v++) a[v] = vfmaq_n_f32(a[v], row4(V, kind, hd, r, i0 + 4 * v, c), p[r]);
     }
-    for (; i < width; i++)
-        for (int r = 0; r < n; r++) acc[i] += p[r] * row1(V, kind, hd, r, i0 + i, row_scale(V, kind, r));
+    for (int v = 0; v < NV; v++) vst1q_f32(acc + i0 + 4 * v, a[v]);
 }
+
+/* Two accumulator rows sharing each V load (2 x NV accumulators, NV <= 12). */
+NEON_INLINE void accum2_block_arm(float *acc0, float *acc1, const float *p0, const float *p1, rows_t V, int kind,
+                                  int n, int hd, int i0, int NV) {
+    float32x4_t a[12], b[12];
+    for (int v = 0; v < NV; v++) a[v] = vld1q_f32(acc0 + i0 + 4 * v), b[v] = vld1q_f32(acc1 + i0 + 4 * v);
+    for (int r = 0; r < n; r++) {
+        const float c = row_scale(V, kind, r);
+        for (int v = 0; v < NV; v++) {
+            const float32x4_t vv = row4(V, kind, hd, r, i0 + 4 * v, c);
+            a[v] = vfmaq_n_f32(a[v], vv, p0[r]), b[v] = vfmaq_n_f32(b[v], vv, p1[r]);
+        }
+    }
+    for (int v = 0; v < NV; v++) vst1q_f32(acc0 + i0 + 4 * v, a[v]), vst1q_f32(acc1 + i0 + 4 * v, b[v]);
+}
+
+/* The lanes past the last multiple of 4, one at a time (the same in single and pair kernels). */
+NEON_INLINE void accum_lanes_arm(float *acc, const float *p, rows_t V, int kind, int n, int hd, int i0) {
+    for (int i = i0; i < hd; i++)
+        for (int r = 0; r < n; r++) acc[i] += p[r] * row1(V, kind, hd, r, i, row_scale(V, kind, r));
+}
+
+#define NV_CASES_16(call) /* `call(NV)` with NV a constant 1..16 */                                        \
+    switch (nv) {                                                                                          \
+    case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; case 4: call(4); break;        \
+    case 5: call(5); break; case 6: call(6); break; case 7: call(7); break; case 8: call(8); break;        \
+    case 9: call(9); break; case 10: call(10); break; case 11: call(11); break; case 12: call(12); break;  \
+    case 13: call(13); break; case 14: call(14); break; case 15: call(15); break; default: call(16); break; \
+    }
 
 NEON_INLINE void accum_arm(float *acc, const float *p, rows_t V, int kind, int n, int hd) {
-    int i = 0;
-    for (; i + 16 <= hd; i += 16) {
-        float32x4_t a0 = vld1q_f32(acc + i), a1 = vld1q_f32(acc + i + 4);
-        float32x4_t a2 = vld1q_f32(acc + i + 8), a3 = vld1q_f32(acc + i + 12);
-        for (int r = 0; r < n; r++) {
-            const float c = row_scale(V, kind, r);
-            a0 = vfmaq_n_f32(a0, row4(V, kind, hd, r, i, c), p[r]);
-            a1 = vfmaq_n_f32(a1, row4(V, kind, hd, r, i + 4, c), p[r]);
-            a2 = vfmaq_n_f32(a2, row4(V, kind, hd, r, i + 8, c), p[r]);
-            a3 = vfmaq_n_f32(a3, row4(V, kind, hd, r, i + 12, c), p[r]);
-        }
-        vst1q_f32(acc + i, a0), vst1q_f32(acc + i + 4, a1), vst1q_f32(acc + i + 8, a2), vst1q_f32(acc + i + 12, a3);
+    const int vecs = hd / 4;
+    for (int done = 0, nv; done < vecs; done += nv) {
+        nv = block_vectors(vecs - done, 16);
+#define ACC1(NV) accum_block_arm(acc, p, V, kind, n, hd, 4 * done, NV)
+        NV_CASES_16(ACC1)
+#undef ACC1
     }
-    if (i < hd) accum_tail_arm(acc + i, p, V, kind, n, hd, i, hd - i);
+    accum_lanes_arm(acc, p, V, kind, n, hd, 4 * vecs);
+}
+
+NEON_INLINE void accum2_arm(float *acc0, float *acc1, const float *p0, const float *p1, rows_t V, int kind, int n,
+                            int hd) {
+    const int vecs = hd / 4;
+    for (int done = 0, nv; done < vecs; done += nv) {
+        nv = block_vectors(vecs - done, 12);
+#define ACC2(NV) accum2_block_arm(acc0, acc1, p0, p1, V, kind, n, hd, 4 * done, (NV) < 12 ? (NV) : 12)
+        NV_CASES_16(ACC2)
+#undef ACC2
+    }
+    accum_lanes_arm(acc0, p0, V, kind, n, hd, 4 * vecs);
+    accum_lanes_arm(acc1, p1, V, kind, n, hd, 4 * vecs);
 }
 
 NEON_INLINE void scores2_arm(const float *q0, const float *q1, rows_t K, int kind, int n, int hd, float scale,
@@ -533,34 +567,6 @@ NEON_INLINE void scores2_arm(const float *q0, const float *q1, rows_t K, int kin
     if (r < n) {
         scores_arm(q0, rows_at(K, r), kind, n - r, hd, scale, s0 + r);
         scores_arm(q1, rows_at(K, r), kind, n - r, hd, scale, s1 + r);
-    }
-}
-
-NEON_INLINE void accum2_arm(float *acc0, float *acc1, const float *p0, const float *p1, rows_t V, int kind, int n,
-                            int hd) {
-    int i = 0;
-    for (; i + 16 <= hd; i += 16) {
-        float32x4_t a0 = vld1q_f32(acc0 + i), a1 = vld1q_f32(acc0 + i + 4);
-        float32x4_t a2 = vld1q_f32(acc0 + i + 8), a3 = vld1q_f32(acc0 + i + 12);
-        float32x4_t b0 = vld1q_f32(acc1 + i), b1 = vld1q_f32(acc1 + i + 4);
-        float32x4_t b2 = vld1q_f32(acc1 + i + 8), b3 = vld1q_f32(acc1 + i + 12);
-        for (int r = 0; r < n; r++) {
-            const float c = row_scale(V, kind, r);
-            float32x4_t vv = row4(V, kind, hd, r, i, c);
-            a0 = vfmaq_n_f32(a0, vv, p0[r]), b0 = vfmaq_n_f32(b0, vv, p1[r]);
-            vv = row4(V, kind, hd, r, i + 4, c);
-            a1 = vfmaq_n_f32(a1, vv, p0[r]), b1 = vfmaq_n_f32(b1, vv, p1[r]);
-            vv = row4(V, kind, hd, r, i + 8, c);
-            a2 = vfmaq_n_f32(a2, vv, p0[r]), b2 = vfmaq_n_f32(b2, vv, p1[r]);
-            vv = row4(V, kind, hd, r, i + 12, c);
-            a3 = vfmaq_n_f32(a3, vv, p0[r]), b3 = vfmaq_n_f32(b3, vv, p1[r]);
-        }
-        vst1q_f32(acc0 + i, a0), vst1q_f32(acc0 + i + 4, a1), vst1q_f32(acc0 + i + 8, a2), vst1q_f32(acc0 + i + 12, a3);
-        vst1q_f32(acc1 + i, b0), vst1q_f32(acc1 + i + 4, b1), vst1q_f32(acc1 + i + 8, b2), vst1q_f32(acc1 + i + 12, b3);
-    }
-    if (i < hd) {
-        accum_tail_arm(acc0 + i, p0, V, kind, n, hd, i, hd - i);
-        accum_tail_arm(acc1 + i, p1, V, kind, n, hd, i, hd - i);
     }
 }
 
