@@ -1,10 +1,12 @@
 """Our ONNX export against onnxruntime-genai's model builder, from the same checkpoint, in one run.
 
     python benchmarks/onnx_vs_builder.py [--layers 8] [--threads 1,2] [--prompt 128] [--gen 64]
-                                         [--repeats 2] [--json out.json]
+                                         [--repeats 2] [--only "ROW;ROW"] [--skip "ROW;ROW"]
+                                         [--row NAME=ONNX_FOLDER ...] [--json out.json]
 
 The checkpoint: phi-3-mini-shaped (hidden 3072, 32 heads, ffn 8192, vocab 32064) with --layers layers
-of random fp16 weights (benchmarks/make_phi3_mini_checkpoint.py; cached in ~/.cache/pocketlm). From it:
+of random fp16 weights (benchmarks/make_phi3_mini_checkpoint.py; cached in $POCKETLM_CACHE, default
+~/.cache/pocketlm). From it:
   - builder int4: `python -m onnxruntime_genai.models.builder -m CKPT -o OUT -p int4 -e cpu
     --extra_options int4_accuracy_level=4` (Microsoft's recipe for its CPU/mobile int4 Phi-3 models:
     RTN, block 32, symmetric, int8 activations); build time and the child's peak RSS are printed;
@@ -15,6 +17,10 @@ Every ONNX folder runs in onnxruntime-genai, the GGUFs in pocketlm's runtime and
 a fresh child process (pocketlm.bench's engine children: random prompt of --prompt ordinary tokens,
 --gen greedy tokens forced by min_length), at each thread count, engines interleaved within a
 repeat, best of --repeats. Ratios are against the builder's output at the same thread count.
+--only / --skip leave out rows and the GGUFs and exports only they need; an export is redone when
+the installed exporter's source differs from the one that made it; --row adds a folder made elsewhere
+(say, by the exporter before a change) as one more row of the same interleaved run.
+benchmarks/onnx_profile.py says where the time goes, per operator, in two folders.
 The builder needs `onnx_ir` (in pocketlm's `dev` extra: `pip install '.[dev]'`).
 """
 
@@ -33,7 +39,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = Path.home() / ".cache" / "pocketlm"
+# $POCKETLM_CACHE as everywhere else in pocketlm (so parallel work keeps its outputs apart)
+CACHE = Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm"))
 
 
 def _maker():
@@ -83,15 +90,31 @@ def build_gguf(ckpt: Path, recipe: str, out: Path) -> str:
     return f"{wall:.0f} s"
 
 
+def exporter_key() -> str:
+    """A hash of the installed exporter's source: a cached export made by other code is redone."""
+    import hashlib
+
+    import pocketlm.export as pkg
+
+    h = hashlib.sha1()
+    for f in sorted(Path(pkg.__file__).parent.glob("*.py")):
+        if f.name.startswith(("onnx_", "genai_")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def export(gguf: Path, out: Path, level: str) -> str:
     """pocketlm export --onnx at `level` ("auto" is the default); -> the level it wrote and why."""
-    meta = out / "model.onnx"
-    if not meta.is_file() or meta.stat().st_mtime < gguf.stat().st_mtime:
+    meta, stamp = out / "model.onnx", out.parent / f"{out.name}.exporter.txt"
+    key = exporter_key()
+    if (not meta.is_file() or meta.stat().st_mtime < gguf.stat().st_mtime
+            or not stamp.is_file() or stamp.read_text() != key):
         args = [] if level == "auto" else ["--accuracy-level", level]
         res = subprocess.run([sys.executable, "-P", "-m", "pocketlm.cli", "export", str(gguf), "--onnx", str(out),
                               *args], check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         chose = next((x for x in res.stdout.splitlines() if x.startswith("chose ")), "")
         (out.parent / f"{out.name}.chose.txt").write_text(chose)
+        stamp.write_text(key)
     return (out.parent / f"{out.name}.chose.txt").read_text() if level == "auto" else level
 
 
@@ -106,34 +129,50 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip", default="", help="row names to leave out, separated by ';'")
     ap.add_argument("--only", default="", help="the only rows to run, separated by ';' (the builder's always)")
+    ap.add_argument("--row", action="append", default=[], metavar="NAME=FOLDER",
+                    help="one more onnxruntime-genai row: an ONNX folder made elsewhere (e.g. by another "
+                         "version of the exporter, to compare before and after in one interleaved run)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     work = CACHE / f"onnx-vs-builder-{args.layers}l"
     work.mkdir(parents=True, exist_ok=True)
     cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
                 if x.startswith("model name")), platform.processor())
-    ckpt = checkpoint(args.layers)
-    print(f"builder int4: {build_builder(ckpt, work / 'builder-int4')}", flush=True)
-    ggufs = {r: work / f"{r}.gguf" for r in ("q4_0", "q4_k_m", "q4_0_pure")}
-    for r, p in ggufs.items():
-        print(f"pocketlm quantize {r}: {build_gguf(ckpt, r, p)}", flush=True)
-    rows = {"builder int4, level 4": ("onnxruntime", {"onnx": str(work / "builder-int4")})}
-    chosen = {}
-    for r, levels in (("q4_0", ("auto", "1", "4")), ("q4_k_m", ("auto", "1")), ("q4_0_pure", ("auto",))):
-        for level in levels:
-            folder = work / f"{r}-onnx-{level}"
-            chosen[r, level] = export(ggufs[r], folder, level)
-            label = "default (auto)" if level == "auto" else f"level {level}"
-            rows[f"ours {r.upper()}, {label}"] = ("onnxruntime", {"onnx": str(folder)})
-            if level == "auto":
-                print(f"export {r} default: {chosen[r, level]}", flush=True)
-    for r, p in list(ggufs.items())[:2]:
-        rows[f"pocketlm {r.upper()}"] = ("pocketlm", {"path": str(p)})
-        rows[f"llama.cpp {r.upper()}"] = ("llama.cpp", {"path": str(p)})
     skip = {s.strip() for s in args.skip.split(";") if s.strip()}
     only = {s.strip() for s in args.only.split(";") if s.strip()}
-    rows = {k: v for k, v in rows.items()
-            if k not in skip and (not only or k in only or k.startswith("builder"))}
+
+    def wanted(name: str) -> bool:
+        return name.startswith("builder") or (name not in skip and (not only or name in only))
+
+    ckpt = checkpoint(args.layers)
+    print(f"builder int4: {build_builder(ckpt, work / 'builder-int4')}", flush=True)
+    rows = {"builder int4, level 4": ("onnxruntime", {"onnx": str(work / "builder-int4")})}
+    exports = {"q4_0": ("auto", "1", "4"), "q4_k_m": ("auto", "1"), "q4_0_pure": ("auto",)}
+    plan = {}  # row name -> (recipe, level, engine)
+    for r, levels in exports.items():
+        for level in levels:
+            label = "default (auto)" if level == "auto" else f"level {level}"
+            plan[f"ours {r.upper()}, {label}"] = (r, level, "onnxruntime")
+    for r in ("q4_0", "q4_k_m"):
+        plan[f"pocketlm {r.upper()}"] = (r, None, "pocketlm")
+        plan[f"llama.cpp {r.upper()}"] = (r, None, "llama.cpp")
+    plan = {name: v for name, v in plan.items() if wanted(name)}
+    ggufs = {r: work / f"{r}.gguf" for r in exports if any(v[0] == r for v in plan.values())}
+    for r, p in ggufs.items():  # only the files some row needs
+        print(f"pocketlm quantize {r}: {build_gguf(ckpt, r, p)}", flush=True)
+    chosen = {}
+    for name, (r, level, engine) in plan.items():
+        if engine != "onnxruntime":
+            rows[name] = (engine, {"path": str(ggufs[r])})
+            continue
+        folder = work / f"{r}-onnx-{level}"
+        chosen[r, level] = export(ggufs[r], folder, level)
+        rows[name] = ("onnxruntime", {"onnx": str(folder)})
+        if level == "auto":
+            print(f"export {r} default: {chosen[r, level]}", flush=True)
+    for spec in args.row:
+        name, _, folder = spec.partition("=")
+        rows[name.strip()] = ("onnxruntime", {"onnx": folder.strip()})
     threads = [int(t) for t in args.threads.split(",")]
     base = {"prompt": args.prompt, "gen": args.gen, "ctx": args.prompt + args.gen + 16, "kv": "f32",
             "sweep": [], "vocab": 32064}

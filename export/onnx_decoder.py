@@ -16,6 +16,12 @@ config, never from the architecture's name:
   tie_word_embeddings            the output matmul reads token_embd.weight when the GGUF has no
                                  output.weight (its own integer codes, converted a second time)
 
+Gate and up stay one MatMulNBits over the GGUF's packed [gate | up] rows plus a Split (the model
+builder writes two nodes and no Split): the Split's copy is measurable alone (+0.1 ms per decode
+step, +8 ms per 128-token prompt against the builder's activation nodes; 8 layers, 1 thread), but an
+export with the builder's two nodes measured 1.00x of this one in decode and prefill
+(benchmarks/onnx_profile.py, both load orders): one wider matmul gains back what the copy costs.
+
 Rotary: both attention ops rotate q and k inside (do_rotary=1, rotary_interleaved=0: NeoX halves,
 as pocketlm.layers.apply_rope) from cos/sin caches [positions, rope_dim/2] computed by
 pocketlm.layers.rope_cos_sin; LongRoPE switches between two cache pairs with an If (see

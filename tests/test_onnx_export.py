@@ -335,6 +335,34 @@ def test_folder_is_replaced_atomically_and_foreign_folders_kept(tiny_export, tmp
     assert levels == {4}
 
 
+def test_default_q4_0_graph_is_the_model_builders_computation(tiny_export, tmp_path):
+    """What keeps a Q4_0 export at the model builder's speed (issue 14; README, ONNX section): every
+    Q4_0 layer is the builder's MatMulNBits exactly (4 bits, block 32, float32 scales, inputs A, B,
+    scales only: no zero points, g_idx or bias), at level 4; QKV is one node; GroupQueryAttention
+    takes that packed output and rotates inside from cos/sin caches; no float Cast anywhere and the
+    logits come straight from the output MatMulNBits."""
+    gguf_path, _ = tiny_export("gqa", "Q4_0")
+    export_onnx(gguf_path, tmp_path / "onnx", accuracy_level=4, progress=False)
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
+    g = model.graph
+    dtypes = {t.name: t.data_type for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * 2 + 1  # qkv, o, gate_up, down per layer + the output layer
+    for n in nbits:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (4, 32, 4), n.name
+        assert len(n.input) == 3 and dtypes[n.input[2]] == TensorProto.FLOAT, n.name
+    for gqa in (n for n in g.node if n.op_type == "GroupQueryAttention"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in gqa.attribute}
+        assert attrs["do_rotary"] == 1 and list(gqa.input[1:3]) == ["", ""]
+        assert producer[gqa.input[0]].name.endswith("attn/qkv_proj/MatMulNBits")
+        assert [dtypes.get(i) for i in gqa.input[7:9]] == [TensorProto.FLOAT] * 2  # cos, sin caches
+    casts = [n for n in g.node if n.op_type == "Cast"]
+    assert all(next(a.i for a in n.attribute if a.name == "to") == TensorProto.INT32 for n in casts)
+    assert producer["logits"].op_type == "MatMulNBits" and producer["logits"].name == "/lm_head/MatMulNBits"
+
+
 def test_genai_config_and_describe(tiny_export):
     _, folder = tiny_export("gqa", "Q4_0")
     cfg = json.loads((folder / "genai_config.json").read_text())
