@@ -111,9 +111,11 @@ def test_simd_paths_equal_scalar(t: Q) -> None:
         np.testing.assert_array_less(np.abs(k.matvec(raw, t, 64, 2048, x) - ref), 1e-6 * scale, err_msg=path)
 
 
-# M = 5: row by row (ARM i8mm: 2 rows x 2 activations); M = 45: the tiled path (gemm.c) where the
-# path has one, with a partial group of activations and (rows 47) a partial tile of weight rows.
-@pytest.mark.parametrize("M", [5, 45])
+# M = 5: the multi-activation kernels (Q6_K and the packed types), else row by row (ARM i8mm: 2
+# rows x 2 activations); M = 45: the tiled path (gemm.c) where the path has one for the type at that
+# size; M = 150: the tiled path for every type (past each kernel's gemm_from), with a partial group
+# of activations and (rows 47) a partial tile of weight rows.
+@pytest.mark.parametrize("M", [5, 45, 150])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("t", [*TYPES, "packed Q4_0", "packed Q8_0", "packed Q4_K"],
                          ids=lambda t: getattr(t, "name", t))
@@ -134,6 +136,44 @@ def test_matmul_equals_matvecs(t: Q | str, path: str, M: int) -> None:
     for m in range(M):  # equal up to summation order
         bound = 1e-6 * scale * np.linalg.norm(X[m])
         np.testing.assert_array_less(np.abs(Y[m] - k.matvec(raw, t, rows, K, X[m])), bound, err_msg=f"row {m}")
+
+
+# ARM i8mm's 2x2 kernels (raw Q4_0, Q4_1, Q8_0 below the tiled path) sum in their own float order.
+TWO_BY_TWO = {("neon_i8mm", Q.Q4_0), ("neon_i8mm", Q.Q4_1), ("neon_i8mm", Q.Q8_0)}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("t", [*TYPES, "packed Q4_0", "packed Q8_0", "packed Q4_K"],
+                         ids=lambda t: getattr(t, "name", t))
+def test_small_batches_equal_matvecs_bit_for_bit(t: Q | str, path: str) -> None:
+    """M = 2..15 activation rows (a verify's or a short prompt's batch): each row of the batched
+    product is the matvec of that row bit for bit (the multi-activation kernels reproduce the single
+    dot's float order; row by row it is the same dot), so a verify of K tokens gives the logits of K
+    decode steps; and it agrees with float64 dequantize-then-matmul (gguf-py) on the kernel's int8
+    activations."""
+    rows = 43  # not a multiple of any kernel's row block: a chunk's last rows one at a time
+    src_t = Q[t.split()[1]] if isinstance(t, str) else t
+    raw = make_weights(src_t, rows, K, seed=23, source="random" if src_t in (Q.Q4_K, Q.Q6_K) else "oracle")
+    W = dequant(raw, src_t)
+    if isinstance(t, str):
+        raw, t = k.repack(raw, src_t, rows, K), k.packed_type(src_t)
+    X = np.random.default_rng(24).standard_normal((15, K)).astype(np.float32)
+    X[1] *= 1e-3  # rows of very different magnitude: per-row activation scales
+    X[4] *= 40
+    ref = np.stack([act_roundtrip(x, act_block(src_t)) for x in X]) @ W.T  # [15, rows] float64
+    scale = np.linalg.norm(W, axis=1) * np.linalg.norm(X, axis=1)[:, None]
+    k.use_path(path)
+    k.set_threads(2)
+    exact = (path, t) not in TWO_BY_TWO
+    for M in range(2, 16):
+        Y = k.matmul(raw, t, rows, K, X[:M])
+        np.testing.assert_array_less(np.abs(Y - ref[:M]), 2e-6 * scale[:M], err_msg=f"M={M}")
+        for m in range(M):
+            y = k.matvec(raw, t, rows, K, X[m])
+            if exact:
+                np.testing.assert_array_equal(Y[m].view(np.uint32), y.view(np.uint32), err_msg=f"M={M} row {m}")
+            else:
+                np.testing.assert_array_less(np.abs(Y[m] - y), 1e-6 * scale[m], err_msg=f"M={M} row {m}")
 
 
 def test_weights_from_read_only_file_map(tmp_path: Path) -> None:
