@@ -311,6 +311,25 @@ INLINE void group_sums(const uint8_t *const grp[MAX_ROWS], const int8_t *const a
     }
 }
 
+/* Q4_K_PACKED: the 16 6-bit scales (bytes 0..15 of the low 128 bits) and mins (of the high 128)
+ * of a group, the super-blocks' 12 bytes each decoded as q4k_scale_words does with the words
+ * w0, w1, w2 of each super-block in a 128-bit lane: dwords [w0, w2, w1, w2] give sc[0..3],
+ * sc[4..7]'s and m[4..7]'s low bits (w2 >> 4 for the mins), m[0..3]; [w0, w0, w1, w1] >> 2 the top
+ * two bits of w0 / w1's bytes at bits 4, 5. */
+INLINE void q4k_group_scales(const uint8_t *grp, __m512 *sc, __m512 *mn) {
+    const __m256i w = _mm256_loadu2_m128i((const __m128i *)(grp + 20), (const __m128i *)(grp + 8));
+    const __m256i a = _mm256_shuffle_epi32(w, _MM_SHUFFLE(2, 1, 2, 0)), b = _mm256_shuffle_epi32(w, _MM_SHUFFLE(1, 1, 0, 0));
+    const __m256i low = _mm256_and_si256(_mm256_srlv_epi32(a, _mm256_setr_epi32(0, 0, 0, 4, 0, 0, 0, 4)),
+                                         _mm256_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F,
+                                                           0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
+    const __m256i top = _mm256_and_si256(_mm256_srli_epi32(b, 2), _mm256_setr_epi32(0, 0x30303030, 0, 0x30303030, 0,
+                                                                                     0x30303030, 0, 0x30303030));
+    /* qwords [sc s0, m s0, sc s1, m s1] -> [sc s0, sc s1, m s0, m s1] */
+    const __m256i all = _mm256_permute4x64_epi64(_mm256_or_si256(low, top), _MM_SHUFFLE(3, 1, 2, 0));
+    *sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(all)));
+    *mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(all, 1)));
+}
+
 /* The weight factors of a group, per lane (sub-block): acc += isum * (f * da), accm += fm * sa
  * (Q4_K). Q4_0 / Q8_0 f = d_b; Q4_K f = d_s * sc_b, fm = dmin_s * m_b (exact products, as AVX2's). */
 INLINE void group_factors(const uint8_t *grp, int kind, __m512 *f, __m512 *fm) {
@@ -319,10 +338,9 @@ INLINE void group_factors(const uint8_t *grp, int kind, __m512 *f, __m512 *fm) {
         return;
     }
     const __m512i lane_s = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const q4k_words w0 = q4k_scale_words(grp + 8), w1 = q4k_scale_words(grp + 20);
-    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi32((int)w1.sc_hi, (int)w1.sc_lo, (int)w0.sc_hi, (int)w0.sc_lo)));
-    const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi32((int)w1.m_hi, (int)w1.m_lo, (int)w0.m_hi, (int)w0.m_lo)));
     const __m512 hv = _mm512_cvtph_ps(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)grp))); /* d0 d1 dmin0 dmin1 */
+    __m512 sc, mn;
+    q4k_group_scales(grp, &sc, &mn);
     *f = _mm512_mul_ps(sc, _mm512_permutexvar_ps(lane_s, hv));
     *fm = _mm512_mul_ps(mn, _mm512_permutexvar_ps(_mm512_add_epi32(lane_s, _mm512_set1_epi32(2)), hv));
 }
@@ -396,7 +414,7 @@ INLINE void packed_acts(const uint8_t *row, size_t rb, const q8_act *acts, int n
 #define Q4_K_ACTS(row, rb, acts, nb, R, M, out, os) packed_acts(row, rb, acts, nb, PK_Q4_K, R, M, out, os)
 /* Block shapes measured on Zen 4 (one thread, the matrix in L2, cycles per activation x 512
  * values at M = 8): Q4_0 4 x 3 11.7 (2 x 4 13.3, 4 x 4 12.5, 3 x 4 12.7, 2 x 6 13.5, 1 x 8 14.9);
- * Q8_0 2 x 4 18.7 (4 x 3 21.5, 4 x 2 20.3); Q4_K 2 x 4 21.4 (4 x 3 22.0, 3 x 3 24.1). */
+ * Q8_0 2 x 4 18.7 (4 x 3 21.5, 4 x 2 20.3); Q4_K 2 x 4 17.1 (4 x 3 18.1, 3 x 3 17.9). */
 DEFINE_DOTACTS(q4_0_packed_acts, Q4_0_ACTS, 4, 3)
 DEFINE_DOTACTS(q8_0_packed_acts, Q8_0_ACTS, 2, 4)
 DEFINE_DOTACTS(q4_k_packed_acts, Q4_K_ACTS, 2, 4)
