@@ -23,6 +23,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from pocketlm.errors import PocketLMError
+from pocketlm.kv_cache import KVCache
 from pocketlm.quantize import formats
 from pocketlm.runtime import _kernel
 from pocketlm.runtime import kernel as k
@@ -407,6 +408,36 @@ def test_arm64_selftest_under_qemu() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     for cpu in ("max", "cortex-a76", "cortex-a53"):
         assert f"qemu -cpu {cpu}: PASS" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["f16", "f32", "int8"])
+def test_kv_store_equals_cache_write(kind: str, path: str) -> None:
+    """The runtime's cache write of T fused qkv rows (strided: a column slice of wider rows) stores
+    the bytes KVCache.write (the reference's) stores, scales included; positions past the cache and
+    a cache of another dtype are refused."""
+    H, KV, hd, n_ctx, T, pos = 4, 2, 40, 32, 7, 9  # hd 40: an F16C part and a tail
+    rng = np.random.default_rng(30)
+    wide = rng.standard_normal((T, (H + 2 * KV) * hd + 5)).astype(np.float32) * 3
+    wide[0, H * hd] = 1e-6  # rounds to an fp16 subnormal
+    wide[1, H * hd + 3] = 70000.0  # overflows fp16
+    qkv = wide[:, :(H + 2 * KV) * hd]
+    ref, got = KVCache(2, KV, n_ctx, hd, kind), KVCache(2, KV, n_ctx, hd, kind)
+    with np.errstate(over="ignore"):  # 70000 -> inf, numpy's cast warns
+        ref.write(1, pos, qkv[:, H * hd:(H + KV) * hd].reshape(T, KV, hd).transpose(1, 0, 2),
+                  qkv[:, (H + KV) * hd:].reshape(T, KV, hd).transpose(1, 0, 2))
+    scales = (got.k_scale[1], got.v_scale[1]) if kind == "int8" else (None, None)
+    k.use_path(path)
+    _kernel.kv_store(qkv, H, KV, hd, got.k[1], got.v[1], *scales, n_ctx, pos)
+    np.testing.assert_array_equal(got.k.view(np.uint8), ref.k.view(np.uint8))
+    np.testing.assert_array_equal(got.v.view(np.uint8), ref.v.view(np.uint8))
+    if kind == "int8":
+        np.testing.assert_array_equal(got.k_scale.view(np.uint16), ref.k_scale.view(np.uint16))
+        np.testing.assert_array_equal(got.v_scale.view(np.uint16), ref.v_scale.view(np.uint16))
+    with pytest.raises(ValueError, match="do not fit"):
+        _kernel.kv_store(qkv, H, KV, hd, got.k[1], got.v[1], *scales, n_ctx, n_ctx - T + 1)
+    with pytest.raises(TypeError):
+        _kernel.kv_store(qkv, H, KV, hd, got.k[1].astype(np.float64), got.v[1], *scales, n_ctx, pos)
 
 
 def test_row_ops_match_numpy_and_check_shapes() -> None:

@@ -329,6 +329,12 @@ typedef struct {
 } decode_plan;
 size_t decode_scratch_floats(const decode_plan *p);
 /* h [D] in place; cos, sin [rot/2] of position pos (0 <= pos < n_ctx). 0, or -1 on OOM. */
+/* The keys and values of one position (k, v: [KV * hd] float32) into one layer's cache [KV, n_ctx,
+ * hd] of kind KV_* (int8: its fp16 scales [KV, n_ctx]), as KVCache.write (pocketlm/kv_cache.py)
+ * stores them: fp16 rounded to nearest even; int8 codes rint(x / s) clipped to 127 with s =
+ * fp16(amax / 127). simd: F16C on x86 (the same fp16 bits), else portable C. */
+void kv_store_pos(int kind, int simd, void *k_cache, void *v_cache, uint16_t *k_scale, uint16_t *v_scale, int KV,
+                  int n_ctx, int hd, int pos, const float *k, const float *v);
 int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *h, const float *cos,
                     const float *sin, int pos);
 
