@@ -135,7 +135,7 @@ INLINE void group_acts(const q8_act *acts, int M, int g, const int8_t *aq[ACTS])
 }
 
 /* Q4_0: x = d * (q - 8): sum_b d_b * da_b * (isum_b - 8 * asum_b), the offset folded into the
- * integer sum (asum_b: the activation's integer sum over sub-block b, a->sum32). */
+ * integer sum (-8 * asum_b: the activation's off32). */
 INLINE void q4_0_packed_acts(const uint8_t *row, const q8_act *acts, int M, int n, float *out, size_t os) {
     __m256 acc[ACTS][2];
     for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
@@ -149,9 +149,9 @@ INLINE void q4_0_packed_acts(const uint8_t *row, const q8_act *acts, int M, int 
             dot_half4(grp + 32, aq, M, h, isum);
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16 * h)));
             for (int m = 0; m < M; m++) {
-                const __m256i offset = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(acts[m].sum32 + 16 * g + 8 * h)), 3);
+                const __m256i off = _mm256_loadu_si256((const __m256i *)(acts[m].off32 + 16 * g + 8 * h));
                 const __m256 da = _mm256_loadu_ps(acts[m].d32 + 16 * g + 8 * h);
-                acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[m], offset)), _mm256_mul_ps(dw, da), acc[m][h]);
+                acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(isum[m], off)), _mm256_mul_ps(dw, da), acc[m][h]);
             }
         }
     }

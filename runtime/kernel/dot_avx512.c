@@ -270,12 +270,11 @@ INLINE float hsum_as_avx2(__m512 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* The integer sums of a group start from the code offset times the activation's sums: -8 for
- * Q4_0 (codes q - 8), -128 for Q8_0 (codes stored + 128 and multiplied unsigned), 0 for Q4_K. */
-INLINE __m512i group_start(const int32_t *sum32, int kind) {
-    if (kind == PK_Q4_K) return _mm512_setzero_si512();
-    const __m512i sums = _mm512_loadu_si512(sum32);
-    return _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, kind == PK_Q8_0 ? 7 : 3));
+/* The integer sums of a group start from the code offset times the activation's sums (off32):
+ * -8 for Q4_0 (codes q - 8), -128 for Q8_0 (codes stored + 128 and multiplied unsigned), none for
+ * Q4_K. */
+INLINE __m512i group_start(const q8_act *a, int g, int kind) {
+    return kind == PK_Q4_K ? _mm512_setzero_si512() : _mm512_loadu_si512(a->off32 + 16 * g);
 }
 
 /* s[r][m] lane b += integer dot of sub-block b of row r with activation m: 4-bit codes (chunk c:
@@ -361,7 +360,7 @@ INLINE void packed_acts(const uint8_t *row, size_t rb, const q8_act *acts, int n
         }
         for (int m = 0; m < M; m++) {
             aq[m] = acts[m].qs16 + (size_t)g * PACK_VALUES;
-            const __m512i start = group_start(acts[m].sum32 + 16 * g, kind);
+            const __m512i start = group_start(&acts[m], g, kind);
             for (int r = 0; r < R; r++) s[r][m] = start;
         }
         group_sums(grp, aq, R, M, kind, s);

@@ -71,7 +71,7 @@ const gtype_info *kernel_type_info(int gtype);
  * Packed types (act_prepare_packed, after quantizing): qs16 = qs interleaved as the packed
  * groups' code vectors (qs16[512g + 64v + 4b + i] = qs[512g + 32b + 4v + i]); d32[K/32] the
  * scale of each 32 values and s[K/32] = d32 * their sum (K-quants too); for Q4_0_PACKED and
- * Q8_0_PACKED also sum32[K/32], the integer sums. */
+ * Q8_0_PACKED also off32[K/32], the integer code-offset terms. */
 typedef struct {
     int K;
     int8_t *qs;     /* [K], natural order */
@@ -80,8 +80,9 @@ typedef struct {
     int16_t *bsums; /* [K/16] (K-quants only) */
     int8_t *qs16;   /* [K] packed types only */
     float *d32;     /* [K/32] packed types only (== d for 32-value activation blocks) */
-    int32_t *sum32; /* [K/32] Q4_0_PACKED, Q8_0_PACKED only: integer sum of each 32 values (their
-                     * code offsets times it are folded into the integer dots) */
+    int32_t *off32; /* [K/32] Q4_0_PACKED, Q8_0_PACKED only: -c * the integer sum of each 32 values,
+                     * c the codes' offset (8 for Q4_0's q - 8, 128 for Q8_0 codes stored + 128):
+                     * added to an integer dot of the stored codes, it gives the signed codes' */
 } q8_act;
 
 /* Quantize x[K] (K % 32 == 0 resp. % 256 == 0) into a; a's arrays must be sized for K. */
@@ -90,7 +91,7 @@ void quantize_act_256(const float *x, int K, q8_act *a);
 /* Bytes needed for the arrays of one activation row of length K (one allocation, see act_bind). */
 size_t act_bytes(int K);
 void act_bind(q8_act *a, void *mem, int K);
-/* For a packed weight type t: fill qs16, d32 (and s for K-quants, sum32 for Q4_0_PACKED and
+/* For a packed weight type t: fill qs16, d32 (and s for K-quants, off32 for Q4_0_PACKED and
  * Q8_0_PACKED) of an activation already quantized. */
 void act_prepare_packed(const gtype_info *t, q8_act *a);
 static inline int is_packed_type(int gtype) {

@@ -7,7 +7,7 @@
 #include "kernel.h"
 
 size_t act_bytes(int K) {
-    /* qs[K] + d[K/32] + s[K/32] + bsums[K/16] + qs16[K] + d32[K/32] + sum32[K/32], each array
+    /* qs[K] + d[K/32] + s[K/32] + bsums[K/16] + qs16[K] + d32[K/32] + off32[K/32], each array
      * 64-byte aligned */
     size_t n = 0;
     n += 2 * (((size_t)K + 63) & ~(size_t)63);
@@ -31,7 +31,7 @@ void act_bind(q8_act *a, void *mem, int K) {
     p += ((size_t)K + 63) & ~(size_t)63;
     a->d32 = (float *)p;
     p += ((size_t)(K / QK) * 4 + 63) & ~(size_t)63;
-    a->sum32 = (int32_t *)p;
+    a->off32 = (int32_t *)p;
 }
 
 void act_prepare_packed(const gtype_info *t, q8_act *a) {
@@ -46,7 +46,7 @@ void act_prepare_packed(const gtype_info *t, q8_act *a) {
         for (int j = 0; j < K / QK; j++) {
             int sum = 0;
             for (int i = 0; i < QK; i++) sum += a->qs[QK * j + i];
-            a->sum32[j] = sum;
+            a->off32[j] = -(t->gtype == GT_Q4_0_PACKED ? 8 : 128) * sum;
         }
     if (t->act_block == QK) {
         memcpy(a->d32, a->d, sizeof(float) * (size_t)(K / QK));
