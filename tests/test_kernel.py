@@ -114,9 +114,9 @@ def test_simd_paths_equal_scalar(t: Q) -> None:
 
 # M = 5: the multi-activation kernels (Q6_K and the packed types), else row by row (ARM i8mm: 2
 # rows x 2 activations); M = 45: the tiled path (gemm.c) where the path has one for the type at that
-# size; M = 150: the tiled path for every type (past each kernel's gemm_from), with a partial group
-# of activations and (rows 47) a partial tile of weight rows.
-@pytest.mark.parametrize("M", [5, 45, 150])
+# size; M = 260: the tiled path for every type it takes (past every kernel's gemm_from, at most 256),
+# with a partial group of activations and (rows 47) a partial tile of weight rows.
+@pytest.mark.parametrize("M", [5, 45, 260])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("t", [*TYPES, "packed Q4_0", "packed Q8_0", "packed Q4_K"],
                          ids=lambda t: getattr(t, "name", t))
