@@ -316,7 +316,8 @@ INLINE void group_sums(const uint8_t *const grp[MAX_ROWS], const int8_t *const a
  * sc[4..7]'s and m[4..7]'s low bits (w2 >> 4 for the mins), m[0..3]; [w0, w0, w1, w1] >> 2 the top
  * two bits of w0 / w1's bytes at bits 4, 5. */
 INLINE void q4k_group_scales(const uint8_t *grp, __m512 *sc, __m512 *mn) {
-    const __m256i w = _mm256_loadu2_m128i((const __m128i *)(grp + 20), (const __m128i *)(grp + 8));
+    const __m256i w = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(grp + 8))),
+                                              _mm_loadu_si128((const __m128i *)(grp + 20)), 1);
     const __m256i a = _mm256_shuffle_epi32(w, _MM_SHUFFLE(2, 1, 2, 0)), b = _mm256_shuffle_epi32(w, _MM_SHUFFLE(1, 1, 0, 0));
     const __m256i low = _mm256_and_si256(_mm256_srlv_epi32(a, _mm256_setr_epi32(0, 0, 0, 4, 0, 0, 0, 4)),
                                          _mm256_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F,
@@ -508,7 +509,7 @@ INLINE void q6_k_acts(const uint8_t *row, size_t rb, const q8_act *acts, int n, 
         const float d = half(blk + 208);
         for (int m = 0; m < M; m++) {
             const __m256i offset = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(acts[m].bsums + b * 16)));
-            const __m512i off = _mm512_zextsi256_si512(_mm256_slli_epi32(offset, 5));
+            const __m512i off = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_slli_epi32(offset, 5), 0);
             acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(d * acts[m].d[b]), _mm512_cvtepi32_ps(_mm512_sub_epi32(sumi[m], off)),
                                      acc[m]);
         }
