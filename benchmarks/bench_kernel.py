@@ -7,8 +7,9 @@ prints GB/s of weights read and the fraction of the measured read bandwidth. Mat
 consecutively in a buffer much larger than the caches (like the layers of a model) and each timed
 pass walks all of them. "_packed" types are the load-time layouts (one SIMD lane per 32-value
 block) the runtime uses where the path has them. Then the batched (prefill) product, one thread,
-3072 x 3072: GMAC/s with 15 activation rows (below GEMM_MIN_M: row by row) and with 128 (the
-register-tiled path where the code path has one).
+3072 x 3072: GMAC/s with 15 activation rows (the multi-activation kernels where the code path
+has one for the type, else row by row) and with 128 (the register-tiled path where the code path
+has one, for packed Q4_0 on AVX-512 from 128 on).
 
     python benchmarks/bench_kernel.py [--buffer-mb 1536] [--paths avx2 avx512] [--types Q4_0 Q8_0]
 """
@@ -125,7 +126,7 @@ def bench_dense(buf: np.ndarray, types: list[str], paths: list[str], threads: li
 
 def bench_batched(types: list[str], paths: list[str], repeats: int) -> None:
     rows = K = 3072
-    print("\nbatched product, 1 thread, 3072 x 3072: GMAC/s row by row (M=15) -> tiled (M=128)")
+    print("\nbatched product, 1 thread, 3072 x 3072: GMAC/s small batch (M=15) -> tiled (M=128)")
     kernel.set_threads(1)
     rng = np.random.default_rng(2)
     for name in types:

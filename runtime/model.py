@@ -436,10 +436,8 @@ class Model:
             self._norm(h, L.attn_norm, x)
             qkv = L.qkv.mat(x)                                             # [T, (H+2KV) hd]
             _kernel.rope(qkv, n_h + n_kv, hd, cfg.rope_dim, cos, sin)      # q and k heads, in place
-            k = qkv[:, n_h * hd:(n_h + n_kv) * hd].reshape(t, n_kv, hd).transpose(1, 0, 2)
-            v = qkv[:, (n_h + n_kv) * hd:].reshape(t, n_kv, hd).transpose(1, 0, 2)
-            cache.write(i, pos, k, v)
             scales = (cache.k_scale[i], cache.v_scale[i]) if cache.kind == "int8" else (None, None)
+            _kernel.kv_store(qkv, n_h, n_kv, hd, cache.k[i], cache.v[i], *scales, self.n_ctx, pos)  # = cache.write
             _kernel.attention_rows(qkv, cache.k[i], cache.v[i], *scales, n_h, n_kv, hd, self.n_ctx, pos,
                                    cfg.sliding_window or 0, cfg.attention_scale, L.sparse, attn)
             h += L.o.mat(attn)

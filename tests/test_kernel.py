@@ -23,6 +23,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from pocketlm.errors import PocketLMError
+from pocketlm.kv_cache import KVCache
 from pocketlm.quantize import formats
 from pocketlm.runtime import _kernel
 from pocketlm.runtime import kernel as k
@@ -111,9 +112,11 @@ def test_simd_paths_equal_scalar(t: Q) -> None:
         np.testing.assert_array_less(np.abs(k.matvec(raw, t, 64, 2048, x) - ref), 1e-6 * scale, err_msg=path)
 
 
-# M = 5: row by row (ARM i8mm: 2 rows x 2 activations); M = 45: the tiled path (gemm.c) where the
-# path has one, with a partial group of activations and (rows 47) a partial tile of weight rows.
-@pytest.mark.parametrize("M", [5, 45])
+# M = 5: the multi-activation kernels (Q6_K and the packed types), else row by row (ARM i8mm: 2
+# rows x 2 activations); M = 45: the tiled path (gemm.c) where the path has one for the type at that
+# size; M = 260: the tiled path for every type it takes (past every kernel's gemm_from, at most 256),
+# with a partial group of activations and (rows 47) a partial tile of weight rows.
+@pytest.mark.parametrize("M", [5, 45, 260])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("t", [*TYPES, "packed Q4_0", "packed Q8_0", "packed Q4_K"],
                          ids=lambda t: getattr(t, "name", t))
@@ -134,6 +137,44 @@ def test_matmul_equals_matvecs(t: Q | str, path: str, M: int) -> None:
     for m in range(M):  # equal up to summation order
         bound = 1e-6 * scale * np.linalg.norm(X[m])
         np.testing.assert_array_less(np.abs(Y[m] - k.matvec(raw, t, rows, K, X[m])), bound, err_msg=f"row {m}")
+
+
+# ARM i8mm's 2x2 kernels (raw Q4_0, Q4_1, Q8_0 below the tiled path) sum in their own float order.
+TWO_BY_TWO = {("neon_i8mm", Q.Q4_0), ("neon_i8mm", Q.Q4_1), ("neon_i8mm", Q.Q8_0)}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("t", [*TYPES, "packed Q4_0", "packed Q8_0", "packed Q4_K"],
+                         ids=lambda t: getattr(t, "name", t))
+def test_small_batches_equal_matvecs_bit_for_bit(t: Q | str, path: str) -> None:
+    """M = 2..15 activation rows (a verify's or a short prompt's batch): each row of the batched
+    product is the matvec of that row bit for bit (the multi-activation kernels reproduce the single
+    dot's float order; row by row it is the same dot), so a verify of K tokens gives the logits of K
+    decode steps; and it agrees with float64 dequantize-then-matmul (gguf-py) on the kernel's int8
+    activations."""
+    rows = 43  # not a multiple of any kernel's row block: a chunk's last rows one at a time
+    src_t = Q[t.split()[1]] if isinstance(t, str) else t
+    raw = make_weights(src_t, rows, K, seed=23, source="random" if src_t in (Q.Q4_K, Q.Q6_K) else "oracle")
+    W = dequant(raw, src_t)
+    if isinstance(t, str):
+        raw, t = k.repack(raw, src_t, rows, K), k.packed_type(src_t)
+    X = np.random.default_rng(24).standard_normal((15, K)).astype(np.float32)
+    X[1] *= 1e-3  # rows of very different magnitude: per-row activation scales
+    X[4] *= 40
+    ref = np.stack([act_roundtrip(x, act_block(src_t)) for x in X]) @ W.T  # [15, rows] float64
+    scale = np.linalg.norm(W, axis=1) * np.linalg.norm(X, axis=1)[:, None]
+    k.use_path(path)
+    k.set_threads(2)
+    exact = (path, t) not in TWO_BY_TWO
+    for M in range(2, 16):
+        Y = k.matmul(raw, t, rows, K, X[:M])
+        np.testing.assert_array_less(np.abs(Y - ref[:M]), 2e-6 * scale[:M], err_msg=f"M={M}")
+        for m in range(M):
+            y = k.matvec(raw, t, rows, K, X[m])
+            if exact:
+                np.testing.assert_array_equal(Y[m].view(np.uint32), y.view(np.uint32), err_msg=f"M={M} row {m}")
+            else:
+                np.testing.assert_array_less(np.abs(Y[m] - y), 1e-6 * scale[m], err_msg=f"M={M} row {m}")
 
 
 def test_weights_from_read_only_file_map(tmp_path: Path) -> None:
@@ -367,6 +408,36 @@ def test_arm64_selftest_under_qemu() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     for cpu in ("max", "cortex-a76", "cortex-a53"):
         assert f"qemu -cpu {cpu}: PASS" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["f16", "f32", "int8"])
+def test_kv_store_equals_cache_write(kind: str, path: str) -> None:
+    """The runtime's cache write of T fused qkv rows (strided: a column slice of wider rows) stores
+    the bytes KVCache.write (the reference's) stores, scales included; positions past the cache and
+    a cache of another dtype are refused."""
+    H, KV, hd, n_ctx, T, pos = 4, 2, 40, 32, 7, 9  # hd 40: an F16C part and a tail
+    rng = np.random.default_rng(30)
+    wide = rng.standard_normal((T, (H + 2 * KV) * hd + 5)).astype(np.float32) * 3
+    wide[0, H * hd] = 1e-6  # rounds to an fp16 subnormal
+    wide[1, H * hd + 3] = 70000.0  # overflows fp16
+    qkv = wide[:, :(H + 2 * KV) * hd]
+    ref, got = KVCache(2, KV, n_ctx, hd, kind), KVCache(2, KV, n_ctx, hd, kind)
+    with np.errstate(over="ignore"):  # 70000 -> inf, numpy's cast warns
+        ref.write(1, pos, qkv[:, H * hd:(H + KV) * hd].reshape(T, KV, hd).transpose(1, 0, 2),
+                  qkv[:, (H + KV) * hd:].reshape(T, KV, hd).transpose(1, 0, 2))
+    scales = (got.k_scale[1], got.v_scale[1]) if kind == "int8" else (None, None)
+    k.use_path(path)
+    _kernel.kv_store(qkv, H, KV, hd, got.k[1], got.v[1], *scales, n_ctx, pos)
+    np.testing.assert_array_equal(got.k.view(np.uint8), ref.k.view(np.uint8))
+    np.testing.assert_array_equal(got.v.view(np.uint8), ref.v.view(np.uint8))
+    if kind == "int8":
+        np.testing.assert_array_equal(got.k_scale.view(np.uint16), ref.k_scale.view(np.uint16))
+        np.testing.assert_array_equal(got.v_scale.view(np.uint16), ref.v_scale.view(np.uint16))
+    with pytest.raises(ValueError, match="do not fit"):
+        _kernel.kv_store(qkv, H, KV, hd, got.k[1], got.v[1], *scales, n_ctx, n_ctx - T + 1)
+    with pytest.raises(TypeError):
+        _kernel.kv_store(qkv, H, KV, hd, got.k[1].astype(np.float64), got.v[1], *scales, n_ctx, pos)
 
 
 def test_row_ops_match_numpy_and_check_shapes() -> None:

@@ -48,24 +48,42 @@ static void quantize_row_i8(const float *x, int n, int8_t *q, uint16_t *scale) {
     }
 }
 
-static void store_kv(const decode_plan *p, int layer, int pos, const float *k, const float *v) {
-    const size_t per_head = (size_t)p->n_ctx * p->hd, per_layer = (size_t)p->KV * per_head;
-    for (int g = 0; g < p->KV; g++) {
-        const size_t at = (size_t)layer * per_layer + g * per_head + (size_t)pos * p->hd;
-        const float *ks = k + (size_t)g * p->hd, *vs = v + (size_t)g * p->hd;
-        if (p->kv_kind == KV_F16) {
-            uint16_t *kd = (uint16_t *)p->k_cache + at, *vd = (uint16_t *)p->v_cache + at;
-            for (int i = 0; i < p->hd; i++) {
-                kd[i] = fp32_to_fp16(ks[i]);
-                vd[i] = fp32_to_fp16(vs[i]);
-            }
-        } else if (p->kv_kind == KV_I8) {
-            const size_t srow = ((size_t)layer * p->KV + g) * p->n_ctx + pos;
-            quantize_row_i8(ks, p->hd, (int8_t *)p->k_cache + at, p->k_scale + srow);
-            quantize_row_i8(vs, p->hd, (int8_t *)p->v_cache + at, p->v_scale + srow);
+#if defined(POCKETLM_X86)
+/* 8 values at a time with F16C (`vcvtps2ph`, round to nearest even: fp32_to_fp16's bits). */
+__attribute__((target("avx,f16c"))) static void fp16_row_f16c(const float *x, int n, uint16_t *out) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) out[i] = fp32_to_fp16(x[i]);
+}
+#endif
+
+static void fp16_row(int simd, const float *x, int n, uint16_t *out) {
+#if defined(POCKETLM_X86)
+    if (simd) {
+        fp16_row_f16c(x, n, out);
+        return;
+    }
+#else
+    (void)simd;
+#endif
+    for (int i = 0; i < n; i++) out[i] = fp32_to_fp16(x[i]);
+}
+
+void kv_store_pos(int kind, int simd, void *k_cache, void *v_cache, uint16_t *k_scale, uint16_t *v_scale, int KV,
+                  int n_ctx, int hd, int pos, const float *k, const float *v) {
+    for (int g = 0; g < KV; g++) {
+        const size_t at = ((size_t)g * n_ctx + pos) * hd, srow = (size_t)g * n_ctx + pos;
+        const float *ks = k + (size_t)g * hd, *vs = v + (size_t)g * hd;
+        if (kind == KV_F16) {
+            fp16_row(simd, ks, hd, (uint16_t *)k_cache + at);
+            fp16_row(simd, vs, hd, (uint16_t *)v_cache + at);
+        } else if (kind == KV_I8) {
+            quantize_row_i8(ks, hd, (int8_t *)k_cache + at, k_scale + srow);
+            quantize_row_i8(vs, hd, (int8_t *)v_cache + at, v_scale + srow);
         } else {
-            memcpy((float *)p->k_cache + at, ks, sizeof(float) * p->hd);
-            memcpy((float *)p->v_cache + at, vs, sizeof(float) * p->hd);
+            memcpy((float *)k_cache + at, ks, sizeof(float) * hd);
+            memcpy((float *)v_cache + at, vs, sizeof(float) * hd);
         }
     }
 }
@@ -91,8 +109,10 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
         float *q = qkv, *k = qkv + (size_t)H * hd, *v = k + (size_t)KV * hd;
         rope_row(q, H, hd, p->rot, cos, sin);
         rope_row(k, KV, hd, p->rot, cos, sin);
-        store_kv(p, i, pos, k, v);
         const int i8 = p->kv_kind == KV_I8;
+        kv_store_pos(p->kv_kind, simd, (char *)p->k_cache + i * layer_cache, (char *)p->v_cache + i * layer_cache,
+                     i8 ? p->k_scale + i * layer_scales : NULL, i8 ? p->v_scale + i * layer_scales : NULL, KV,
+                     p->n_ctx, hd, pos, k, v);
         const attention_args a = {.q = q, .q_stride = H * hd,
                                   .k = (const char *)p->k_cache + i * layer_cache,
                                   .v = (const char *)p->v_cache + i * layer_cache,

@@ -28,6 +28,7 @@ static inline int32x4_t dotl_widen(int32x4_t acc, int8x16_t a, int8x16_t b) {
     return vaddq_s32(acc, vpaddq_s32(lo, hi));
 }
 
+#define NEON_ACTS 4 /* activations per block of the multi-activation kernels (dotacts_fn) */
 #define NEON_TARGET
 #define NEON_DOT16 dot16_widen
 #define NEON_DOTL dotl_widen
@@ -140,15 +141,20 @@ const kernel_path path_neon = {
     .dot = {dot_q4_0_plain, dot_q4_1_plain, dot_q8_0_plain, dot_q4_k_plain, dot_q6_k_plain, dot_q4_0_packed_plain,
             dot_q8_0_packed_plain, dot_q4_k_packed_plain},
     .fallback = "scalar",
+    .dotacts = {[SLOT_Q6_K] = dotacts_q6_k_plain, [SLOT_Q4_0_PACKED] = dotacts_q4_0_packed_plain,
+                [SLOT_Q8_0_PACKED] = dotacts_q8_0_packed_plain, [SLOT_Q4_K_PACKED] = dotacts_q4_k_packed_plain},
 };
 const kernel_path path_neon_dotprod = {
     .name = "neon_dotprod",
     .dot = {dot_q4_0_dotprod, dot_q4_1_dotprod, dot_q8_0_dotprod, dot_q4_k_dotprod, dot_q6_k_dotprod,
             dot_q4_0_packed_dotprod, dot_q8_0_packed_dotprod, dot_q4_k_packed_dotprod},
     .fallback = "neon",
+    .dotacts = {[SLOT_Q6_K] = dotacts_q6_k_dotprod, [SLOT_Q4_0_PACKED] = dotacts_q4_0_packed_dotprod,
+                [SLOT_Q8_0_PACKED] = dotacts_q8_0_packed_dotprod, [SLOT_Q4_K_PACKED] = dotacts_q4_k_packed_dotprod},
     .gemm = &gemm_neon_dotprod,
 };
-/* single-row dots come from neon_dotprod; i8mm adds the 2x2 kernels of the batched product */
+/* single-row dots and multi-activation kernels come from neon_dotprod; i8mm adds the 2x2 kernels of
+ * the batched product (raw Q4_0, Q4_1, Q8_0) */
 const kernel_path path_neon_i8mm = {
     .name = "neon_i8mm",
     .dot = {NULL},

@@ -85,19 +85,28 @@ NEON_INLINE float NEON_FN(q4_k_)(const uint8_t *row, const q8_act *a, int n) {
     return acc;
 }
 
+/* ---- several activations (dotacts_fn) ----------------------------------------------------------
+ * The Q6_K and packed bodies take M activations (a constant after inlining, at most NEON_ACTS):
+ * the weight vectors are loaded and unpacked once and applied to all of them, with per-activation
+ * accumulators updated in the single dot's order; the single dot is the M = 1 instance. */
+
 /* Q6_K: codes 0..63 from ql/qh, 16-value dots scaled per sub-block, minus 32 * sum sc_j*bsums_j. */
-NEON_INLINE float NEON_FN(q6_k_)(const uint8_t *row, const q8_act *a, int n) {
+NEON_INLINE void NEON_FN(q6_k_acts_)(const uint8_t *row, const q8_act *acts, int M, int n, float *out, size_t os) {
     const uint8x16_t m4 = vdupq_n_u8(0x0F), m2 = vdupq_n_u8(3);
-    float acc = 0.0f;
+    float acc[NEON_ACTS];
+    for (int m = 0; m < M; m++) acc[m] = 0.0f;
     for (int i = 0; i < n; i++) {
         const int b = i;
         const uint8_t *blk = row + (size_t)b * 210;
         const int8_t *sc = (const int8_t *)(blk + 192);
-        const int8_t *aq = a->qs + (size_t)b * QK_K;
-        const int16_t *bs = a->bsums + b * 16;
-        int offset = 0;
-        for (int j = 0; j < 16; j++) offset += sc[j] * bs[j];
-        int32x4_t sumi = vdupq_n_s32(0);
+        int offset[NEON_ACTS];
+        int32x4_t sumi[NEON_ACTS];
+        for (int m = 0; m < M; m++) {
+            const int16_t *bs = acts[m].bsums + b * 16;
+            offset[m] = 0;
+            for (int j = 0; j < 16; j++) offset[m] += sc[j] * bs[j];
+            sumi[m] = vdupq_n_s32(0);
+        }
         for (int h = 0; h < 2; h++)
             for (int half = 0; half < 2; half++) { /* values 16*half .. of each 32-value run */
                 const uint8_t *ql = blk + 64 * h + 16 * half, *qh = blk + 128 + 32 * h + 16 * half;
@@ -109,29 +118,43 @@ NEON_INLINE float NEON_FN(q6_k_)(const uint8_t *row, const q8_act *a, int n) {
                 q[3] = vorrq_u8(vshrq_n_u8(l1, 4), vshlq_n_u8(vshrq_n_u8(hb, 6), 4));
                 for (int k = 0; k < 4; k++) {
                     const int j = 8 * h + 2 * k + half;
-                    const int32x4_t p = NEON_DOT16(vdupq_n_s32(0), vreinterpretq_s8_u8(q[k]),
-                                                   vld1q_s8(aq + 128 * h + 32 * k + 16 * half));
-                    sumi = vmlaq_n_s32(sumi, p, sc[j]);
+                    for (int m = 0; m < M; m++) {
+                        const int8_t *aq = acts[m].qs + (size_t)b * QK_K + 128 * h + 32 * k + 16 * half;
+                        const int32x4_t p = NEON_DOT16(vdupq_n_s32(0), vreinterpretq_s8_u8(q[k]), vld1q_s8(aq));
+                        sumi[m] = vmlaq_n_s32(sumi[m], p, sc[j]);
+                    }
                 }
             }
-        acc += fp16_load(blk + 208) * a->d[b] * (float)(vaddvq_s32(sumi) - 32 * offset);
+        const float d = fp16_load(blk + 208);
+        for (int m = 0; m < M; m++) acc[m] += d * acts[m].d[b] * (float)(vaddvq_s32(sumi[m]) - 32 * offset[m]);
     }
-    return acc;
+    for (int m = 0; m < M; m++) out[m * os] = acc[m];
 }
 
 /* ---- the packed layouts (kernel.h): one int32 lane per 32-value sub-block; quarter q of a group
  * (bytes 16q..16q+15 of every 64-byte chunk) is sub-blocks 4q..4q+3, one int32x4 ------------- */
 
-/* Lanes = integer dots of 4-bit sub-blocks 4q..4q+3 (codes 0..15 are valid s8) with their activations. */
-NEON_INLINE int32x4_t NEON_FN(dot_quarter4_)(const uint8_t *chunks, const int8_t *aq, int q) {
+/* The activations' code vectors of group g. */
+NEON_INLINE void NEON_FN(group_acts_)(const q8_act *acts, int M, int g, const int8_t *aq[NEON_ACTS]) {
+    for (int m = 0; m < M; m++) aq[m] = acts[m].qs16 + (size_t)g * PACK_VALUES;
+}
+
+/* isum[m] lanes = integer dots of 4-bit sub-blocks 4q..4q+3 (codes 0..15 are valid s8) with
+ * activation m. */
+NEON_INLINE void NEON_FN(dot_quarter4_)(const uint8_t *chunks, const int8_t *const aq[NEON_ACTS], int M, int q,
+                                        int32x4_t isum[NEON_ACTS]) {
     const uint8x16_t m4 = vdupq_n_u8(0x0F);
-    int32x4_t s0 = vdupq_n_s32(0), s1 = vdupq_n_s32(0);
+    int32x4_t s0[NEON_ACTS], s1[NEON_ACTS];
+    for (int m = 0; m < M; m++) s0[m] = s1[m] = vdupq_n_s32(0);
     for (int c = 0; c < 4; c++) {
         const uint8x16_t v = vld1q_u8(chunks + 64 * c + 16 * q);
-        s0 = NEON_DOTL(s0, vreinterpretq_s8_u8(vandq_u8(v, m4)), vld1q_s8(aq + 128 * c + 16 * q));
-        s1 = NEON_DOTL(s1, vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), vld1q_s8(aq + 128 * c + 64 + 16 * q));
+        const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, m4)), hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+        for (int m = 0; m < M; m++) {
+            s0[m] = NEON_DOTL(s0[m], lo, vld1q_s8(aq[m] + 128 * c + 16 * q));
+            s1[m] = NEON_DOTL(s1[m], hi, vld1q_s8(aq[m] + 128 * c + 64 + 16 * q));
+        }
     }
-    return vaddq_s32(s0, s1);
+    for (int m = 0; m < M; m++) isum[m] = vaddq_s32(s0[m], s1[m]);
 }
 
 /* 4 fp16 scales -> float32x4 (one fcvtl). */
@@ -139,78 +162,122 @@ NEON_INLINE float32x4_t NEON_FN(half4_)(const uint8_t *p) {
     return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p)));
 }
 
-NEON_INLINE float NEON_FN(q4_0_packed_)(const uint8_t *row, const q8_act *a, int n) {
-    float32x4_t acc = vdupq_n_f32(0.0f), corr = vdupq_n_f32(0.0f);
+NEON_INLINE void NEON_FN(q4_0_packed_acts_)(const uint8_t *row, const q8_act *acts, int M, int n, float *out, size_t os) {
+    float32x4_t acc[NEON_ACTS], corr[NEON_ACTS];
+    for (int m = 0; m < M; m++) acc[m] = corr[m] = vdupq_n_f32(0.0f);
     for (int g = 0; g < n; g++) {
         const uint8_t *grp = row + (size_t)g * 288;
-        const int8_t *aq = a->qs16 + (size_t)g * PACK_VALUES;
+        const int8_t *aq[NEON_ACTS];
+        NEON_FN(group_acts_)(acts, M, g, aq);
         for (int q = 0; q < 4; q++) {
             const float32x4_t dw = NEON_FN(half4_)(grp + 8 * q);
-            const int32x4_t isum = NEON_FN(dot_quarter4_)(grp + 32, aq, q);
-            acc = vfmaq_f32(acc, vcvtq_f32_s32(isum), vmulq_f32(dw, vld1q_f32(a->d32 + 16 * g + 4 * q)));
-            corr = vfmaq_f32(corr, dw, vld1q_f32(a->s + 16 * g + 4 * q));
+            int32x4_t isum[NEON_ACTS];
+            NEON_FN(dot_quarter4_)(grp + 32, aq, M, q, isum);
+            for (int m = 0; m < M; m++) {
+                const float32x4_t da = vld1q_f32(acts[m].d32 + 16 * g + 4 * q);
+                acc[m] = vfmaq_f32(acc[m], vcvtq_f32_s32(isum[m]), vmulq_f32(dw, da));
+                corr[m] = vfmaq_f32(corr[m], dw, vld1q_f32(acts[m].s + 16 * g + 4 * q));
+            }
         }
     }
-    return vaddvq_f32(acc) - 8.0f * vaddvq_f32(corr);
+    for (int m = 0; m < M; m++) out[m * os] = vaddvq_f32(acc[m]) - 8.0f * vaddvq_f32(corr[m]);
 }
 
 /* Codes stored + 128: flipped back to s8 (no offset term then). */
-NEON_INLINE float NEON_FN(q8_0_packed_)(const uint8_t *row, const q8_act *a, int n) {
+NEON_INLINE void NEON_FN(q8_0_packed_acts_)(const uint8_t *row, const q8_act *acts, int M, int n, float *out, size_t os) {
     const uint8x16_t flip = vdupq_n_u8(0x80);
-    float32x4_t acc = vdupq_n_f32(0.0f);
+    float32x4_t acc[NEON_ACTS];
+    for (int m = 0; m < M; m++) acc[m] = vdupq_n_f32(0.0f);
     for (int g = 0; g < n; g++) {
         const uint8_t *grp = row + (size_t)g * 544;
-        const int8_t *aq = a->qs16 + (size_t)g * PACK_VALUES;
+        const int8_t *aq[NEON_ACTS];
+        NEON_FN(group_acts_)(acts, M, g, aq);
         for (int q = 0; q < 4; q++) {
-            int32x4_t s0 = vdupq_n_s32(0), s1 = vdupq_n_s32(0);
+            int32x4_t s0[NEON_ACTS], s1[NEON_ACTS];
+            for (int m = 0; m < M; m++) s0[m] = s1[m] = vdupq_n_s32(0);
             for (int v = 0; v < 8; v += 2) {
                 const int8x16_t w0 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(grp + 32 + 64 * v + 16 * q), flip));
                 const int8x16_t w1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(grp + 96 + 64 * v + 16 * q), flip));
-                s0 = NEON_DOTL(s0, w0, vld1q_s8(aq + 64 * v + 16 * q));
-                s1 = NEON_DOTL(s1, w1, vld1q_s8(aq + 64 * v + 64 + 16 * q));
+                for (int m = 0; m < M; m++) {
+                    s0[m] = NEON_DOTL(s0[m], w0, vld1q_s8(aq[m] + 64 * v + 16 * q));
+                    s1[m] = NEON_DOTL(s1[m], w1, vld1q_s8(aq[m] + 64 * v + 64 + 16 * q));
+                }
             }
             const float32x4_t dw = NEON_FN(half4_)(grp + 8 * q);
-            acc = vfmaq_f32(acc, vcvtq_f32_s32(vaddq_s32(s0, s1)), vmulq_f32(dw, vld1q_f32(a->d32 + 16 * g + 4 * q)));
+            for (int m = 0; m < M; m++) {
+                const float32x4_t da = vld1q_f32(acts[m].d32 + 16 * g + 4 * q);
+                acc[m] = vfmaq_f32(acc[m], vcvtq_f32_s32(vaddq_s32(s0[m], s1[m])), vmulq_f32(dw, da));
+            }
         }
     }
-    return vaddvq_f32(acc);
+    for (int m = 0; m < M; m++) out[m * os] = vaddvq_f32(acc[m]);
 }
 
-/* Packed Q4_K: quarters 0, 1 are super-block 0, quarters 2, 3 super-block 1. */
-NEON_INLINE float NEON_FN(q4_k_packed_)(const uint8_t *row, const q8_act *a, int n) {
-    float32x4_t acc = vdupq_n_f32(0.0f), accm = vdupq_n_f32(0.0f);
+/* Packed Q4_K: quarters 0, 1 are super-block 0, quarters 2, 3 super-block 1; the weight factors
+ * d_s * sc_b and dmin_s * m_b are exact (6-bit integer times fp16). */
+NEON_INLINE void NEON_FN(q4_k_packed_acts_)(const uint8_t *row, const q8_act *acts, int M, int n, float *out, size_t os) {
+    float32x4_t acc[NEON_ACTS], accm[NEON_ACTS];
+    for (int m = 0; m < M; m++) acc[m] = accm[m] = vdupq_n_f32(0.0f);
     for (int g = 0; g < n; g++) {
         const uint8_t *grp = row + (size_t)g * 288;
-        const int8_t *aq = a->qs16 + (size_t)g * PACK_VALUES;
-        uint8_t sc[16], m[16];
-        q4k_scales_mins(grp + 8, sc, m);
-        q4k_scales_mins(grp + 20, sc + 8, m + 8);
+        const int8_t *aq[NEON_ACTS];
+        NEON_FN(group_acts_)(acts, M, g, aq);
+        uint8_t sc[16], mn[16];
+        q4k_scales_mins(grp + 8, sc, mn);
+        q4k_scales_mins(grp + 20, sc + 8, mn + 8);
         const uint16x8_t sc_lo = vmovl_u8(vld1_u8(sc)), sc_hi = vmovl_u8(vld1_u8(sc + 8));
-        const uint16x8_t m_lo = vmovl_u8(vld1_u8(m)), m_hi = vmovl_u8(vld1_u8(m + 8));
+        const uint16x8_t m_lo = vmovl_u8(vld1_u8(mn)), m_hi = vmovl_u8(vld1_u8(mn + 8));
         for (int q = 0; q < 4; q++) {
             const uint16x8_t scq = q < 2 ? sc_lo : sc_hi, mq = q < 2 ? m_lo : m_hi;
             const float32x4_t scf = vcvtq_f32_u32(q % 2 ? vmovl_high_u16(scq) : vmovl_u16(vget_low_u16(scq)));
             const float32x4_t mf = vcvtq_f32_u32(q % 2 ? vmovl_high_u16(mq) : vmovl_u16(vget_low_u16(mq)));
-            const float d = fp16_load(grp + 2 * (q / 2)), dmin = fp16_load(grp + 4 + 2 * (q / 2));
-            const int32x4_t isum = NEON_FN(dot_quarter4_)(grp + 32, aq, q);
-            const float32x4_t da = vld1q_f32(a->d32 + 16 * g + 4 * q);
-            acc = vfmaq_f32(acc, vcvtq_f32_s32(isum), vmulq_n_f32(vmulq_f32(scf, da), d));
-            accm = vfmaq_f32(accm, vmulq_n_f32(mf, dmin), vld1q_f32(a->s + 16 * g + 4 * q));
+            const float32x4_t scd = vmulq_n_f32(scf, fp16_load(grp + 2 * (q / 2)));
+            const float32x4_t mdm = vmulq_n_f32(mf, fp16_load(grp + 4 + 2 * (q / 2)));
+            int32x4_t isum[NEON_ACTS];
+            NEON_FN(dot_quarter4_)(grp + 32, aq, M, q, isum);
+            for (int m = 0; m < M; m++) {
+                const float32x4_t da = vld1q_f32(acts[m].d32 + 16 * g + 4 * q);
+                acc[m] = vfmaq_f32(acc[m], vcvtq_f32_s32(isum[m]), vmulq_f32(scd, da));
+                accm[m] = vfmaq_f32(accm[m], mdm, vld1q_f32(acts[m].s + 16 * g + 4 * q));
+            }
         }
     }
-    return vaddvq_f32(acc) - vaddvq_f32(accm);
+    for (int m = 0; m < M; m++) out[m * os] = vaddvq_f32(acc[m]) - vaddvq_f32(accm[m]);
 }
 
 #define NEON_DEFINE_DOT(name)                                                                      \
     NEON_TARGET static float NEON_FN(dot_##name##_)(const uint8_t *row, const q8_act *a, int nb) {         \
         return NEON_FN(name##_)(row, a, nb);                                                       \
     }
+/* A multi-activation body's single dot (M = 1), block (one row x up to NEON_ACTS activations) and
+ * dotacts_fn. */
+#define NEON_DEFINE_ACTS(name)                                                                     \
+    NEON_TARGET static float NEON_FN(dot_##name##_)(const uint8_t *row, const q8_act *a, int nb) { \
+        float out;                                                                                 \
+        NEON_FN(name##_acts_)(row, a, 1, nb, &out, 1);                                             \
+        return out;                                                                                \
+    }                                                                                              \
+    NEON_TARGET static void NEON_FN(name##_block_)(const uint8_t *row, size_t rb, int nrows, const q8_act *acts, \
+                                                   int M, int nb, float *out, size_t os) {         \
+        (void)rb, (void)nrows; /* one row per block */                                             \
+        switch (M) {                                                                               \
+        case 4: NEON_FN(name##_acts_)(row, acts, 4, nb, out, os); break;                           \
+        case 3: NEON_FN(name##_acts_)(row, acts, 3, nb, out, os); break;                           \
+        case 2: NEON_FN(name##_acts_)(row, acts, 2, nb, out, os); break;                           \
+        default: NEON_FN(name##_acts_)(row, acts, 1, nb, out, os); break;                          \
+        }                                                                                          \
+    }                                                                                              \
+    NEON_TARGET static void NEON_FN(dotacts_##name##_)(const uint8_t *row, size_t rb, int nrows, const q8_act *acts, \
+                                                       int nacts, int nb, float *out, size_t os) { \
+        dotacts_blocks(NEON_FN(name##_block_), 1, NEON_ACTS, row, rb, nrows, acts, nacts, nb, out, os); \
+    }
 NEON_DEFINE_DOT(q4_0)
 NEON_DEFINE_DOT(q4_1)
 NEON_DEFINE_DOT(q8_0)
 NEON_DEFINE_DOT(q4_k)
-NEON_DEFINE_DOT(q6_k)
-NEON_DEFINE_DOT(q4_0_packed)
-NEON_DEFINE_DOT(q8_0_packed)
-NEON_DEFINE_DOT(q4_k_packed)
+NEON_DEFINE_ACTS(q6_k)
+NEON_DEFINE_ACTS(q4_0_packed)
+NEON_DEFINE_ACTS(q8_0_packed)
+NEON_DEFINE_ACTS(q4_k_packed)
 #undef NEON_DEFINE_DOT
+#undef NEON_DEFINE_ACTS

@@ -70,7 +70,8 @@ const gtype_info *kernel_type_info(int gtype);
  * K-quants:       d[K/256], bsums[K/16] = integer sums of qs over each 16 values.
  * Packed types (act_prepare_packed, after quantizing): qs16 = qs interleaved as the packed
  * groups' code vectors (qs16[512g + 64v + 4b + i] = qs[512g + 32b + 4v + i]); d32[K/32] the
- * scale of each 32 values and s[K/32] = d32 * their sum (K-quants too). */
+ * scale of each 32 values and s[K/32] = d32 * their sum (K-quants too); for Q4_0_PACKED and
+ * Q8_0_PACKED also off32[K/32], the integer code-offset terms. */
 typedef struct {
     int K;
     int8_t *qs;     /* [K], natural order */
@@ -79,6 +80,9 @@ typedef struct {
     int16_t *bsums; /* [K/16] (K-quants only) */
     int8_t *qs16;   /* [K] packed types only */
     float *d32;     /* [K/32] packed types only (== d for 32-value activation blocks) */
+    int32_t *off32; /* [K/32] Q4_0_PACKED, Q8_0_PACKED only: -c * the integer sum of each 32 values,
+                     * c the codes' offset (8 for Q4_0's q - 8, 128 for Q8_0 codes stored + 128):
+                     * added to an integer dot of the stored codes, it gives the signed codes' */
 } q8_act;
 
 /* Quantize x[K] (K % 32 == 0 resp. % 256 == 0) into a; a's arrays must be sized for K. */
@@ -87,7 +91,8 @@ void quantize_act_256(const float *x, int K, q8_act *a);
 /* Bytes needed for the arrays of one activation row of length K (one allocation, see act_bind). */
 size_t act_bytes(int K);
 void act_bind(q8_act *a, void *mem, int K);
-/* For a packed weight type t: fill qs16, d32 (and s for K-quants) of an activation already quantized. */
+/* For a packed weight type t: fill qs16, d32 (and s for K-quants, off32 for Q4_0_PACKED and
+ * Q8_0_PACKED) of an activation already quantized. */
 void act_prepare_packed(const gtype_info *t, q8_act *a);
 static inline int is_packed_type(int gtype) {
     return gtype == GT_Q4_0_PACKED || gtype == GT_Q8_0_PACKED || gtype == GT_Q4_K_PACKED;
@@ -103,6 +108,31 @@ typedef float (*dot_fn)(const uint8_t *row, const q8_act *a, int nb);
 #define DOT_ROWS 4
 typedef void (*dotrows_fn)(const uint8_t *row, size_t row_bytes, const q8_act *a, int nb, int nrows, float *out);
 
+/* Several weight rows times several activations (a verify's or a short prompt's batch): out[m *
+ * out_stride + r] = row r (at row + r * row_bytes) . acts[m] for r < nrows, m < nacts (any counts
+ * >= 1). The kernel blocks rows and activations to its registers: each weight vector is loaded and
+ * unpacked once per block of activations and applied to all of them, each activation vector once
+ * per block of rows. Every result is bit-identical to the dot_fn the path's table resolves for the
+ * slot (the same integer lanes, the same float operations per lane in the same order), so M
+ * activations give exactly the M matvecs' results (a verify's logits are the decode steps'). */
+typedef void (*dotacts_fn)(const uint8_t *row, size_t row_bytes, int nrows, const q8_act *acts, int nacts, int nb,
+                           float *out, size_t out_stride);
+
+/* A dotacts_fn as blocks of at most rmax rows times at most amax activations, each one call of
+ * `block` (a dotacts_fn for those bounds, typically a switch to bodies of constant size): per block
+ * of rows, the activations in near-equal blocks (9 = 3 + 3 + 3, not 4 + 4 + 1: every block shares
+ * its weight vectors as widely as the others). */
+static inline void dotacts_blocks(dotacts_fn block, int rmax, int amax, const uint8_t *row, size_t row_bytes, int nrows,
+                                  const q8_act *acts, int nacts, int nb, float *out, size_t out_stride) {
+    const int nblocks = (nacts + amax - 1) / amax;
+    for (int r = 0; r < nrows; r += rmax)
+        for (int b = 0; b < nblocks; b++) {
+            const int m0 = nacts * b / nblocks, m1 = nacts * (b + 1) / nblocks;
+            block(row + (size_t)r * row_bytes, row_bytes, nrows - r < rmax ? nrows - r : rmax, acts + m0, m1 - m0, nb,
+                  out + (size_t)m0 * out_stride + r, out_stride);
+        }
+}
+
 /* Two weight rows times two activation rows at once (ARM i8mm `smmla` computes a 2x2 int8 product):
  * out[2*r + m] = row_r . act_m for r, m in {0, 1}. Used by the batched (prefill) driver. */
 typedef void (*dot2x2_fn)(const uint8_t *row0, const uint8_t *row1, const q8_act *a0, const q8_act *a1,
@@ -117,6 +147,12 @@ typedef struct {
     const char *fallback;
     dot2x2_fn dot2x2[N_SLOTS]; /* optional, the path's own only */
     dotrows_fn dotrows[N_SLOTS]; /* optional: taken with the dot of the same path (fallbacks alike) */
+    /* optional: the path's own entry, else the one of the path its dot comes from; an own entry
+     * must reproduce the resolved dot (avx512's packed ones reproduce the AVX2 dots it uses) */
+    dotacts_fn dotacts[N_SLOTS];
+    /* with each dotacts entry: the batch size M from which the path's tiled kernel (gemm) is the
+     * faster one, measured (0: GEMM_MIN_M) */
+    int acts_gemm_from[N_SLOTS];
     const gemm_kernel *gemm;   /* optional, the path's own only: the batched path for M >= GEMM_MIN_M */
 } kernel_path;
 
@@ -148,6 +184,13 @@ const dot_fn *path_table(const char *name);
 const dot2x2_fn *path_table2x2(const char *name); /* the path's 2x2 kernels (entries may be NULL) */
 /* The multi-row kernels that go with a table returned by path_table (entries may be NULL), or NULL. */
 const dotrows_fn *path_rows_table(const dot_fn *table);
+/* Likewise the multi-activation kernels, each with the batch size from which run_matmul takes the
+ * tiled path instead (GEMM_MIN_M where the path gave none). */
+typedef struct {
+    dotacts_fn fn[N_SLOTS]; /* NULL: none for the slot */
+    int gemm_from[N_SLOTS];
+} acts_table;
+const acts_table *path_acts_table(const dot_fn *table);
 const gemm_kernel *path_gemm(const char *name);     /* the path's batched micro-kernel or NULL */
 
 /* fp16 <-> fp32, portable. */
@@ -215,7 +258,9 @@ int block_is_bad(const gtype_info *t, const uint8_t *blk);
 /* matmul.c: the drivers (thread split, activation quantization). Return 0 or -1 on OOM. */
 int run_matvec(const dot_fn *table, const gtype_info *t, const uint8_t *w, int rows, int K,
                const float *x, float *y);
-/* Batched: with a gemm kernel and M >= GEMM_MIN_M the tiled path (gemm.c), else row by row. */
+/* Batched: the tiled path (gemm.c) where the path has one and M >= GEMM_MIN_M (with a
+ * multi-activation kernel for the type: M >= its gemm_from), else the multi-activation kernel
+ * (dotacts_fn: bit-identical to M matvecs), else row by row. */
 #define GEMM_MIN_M 16
 int run_matmul(const dot_fn *table, const dot2x2_fn *table2, const gemm_kernel *gemm, const gtype_info *t,
                const uint8_t *w, int rows, int K, const float *X, int M, float *Y);
@@ -285,6 +330,12 @@ typedef struct {
 } decode_plan;
 size_t decode_scratch_floats(const decode_plan *p);
 /* h [D] in place; cos, sin [rot/2] of position pos (0 <= pos < n_ctx). 0, or -1 on OOM. */
+/* The keys and values of one position (k, v: [KV * hd] float32) into one layer's cache [KV, n_ctx,
+ * hd] of kind KV_* (int8: its fp16 scales [KV, n_ctx]), as KVCache.write (pocketlm/kv_cache.py)
+ * stores them: fp16 rounded to nearest even; int8 codes rint(x / s) clipped to 127 with s =
+ * fp16(amax / 127). simd: F16C on x86 (the same fp16 bits), else portable C. */
+void kv_store_pos(int kind, int simd, void *k_cache, void *v_cache, uint16_t *k_scale, uint16_t *v_scale, int KV,
+                  int n_ctx, int hd, int pos, const float *k, const float *v);
 int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *h, const float *cos,
                     const float *sin, int pos);
 

@@ -164,11 +164,12 @@ fail_w:
 
 /* A K or V cache of exactly n elements, C-contiguous: fp16 (numpy float16 'e' or uint16 'H'),
  * float32 'f', or (allow_i8) int8 'b'. Sets *kind to KV_F16 / KV_F32 / KV_I8. */
-static int get_cache(PyObject *o, Py_buffer *v, Py_ssize_t n, int allow_i8, int *kind, const char *what) {
-    if (PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+static int get_cache_buf(PyObject *o, Py_buffer *v, Py_ssize_t n, int allow_i8, int writable, int *kind,
+                         const char *what) {
+    if (PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) != 0) {
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous float16/uint16/float32%s array (got %s)", what,
-                     allow_i8 ? "/int8" : "", Py_TYPE(o)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous%s float16/uint16/float32%s array (got %s)", what,
+                     writable ? " writable" : "", allow_i8 ? "/int8" : "", Py_TYPE(o)->tp_name);
         return -1;
     }
     const char c = buf_kind(v);
@@ -190,6 +191,10 @@ static int get_cache(PyObject *o, Py_buffer *v, Py_ssize_t n, int allow_i8, int 
         return -1;
     }
     return 0;
+}
+
+static int get_cache(PyObject *o, Py_buffer *v, Py_ssize_t n, int allow_i8, int *kind, const char *what) {
+    return get_cache_buf(o, v, n, allow_i8, 0, kind, what);
 }
 
 static int overlaps(const Py_buffer *a, const Py_buffer *b) {
@@ -378,6 +383,84 @@ static PyObject *py_attention_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 fail_out:
     PyBuffer_Release(&out);
+fail_vs:
+    if (vs.buf) PyBuffer_Release(&vs);
+fail_ks:
+    if (ks.buf) PyBuffer_Release(&ks);
+fail_v:
+    PyBuffer_Release(&v);
+fail_k:
+    PyBuffer_Release(&k);
+fail_q:
+    PyBuffer_Release(&q);
+    return NULL;
+}
+
+/* kv_store(qkv, H, KV, hd, k, v, k_scale, v_scale, n_ctx, pos): the keys and values of T rows of
+ * fused qkv [T, >= (H + 2 KV) hd] (rows [q | k | v], may be strided) into one layer's cache k, v
+ * [KV, n_ctx, hd] (fp16, float32, or int8 with fp16 scales [KV, n_ctx]) at positions pos..pos+T-1,
+ * as KVCache.write stores them. */
+static PyObject *py_kv_store(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *qo, *ko, *vo, *kso, *vso;
+    int H, KV, hd, n_ctx, pos, kk, vk, T = 0, stride = 0;
+    if (!PyArg_ParseTuple(args, "OiiiOOOOii", &qo, &H, &KV, &hd, &ko, &vo, &kso, &vso, &n_ctx, &pos)) return NULL;
+    if (H < 1 || KV < 1 || hd < 1 || n_ctx < 1 || H > 65536 || KV > 65536 || hd > 65536) {
+        PyErr_Format(PyExc_ValueError, "heads (%d), kv_heads (%d), head_dim (%d), n_ctx (%d) must be >= 1 "
+                     "(heads, kv_heads, head_dim <= 65536)", H, KV, hd, n_ctx);
+        return NULL;
+    }
+    Py_buffer q, k, v, ks = {0}, vs = {0};
+    Py_ssize_t q_extent;
+    const Py_ssize_t n_cache = (Py_ssize_t)KV * n_ctx * hd;
+    if (get_q_rows(qo, &q, (Py_ssize_t)(H + 2 * KV) * hd, &T, &stride, &q_extent) != 0) return NULL;
+    if (pos < 0 || pos > n_ctx - T) {
+        PyErr_Format(PyExc_ValueError, "positions %d..%d do not fit the cache of %d", pos, pos + T - 1, n_ctx);
+        goto fail_q;
+    }
+    if (get_cache_buf(ko, &k, n_cache, 1, 1, &kk, "k") != 0) goto fail_q;
+    if (get_cache_buf(vo, &v, n_cache, 1, 1, &vk, "v") != 0) goto fail_k;
+    if (kk != vk) {
+        PyErr_SetString(PyExc_TypeError, "k and v must have the same dtype");
+        goto fail_v;
+    }
+    if ((kk == KV_I8) != (kso != Py_None) || (kk == KV_I8) != (vso != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "k_scale and v_scale go with (and only with) an int8 cache");
+        goto fail_v;
+    }
+    if (kk == KV_I8) {
+        int sk;
+        if (get_cache_buf(kso, &ks, (Py_ssize_t)KV * n_ctx, 0, 1, &sk, "k_scale") != 0) goto fail_v;
+        if (sk != KV_F16) {
+            PyErr_SetString(PyExc_TypeError, "k_scale must be float16 [kv_heads, n_ctx]");
+            goto fail_ks;
+        }
+        if (get_cache_buf(vso, &vs, (Py_ssize_t)KV * n_ctx, 0, 1, &sk, "v_scale") != 0) goto fail_ks;
+        if (sk != KV_F16) {
+            PyErr_SetString(PyExc_TypeError, "v_scale must be float16 [kv_heads, n_ctx]");
+            goto fail_vs;
+        }
+    }
+    const Py_buffer q_span = {.buf = q.buf, .len = q_extent};
+    if (overlaps(&q_span, &k) || overlaps(&q_span, &v) || overlaps(&k, &v) ||
+        (ks.buf && (overlaps(&q_span, &ks) || overlaps(&q_span, &vs) || overlaps(&ks, &vs) || overlaps(&ks, &k) ||
+                    overlaps(&ks, &v) || overlaps(&vs, &k) || overlaps(&vs, &v)))) {
+        PyErr_SetString(PyExc_ValueError, "qkv, k, v and the scales must not overlap");
+        goto fail_vs;
+    }
+    const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 0; t < T; t++) {
+        const float *row = (const float *)q.buf + (size_t)t * stride;
+        kv_store_pos(kk, simd, k.buf, v.buf, ks.buf, vs.buf, KV, n_ctx, hd, pos + t, row + (size_t)H * hd,
+                     row + (size_t)(H + KV) * hd);
+    }
+    Py_END_ALLOW_THREADS
+    if (ks.buf) PyBuffer_Release(&vs), PyBuffer_Release(&ks);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&q);
+    Py_RETURN_NONE;
 fail_vs:
     if (vs.buf) PyBuffer_Release(&vs);
 fail_ks:
@@ -910,6 +993,9 @@ static PyMethodDef METHODS[] = {
     {"attention_rows", py_attention_rows, METH_VARARGS,
      "attention_rows(q, k, v, k_scale, v_scale, H, KV, hd, n_ctx, pos, window, scale, sparse, out): attention "
      "of T query rows (dense, window, block-sparse) over a KV cache"},
+    {"kv_store", py_kv_store, METH_VARARGS,
+     "kv_store(qkv, H, KV, hd, k, v, k_scale, v_scale, n_ctx, pos): the k and v of T fused qkv rows into a "
+     "layer's cache at pos.."},
     {"check_blocks", py_check_blocks, METH_VARARGS, "index of the first block with a NaN/inf scale, or -1"},
     {"set_path", py_set_path, METH_VARARGS, "select a code path by name"},
     {"active_path", py_active_path, METH_NOARGS, "name of the code path in use"},

@@ -7,10 +7,11 @@
 #include "kernel.h"
 
 size_t act_bytes(int K) {
-    /* qs[K] + d[K/32] + s[K/32] + bsums[K/16] + qs16[K] + d32[K/32], each array 64-byte aligned */
+    /* qs[K] + d[K/32] + s[K/32] + bsums[K/16] + qs16[K] + d32[K/32] + off32[K/32], each array
+     * 64-byte aligned */
     size_t n = 0;
     n += 2 * (((size_t)K + 63) & ~(size_t)63);
-    n += 3 * (((size_t)(K / QK) * 4 + 63) & ~(size_t)63);
+    n += 4 * (((size_t)(K / QK) * 4 + 63) & ~(size_t)63);
     n += ((size_t)(K / 16) * 2 + 63) & ~(size_t)63;
     return n;
 }
@@ -29,6 +30,8 @@ void act_bind(q8_act *a, void *mem, int K) {
     a->qs16 = (int8_t *)p;
     p += ((size_t)K + 63) & ~(size_t)63;
     a->d32 = (float *)p;
+    p += ((size_t)(K / QK) * 4 + 63) & ~(size_t)63;
+    a->off32 = (int32_t *)p;
 }
 
 void act_prepare_packed(const gtype_info *t, q8_act *a) {
@@ -39,6 +42,12 @@ void act_prepare_packed(const gtype_info *t, q8_act *a) {
         for (int v = 0; v < 8; v++)
             for (int b = 0; b < 16; b++) memcpy(dst + 64 * v + 4 * b, src + 32 * b + 4 * v, 4);
     }
+    if (t->gtype == GT_Q4_0_PACKED || t->gtype == GT_Q8_0_PACKED)
+        for (int j = 0; j < K / QK; j++) {
+            int sum = 0;
+            for (int i = 0; i < QK; i++) sum += a->qs[QK * j + i];
+            a->off32[j] = -(t->gtype == GT_Q4_0_PACKED ? 8 : 128) * sum;
+        }
     if (t->act_block == QK) {
         memcpy(a->d32, a->d, sizeof(float) * (size_t)(K / QK));
     } else { /* per 256: each 32 values take their super-block's scale; s from the per-16 sums */

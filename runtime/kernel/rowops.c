@@ -51,15 +51,19 @@ void rope_row(float *x, int n_heads, int hd, int rot, const float *cos, const fl
         }
 }
 
+/* The up half through its own pointer: gu[F + i] with an int index does not vectorize under the
+ * build's -fwrapv (the sum may wrap, so its address is not an affine step). */
 void swiglu_row(const float *gu, int F, float *out) {
-    for (int i = 0; i < F; i++) out[i] = gu[i] / (1.0f + exp_approx(-gu[i])) * gu[F + i];
+    const float *up = gu + F;
+    for (int i = 0; i < F; i++) out[i] = gu[i] / (1.0f + exp_approx(-gu[i])) * up[i];
 }
 
 /* GeGELU on [gelu input g | linear input l]: min(g, L) * sigmoid(1.702 min(g, L)) * (clip(l, -L, L) + 1). */
 void gegelu_row(const float *gu, int F, float limit, float *out) {
+    const float *lin = gu + F;
     for (int i = 0; i < F; i++) {
         const float g = gu[i] < limit ? gu[i] : limit;
-        const float l = gu[F + i] < -limit ? -limit : gu[F + i] > limit ? limit : gu[F + i];
+        const float l = lin[i] < -limit ? -limit : lin[i] > limit ? limit : lin[i];
         out[i] = g / (1.0f + exp_approx(-1.702f * g)) * (l + 1.0f);
     }
 }

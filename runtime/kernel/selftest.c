@@ -113,6 +113,92 @@ static int failures;
 
 static const char *PATH_NAMES[] = {"scalar", "avx2", "avx512", "neon", "neon_dotprod", "neon_i8mm"};
 
+#define MAX_ACTS (GEMM_MIN_M - 1)
+
+/* Activation row m of a small batch: x permuted and scaled (odd rows negated and halved, row 5
+ * tiny), so every row has its own scales. */
+static void batch_row(const float *x, int K, int m, float *out) {
+    for (int i = 0; i < K; i++) out[i] = x[(i + 37 * m) % K] * (m % 2 ? -0.5f : 1.0f) * (m == 5 ? 1e-3f : 1.0f);
+}
+
+/* The path's multi-activation kernel for t (if any) against its single dot, bit for bit: every row
+ * count 1..rows (starting at varied rows) times every activation count 1..MAX_ACTS, written with an
+ * output stride wider than the rows (the untouched gaps checked). */
+static void check_dotacts(const gtype_info *t, const dot_fn *table, const uint8_t *w, int rows, size_t row_bytes, int nb,
+                          const float *x, const char *path) {
+    const acts_table *at = path_acts_table(table);
+    if (!at || !at->fn[t->slot]) return;
+    const int K = nb * t->block_values, stride = rows + 3;
+    const size_t per = act_bytes(K);
+    uint8_t *mem;
+    if (posix_memalign((void **)&mem, 64, per * MAX_ACTS) != 0) exit(2);
+    q8_act acts[MAX_ACTS];
+    float *xm = malloc(sizeof(float) * K), *out = malloc(sizeof(float) * MAX_ACTS * stride);
+    float *one = malloc(sizeof(float) * MAX_ACTS * rows); /* [m][r]: the single dots */
+    for (int m = 0; m < MAX_ACTS; m++) {
+        act_bind(&acts[m], mem + per * m, K);
+        batch_row(x, K, m, xm);
+        if (t->act_block == QK_K)
+            quantize_act_256(xm, K, &acts[m]);
+        else
+            quantize_act_32(xm, K, &acts[m]);
+        if (is_packed_type(t->gtype)) act_prepare_packed(t, &acts[m]);
+        for (int r = 0; r < rows; r++) one[m * rows + r] = table[t->slot](w + r * row_bytes, &acts[m], nb);
+    }
+    int bad = 0;
+    for (int nr = 1; nr <= rows; nr++)
+        for (int na = 1; na <= MAX_ACTS; na++) {
+            const int r0 = (7 * nr + na) % (rows - nr + 1);
+            for (int i = 0; i < MAX_ACTS * stride; i++) out[i] = -1.0f;
+            at->fn[t->slot](w + r0 * row_bytes, row_bytes, nr, acts, na, nb, out, (size_t)stride);
+            for (int m = 0; m < MAX_ACTS; m++)
+                for (int i = 0; i < stride; i++) {
+                    const float want = m < na && i < nr ? one[m * rows + r0 + i] : -1.0f;
+                    if (memcmp(&want, &out[m * stride + i], 4) != 0 && bad++ < 5)
+                        printf("FAIL: type %d path %s: dotacts (%d rows from %d x %d acts) [%d][%d] = %.9g, dot %.9g\n",
+                               t->gtype, path, nr, r0, na, m, i, out[m * stride + i], want);
+                }
+        }
+    failures += bad;
+    free(mem);
+    free(xm);
+    free(out);
+    free(one);
+}
+
+/* The batched driver for M = 2..MAX_ACTS and the largest M below the tiled path, 1 and 3
+ * threads, against matvecs bit for bit: with the path's multi-activation kernel for t, or with
+ * nothing but the single dot (a 2x2 kernel sums in its own order: the M = 3 test of test_type
+ * bounds it). */
+static void check_small_batches(const gtype_info *t, const dot_fn *table, const uint8_t *w, int rows, int K,
+                                const float *x, const char *path) {
+    const acts_table *at = path_acts_table(table);
+    const dot2x2_fn *t2 = path_table2x2(path);
+    if (!(at && at->fn[t->slot]) && t2 && t2[t->slot]) return;
+    const int last = at && at->fn[t->slot] && at->gemm_from[t->slot] - 1 > MAX_ACTS ? at->gemm_from[t->slot] - 1 : MAX_ACTS;
+    float *X = malloc(sizeof(float) * last * K), *Y = malloc(sizeof(float) * last * rows);
+    float *y = malloc(sizeof(float) * rows);
+    for (int m = 0; m < last; m++) batch_row(x, K, m, X + (size_t)m * K);
+    for (int threads = 1; threads <= 3; threads += 2) {
+        pool_set_threads(threads);
+        for (int M = 2; M <= last; M = M < MAX_ACTS || M == last ? M + 1 : last) {
+            CHECK(run_matmul(table, t2, path_gemm(path), t, w, rows, K, X, M, Y) == 0, "matmul OOM");
+            for (int m = 0; m < M; m++) {
+                run_matvec(table, t, w, rows, K, X + (size_t)m * K, y);
+                for (int r = 0; r < rows; r++) {
+                    const float got = Y[m * rows + r];
+                    CHECK(memcmp(&got, &y[r], 4) == 0, "type %d path %s threads %d: matmul M=%d [%d][%d] = %.9g, matvec %.9g",
+                          t->gtype, path, threads, M, m, r, got, y[r]);
+                }
+            }
+        }
+    }
+    pool_set_threads(1);
+    free(X);
+    free(Y);
+    free(y);
+}
+
 /* One GGUF type, or (packed) its load-time packed layout: the same random rows repacked; the
  * reference always dequantizes the raw blocks. */
 static void test_type(int gtype, int packed) {
@@ -170,15 +256,19 @@ static void test_type(int gtype, int packed) {
                               gtype, packed ? " packed" : "", PATH_NAMES[p], nr, r0 + i, out[i], one);
                     }
                 }
+        check_dotacts(t, table, w, rows, row_bytes, nb, x, PATH_NAMES[p]);
         /* drivers: 1 thread == 3 threads; matmul row m == matvec */
         pool_set_threads(1);
         run_matvec(table, t, w, rows, K, x, y1);
         pool_set_threads(3);
         run_matvec(table, t, w, rows, K, x, y2);
         CHECK(memcmp(y1, y2, sizeof(float) * rows) == 0, "type %d%s path %s: threads 1 != 3", gtype, packed ? " packed" : "", PATH_NAMES[p]);
-        /* M = 3 (row by row: a 2x2 pair + a leftover) and M = GEMM_MIN_M + 3 (the tiled path where
-         * the path has one, with a partial activation group) against single matvecs */
-        const int Ms[2] = {3, GEMM_MIN_M + 3};
+        check_small_batches(t, table, w, rows, K, x, PATH_NAMES[p]);
+        /* M = 3 (row by row: a 2x2 pair + a leftover, or the multi-activation kernel) and 3 past
+         * where the tiled path takes over (where the path has one, with a partial activation
+         * group) against single matvecs */
+        const acts_table *at = path_acts_table(table);
+        const int Ms[2] = {3, (at && at->fn[t->slot] ? at->gemm_from[t->slot] : GEMM_MIN_M) + 3};
         for (int mi = 0; mi < 2; mi++) {
             const int M = Ms[mi];
             float *X = malloc(sizeof(float) * (size_t)M * K), *Y = malloc(sizeof(float) * (size_t)M * rows);
