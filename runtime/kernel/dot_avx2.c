@@ -107,7 +107,7 @@ INLINE float q8_0(const uint8_t *row, const q8_act *a, int n) {
 #define ACTS 4 /* activations per block of the multi-activation kernels (dotacts_fn) */
 
 INLINE void prefetch_group(const uint8_t *grp, int bytes) {
-    for (int line = 0; line < bytes; line += 64) __builtin_prefetch(grp + PREFETCH_BYTES + line);
+    for (int line = 0; line < bytes; line += 64) __builtin_prefetch(grp + PREFETCH_BYTES + line, 0, 2); /* into L2 (the L1 miss buffers are few) */
 }
 
 INLINE float hsum_halves(const __m256 acc[2]) { return hsum8(_mm256_add_ps(acc[0], acc[1])); }
