@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import make_phi3_small_gguf  # noqa: E402  (sibling scripts)
 from roofline import paired_roofline  # noqa: E402
+
+from pocketlm.hostinfo import host_cpu  # noqa: E402
 
 MB = 1e6
 MAX_CONTEXT = 8192  # Phi-3-small-8k's max_position_embeddings
@@ -195,13 +196,6 @@ def run_child(name: str, *args: str | int) -> dict:
 
 # ---------------------------------------------------------------------------- report
 
-def cpu_model() -> str:
-    from pocketlm.hostinfo import cpu_model as parse
-    from pocketlm.hostinfo import read_cpuinfo
-
-    return parse(read_cpuinfo()) or platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -223,7 +217,7 @@ def main() -> None:
     with GGUFReader(path) as r:
         weight_bytes = sum(t.nbytes for t in r.tensors.values())  # tied: the embedding is read whole
     file_mb = path.stat().st_size / MB
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; threads {args.threads}; "
+    print(f"CPU: {host_cpu()}, {os.cpu_count()} cores; threads {args.threads}; "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"file: {path} ({file_mb:.0f} MB)")
     with open(path, "rb", buffering=0) as f:  # warm the page cache

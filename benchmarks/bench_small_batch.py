@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,17 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from make_phi3_mini_gguf import ensure
 
+from pocketlm.hostinfo import host_cpu
 from pocketlm.runtime.model import load
 
 CONTEXT = 64
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        return "unknown CPU"
 
 
 def measure(threads: int, rounds: int, verify_sizes: list[int],
@@ -77,7 +69,7 @@ def main() -> int:
     args = ap.parse_args()
     best = measure(args.threads, args.rounds, args.verify, args.prompts)
     dec = best["decode", 1]
-    print(f"{cpu_model()}, {args.threads} threads, best of {args.rounds}, load average {os.getloadavg()[0]:.1f}\n")
+    print(f"{host_cpu()}, {args.threads} threads, best of {args.rounds}, load average {os.getloadavg()[0]:.1f}\n")
     print(f"decode step {dec * 1e3:.1f} ms ({1 / dec:.2f} tok/s)\n")
     print("| tokens T (drafts T - 1) | best ms | x decode step |\n|---:|---:|---:|")
     for t in args.verify:

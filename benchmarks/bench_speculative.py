@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ if not (REPO.parent / "shared" / "data" / "shakespeare").is_dir():
     os.environ.setdefault("POCKETLM_SHARED_DIR", str(REPO / "tests"))  # the held-out works' test copy
 
 from pocketlm.corpus import read_split  # noqa: E402
+from pocketlm.hostinfo import host_cpu  # noqa: E402
 from pocketlm.runtime.generate import generate  # noqa: E402
 from pocketlm.runtime.model import load  # noqa: E402
 
@@ -45,14 +45,6 @@ T_VALUES = tuple(range(1, 10))
 ISSUE_COSTS = {2: 1.51, 4: 2.52, 8: 4.59, 16: 9.09}  # issue 15: k new tokens after 64, Zen 4, quiet
 TARGET_COSTS = {5: 1.3, 9: 1.7}   # issue 15's kernel targets (K = 4 and 8 drafts): a hypothetical column
 TASKS = ("continue quoted passage", "answer with a quote", "repeat a list with one change", "free generation")
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        return "unknown CPU"
 
 
 def load_avg() -> str:
@@ -183,9 +175,9 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write the figures as JSON")
     args = ap.parse_args()
 
-    print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, {args.threads} threads; load average at start "
+    print(f"host: {host_cpu()}, {os.cpu_count()} CPUs, {args.threads} threads; load average at start "
           f"{load_avg()} (1/5/15 min)\n")
-    out: dict = {"cpu": cpu_model(), "threads": args.threads, "load_start": os.getloadavg()}
+    out: dict = {"cpu": host_cpu(), "threads": args.threads, "load_start": os.getloadavg()}
     if args.skip_mini:
         # issue 15's table (Zen 4, 2 threads, k new tokens after 64): labelled as such below
         mini = ISSUE_COSTS

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import make_phi3_mini_gguf  # noqa: E402  (a sibling script)
 
+from pocketlm.hostinfo import host_cpu  # noqa: E402
 from pocketlm.runtime import _kernel  # noqa: E402
 from pocketlm.runtime import kernel as kern  # noqa: E402
 from pocketlm.runtime.model import load  # noqa: E402
@@ -41,16 +41,6 @@ def best(fn, repeat: int) -> float:
         fn()
         t = min(t, time.perf_counter() - t0)
     return t
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -69,7 +59,7 @@ def main() -> None:
     D, H, KV, hd, F = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, \
         cfg.intermediate_size
     n_layers = cfg.num_hidden_layers
-    print(f"cpu: {cpu_model()} ({os.cpu_count()} cores), path {kern.active_path()}, "
+    print(f"cpu: {host_cpu()} ({os.cpu_count()} cores), path {kern.active_path()}, "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"file: {path.name}; per layer: qkv {model.layers[0].qkv.raw.nbytes / 1e6:.1f} MB, "
           f"o {model.layers[0].o.raw.nbytes / 1e6:.1f} MB, gate_up {model.layers[0].gate_up.raw.nbytes / 1e6:.1f} MB, "

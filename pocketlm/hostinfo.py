@@ -129,6 +129,11 @@ def cpu_model(cpuinfo: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def host_cpu() -> str:
+    """This machine's CPU model name (what every benchmark prints beside its figures)."""
+    return cpu_model(read_cpuinfo())
+
+
 def _max_freq_ghz(cpu: int) -> float | None:
     try:
         khz = Path(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/cpuinfo_max_freq").read_text()
