@@ -202,6 +202,7 @@ const dot_fn *path_table(const char *name) {
         const kernel_path *ap = e->path->dotacts[s] ? e->path : p; /* whose multi-activation kernel */
         at->fn[s] = ap ? ap->dotacts[s] : NULL;
         at->gemm_from[s] = ap && ap->acts_gemm_from[s] ? ap->acts_gemm_from[s] : GEMM_MIN_M;
+        at->matvec[s] = at->fn[s] && ap->acts_matvec[s];
     }
     return t;
 }

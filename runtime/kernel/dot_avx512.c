@@ -545,6 +545,11 @@ const kernel_path path_avx512 = {
      * lays the weights out again per call, so it needs many activations to pay; packed Q4_0 at
      * 2 threads on 16384 x 3072: 5.5 vs 8.4 ms at M = 32, 22 vs 25 at 128, even at 192) */
     .acts_gemm_from = {[SLOT_Q6_K] = 24, [SLOT_Q4_0_PACKED] = 128, [SLOT_Q8_0_PACKED] = 64, [SLOT_Q4_K_PACKED] = 48},
+    /* packed Q4_K's 2-row kernel also runs the decode matvecs: one thread, phi-3-mini Q4_K_M
+     * (benchmarks/profile_decode.py, alternated): gate_up 18.3 -> 23-27 GB/s, o 19 -> 26 GB/s from
+     * DRAM (AVX2's single-row dot is compute-bound there); packed Q4_0's 4-row kernel streams slower
+     * than AVX2's dot (61 against 76 % of the roofline) and Q6_K gains nothing */
+    .acts_matvec = {[SLOT_Q4_K_PACKED] = 1},
     .gemm = &gemm_avx512,
 };
 

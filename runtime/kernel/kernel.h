@@ -153,6 +153,9 @@ typedef struct {
     /* with each dotacts entry: the batch size M from which the path's tiled kernel (gemm) is the
      * faster one, measured (0: GEMM_MIN_M) */
     int acts_gemm_from[N_SLOTS];
+    /* with each dotacts entry: 1 if it also runs the slot's matvecs (one activation; bit for bit the
+     * dot, so only where it was measured faster streaming the weights from DRAM) */
+    int acts_matvec[N_SLOTS];
     const gemm_kernel *gemm;   /* optional, the path's own only: the batched path for M >= GEMM_MIN_M */
 } kernel_path;
 
@@ -189,6 +192,7 @@ const dotrows_fn *path_rows_table(const dot_fn *table);
 typedef struct {
     dotacts_fn fn[N_SLOTS]; /* NULL: none for the slot */
     int gemm_from[N_SLOTS];
+    int matvec[N_SLOTS];    /* 1: run_matvec takes fn too (kernel_path.acts_matvec) */
 } acts_table;
 const acts_table *path_acts_table(const dot_fn *table);
 const gemm_kernel *path_gemm(const char *name);     /* the path's batched micro-kernel or NULL */

@@ -110,9 +110,11 @@ int run_matvec(const dot_fn *table, const gtype_info *t, const uint8_t *w, int r
     q8_act a;
     act_bind(&a, mem, K);
     quantize_act(t, x, K, &a);
-    job j = {table, path_rows_table(table), NULL, NULL, t, w, rows, K / t->block_values,
+    const acts_table *at = path_acts_table(table); /* its kernel where it streams faster (kernel.h) */
+    const dotacts_fn acts = at && at->matvec[t->slot] ? at->fn[t->slot] : NULL;
+    job j = {table, path_rows_table(table), NULL, acts, t, w, rows, K / t->block_values,
              (size_t)(K / t->block_values) * t->block_bytes, &a, 1, y};
-    pool_run(matvec_task, &j, pool_chunks(rows, MIN_CHUNK_ROWS));
+    pool_run(acts ? matmul_task : matvec_task, &j, pool_chunks(rows, MIN_CHUNK_ROWS));
     free(mem);
     return 0;
 }
