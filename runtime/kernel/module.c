@@ -202,6 +202,57 @@ static int overlaps(const Py_buffer *a, const Py_buffer *b) {
     return a0 < b0 + b->len && b0 < a0 + a->len;
 }
 
+/* One layer's KV cache as the bindings take it: k, v [KV, n_ctx, hd] of one kind (fp16, float32
+ * or int8) and, with (and only with) an int8 cache, fp16 scales ks, vs [KV, n_ctx]. */
+typedef struct {
+    Py_buffer k, v, ks, vs; /* ks.buf, vs.buf NULL unless int8 */
+    int kind;               /* KV_* */
+} kv_views;
+
+static void release_kv(kv_views *c) {
+    if (c->ks.buf) PyBuffer_Release(&c->vs), PyBuffer_Release(&c->ks);
+    PyBuffer_Release(&c->v);
+    PyBuffer_Release(&c->k);
+}
+
+/* 0, or -1 with the exception set and no view held. */
+static int get_kv(PyObject *ko, PyObject *vo, PyObject *kso, PyObject *vso, int KV, int n_ctx, int hd, int writable,
+                  kv_views *c) {
+    const Py_ssize_t n_cache = (Py_ssize_t)KV * n_ctx * hd, n_scale = (Py_ssize_t)KV * n_ctx; /* fit 64 bits */
+    int vk, sk;
+    c->ks.buf = c->vs.buf = NULL;
+    if (get_cache_buf(ko, &c->k, n_cache, 1, writable, &c->kind, "k") != 0) return -1;
+    if (get_cache_buf(vo, &c->v, n_cache, 1, writable, &vk, "v") != 0) goto fail_k;
+    if (c->kind != vk) {
+        PyErr_SetString(PyExc_TypeError, "k and v must have the same dtype");
+        goto fail_v;
+    }
+    if ((c->kind == KV_I8) != (kso != Py_None) || (c->kind == KV_I8) != (vso != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "k_scale and v_scale go with (and only with) an int8 cache");
+        goto fail_v;
+    }
+    if (c->kind != KV_I8) return 0;
+    if (get_cache_buf(kso, &c->ks, n_scale, 0, writable, &sk, "k_scale") != 0) goto fail_v;
+    if (sk != KV_F16) {
+        PyErr_SetString(PyExc_TypeError, "k_scale must be float16 [kv_heads, n_ctx]");
+        goto fail_ks;
+    }
+    if (get_cache_buf(vso, &c->vs, n_scale, 0, writable, &sk, "v_scale") != 0) goto fail_ks;
+    if (sk != KV_F16) {
+        PyErr_SetString(PyExc_TypeError, "v_scale must be float16 [kv_heads, n_ctx]");
+        PyBuffer_Release(&c->vs);
+        goto fail_ks;
+    }
+    return 0;
+fail_ks:
+    PyBuffer_Release(&c->ks);
+fail_v:
+    PyBuffer_Release(&c->v);
+fail_k:
+    PyBuffer_Release(&c->k);
+    return -1;
+}
+
 /* attention(q, k, v, H, KV, hd, n_ctx, lo, hi, out): decode attention of one token, see kernel.h. */
 static PyObject *py_attention(PyObject *self, PyObject *args) {
     (void)self;
@@ -300,7 +351,7 @@ fail:
 static PyObject *py_attention_rows(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *qo, *ko, *vo, *kso, *vso, *so, *oo;
-    int H, KV, hd, n_ctx, pos, window, kk, vk, T = 0, stride = 0, rc = 0;
+    int H, KV, hd, n_ctx, pos, window, T = 0, stride = 0, rc = 0;
     double scale;
     if (!PyArg_ParseTuple(args, "OOOOOiiiiiidOO", &qo, &ko, &vo, &kso, &vso, &H, &KV, &hd, &n_ctx, &pos, &window,
                           &scale, &so, &oo))
@@ -320,43 +371,21 @@ static PyObject *py_attention_rows(PyObject *self, PyObject *args) {
             return NULL;
         }
     }
-    Py_buffer q, k, v, ks = {0}, vs = {0}, out;
+    Py_buffer q, out;
+    kv_views c;
     Py_ssize_t q_extent;
-    const Py_ssize_t n_cache = (Py_ssize_t)KV * n_ctx * hd; /* each factor < 2^31: fits 64 bits */
     if (get_q_rows(qo, &q, (Py_ssize_t)H * hd, &T, &stride, &q_extent) != 0) return NULL;
-    if (get_cache(ko, &k, n_cache, 1, &kk, "k") != 0) goto fail_q;
-    if (get_cache(vo, &v, n_cache, 1, &vk, "v") != 0) goto fail_k;
-    if (kk != vk) {
-        PyErr_SetString(PyExc_TypeError, "k and v must have the same dtype");
-        goto fail_v;
-    }
-    if ((kk == KV_I8) != (kso != Py_None) || (kk == KV_I8) != (vso != Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "k_scale and v_scale go with (and only with) an int8 cache");
-        goto fail_v;
-    }
-    if (kk == KV_I8) {
-        int sk;
-        if (get_cache(kso, &ks, (Py_ssize_t)KV * n_ctx, 0, &sk, "k_scale") != 0) goto fail_v;
-        if (sk != KV_F16) {
-            PyErr_SetString(PyExc_TypeError, "k_scale must be float16 [kv_heads, n_ctx]");
-            goto fail_ks;
-        }
-        if (get_cache(vso, &vs, (Py_ssize_t)KV * n_ctx, 0, &sk, "v_scale") != 0) goto fail_ks;
-        if (sk != KV_F16) {
-            PyErr_SetString(PyExc_TypeError, "v_scale must be float16 [kv_heads, n_ctx]");
-            goto fail_vs;
-        }
-    }
-    if (get_f32(oo, &out, (Py_ssize_t)T * H * hd, 1, "out") != 0) goto fail_vs;
+    if (get_kv(ko, vo, kso, vso, KV, n_ctx, hd, 0, &c) != 0) goto fail_q;
+    if (get_f32(oo, &out, (Py_ssize_t)T * H * hd, 1, "out") != 0) goto fail_kv;
     const Py_buffer q_span = {.buf = q.buf, .len = q_extent};
-    if (overlaps(&out, &q_span) || overlaps(&out, &k) || overlaps(&out, &v) ||
-        (ks.buf && (overlaps(&out, &ks) || overlaps(&out, &vs)))) {
+    if (overlaps(&out, &q_span) || overlaps(&out, &c.k) || overlaps(&out, &c.v) ||
+        (c.ks.buf && (overlaps(&out, &c.ks) || overlaps(&out, &c.vs)))) {
         PyErr_SetString(PyExc_ValueError, "out must not overlap q, k, v or the scales");
         goto fail_out;
     }
-    const attention_args a = {.q = q.buf, .q_stride = stride, .k = k.buf, .v = v.buf, .k_scale = ks.buf,
-                              .v_scale = vs.buf, .out = out.buf, .H = H, .KV = KV, .hd = hd, .n_ctx = n_ctx,
-                              .kind = kk, .T = T, .pos = pos, .window = window, .scale = (float)scale,
+    const attention_args a = {.q = q.buf, .q_stride = stride, .k = c.k.buf, .v = c.v.buf, .k_scale = c.ks.buf,
+                              .v_scale = c.vs.buf, .out = out.buf, .H = H, .KV = KV, .hd = hd, .n_ctx = n_ctx,
+                              .kind = c.kind, .T = T, .pos = pos, .window = window, .scale = (float)scale,
                               .sparse = so != Py_None ? &sp : NULL};
     const char *why = attention_args_error(&a);
     if (why) {
@@ -376,21 +405,13 @@ static PyObject *py_attention_rows(PyObject *self, PyObject *args) {
         goto fail_out;
     }
     PyBuffer_Release(&out);
-    if (ks.buf) PyBuffer_Release(&vs), PyBuffer_Release(&ks);
-    PyBuffer_Release(&v);
-    PyBuffer_Release(&k);
+    release_kv(&c);
     PyBuffer_Release(&q);
     Py_RETURN_NONE;
 fail_out:
     PyBuffer_Release(&out);
-fail_vs:
-    if (vs.buf) PyBuffer_Release(&vs);
-fail_ks:
-    if (ks.buf) PyBuffer_Release(&ks);
-fail_v:
-    PyBuffer_Release(&v);
-fail_k:
-    PyBuffer_Release(&k);
+fail_kv:
+    release_kv(&c);
 fail_q:
     PyBuffer_Release(&q);
     return NULL;
@@ -403,72 +424,43 @@ fail_q:
 static PyObject *py_kv_store(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *qo, *ko, *vo, *kso, *vso;
-    int H, KV, hd, n_ctx, pos, kk, vk, T = 0, stride = 0;
+    int H, KV, hd, n_ctx, pos, T = 0, stride = 0;
     if (!PyArg_ParseTuple(args, "OiiiOOOOii", &qo, &H, &KV, &hd, &ko, &vo, &kso, &vso, &n_ctx, &pos)) return NULL;
     if (H < 1 || KV < 1 || hd < 1 || n_ctx < 1 || H > 65536 || KV > 65536 || hd > 65536) {
         PyErr_Format(PyExc_ValueError, "heads (%d), kv_heads (%d), head_dim (%d), n_ctx (%d) must be >= 1 "
                      "(heads, kv_heads, head_dim <= 65536)", H, KV, hd, n_ctx);
         return NULL;
     }
-    Py_buffer q, k, v, ks = {0}, vs = {0};
+    Py_buffer q;
+    kv_views c;
     Py_ssize_t q_extent;
-    const Py_ssize_t n_cache = (Py_ssize_t)KV * n_ctx * hd;
     if (get_q_rows(qo, &q, (Py_ssize_t)(H + 2 * KV) * hd, &T, &stride, &q_extent) != 0) return NULL;
     if (pos < 0 || pos > n_ctx - T) {
         PyErr_Format(PyExc_ValueError, "positions %d..%d do not fit the cache of %d", pos, pos + T - 1, n_ctx);
         goto fail_q;
     }
-    if (get_cache_buf(ko, &k, n_cache, 1, 1, &kk, "k") != 0) goto fail_q;
-    if (get_cache_buf(vo, &v, n_cache, 1, 1, &vk, "v") != 0) goto fail_k;
-    if (kk != vk) {
-        PyErr_SetString(PyExc_TypeError, "k and v must have the same dtype");
-        goto fail_v;
-    }
-    if ((kk == KV_I8) != (kso != Py_None) || (kk == KV_I8) != (vso != Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "k_scale and v_scale go with (and only with) an int8 cache");
-        goto fail_v;
-    }
-    if (kk == KV_I8) {
-        int sk;
-        if (get_cache_buf(kso, &ks, (Py_ssize_t)KV * n_ctx, 0, 1, &sk, "k_scale") != 0) goto fail_v;
-        if (sk != KV_F16) {
-            PyErr_SetString(PyExc_TypeError, "k_scale must be float16 [kv_heads, n_ctx]");
-            goto fail_ks;
-        }
-        if (get_cache_buf(vso, &vs, (Py_ssize_t)KV * n_ctx, 0, 1, &sk, "v_scale") != 0) goto fail_ks;
-        if (sk != KV_F16) {
-            PyErr_SetString(PyExc_TypeError, "v_scale must be float16 [kv_heads, n_ctx]");
-            goto fail_vs;
-        }
-    }
+    if (get_kv(ko, vo, kso, vso, KV, n_ctx, hd, 1, &c) != 0) goto fail_q;
     const Py_buffer q_span = {.buf = q.buf, .len = q_extent};
-    if (overlaps(&q_span, &k) || overlaps(&q_span, &v) || overlaps(&k, &v) ||
-        (ks.buf && (overlaps(&q_span, &ks) || overlaps(&q_span, &vs) || overlaps(&ks, &vs) || overlaps(&ks, &k) ||
-                    overlaps(&ks, &v) || overlaps(&vs, &k) || overlaps(&vs, &v)))) {
+    if (overlaps(&q_span, &c.k) || overlaps(&q_span, &c.v) || overlaps(&c.k, &c.v) ||
+        (c.ks.buf && (overlaps(&q_span, &c.ks) || overlaps(&q_span, &c.vs) || overlaps(&c.ks, &c.vs) ||
+                      overlaps(&c.ks, &c.k) || overlaps(&c.ks, &c.v) || overlaps(&c.vs, &c.k) ||
+                      overlaps(&c.vs, &c.v)))) {
         PyErr_SetString(PyExc_ValueError, "qkv, k, v and the scales must not overlap");
-        goto fail_vs;
+        goto fail_kv;
     }
     const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
     Py_BEGIN_ALLOW_THREADS
     for (int t = 0; t < T; t++) {
         const float *row = (const float *)q.buf + (size_t)t * stride;
-        kv_store_pos(kk, simd, k.buf, v.buf, ks.buf, vs.buf, KV, n_ctx, hd, pos + t, row + (size_t)H * hd,
+        kv_store_pos(c.kind, simd, c.k.buf, c.v.buf, c.ks.buf, c.vs.buf, KV, n_ctx, hd, pos + t, row + (size_t)H * hd,
                      row + (size_t)(H + KV) * hd);
     }
     Py_END_ALLOW_THREADS
-    if (ks.buf) PyBuffer_Release(&vs), PyBuffer_Release(&ks);
-    PyBuffer_Release(&v);
-    PyBuffer_Release(&k);
+    release_kv(&c);
     PyBuffer_Release(&q);
     Py_RETURN_NONE;
-fail_vs:
-    if (vs.buf) PyBuffer_Release(&vs);
-fail_ks:
-    if (ks.buf) PyBuffer_Release(&ks);
-fail_v:
-    PyBuffer_Release(&v);
-fail_k:
-    PyBuffer_Release(&k);
+fail_kv:
+    release_kv(&c);
 fail_q:
     PyBuffer_Release(&q);
     return NULL;
