@@ -18,7 +18,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO))
 from make_phi3_mini_checkpoint import write_checkpoint  # noqa: E402
 
 from pocketlm.config import Phi3Config  # noqa: E402

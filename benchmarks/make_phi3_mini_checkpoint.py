@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from pocketlm.config import Phi3Config, tensor_specs  # noqa: E402
 
 DEFAULT_OUT = Path.home() / ".cache" / "pocketlm" / "phi3-mini-random"

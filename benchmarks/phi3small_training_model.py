@@ -25,7 +25,6 @@ only trains.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from torch import nn
 from torch.nn import functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from pocketlm.blocksparse import BlockSparse, token_mask  # noqa: E402
 
 

@@ -29,12 +29,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from pocketlm.export.gguf_reader import GGUFReader  # noqa: E402
 from pocketlm.quantize.evaluate import evaluate  # noqa: E402
 from pocketlm.quantize.pipeline import Options, quantize_checkpoint  # noqa: E402

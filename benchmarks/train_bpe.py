@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import base64
 import heapq
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -31,7 +30,6 @@ from itertools import pairwise
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from pocketlm.pretokenize import pretokenize  # noqa: E402
 
 

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from tokenizers.models import BPE
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from pocketlm import corpus  # noqa: E402
 
 # Phi-3's added tokens (ids 32000..32010 in Phi-3; here they follow our SentencePiece pieces in

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -39,7 +38,6 @@ from safetensors.torch import save_file
 from train_bpe import piece_counts, train_bpe, write_rank_file
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from pocketlm import corpus  # noqa: E402
 from pocketlm.tokenizer_tiktoken import PHI3_SMALL_CHAT_TEMPLATE, TiktokenTokenizer  # noqa: E402
 
