@@ -9,7 +9,8 @@
     python benchmarks/quant_scale.py --method gptq --layers 2    # a truncated view: the first 2 layers
 
 The quantizer runs in a child process (`quantize_checkpoint`, what `pocketlm quantize` calls, with
-its progress line and `Options.profile`), whose own rusage (`os.wait4`) gives its peak resident set
+its progress line and `Options.profile`, and the CLI's single-threaded OpenBLAS: the quantizer
+spreads its own work over `--threads`), whose own rusage (`os.wait4`) gives its peak resident set
 size (ru_maxrss, which also counts the checkpoint pages it maps) and CPU seconds. Its last stdout
 line is the profile as JSON: wall seconds per part (pipeline.PROFILE_PARTS). The machine is
 shared: the load average before and after is printed beside the times, and CPU seconds say what
@@ -49,7 +50,8 @@ MEDIUM_GB = 6.0
 PROMPT = "The history of the river begins"
 
 _CHILD = """
-import json, sys
+import json, os, sys
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `pocketlm quantize` runs (pocketlm/cli.py)
 from pocketlm.quantize.pipeline import Options, quantize_checkpoint
 a = json.loads(sys.argv[1])
 profile = {}

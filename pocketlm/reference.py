@@ -31,6 +31,10 @@ from .layers import apply_rope, gated_activation, norm, rope_cos_sin, uses_long_
 # calibration uses it to collect activation statistics.
 LinearTap = Callable[[str, np.ndarray], None]
 
+# (GGUF weight name, x [T, in], weight [out, in]) -> x @ weight.T [T, out] float32: how the linears
+# multiply (default numpy float32; the quantizer's calibration passes a bfloat16 one).
+Matmul = Callable[[str, np.ndarray, np.ndarray], np.ndarray]
+
 # The logit of a masked (dummy) token: float32's lowest finite value, as Hugging Face's
 # masked_fill(min_value_of_dtype) gives; finite, so softmax and log-softmax stay finite.
 MASKED_LOGIT = np.finfo(np.float32).min
@@ -66,9 +70,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
 class Phi3Reference:
     """Phi3ForCausalLM / Phi3SmallForCausalLM in numpy float32."""
 
-    def __init__(self, cfg: Phi3Config, weights: Mapping[str, np.ndarray]):
+    def __init__(self, cfg: Phi3Config, weights: Mapping[str, np.ndarray], matmul: Matmul | None = None):
         self.cfg = cfg
         self.w = weights
+        self.matmul = matmul
 
     @classmethod
     def from_checkpoint(cls, ckpt) -> Phi3Reference:
@@ -101,7 +106,8 @@ class Phi3Reference:
         """x [T, in] @ weight[out, in].T (+ bias) -> [T, out]."""
         if tap is not None:
             tap(f"{name}.weight", x)
-        y = x @ self.w[f"{name}.weight"].T
+        w = self.w[f"{name}.weight"]
+        y = x @ w.T if self.matmul is None else self.matmul(f"{name}.weight", x, w)
         bias = self.w.get(f"{name}.bias")
         return y if bias is None else y + bias
 
@@ -115,6 +121,12 @@ class Phi3Reference:
                         long_rope: bool, tap: LinearTap | None = None) -> np.ndarray:
         """The layer's first residual half: h + attn_output(attention(qkv(norm(h)))) [T, D]
         (the quantizer's calibration resumes a layer between its halves)."""
+        a = self.attention_mix(i, h, positions, cache, long_rope, tap)
+        return self.residual(f"blk.{i}.attn_output", h, a, tap)
+
+    def attention_mix(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache | None,
+                      long_rope: bool, tap: LinearTap | None = None) -> np.ndarray:
+        """attention(qkv(norm(h))) [T, H*hd]: the first half up to attn_output's input."""
         cfg = self.cfg
         p = f"blk.{i}."
         n_h, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -129,7 +141,11 @@ class Phi3Reference:
         k_all, v_all = (k, v) if cache is None else self._cached(cache, i, positions, k, v)
         a = attention(q, k_all, v_all, positions, cfg.attention_scale, cfg.sliding_window,
                       cfg.layer_sparsity(i))                                    # [H, T, hd]
-        return h + self._linear(p + "attn_output", a.transpose(1, 0, 2).reshape(t, n_h * hd), tap)
+        return a.transpose(1, 0, 2).reshape(t, n_h * hd)
+
+    def residual(self, name: str, h: np.ndarray, x: np.ndarray, tap: LinearTap | None = None) -> np.ndarray:
+        """h [T, D] + linear `name` (a half's last, attn_output or ffn_down) of x [T, in]."""
+        return h + self._linear(name, x, tap)
 
     @staticmethod
     def _cached(cache: KVCache, i: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray
@@ -140,9 +156,13 @@ class Phi3Reference:
 
     def ffn_block(self, i: int, h: np.ndarray, tap: LinearTap | None = None) -> np.ndarray:
         """The layer's second residual half: h + ffn_down(act(ffn_up(norm(h)))) [T, D]."""
-        cfg, p = self.cfg, f"blk.{i}."
+        return self.residual(f"blk.{i}.ffn_down", h, self.ffn_mix(i, h, tap), tap)
+
+    def ffn_mix(self, i: int, h: np.ndarray, tap: LinearTap | None = None) -> np.ndarray:
+        """act(ffn_up(norm(h))) [T, F]: the second half up to ffn_down's input."""
+        p = f"blk.{i}."
         gate_up = self._linear(p + "ffn_up", self._norm(p + "ffn_norm", h), tap)  # [T, 2F]
-        return h + self._linear(p + "ffn_down", gated_activation(cfg, gate_up), tap)
+        return gated_activation(self.cfg, gate_up)
 
     def head(self, h: np.ndarray, tap: LinearTap | None = None) -> np.ndarray:
         """Final norm and lm_head: h [T, D] -> logits [T, V] (scaled, masked ids at MASKED_LOGIT)."""

@@ -12,8 +12,8 @@ For each decoder layer i:
   4. quantize the four linear layers (a thread pool: numpy releases the GIL) with the method;
      with `Options.sequential` ("true sequential", the default for gptq) instead one after the
      other, each calibrated on inputs that went through the already quantized linears of this layer
-     (`_LayerStages`: the layer is resumed between its two residual halves, so each linear's inputs
-     cost only the layer from the start of its half, not the whole prefix again);
+     (`_LayerStages`: the layer is resumed between its two residual halves, and the input of each
+     half's last linear is kept, so the layer's products run once, not once per linear's prefix);
   5. write the layer's tensors through the streaming GGUF writer, advance h with the dequantized
      layer, drop the layer.
 GPTQ's float target (`Options.float_target`, on by default, needs sequential calibration): a
@@ -26,10 +26,13 @@ left in its inputs. On the built-in model (q4_0) this takes the KLD from 0.00238
 Peak memory: one layer in float32, the statistics of the linear being quantized (float32
 [in, in] X^T X and, for the float target, D), GPTQ's working set (gptq.py: two more [in, in]
 matrices and a chunk of rows) and the calibration activations (h, hf, one sequence's layer
-inputs, the float layer's inputs of the linears not yet quantized); never the whole model. Once
-ffn_down's statistics are in, the dequantized copies of the layer's other linears are dropped
-before its solve (the largest). Measurements at phi-3-mini and phi-3-medium shape: README
-("Quantization quality", scale) and benchmarks/quant_scale.py, which prints `Options.profile`.
+inputs, the float layer's inputs of the linears not yet quantized, the kept inputs of
+attn_output or ffn_down); never the whole model. Once ffn_down's statistics are in, the
+dequantized copies of the layer's other linears are dropped before its solve (the largest).
+The calibration's products run in bfloat16 where the CPU has it
+natively and torch is installed (`calib_matmul`, `Options.bf16_calibration`). Measurements at
+phi-3-mini and phi-3-medium shape: README ("Quantization quality", scale) and
+benchmarks/quant_scale.py, which prints `Options.profile`.
 
 Methods (`METHODS`): a rounding method, optionally after AWQ scaling ("awq+gptq"):
   rtn      llama.cpp's reference rounding (no calibration)
@@ -66,12 +69,13 @@ from pocketlm.checkpoint import Checkpoint
 from pocketlm.config import LAYER_LINEARS, Phi3Config, tensor_specs
 from pocketlm.errors import PocketLMError
 from pocketlm.layers import norm, uses_long_factors
-from pocketlm.reference import Phi3Reference
+from pocketlm.reference import Matmul, Phi3Reference
 
 from .awq import awq_search, imatrix_rounding, rtn_rounding
+from .calib_matmul import Bf16Matmul, calibration_matmul
 from .calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, Calibration, load_calibration
 from .formats import GGMLType, dequantize, quantize, tensor_bytes
-from .gptq import TARGET_DAMP, HessianAccumulator, gptq_quantize, timed
+from .gptq import TARGET_DAMP, HessianAccumulator, Product, gptq_quantize, timed
 from .recipes import Recipe, get_recipe
 from .search import search_quantize
 
@@ -117,11 +121,12 @@ def parse_method(name: str) -> Method:
 class LinearStats:
     """What the calibration inputs x [T, in] of one linear layer tell the quantizer."""
 
-    def __init__(self, n_in: int, hessian: bool, sample_stride: int = 0):
+    def __init__(self, n_in: int, hessian: bool, sample_stride: int = 0,
+                 cross_product: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, workers: int = 1):
         self.count = 0
         self.sum_sq = np.zeros(n_in, np.float64)    # [in] sum of x^2 (imatrix = sum_sq / count)
         self.sum_abs = np.zeros(n_in, np.float64)   # [in] sum of |x| (AWQ's activation scale)
-        self.hess = HessianAccumulator(n_in) if hessian else None  # [in, in] sum x x^T
+        self.hess = HessianAccumulator(n_in, cross_product, workers) if hessian else None  # [in, in] sum x x^T
         self.stride = sample_stride                 # keep every stride-th row (0: keep none)
         self.samples: list[np.ndarray] = []
 
@@ -167,10 +172,11 @@ class LinearStats:
 
 
 def run_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
-              tap: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
+              tap: Callable[[str, np.ndarray], None] | None = None, matmul: Matmul | None = None) -> np.ndarray:
     """h [N, L, D] through decoder layer i (weights: at least that layer's tensors) -> [N, L, D].
-    tap(name, x) sees each linear's input x [L, in], sequence after sequence."""
-    ref = Phi3Reference(cfg, weights)
+    tap(name, x) sees each linear's input x [L, in], sequence after sequence. matmul: the
+    linears' products (default numpy float32)."""
+    ref = Phi3Reference(cfg, weights, matmul)
     positions = np.arange(h.shape[1])
     long_rope = uses_long_factors(cfg, h.shape[1])
     return np.stack([ref.layer(i, seq, positions, None, long_rope, tap) for seq in h])
@@ -181,11 +187,11 @@ class _InputsSeen(Exception):
 
 
 def layer_inputs(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
-                 names: set[str]) -> Iterator[dict[str, np.ndarray]]:
+                 names: set[str], matmul: Matmul | None = None) -> Iterator[dict[str, np.ndarray]]:
     """For each calibration sequence of h [N, L, D]: name -> input [L, in] of layer i's linears
     `names`, running the layer only as far as the last of them (attn_qkv's input costs a norm,
     ffn_down's about 80 % of the layer)."""
-    ref = Phi3Reference(cfg, weights)
+    ref = Phi3Reference(cfg, weights, matmul)
     positions = np.arange(h.shape[1])
     long_rope = uses_long_factors(cfg, h.shape[1])
     seen: dict[str, np.ndarray] = {}
@@ -219,6 +225,7 @@ class Options:
     embedding_gptq: bool = True  # GPTQ: the token embedding too, with `embedding_hessian`
     fallbacks: list[str] = field(default_factory=list)  # what fell back, for the summary
     profile: dict[str, float] | None = None  # a dict to receive wall seconds per part (PROFILE_PARTS)
+    bf16_calibration: bool = True  # calibration products in bfloat16 where the CPU has it (calib_matmul)
 
 
 # The parts `Options.profile` times (wall seconds; with --threads 2 the GPTQ parts run on both cores):
@@ -230,9 +237,9 @@ PROFILE_PARTS = ("read", "forward", "hessian", "target", "factor", "sweep", "rou
 
 
 def round_tensor(name: str, w: np.ndarray, gtype: GGMLType, rounding: str, stats: LinearStats | None,
-                 opts: Options, workers: int = 1) -> np.ndarray:
+                 opts: Options, workers: int = 1, product: Product | None = None) -> np.ndarray:
     """w [out, in] float32 -> the tensor's GGUF bytes (uint8 [out, row_bytes]) in gtype.
-    workers: threads for GPTQ's row chunks."""
+    workers: threads for GPTQ's row chunks; product: its float target's correction products."""
     if gtype in PLAIN:
         return quantize(w, gtype, name)
     if rounding in CALIBRATED and (stats is None or stats.dead):
@@ -251,7 +258,7 @@ def round_tensor(name: str, w: np.ndarray, gtype: GGMLType, rounding: str, stats
     try:  # X^T X: any multiple of H will do; cross: the float target's statistics (None: plain GPTQ)
         return gptq_quantize(w, gtype, xtx, stats.importance, act_order=opts.act_order,
                              percdamp=opts.percdamp, cross=cross, target_damp=opts.target_damp,
-                             workers=workers, name=name, times=opts.profile)
+                             workers=workers, name=name, times=opts.profile, product=product)
     except (np.linalg.LinAlgError, FloatingPointError) as e:
         opts.fallbacks.append(f"{name}: GPTQ failed ({e}), used imatrix")
         return search_quantize(w, gtype, stats.importance, name)
@@ -351,6 +358,14 @@ class _Quantizer:
         self.sequential = self.float_target if opts.sequential is None else opts.sequential
         self.calib_rows = 0  # N * L of the calibration (set by _stream)
         self.times = opts.profile  # part -> seconds (wall), or None
+        # the calibration's products: bfloat16 where the CPU runs it natively (calib_matmul)
+        self.bf16 = method.needs_calibration and opts.bf16_calibration
+        self.products = self.matmul()  # for the float target's D (it keeps no weights)
+
+    def matmul(self) -> Bf16Matmul | None:
+        """New calibration products (bfloat16 where native, `calib_matmul`; None: numpy float32) for
+        one pass over a layer: the bfloat16 copies of the weights it converts go with it."""
+        return calibration_matmul() if self.bf16 else None
 
     def profile(self, part: str) -> contextlib.AbstractContextManager[None]:
         """Adds the wall time of the block to `Options.profile[part]` (when profiling)."""
@@ -363,7 +378,7 @@ class _Quantizer:
         rows = self.calib_rows if rows is None else rows
         stride = max(1, rows // AWQ_SAMPLE_ROWS) if self.method.awq else 0
         return LinearStats(self.specs[name].shape[1], self.method.needs_hessian,
-                           stride if lin in AWQ_FOLDS else 0)
+                           stride if lin in AWQ_FOLDS else 0, self.products and self.products.cross, self.threads)
 
     def collect(self, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
                 linears: tuple[str, ...] = LAYER_LINEARS, floats: Mapping[str, np.ndarray] | None = None,
@@ -374,8 +389,8 @@ class _Quantizer:
         p = f"blk.{i}."
         stats = {p + f"{lin}.weight": self.new_stats(i, lin, h.shape[0] * h.shape[1]) for lin in linears}
         names = set(stats)
-        quantized = layer_inputs(self.cfg, i, weights, h, names)
-        floats_in = repeat(None) if hf is None else layer_inputs(self.cfg, i, floats, hf, names)
+        quantized = layer_inputs(self.cfg, i, weights, h, names, self.matmul())
+        floats_in = repeat(None) if hf is None else layer_inputs(self.cfg, i, floats, hf, names, self.matmul())
         while True:  # one calibration sequence at a time
             with self.profile("forward"):
                 xs = next(quantized, None)
@@ -413,8 +428,9 @@ class _Quantizer:
         """name -> GGUF bytes for several tensors at once (thread pool; threads left over, e.g. all
         of them for the one tensor of sequential calibration, go to GPTQ's row chunks)."""
         workers = max(1, self.threads // len(items))
+        product = self.products and self.products.product
         futures = {name: self.pool.submit(round_tensor, name, w, self.types[name], rounding, st, self.opts,
-                                          workers)
+                                          workers, product)
                    for name, w, st, rounding in items}
         pending = set(futures.values())
         while pending:  # short waits: Ctrl-C may land on a worker thread; the main thread must see it
@@ -587,33 +603,38 @@ def _stream(q: _Quantizer, writer, calibration: Calibration | None, bar: Progres
         if rope in q.specs:
             writer.write_tensor(rope, ckpt.tensor(rope))
     done += 1
+    states = [h, hf]  # advanced layer by layer in place, so that a layer can drop what it has used
+    del h, hf
     for i in range(cfg.num_hidden_layers):
         bar.show(done, f"layer {i + 1}/{cfg.num_hidden_layers}")
-        h, hf = _quantize_layer(q, writer, i, h, hf)
+        _quantize_layer(q, writer, i, states)
         done += 1
         ckpt.release()
     bar.show(done, "output")
-    _quantize_head(q, writer, h, hf)
+    _quantize_head(q, writer, *states)
     done += 1
     bar.show(done, "done")
 
 
-def _quantize_layer(q: _Quantizer, writer, i: int, h: np.ndarray | None, hf: np.ndarray | None
-                    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Quantize and write layer i; advance the calibration hidden states h (quantized model) and hf
-    (float model, None without the float target, which implies sequential calibration) through it."""
+def _quantize_layer(q: _Quantizer, writer, i: int, states: list[np.ndarray | None]) -> None:
+    """Quantize and write layer i; advance states = [h, hf], the calibration hidden states of the
+    quantized model and of the float model (None without the float target, which implies
+    sequential calibration), through it in place."""
     p = f"blk.{i}."
     names = [n for n in q.specs if n.startswith(p)]
     with q.profile("read"):
-        weights = {n: q.ckpt.tensor(n) for n in names}  # this layer only, float32
-    if h is not None and q.sequential:
-        raws, h, hf = _sequential_linears(q, i, weights, h, hf)
+        weights = {n: q.ckpt.tensor(n) for n in names}  # this layer only, float32 copies
+        q.ckpt.release()  # (the mapped pages they came from)
+    if states[0] is not None and q.sequential:
+        raws = _sequential_linears(q, i, weights, states)
         with q.profile("write"):
             for n in names:
                 raw = raws.pop(n) if n in raws else quantize(weights[n], q.types[n], n)
                 writer.write_tensor(n, _finite(n, raw, q.types[n], q.specs[n].shape))
-        return h, hf
-    hf_next = None if hf is None else run_layer(q.cfg, i, weights, hf)  # (no float target in parallel mode)
+        return
+    h, hf = states
+    # (no float target in parallel mode)
+    hf_next = None if hf is None else run_layer(q.cfg, i, weights, hf, matmul=q.matmul())
     stats: dict[str, LinearStats] = {}
     if h is not None:
         stats = q.collect(i, weights, h)
@@ -633,32 +654,52 @@ def _quantize_layer(q: _Quantizer, writer, i: int, h: np.ndarray | None, hf: np.
             del raw
     if h is not None:
         with q.profile("forward"):
-            h = run_layer(q.cfg, i, deq, h)
-    return h, hf_next
+            h = run_layer(q.cfg, i, deq, h, matmul=q.matmul())
+    states[:] = [h, hf_next]
 
 
 class _LayerStages:
-    """Layer i's calibration states, resumable between the layer's two residual halves
-    (Phi3Reference.attention_block, ffn_block), for sequential calibration: the inputs of each
-    linear cost the layer only from the start of its half. Of the quantized stream's matmuls
-    (qkv, o, up, down) that is qkv + (qkv, o) + up + (up, down) instead of the whole prefix per
-    linear plus a final pass (qkv + (qkv, o) + (qkv, o, up) + all four): 1.7x instead of 2.4x the
-    layer's own multiply-adds at phi-3-mini's shape. `weights` is read at call time, so entries
-    replaced by their dequantized values take effect in the next stage."""
+    """Layer i's calibration states for sequential calibration, through the weights as they are
+    when asked (`weights` is read at call time: a linear replaced by its dequantized values takes
+    effect in the next stage). Each half of the layer (Phi3Reference.attention_mix + residual,
+    ffn_mix + residual) ends in a linear whose input does not depend on its own weights: that
+    input (attn_output's, ffn_down's) is kept when its statistics are collected, so the half's
+    output later costs that one product. The layer's products over the calibration: qkv + o + up
+    + down once, as a single forward pass, where recomputing each linear's prefix cost
+    qkv + (qkv, o) + up + (up, down): 1.7x the layer. `matmul`: the reference's products
+    (calib_matmul), whose `stored` form keeps the inputs (bfloat16: half the bytes)."""
 
-    def __init__(self, cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray):
-        self.ref, self.i, self.h = Phi3Reference(cfg, weights), i, h  # h [N, L, D]
+    def __init__(self, cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
+                 matmul: Bf16Matmul | None = None):
+        self.ref, self.i, self.h = Phi3Reference(cfg, weights, matmul), i, h  # h [N, L, D]
+        self.matmul = matmul
+        self.keep = (lambda x: x) if matmul is None else matmul.stored
         self.positions = np.arange(h.shape[1])
         self.long_rope = uses_long_factors(cfg, h.shape[1])
         self.h2: np.ndarray | None = None  # [N, L, D] after the attention half (quantized qkv and o)
         self.halves = _halves(self.ref, i, h[0, :1])
+        self.kept: list = []  # per sequence, the input of the current half's last linear
 
-    def _attention(self, seq: np.ndarray, tap: Callable[[str, np.ndarray], None] | None) -> np.ndarray:
-        return self.ref.attention_block(self.i, seq, self.positions, None, self.long_rope, tap)
+    def _mix(self, second: bool, seq: np.ndarray, tap: Callable[[str, np.ndarray], None] | None) -> np.ndarray:
+        if second:
+            return self.ref.ffn_mix(self.i, seq, tap)
+        return self.ref.attention_mix(self.i, seq, self.positions, None, self.long_rope, tap)
+
+    def _finish(self, second: bool) -> np.ndarray:
+        """The half's output from its kept inputs: h2 (after the first half) or the layer's output."""
+        last, start = self.halves[second][-1], (self.h2 if second else self.h)
+        if len(self.kept) != start.shape[0]:
+            raise PocketLMError(f"internal error: layer {self.i}'s {last} inputs were not all collected")
+        out = np.stack([self.ref.residual(last[: -len(".weight")], seq, x) for seq, x in zip(start, self.kept,
+                                                                                              strict=True)])
+        self.kept = []
+        if not second:
+            self.h = None  # the layer's input is not needed any more
+        return out
 
     def inputs(self, name: str) -> Iterator[np.ndarray]:
-        """The input [L, in] of linear `name`, sequence after sequence, through the weights as they are
-        now. The first call for a linear of the second half fixes h2 (the first half must be final)."""
+        """The input [L, in] of linear `name`, sequence after sequence. The first call for a linear of
+        the second half fixes h2 (the first half must be final)."""
         seen: list[np.ndarray] = []
 
         def tap(n: str, x: np.ndarray) -> None:
@@ -668,39 +709,55 @@ class _LayerStages:
 
         second = name in self.halves[1]
         if second and self.h2 is None:
-            self.h2 = np.stack([self._attention(seq, None) for seq in self.h])
+            self.h2 = self._finish(False)
+        last = name == self.halves[second][-1]
         for seq in (self.h2 if second else self.h):
+            if last:  # the whole mix is this linear's input
+                x = self._mix(second, seq, None)
+                self.kept.append(self.keep(x))
+                yield x
+                continue
             seen.clear()
             with contextlib.suppress(_InputsSeen):
-                if second:
-                    self.ref.ffn_block(self.i, seq, tap)
-                else:
-                    self._attention(seq, tap)
+                self._mix(second, seq, tap)
             if not seen:
                 raise PocketLMError(f"internal error: layer {self.i} never reads {name}")
             yield seen[0]
 
+    def release(self, name: str) -> list[str]:
+        """After the inputs of linear `name` are collected: the linears no later stage reads (the
+        first half's once the second has started; a half's earlier ones once its last is kept),
+        with this object's own copies of them dropped."""
+        second = name in self.halves[1]
+        half = self.halves[second]
+        done = (list(self.halves[0]) if second else []) + (half[:-1] if name == half[-1] else [])
+        done = [n for n in done if n != name]
+        if self.matmul is not None:
+            self.matmul.forget(done)
+        return done
+
     def output(self) -> np.ndarray:
         """The layer's output [N, L, D] through the weights as they are now."""
         if self.h2 is None:
-            self.h2 = np.stack([self._attention(seq, None) for seq in self.h])
-        return np.stack([self.ref.ffn_block(self.i, seq) for seq in self.h2])
+            self.h2 = self._finish(False)
+        return self._finish(True)
 
 
-def _halves(ref: Phi3Reference, i: int, probe: np.ndarray) -> tuple[set[str], set[str]]:
-    """(linears of the attention half, of the ffn half) of layer i, read off one token probe [1, D]."""
-    first: set[str] = set()
-    second: set[str] = set()
-    h2 = ref.attention_block(i, probe, np.arange(1), None, False, lambda n, x: first.add(n))
-    ref.ffn_block(i, h2, lambda n, x: second.add(n))
+def _halves(ref: Phi3Reference, i: int, probe: np.ndarray) -> tuple[list[str], list[str]]:
+    """(linears of the attention half, of the ffn half) of layer i in the order they run, read off
+    one token probe [1, D]; each half's last is the residual linear (attn_output, ffn_down)."""
+    first: list[str] = []
+    second: list[str] = []
+    h2 = ref.attention_block(i, probe, np.arange(1), None, False, lambda n, x: first.append(n))
+    ref.ffn_block(i, h2, lambda n, x: second.append(n))
     return first, second
 
 
-def _float_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], hf: np.ndarray, names: list[str]
-                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _float_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], hf: np.ndarray, names: list[str],
+                 matmul: Matmul | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One pass of the float model's states hf [N, L, D] through the float layer i: (name -> that
     linear's inputs [N, L, in] float32 for the float target's pairing, the layer's output [N, L, D])."""
-    ref = Phi3Reference(cfg, weights)
+    ref = Phi3Reference(cfg, weights, matmul)
     positions = np.arange(hf.shape[1])
     long_rope = uses_long_factors(cfg, hf.shape[1])
     inputs: dict[str, np.ndarray] = {}
@@ -715,30 +772,35 @@ def _float_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], hf:
     return inputs, out
 
 
-def _sequential_linears(q: _Quantizer, i: int, weights: dict[str, np.ndarray], h: np.ndarray,
-                        hf: np.ndarray | None = None
-                        ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
+def _sequential_linears(q: _Quantizer, i: int, weights: dict[str, np.ndarray], states: list[np.ndarray | None]
+                        ) -> dict[str, np.ndarray]:
     """Quantize layer i's linears one after the other, each calibrated on inputs that already went
-    through the quantized ones before it (GPTQ's "true sequential"); with hf [N, L, D], the float
-    model's hidden states, each also gets the same inputs in the float layer (the float target).
-    Returns (name -> GGUF bytes, h [N, L, D] through the quantized layer, hf through the float layer
-    or None). The float layer runs once, keeping its linears' inputs (freed stage by stage); the
-    quantized one in `_LayerStages`. `weights` ends up holding only the (possibly AWQ-folded) norms
-    and biases: a linear's float copy is dropped once it is quantized."""
+    through the quantized ones before it (GPTQ's "true sequential"); states = [h, hf]: h [N, L, D]
+    the quantized model's hidden states, hf the float model's or None; with hf each linear also gets
+    the same inputs in the float layer (the float target). Returns name -> GGUF bytes; states
+    become the layer's outputs (each input state is dropped once used). The float layer runs once,
+    keeping its linears' inputs (freed stage by stage); the quantized one in `_LayerStages`.
+    `weights` ends up holding only the (possibly AWQ-folded) norms and biases: a linear's float
+    copy is dropped once it is quantized."""
     linears = [f"blk.{i}.{lin}.weight" for lin in LAYER_LINEARS]
     float_inputs: dict[str, np.ndarray] = {}
+    h, hf = states
+    states[:] = [None, None]
     hf_next = None
     if hf is not None:
         with q.profile("forward"):
-            float_inputs, hf_next = _float_layer(q.cfg, i, weights, hf, linears)
+            float_inputs, hf_next = _float_layer(q.cfg, i, weights, hf, linears, q.matmul())
+        del hf
     current = dict(weights)  # float32, linears replaced by dequantized weights as they are quantized
-    stages = _LayerStages(q.cfg, i, current, h)
+    n_seq = h.shape[0]
+    stages = _LayerStages(q.cfg, i, current, h, q.matmul())
+    del h  # (the stages drop it once the first half's output is known)
     raws: dict[str, np.ndarray] = {}
-    for k, (lin, name) in enumerate(zip(LAYER_LINEARS, linears, strict=True)):
+    for lin, name in zip(LAYER_LINEARS, linears, strict=True):
         stats = q.new_stats(i, lin)
         xf = float_inputs.pop(name, None)  # [N, L, in] or None
         seqs = stages.inputs(name)
-        for s in range(h.shape[0]):
+        for s in range(n_seq):
             with q.profile("forward"):
                 x = next(seqs)
             with q.profile("hessian"):
@@ -746,21 +808,18 @@ def _sequential_linears(q: _Quantizer, i: int, weights: dict[str, np.ndarray], h
         del xf, seqs, x
         if q.method.awq:
             q.apply_awq(i, current, {name: stats})
-        if k == len(linears) - 1:  # the largest solve: no dequantized copies of the others beside it
-            for other in linears[:-1]:
-                current.pop(other)
+        for other in stages.release(name):  # e.g. qkv and o once the ffn half starts; before the
+            current.pop(other, None)        # largest solve (ffn_down) none is left beside it
         raws[name] = q.quantize_many([(name, current[name], stats, q.method.rounding)])[name]
         del stats  # the Hessians before the next linear's are collected
         weights.pop(name)
         current[name] = checked_dequantize(name, raws[name], q.types[name], current[name].shape)
-    for name in linears[:-1]:
-        current[name] = checked_dequantize(name, raws[name], q.types[name], q.specs[name].shape)
     with q.profile("forward"):
-        h_next = stages.output()
+        states[:] = [stages.output(), hf_next]  # (from the kept ffn_down inputs: needs only the last linear)
     for name, w in current.items():  # the norms and biases (norms possibly AWQ-folded)
         if name not in raws:
             weights[name] = w
-    return raws, h_next, hf_next
+    return raws
 
 
 def _quantize_head(q: _Quantizer, writer, h: np.ndarray | None, hf: np.ndarray | None) -> None:

@@ -83,6 +83,24 @@ def test_hessian_accumulator_matches_definition(layer):
         _ = gptq.HessianAccumulator(4).hessian
 
 
+def test_hessian_split_over_two_threads_matches_definition():
+    """X^T X split into its diagonal blocks and the lower block on two threads (inputs >= SPLIT_MIN),
+    with the upper block mirrored on reading, also after more rows and an input scaling."""
+    rng = np.random.default_rng(3)
+    n_in = gptq.SPLIT_MIN + 6
+    x = rng.standard_normal((700, n_in)).astype(np.float32)
+    acc = gptq.HessianAccumulator(n_in, workers=2)
+    assert acc._split == n_in // 2
+    acc.add(x[:300])
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(acc.xtx, x64[:300].T @ x64[:300], rtol=1e-4, atol=1e-2)
+    acc.add(x[300:])
+    s = rng.uniform(0.5, 2.0, n_in)
+    acc.scale_inputs(s)
+    xs = x64 / s
+    np.testing.assert_allclose(acc.hessian, 2.0 / len(x) * xs.T @ xs, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_search_bytes_identical_to_llama_cpp_imatrix_quantizer(name, layer):
     """`imatrix` = llama.cpp quantizing with that imatrix; `mse` = llama.cpp with unit importance."""

@@ -13,6 +13,7 @@ import pytest
 from pocketlm.checkpoint import Checkpoint
 from pocketlm.errors import PocketLMError
 from pocketlm.quantize import pipeline
+from pocketlm.quantize.calib_matmul import calibration_matmul
 from pocketlm.quantize.calibration import load_calibration
 from pocketlm.quantize.evaluate import gguf_logits
 from pocketlm.quantize.pipeline import METHODS, Options, parse_method, quantize_checkpoint
@@ -318,6 +319,36 @@ def test_float_target_lowers_kld(ckpt, tmp_path):
     q.close()
 
 
+@pytest.mark.skipif(calibration_matmul() is None, reason="no native bfloat16 on this CPU (or no torch)")
+def test_bf16_calibration(ckpt, tmp_path):
+    """The calibration's bfloat16 products (calib_matmul): each within bfloat16 rounding of the
+    float64 product and not the float32 one (so it is the path taken), weights converted once and
+    again when replaced; and a gptq file calibrated with them as close to the float model (KLD on
+    held-out text) as one calibrated in float32."""
+    from pocketlm.quantize.evaluate import evaluate
+
+    mm = calibration_matmul()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    w = rng.standard_normal((24, 64)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+    got = mm("w", x, w)
+    assert got.dtype == np.float32 and got.shape == (40, 24)
+    err = np.abs(got - exact).max() / np.abs(exact).max()
+    assert 1e-5 < err < 2e-2, err  # bfloat16 (8-bit mantissa), not float32 (~1e-7)
+    np.testing.assert_array_equal(mm("w", mm.stored(x), w), got)
+    w2 = w * 2
+    np.testing.assert_allclose(mm("w", x, w2), 2 * got, rtol=1e-2, atol=1e-2 * np.abs(got).max())
+    np.testing.assert_allclose(mm.cross(x, x), x.T @ x, rtol=0, atol=2e-2 * np.abs(x.T @ x).max())
+    kld = {}
+    for label, bf16 in (("f32", False), ("bf16", True)):
+        out = tmp_path / f"{label}.gguf"
+        quantize_checkpoint(ckpt, out, recipe="q4_0", method="gptq", options=Options(bf16_calibration=bf16),
+                            **SMALL_CALIB)
+        kld[label] = evaluate(out, ckpt, n_tokens=1024, ctx=64).kld
+    assert kld["bf16"] < 1.1 * kld["f32"], kld
+
+
 def test_tied_embeddings(tmp_path):
     """token_embd is also the output head: one tensor (output's type), read back as tied by the
     eval harness; gptq calibrates it (embedding_hessian) and beats rtn."""
@@ -356,8 +387,8 @@ def test_layer_stages_give_the_reference_layers_inputs(ckpt, tmp_path, arch):
     for i in range(cfg.num_hidden_layers):
         weights = {n: ck.tensor(n) for n in ck.names() if n.startswith(f"blk.{i}.")}
         stages = pipeline._LayerStages(cfg, i, weights, h)
-        assert stages.halves == ({f"blk.{i}.attn_qkv.weight", f"blk.{i}.attn_output.weight"},
-                                 {f"blk.{i}.ffn_up.weight", f"blk.{i}.ffn_down.weight"})
+        assert stages.halves == ([f"blk.{i}.attn_qkv.weight", f"blk.{i}.attn_output.weight"],
+                                 [f"blk.{i}.ffn_up.weight", f"blk.{i}.ffn_down.weight"])
         for lin in LAYER_LINEARS:
             name = f"blk.{i}.{lin}.weight"
             expected = [x[name] for x in pipeline.layer_inputs(cfg, i, dict(weights), h, {name})]
@@ -376,7 +407,8 @@ def test_tied_embedding_hessian_covers_the_output_head(tmp_path):
     independently (the float embedding rows, then the file's dequantized layers through the
     reference forward), its X^T X, and GPTQ of the embedding under that Hessian: the file's
     tensor. Without the head reader the rounding differs, and with it the head's logits are
-    closer to the float model's on the calibration states."""
+    closer to the float model's on the calibration states. The calibration's products in float32,
+    as the replay's (bfloat16 ones round differently: test_bf16_calibration)."""
     from pocketlm.layers import norm
     from pocketlm.quantize import formats as F
     from pocketlm.quantize.gptq import gptq_quantize
@@ -386,7 +418,8 @@ def test_tied_embedding_hessian_covers_the_output_head(tmp_path):
     ck = Checkpoint.open(path)
     cfg, emb = ck.config, ck.tensor("token_embd.weight")
     out = tmp_path / "gptq.gguf"
-    summary = quantize_checkpoint(path, out, recipe="q4_0", method="gptq", **SMALL_CALIB)
+    summary = quantize_checkpoint(path, out, recipe="q4_0", method="gptq", **SMALL_CALIB,
+                                  options=Options(bf16_calibration=False))
     gtype = F.GGMLType[summary.tensor_types["token_embd.weight"]]
     tokens = load_calibration(Tokenizer.from_hf_dir(path), None, 8, 64).tokens
     file_weights = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(
