@@ -1,9 +1,10 @@
 /* AVX-512 (F, BW, VL) + VNNI dot products (Ice Lake, Sapphire Rapids, Zen 4 and later), with
  * `vpdpbusd` for the u8 x s8 sums: packed Q4_0 and Q8_0 in 512-bit registers, raw Q4_0/Q4_1 per
- * block in 256-bit ones; Q4_K and Q6_K with 64-byte code loads and `vpmaddubsw` + `vpmaddwd` for
- * their sub-block scales. Same integer sums and per-block float formula as dot_scalar.c. CPUs with
- * AVX-512 but no VNNI use the AVX2 path. The multi-activation kernels (dotacts_fn) of the packed
- * types and Q6_K: a batch of activations is compute-bound, where 512-bit VNNI pays. */
+ * block in 256-bit ones; Q4_K and Q6_K with 64-byte code loads and `vpmaddubsw` + `vpmaddwd`
+ * (Q6_K: `vpdpwssd`) for their sub-block scales. Same integer sums and per-block float formula as
+ * dot_scalar.c. CPUs with AVX-512 but no VNNI use the AVX2 path. The multi-activation kernels
+ * (dotacts_fn) of the packed types and Q6_K: a batch of activations is compute-bound, where
+ * 512-bit VNNI pays. */
 #include "kernel.h"
 
 #if defined(POCKETLM_X86)
@@ -464,55 +465,93 @@ INLINE float q4_k(const uint8_t *row, const q8_act *a, int n) {
     return _mm512_reduce_add_ps(acc) - acc_min;
 }
 
-/* Q6_K: per 128-value half, one 64-byte load of low nibbles gives values 0..63 (low) and 64..127
- * (high) in order; the 2 high bits come from the 32 qh bytes, each 256-bit half shifted by its own
- * count. Codes 0..63 (u8) x s8 pair sums times the int8 scales of the 16-value sub-blocks, minus
- * 32 * sum_j sc_j * bsums_j: the same integers as dot_scalar.c. The codes and scale vectors are
- * built once per super-block for M activations (R = 1 row; the single dot is M = 1). */
-INLINE void q6_k_acts(const uint8_t *row, size_t rb, const q8_act *acts, int n, int R, int M, float *out, size_t os) {
-    (void)rb, (void)R;
-    const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x30);
-    /* bits 2k..2k+1 of qh to bits 4..5: value group k = 0, 1 (first 64 values), 2, 3 (next 64) */
-    const __m512i shift01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
-    const __m512i shift23 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-    /* i16 lane t of a 64-value register covers values 2t, 2t+1: sub-block t / 8 of its four */
+/* Q6_K's stream is prefetched this far ahead into L2 (`prefetcht1`, as the packed kernels do):
+ * at ~22 cycles per 210-byte super-block, PREFETCH_BYTES (1 KB) into L1 is only ~30 ns ahead,
+ * well short of the DRAM latency. One thread, 96 MB of Q6_K rows (K = 3072), best of 20 passes
+ * alternated in one run with the other job of this machine running: 1 KB into L1 18.5-21.0 GB/s,
+ * 4 KB into L2 18.6-20.0, 8 KB 23.1-25.4, 12-32 KB 23.2-26.1 (flat), where a plain AVX-512 read
+ * of the same buffer streams 25.2. The rows of a matvec chunk are contiguous, so near a chunk's
+ * end this fetches the next chunk's start (chunks are MBs: phi-3-mini's smallest is 2.6 MB). */
+#define Q6K_PREFETCH_BYTES 16384
+
+/* i16 lane t of a 64-value register covers values 2t, 2t+1, i.e. sub-block t / 8 of the four the
+ * register holds: scale index vectors for `vpermw` from the super-block's 16 int16 scales, for
+ * the registers of sub-blocks 4r .. 4r+3 (r = 0..3). */
+INLINE void q6k_scale_index(__m512i idx[4]) {
     const __m512i lane_sub = _mm512_srli_epi16(
         _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8,
                          7, 6, 5, 4, 3, 2, 1, 0), 3);
+    for (int r = 0; r < 4; r++) idx[r] = _mm512_add_epi16(lane_sub, _mm512_set1_epi16((short)(4 * r)));
+}
+
+/* The 6-bit codes (0..63) of a 128-value half in value order: q[0] values 0..63, q[1] 64..127.
+ * One 64-byte load of ql gives values 0..31 and 32..63 (low nibbles, 256-bit halves) and
+ * 64..127 (high nibbles); the 32 qh bytes are broadcast to both 256-bit halves, where value group
+ * k takes bits 2k, 2k+1 (k = 0, 2 in the lower half, 1, 3 in the upper). Masked once to the bits
+ * of the half's groups (0x33 / 0xCC), shifted per 256-bit half to bits 4-5 with bits 6-7 clear,
+ * and merged with the nibbles by one bit select (`vpternlogd`: m4 ? nibble : high bits) each: 6
+ * shift/mask ops and 2 selects per 128 values (the previous kernel: 9 ops, two masks per
+ * register). */
+INLINE void q6k_codes(const uint8_t *blk, int h, __m512i q[2]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i hmask = _mm512_inserti64x4(_mm512_set1_epi8(0x33), _mm256_set1_epi8((char)0xCC), 1);
+    const __m512i shl = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i shr = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    const __m512i v = _mm512_loadu_si512(blk + 64 * h);
+    const __m512i hb = _mm512_and_si512(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h))),
+                                        hmask);
+    q[0] = _mm512_ternarylogic_epi32(m4, v, _mm512_sllv_epi16(hb, shl), 0xCA);
+    q[1] = _mm512_ternarylogic_epi32(m4, _mm512_srli_epi16(v, 4), _mm512_srlv_epi16(hb, shr), 0xCA);
+}
+
+/* Q6_K (same integers as dot_scalar.c): codes 0..63 (u8) x s8 pair sums (`vpmaddubsw`, at most
+ * 2 * 63 * 127, no saturation) times the int8 scales of the 16-value sub-blocks spread per i16
+ * lane (`vpermw`), accumulated by `vpdpwssd` (VNNI: `vpmaddwd` + `vpaddd` in one op) in two
+ * chains per activation, the first starting from -32 * sum_j sc_j * bsums_j (the codes' offset,
+ * 8 lanes); per super-block one int->float conversion and FMA. Every int32 lane holds the sum
+ * the previous kernel (maddubs, madd, add, offset subtracted) gave it, so the results are bit
+ * for bit the same. The codes and scale vectors are built once per super-block for M activations
+ * (R = 1 row; the single dot is M = 1). One thread, 96 rows of K = 3072 in L2, Zen 4 at 3.67 GHz:
+ * 6.3-6.4 -> 6.0-6.2 ns (22 cycles) per super-block at M = 1, about 40 vector ops: this core
+ * retires about two 512-bit ops per cycle of any kind (a register-only mix of maddubs, dpwssd,
+ * shifts, permw, ternlog: 26 ops in 13.1 cycles), so op count is the budget. Tried, no better
+ * than 3 % in L2: `vpshufb` scale spreading, one chain or four, the fp16 scales of 16 blocks
+ * converted per row first (their byte stores and vector reload stall on store forwarding), codes
+ * built one block ahead, 2 to 4 rows per pass sharing the activation loads (and 2 rows streamed
+ * at 8 GB/s from DRAM). The DRAM stream gains from the L2 prefetch above. */
+INLINE void q6_k_acts(const uint8_t *row, size_t rb, const q8_act *acts, int n, int R, int M, float *out, size_t os) {
+    (void)rb, (void)R;
+    __m512i idx[4];
+    q6k_scale_index(idx);
     __m512 acc[MAX_ACTS];
     for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
     for (int i = 0; i < n; i++) {
         const int b = i;
         const uint8_t *blk = row + (size_t)b * 210;
-        for (int line = 0; line < 256; line += 64) prefetch_ahead(row + line, i, 210);
+        prefetch_l2(blk + Q6K_PREFETCH_BYTES, 256);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
         const __m512i scz = _mm512_castsi256_si512(sc16);
-        __m512i sumi[MAX_ACTS];
-        for (int m = 0; m < M; m++) sumi[m] = _mm512_setzero_si512();
+        const __m256i sc_off = _mm256_mullo_epi16(sc16, _mm256_set1_epi16(-32));
+        __m512i s[MAX_ACTS][2];
+        for (int m = 0; m < M; m++) {
+            const __m256i off = _mm256_madd_epi16(sc_off, _mm256_loadu_si256((const __m256i *)(acts[m].bsums + b * 16)));
+            s[m][0] = _mm512_zextsi256_si512(off);
+            s[m][1] = _mm512_setzero_si512();
+        }
         for (int h = 0; h < 2; h++) {
-            const __m512i v = _mm512_loadu_si512(blk + 64 * h);
-            const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
-            const __m512i q0 = _mm512_or_si512(_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_sllv_epi16(hb, shift01), m2));
-            const __m512i q1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
-                                               _mm512_and_si512(_mm512_srlv_epi16(hb, shift23), m2));
-            const __m512i s0 = _mm512_permutexvar_epi16(_mm512_add_epi16(lane_sub, _mm512_set1_epi16((short)(8 * h))), scz);
-            const __m512i s1 = _mm512_permutexvar_epi16(_mm512_add_epi16(lane_sub, _mm512_set1_epi16((short)(8 * h + 4))),
-                                                        scz);
+            __m512i q[2];
+            q6k_codes(blk, h, q);
+            const __m512i s0 = _mm512_permutexvar_epi16(idx[2 * h], scz), s1 = _mm512_permutexvar_epi16(idx[2 * h + 1], scz);
             for (int m = 0; m < M; m++) {
                 const int8_t *aq = acts[m].qs + (size_t)b * QK_K + 128 * h;
-                const __m512i p0 = _mm512_maddubs_epi16(q0, _mm512_loadu_si512(aq));
-                const __m512i p1 = _mm512_maddubs_epi16(q1, _mm512_loadu_si512(aq + 64));
-                sumi[m] = _mm512_add_epi32(sumi[m], _mm512_madd_epi16(p0, s0));
-                sumi[m] = _mm512_add_epi32(sumi[m], _mm512_madd_epi16(p1, s1));
+                s[m][h] = _mm512_dpwssd_epi32(s[m][h], _mm512_maddubs_epi16(q[0], _mm512_loadu_si512(aq)), s0);
+                s[m][h] = _mm512_dpwssd_epi32(s[m][h], _mm512_maddubs_epi16(q[1], _mm512_loadu_si512(aq + 64)), s1);
             }
         }
         const float d = half(blk + 208);
-        for (int m = 0; m < M; m++) {
-            const __m256i offset = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(acts[m].bsums + b * 16)));
-            const __m512i off = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_slli_epi32(offset, 5), 0);
-            acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(d * acts[m].d[b]), _mm512_cvtepi32_ps(_mm512_sub_epi32(sumi[m], off)),
+        for (int m = 0; m < M; m++)
+            acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(d * acts[m].d[b]), _mm512_cvtepi32_ps(_mm512_add_epi32(s[m][0], s[m][1])),
                                      acc[m]);
-        }
     }
     for (int m = 0; m < M; m++) out[m * os] = _mm512_reduce_add_ps(acc[m]);
 }
