@@ -20,7 +20,7 @@ the float model, GPTQ on W* = W + W D (H + ridge I)^-1, D = Delta^T X, minimises
 the float model's outputs (see `float_target_weight`); W* is computed from an inverse Cholesky
 factor of H + ridge I (U^T U = (H + ridge I)^-1) by matrix products, before GPTQ's own factor.
 
-Numerics and memory: H is accumulated in float32 batches of at least in/4 rows (X^T X as a
+Numerics and memory: H is accumulated in float32 batches of at least in/4 rows, 2048 from 1024 inputs (X^T X as a
 symmetric rank-k update: numpy calls BLAS syrk for `x.T @ x`, half a general product's flops). Its
 factorization, the float target and the sweep run in `dtype` (float32 by default, as in the
 reference implementation; numpy's own linalg would compute in float64 with two extra copies): one
@@ -60,8 +60,11 @@ from .search import checked_importance, row_sigma2, search_fields, value_weights
 F32 = np.float32
 Product = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (a [m, k], b [n, k]) -> a @ b.T [m, n] float32
 DAMP_RETRIES = 6
-ROW_CHUNK = 4096      # rows of W swept at a time (bounds the sweep's copies of W)
+ROW_CHUNK = 8192      # rows of W swept at a time (bounds the sweep's copies of W; each chunk pays the
+                      # sweep's per-column Python steps once: fewer, larger chunks cost less)
 SPLIT_MIN = 1024      # inputs from which X^T X is split over two threads (HessianAccumulator)
+FLUSH_ROWS = 2048     # calibration rows buffered before a pass over the [in, in] sums (at least in/4;
+                      # below SPLIT_MIN inputs 256: there a pass is cheap)
 TARGET_DAMP = 0.1     # the float target's ridge, fraction of mean(diag H)
 INVERT_BASE = 256     # triangular inverse: blocks up to this size go to LAPACK
 CHOLESKY_BLOCK = 256  # blocked in-place Cholesky: diagonal block size
@@ -100,7 +103,7 @@ class HessianAccumulator:
     (sums in float32: rows are added in batches of at least in/4, so there are few additions).
 
     With `add_pair` it also sums D = sum_t (x_float_t - x_t) x_t^T, the statistic of the float target
-    (see `float_target_weight`). Rows are buffered until about in/4 of them are pending, so that
+    (see `float_target_weight`). Rows are buffered until FLUSH_ROWS (or in/4) are pending, so that
     short batches (one calibration sequence) do not each pay a pass over the [in, in] sums.
     cross_product(a, b) = a^T b computes D's terms (default numpy float32; calib_matmul's bfloat16).
     workers >= 2 splits X^T X over two threads (`_add_xtx`)."""
@@ -113,7 +116,7 @@ class HessianAccumulator:
         self._cross: np.ndarray | None = None                  # [in, in] float32 sum (x_float - x) x^T
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._pending_rows = 0
-        self.flush_rows = max(256, n_in // 4)
+        self.flush_rows = max(FLUSH_ROWS if n_in >= SPLIT_MIN else 256, n_in // 4)
         self.paired: bool | None = None  # whether the rows come with float rows (all or none)
         self.count = 0
 
