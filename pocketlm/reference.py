@@ -53,7 +53,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
     k = np.repeat(k, group, axis=0)                                   # [H, S, hd]: head h reads kv h // group
     v = np.repeat(v, group, axis=0)
     scores = (q @ k.transpose(0, 2, 1)) * np.float32(scale)         # [H, T, S]
-    allowed = attention_mask(n_heads, q_pos, k.shape[1], window, sparse)
+    k_pos = np.arange(k.shape[1])
+    if sparse is not None:
+        allowed = token_mask(sparse, n_heads, q_pos, k.shape[1])      # [H, T, S]
+    else:
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None]            # [1, T, S]
+        if window is not None:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
     scores = np.where(allowed, scores, -np.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
@@ -61,31 +67,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
     return p @ v
 
 
-def attention_mask(n_heads: int, q_pos: np.ndarray, k_len: int, window: int | None = None,
-                   sparse: BlockSparse | None = None) -> np.ndarray:
-    """The (query, key) pairs `attention` lets through: bool [H, T, S] (block-sparse) or [1, T, S]."""
-    k_pos = np.arange(k_len)
-    if sparse is not None:
-        return token_mask(sparse, n_heads, q_pos, k_len)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None]
-    if window is not None:
-        allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-    return allowed
-
-
-# `attention`'s signature: the calibration may pass another implementation of the same function.
-Attention = Callable[..., np.ndarray]
-
-
 class Phi3Reference:
     """Phi3ForCausalLM / Phi3SmallForCausalLM in numpy float32."""
 
-    def __init__(self, cfg: Phi3Config, weights: Mapping[str, np.ndarray], matmul: Matmul | None = None,
-                 attend: Attention | None = None):
+    def __init__(self, cfg: Phi3Config, weights: Mapping[str, np.ndarray], matmul: Matmul | None = None):
         self.cfg = cfg
         self.w = weights
-        self.matmul = matmul   # the linears' products (default numpy float32)
-        self.attend = attend or attention
+        self.matmul = matmul
 
     @classmethod
     def from_checkpoint(cls, ckpt) -> Phi3Reference:
@@ -151,8 +139,8 @@ class Phi3Reference:
         cos, sin = rope_cos_sin(cfg, positions, long_rope)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all = (k, v) if cache is None else self._cached(cache, i, positions, k, v)
-        a = self.attend(q, k_all, v_all, positions, cfg.attention_scale, cfg.sliding_window,
-                        cfg.layer_sparsity(i))                                  # [H, T, hd]
+        a = attention(q, k_all, v_all, positions, cfg.attention_scale, cfg.sliding_window,
+                      cfg.layer_sparsity(i))                                    # [H, T, hd]
         return a.transpose(1, 0, 2).reshape(t, n_h * hd)
 
     def residual(self, name: str, h: np.ndarray, x: np.ndarray, tap: LinearTap | None = None) -> np.ndarray:

@@ -21,9 +21,6 @@ import weakref
 
 import numpy as np
 
-from pocketlm.blocksparse import BlockSparse
-from pocketlm.reference import attention_mask
-
 from .gptq import torch_linalg
 
 
@@ -66,23 +63,6 @@ class Bf16Matmul:
         torch = self.torch
         xb = x if isinstance(x, torch.Tensor) else self.stored(x)
         return torch.nn.functional.linear(xb, self.weight(name, w)).float().numpy()
-
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
-                  window: int | None = None, sparse: BlockSparse | None = None) -> np.ndarray:
-        """`pocketlm.reference.attention` in float32 through torch's scaled_dot_product_attention, same
-        mask: its fused CPU kernel on all threads, 2.3x numpy's (whose per-head products are small;
-        32 heads x 256 tokens x 96: 20 against 45 ms)."""
-        torch = self.torch
-        group = q.shape[0] // k.shape[0]
-        allowed = torch.from_numpy(np.ascontiguousarray(attention_mask(q.shape[0], q_pos, k.shape[1], window,
-                                                                         sparse)))
-        qt, kt, vt = (torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in (q, k, v))
-        if group > 1:  # head h reads kv h // group
-            kt, vt = kt.repeat_interleave(group, dim=0), vt.repeat_interleave(group, dim=0)
-        # (with a batch dimension torch takes its fused kernel: 20 against 100 ms for 32 heads x 256)
-        out = torch.nn.functional.scaled_dot_product_attention(qt[None], kt[None], vt[None], attn_mask=allowed[None],
-                                                               scale=float(scale))
-        return out[0].numpy()  # [H, T, hd]
 
     def product(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """a [m, k] @ b [n, k].T -> [m, n] float32 (gptq.Product: the float target's corrections)."""

@@ -60,8 +60,7 @@ from .search import checked_importance, row_sigma2, search_fields, value_weights
 F32 = np.float32
 Product = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (a [m, k], b [n, k]) -> a @ b.T [m, n] float32
 DAMP_RETRIES = 6
-ROW_CHUNK = 8192      # rows of W swept at a time (bounds the sweep's copies of W; each chunk pays the
-                      # sweep's per-column Python steps once: fewer, larger chunks cost less)
+ROW_CHUNK = 4096      # rows of W swept at a time (bounds the sweep's copies of W; 8192 was no faster)
 SPLIT_MIN = 1024      # inputs from which X^T X is split over two threads (HessianAccumulator)
 FLUSH_ROWS = 2048     # calibration rows buffered before a pass over the [in, in] sums (at least in/4;
                       # below SPLIT_MIN inputs 256: there a pass is cheap)

@@ -69,7 +69,7 @@ from pocketlm.checkpoint import Checkpoint
 from pocketlm.config import LAYER_LINEARS, Phi3Config, tensor_specs
 from pocketlm.errors import PocketLMError
 from pocketlm.layers import norm, uses_long_factors
-from pocketlm.reference import Phi3Reference
+from pocketlm.reference import Matmul, Phi3Reference
 
 from .awq import awq_search, imatrix_rounding, rtn_rounding
 from .calib_matmul import Bf16Matmul, calibration_matmul
@@ -171,17 +171,12 @@ class LinearStats:
         return self.count == 0 or not np.any(self.sum_sq > 0)
 
 
-def _reference(cfg: Phi3Config, weights: Mapping[str, np.ndarray], matmul: Bf16Matmul | None) -> Phi3Reference:
-    """The reference forward with the calibration's products (and its attention) when given."""
-    return Phi3Reference(cfg, weights, matmul, None if matmul is None else matmul.attention)
-
-
 def run_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
-              tap: Callable[[str, np.ndarray], None] | None = None, matmul: Bf16Matmul | None = None) -> np.ndarray:
+              tap: Callable[[str, np.ndarray], None] | None = None, matmul: Matmul | None = None) -> np.ndarray:
     """h [N, L, D] through decoder layer i (weights: at least that layer's tensors) -> [N, L, D].
     tap(name, x) sees each linear's input x [L, in], sequence after sequence. matmul: the
     linears' products (default numpy float32)."""
-    ref = _reference(cfg, weights, matmul)
+    ref = Phi3Reference(cfg, weights, matmul)
     positions = np.arange(h.shape[1])
     long_rope = uses_long_factors(cfg, h.shape[1])
     return np.stack([ref.layer(i, seq, positions, None, long_rope, tap) for seq in h])
@@ -192,11 +187,11 @@ class _InputsSeen(Exception):
 
 
 def layer_inputs(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
-                 names: set[str], matmul: Bf16Matmul | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 names: set[str], matmul: Matmul | None = None) -> Iterator[dict[str, np.ndarray]]:
     """For each calibration sequence of h [N, L, D]: name -> input [L, in] of layer i's linears
     `names`, running the layer only as far as the last of them (attn_qkv's input costs a norm,
     ffn_down's about 80 % of the layer)."""
-    ref = _reference(cfg, weights, matmul)
+    ref = Phi3Reference(cfg, weights, matmul)
     positions = np.arange(h.shape[1])
     long_rope = uses_long_factors(cfg, h.shape[1])
     seen: dict[str, np.ndarray] = {}
@@ -676,7 +671,7 @@ class _LayerStages:
 
     def __init__(self, cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], h: np.ndarray,
                  matmul: Bf16Matmul | None = None):
-        self.ref, self.i, self.h = _reference(cfg, weights, matmul), i, h  # h [N, L, D]
+        self.ref, self.i, self.h = Phi3Reference(cfg, weights, matmul), i, h  # h [N, L, D]
         self.matmul = matmul
         self.keep = (lambda x: x) if matmul is None else matmul.stored
         self.positions = np.arange(h.shape[1])
@@ -759,10 +754,10 @@ def _halves(ref: Phi3Reference, i: int, probe: np.ndarray) -> tuple[list[str], l
 
 
 def _float_layer(cfg: Phi3Config, i: int, weights: Mapping[str, np.ndarray], hf: np.ndarray, names: list[str],
-                 matmul: Bf16Matmul | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                 matmul: Matmul | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One pass of the float model's states hf [N, L, D] through the float layer i: (name -> that
     linear's inputs [N, L, in] float32 for the float target's pairing, the layer's output [N, L, D])."""
-    ref = _reference(cfg, weights, matmul)
+    ref = Phi3Reference(cfg, weights, matmul)
     positions = np.arange(hf.shape[1])
     long_rope = uses_long_factors(cfg, hf.shape[1])
     inputs: dict[str, np.ndarray] = {}
