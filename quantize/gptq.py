@@ -20,8 +20,9 @@ the float model, GPTQ on W* = W + W D (H + ridge I)^-1, D = Delta^T X, minimises
 the float model's outputs (see `float_target_weight`); W* is computed from an inverse Cholesky
 factor of H + ridge I (U^T U = (H + ridge I)^-1) by matrix products, before GPTQ's own factor.
 
-Numerics and memory: H is accumulated in float32 batches of at least in/4 rows, 2048 from 1024 inputs (X^T X as a
-symmetric rank-k update: numpy calls BLAS syrk for `x.T @ x`, half a general product's flops). Its
+Numerics and memory: H is accumulated in float32 batches of at least in/4 rows (2048 from 1024
+inputs; X^T X as symmetric rank-k updates: numpy calls BLAS syrk for `x.T @ x`, half a general
+product's flops, split over two threads with `workers`). Its
 factorization, the float target and the sweep run in `dtype` (float32 by default, as in the
 reference implementation; numpy's own linalg would compute in float64 with two extra copies): one
 working copy of H in sweep order, factorized and inverted, and rows of W `row_chunk` at a time (rows

@@ -29,10 +29,10 @@ matrices and a chunk of rows) and the calibration activations (h, hf, one sequen
 inputs, the float layer's inputs of the linears not yet quantized, the kept inputs of
 attn_output or ffn_down); never the whole model. Once ffn_down's statistics are in, the
 dequantized copies of the layer's other linears are dropped before its solve (the largest).
-The calibration's products run in bfloat16 where the CPU has it
-natively and torch is installed (`calib_matmul`, `Options.bf16_calibration`). Measurements at
-phi-3-mini and phi-3-medium shape: README ("Quantization quality", scale) and
-benchmarks/quant_scale.py, which prints `Options.profile`.
+The calibration's products run in bfloat16 where the CPU has it natively and torch is installed
+(`calib_matmul`, `Options.bf16_calibration`). Measurements at phi-3-mini and phi-3-medium shape:
+README ("Quantization quality", scale) and benchmarks/quant_scale.py, which prints
+`Options.profile`.
 
 Methods (`METHODS`): a rounding method, optionally after AWQ scaling ("awq+gptq"):
   rtn      llama.cpp's reference rounding (no calibration)
