@@ -607,9 +607,8 @@ def _stream(q: _Quantizer, writer, calibration: Calibration | None, bar: Progres
     del h, hf
     for i in range(cfg.num_hidden_layers):
         bar.show(done, f"layer {i + 1}/{cfg.num_hidden_layers}")
-        _quantize_layer(q, writer, i, states)
+        _quantize_layer(q, writer, i, states)  # (releases the mapped pages of what it read)
         done += 1
-        ckpt.release()
     bar.show(done, "output")
     _quantize_head(q, writer, *states)
     done += 1
