@@ -11,7 +11,9 @@ Every published measurement (pocketlm/phone_measurements.json) is projected from
 three ways the bench projects (pocketlm/phone_calibration.py):
   calibrated:   from the other rows of the same device, engine and quantization family (their median
                 achieved bytes/s for decode, ops/s for prefill, divided by the row's bytes / ops per
-                token; a K-quant file's ops weighted by its fallback share, rho refitted without the row);
+                token; a K-quant file's ops weighted by its fallback share, rho refitted without the row;
+                rows of the same model shape used alone when there are some; prefill from other shapes
+                x the shape's effect, refitted without the row);
   cross-family: with the device's rows of that family left out, from its rows of the nearest other
                 family x the family ratio of the other devices;
   fallback:     with the whole device left out, from the share of the DRAM peak the other phones reach.
@@ -86,12 +88,22 @@ def fallback_by_memory_type(rows: list) -> list:
             rest = [o for o in rows if o.device != r.device]
             rho = calib.fallback_ratios(rest)
             same = [o for o in rest if mem.get(o.device) == mem[r.device]]
-            eff = (calib.phone_efficiency(same, DEVICES, r.family, metric, rho=rho)
-                   or calib.phone_efficiency(rest, DEVICES, r.family, metric, rho=rho))
+            eff = (calib.phone_efficiency(same, DEVICES, r.family, metric, rho=rho, shape=r.shape)
+                   or calib.phone_efficiency(rest, DEVICES, r.family, metric, rho=rho, shape=r.shape))
             if eff is not None:
                 p = eff * DEVICES[r.device].bandwidth_gbs * calib.GB / r.scale(metric, rho.get(r.family))
                 out.append(calib.LooResult(r, "fallback", metric, p, p / r.rate(metric) - 1))
     return out
+
+
+def with_decode_shape_effect(rows: list) -> list:
+    """The leave-one-out with the shape effect applied to decode as well as prefill."""
+    kept = calib.SHAPE_METRICS
+    calib.SHAPE_METRICS = ("decode", "prefill")   # read at call time by shape_rate
+    try:
+        return calib.leave_one_out(rows, DEVICES)
+    finally:
+        calib.SHAPE_METRICS = kept
 
 
 def alternatives(rows: list) -> list[str]:
@@ -99,7 +111,13 @@ def alternatives(rows: list) -> list[str]:
     by_bytes = [dataclasses.replace(r, n_weight_params=r.bytes_per_token / 2) if r.bytes_per_token else r
                 for r in rows]
     no_share = [dataclasses.replace(r, k_fallback_share=0.0) for r in rows]
+    no_shape = calib.leave_one_out([dataclasses.replace(r, shape=None) for r in rows], DEVICES)
+    shape_decode = with_decode_shape_effect(rows)
     checks = (
+        *((f"{p} prefill, every model of a phone alike (no model shape)", no_shape, (p, "prefill"))
+          for p in calib.LOO_PATHS),
+        *((f"{p} decode, with the shape effect as for prefill", shape_decode, (p, "decode"))
+          for p in calib.LOO_PATHS),
         ("calibrated prefill, scaled by bytes per token instead of weights",
          calib.leave_one_out(by_bytes, DEVICES), ("calibrated", "prefill")),
         ("calibrated prefill, per family only (no K-quant fallback share)",

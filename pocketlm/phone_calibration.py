@@ -5,15 +5,18 @@ with `pocketlm bench --device auto` on a phone slot in as they are), plus any fi
 $POCKETLM_PHONE_MEASUREMENTS (os.pathsep-separated; each a measurements file or a bench JSON).
 
 Decode at batch 1 is bandwidth-bound: a phone that ran a model of B bytes per token at T tok/s
-achieved B x T bytes/s, and a file of B' bytes per token runs at about B x T / B' on it. The achieved
-bandwidth of a device is the median of B x T over its rows of one engine and quantization family
-(llama.cpp's kernels differ by type: its repacked Q4_0 path is not its Q4_K path).
+achieved B x T bytes/s, and a file of B' bytes per token runs at about B x T / B' on it (B counts
+every matrix once and the token embedding one row, though llama.cpp loads a tied embedding twice:
+see the data's `about`). The achieved bandwidth of a device is the median of B x T over its rows of
+one engine and quantization family (llama.cpp's kernels differ by type: its repacked Q4_0 path is
+not its Q4_K path).
 
 Prefill is compute-bound: a prompt token multiplies every weight once (2 ops per weight; the weights
 are reused across the prompt's tokens, so their bytes hardly matter), so prefill is normalised by
 ops per token = 2 x weights, not bytes. Within one quantization family the two are nearly
 proportional; across families (Q4_0 vs Q8_0) bytes would mislead, and they did: scaling prefill by
-bytes gives a leave-one-out median error of 18 % against 6 % by weights (benchmarks/phone_projection_check.py).
+bytes gives leave-one-out errors of 16 % at the 90th percentile and 29 % at most, against 11 % and
+16 % by weights (benchmarks/phone_projection_check.py).
 
 Prefill is calibrated per quantization family (a device's Q4_0 rows predict Q4_0 files, its K-quant
 rows K-quant files), with one rule for what a family's name does not say. A K-quant block spans 256
@@ -30,6 +33,15 @@ is compared in these units (decode is not: its bytes already count what the fall
 In the shipped data only gemma-3-1b has s > 0, so rho rests on one model on three phones (0.44;
 the leave-one-out refits it without the row it projects).
 
+Models differ beyond their bytes and weights: every phone prefills phi-3.5-mini 12-21 % slower per
+weight than its other models, in every family. So a file's rate on a device comes from the device's
+rows of the file's shape (`shape_key`: the matrices a token multiplies; phi-3-mini and phi-3.5-mini
+share one) when it has some in that family; else, for prefill, from its rows of other shapes x the
+shape's effect, its rate against the other shapes on the phones that ran both (`shape_effect`; 1 for
+a shape no phone ran); decode, whose per-model differences once bytes are right do not carry from
+phone to phone (the effect made the check's decode medians worse), from the median over all the
+device's rows.
+
 Projection of engine E on device D for the user's file (quantization family Q):
   - "measured": D has rows of E itself (a phone run of pocketlm): their achieved rates, ratio 1.
   - "calibrated": D has llama.cpp rows of family Q: their achieved rates x (E / llama.cpp speed
@@ -40,8 +52,8 @@ Projection of engine E on device D for the user's file (quantization family Q):
     with the fallback band.
   - "fallback" (the weaker estimate): D's DRAM peak x the share of peak that phones with llama.cpp
     rows of family Q achieve (median over devices); prefill likewise (see `_peak` for why the DRAM
-    peak and not the int8 peak). One share for all phones: the measured LPDDR5X phones reach 32 %,
-    40 % and 54 % of their peaks, which no DRAM type or core class in the profiles separates (a fit
+    peak and not the int8 peak). One share for all phones: the measured LPDDR5X phones reach 28 %,
+    36 % and 47 % of their peaks, which no DRAM type or core class in the profiles separates (a fit
     per DRAM type checked no better; each core generation has one measured phone).
 Each estimate carries a relative band: the 90th percentile of |error| of its path in the
 leave-one-out check over the data. A budget inside the band reads "borderline".
@@ -70,6 +82,14 @@ GB = 1e9
 PATHS = ("measured", "calibrated", "cross-family", "fallback")
 LOO_PATHS = ("calibrated", "cross-family", "fallback")   # the paths the leave-one-out check can test
 K_BLOCK = 256    # weights of a row one K-quant block spans (QK_K in llama.cpp's ggml-common.h)
+# The metrics a model's shape effect (see shape_effect) corrects. Prefill only: phi-3.5-mini prefills
+# 12-21 % below its phones' other models in every family, on every phone, and the leave-one-out check
+# confirms the correction; decode, once bytes per token are right, varies by shape with no pattern that
+# carries from phone to phone (with the correction the calibrated and cross-family decode medians were
+# 3.1 % and 3.6 % against 2.5 % and 2.2 %: benchmarks/phone_projection_check.py).
+SHAPE_METRICS = ("prefill",)
+
+Shape = tuple[tuple[int, int, int], ...]   # see shape_key
 
 
 def quant_family(quant: str | None) -> str:
@@ -92,6 +112,14 @@ def matrix_shapes(model: dict[str, Any]) -> list[tuple[int, int, int]]:
     q, kv = model["n_heads"] * model["head_dim"], model["n_kv_heads"] * model["head_dim"]
     return [(h, q, layers), (h, kv, 2 * layers), (q, h, layers), (h, inter, 2 * layers),
             (inter, h, layers), (h, model["vocab"], 1)]
+
+
+def shape_key(model: dict[str, Any]) -> Shape:
+    """What a model's speed per weight can depend on: the weight matrices a token multiplies
+    (`matrix_shapes`). Models that differ only in their weights or in a tied embedding share a key
+    (phi-3-mini and phi-3.5-mini; qwen2.5-1.5b and deepseek-r1-distill-qwen-1.5b); phi-4-mini, with
+    grouped-query attention and a 200 k vocabulary, does not share phi-3-mini's."""
+    return tuple(matrix_shapes(model))
 
 
 def k_fallback_share(model: dict[str, Any]) -> float:
@@ -130,6 +158,7 @@ class Measurement:
     gen_tokens: int | None = None
     lower_bound: bool = False
     k_fallback_share: float = 0.0   # see k_fallback_share(); 0 for a row that is not a K-quant GGUF
+    shape: Shape | None = None      # shape_key() of its model (None: shapes unknown)
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -165,13 +194,14 @@ class Measurement:
         return None if ops is None else ops * work_factor(self.k_fallback_share, rho)
 
 
-_FIELDS = frozenset(Measurement.__dataclass_fields__)
+_FIELDS = frozenset(Measurement.__dataclass_fields__) - {"shape"}   # shape: from the document's models
 
 
 def parse_rows(doc: dict, where: str = "phone measurements") -> list[Measurement]:
     """Rows of a measurements document, checked: a device, engine, model, a non-empty source and
     positive rates (or null). A K-quant row's `k_fallback_share` comes from its model's shapes in the
-    document's `models` (a row may give it itself; 0 when neither says)."""
+    document's `models` (a row may give it itself; 0 when neither says), and so does every row's
+    `shape` (None for a model the document does not describe)."""
     if doc.get("schema") != SCHEMA:
         raise PocketLMError(f"not a {SCHEMA} file (schema {doc.get('schema')!r})", where)
     out = []
@@ -189,7 +219,9 @@ def parse_rows(doc: dict, where: str = "phone measurements") -> list[Measurement
         if not (isinstance(share, int | float) and 0 <= share <= 1):
             raise PocketLMError(f"row {i}: k_fallback_share must be within 0..1, not {share!r}", where)
         fields = {k: v for k, v in row.items() if k in _FIELDS}
-        out.append(Measurement(**{**fields, "k_fallback_share": float(share)}))
+        model = models.get(row["model"])
+        out.append(Measurement(**{**fields, "k_fallback_share": float(share),
+                                  "shape": shape_key(model) if model else None}))
     return out
 
 
@@ -260,6 +292,45 @@ def achieved_rate(rows: Sequence[Measurement], metric: str, rho: Rho | None = No
     return statistics.median(vals) if vals else None
 
 
+def shape_effect(rows: Sequence[Measurement], shape: Shape | None, metric: str, rho: Rho | None = None,
+                 engine: str = REFERENCE_ENGINE) -> float:
+    """How fast files of `shape` run against a phone's other models, measured where both ran: per
+    (device, quantization family) of `engine`'s rows that holds the shape, the achieved rate of its
+    rows of that shape / of its rows of other shapes; the median over those cells (every family
+    pooled: phi-3.5-mini's deficit is the same in Q4_0, Q4_K and Q8_0, and a family with one phone of
+    the shape would otherwise go uncorrected). 1 when no cell has both, or the shape is unknown."""
+    if shape is None:
+        return 1.0
+    per_cell = []
+    for device, family in sorted({(r.device, r.family) for r in rows if r.shape == shape and r.engine == engine}):
+        cell = [r for r in rows if (r.device, r.engine, r.family) == (device, engine, family)]
+        mine = achieved_rate([r for r in cell if r.shape == shape], metric, rho)
+        others = achieved_rate([r for r in cell if r.shape != shape], metric, rho)
+        if mine is not None and others is not None:
+            per_cell.append(mine / others)
+    return statistics.median(per_cell) if per_cell else 1.0
+
+
+def shape_rate(here: Sequence[Measurement], metric: str, rho: Rho | None = None, shape: Shape | None = None,
+               pool: Sequence[Measurement] = (), direct: bool = True) -> float | None:
+    """A device's achieved rate for a file of `shape`, from `here` (its rows of one engine and family):
+    its rows of that very shape when it has them (the most direct measurement; not with
+    `direct=False`, for rows of another family than the file's: a shape's prefill rate in one family
+    predicted its rate in another worse than the shape effect did); else, for SHAPE_METRICS, its
+    rows of other shapes x `shape_effect` fitted on `pool`; else (and with the shape unknown) the
+    median over all of `here` (`achieved_rate`)."""
+    if shape is None:
+        return achieved_rate(here, metric, rho)
+    same = achieved_rate([r for r in here if r.shape == shape], metric, rho) if direct else None
+    if same is not None:
+        return same
+    if metric not in SHAPE_METRICS:
+        return achieved_rate(here, metric, rho)
+    others = achieved_rate([r for r in here if r.shape != shape], metric, rho)
+    engine = here[0].engine if here else REFERENCE_ENGINE
+    return None if others is None else others * shape_effect(pool, shape, metric, rho, engine)
+
+
 def fallback_ratios(rows: Sequence[Measurement]) -> Rho:
     """Per K-quant family, rho: the prefill rate of its fallback matrices / that of its own, the
     median over rows with a fallback share s > 0. A row that prefills at q x the rate of its
@@ -284,7 +355,7 @@ def _peak(device: Any, metric: str, prefill_peak: str = "bandwidth") -> float:
     """The figure a fallback estimate scales with: the DRAM peak (bytes/s) for decode; for prefill
     the DRAM peak too by default, or the big-core int8 peak estimate (ops/s) with
     prefill_peak="int8". Prefill is compute-bound, but our int8 peaks (cores x clock x SIMD pipes)
-    predict phones' llama.cpp prefill poorly (leave-one-out median error 58 % against 29 % with the
+    predict phones' llama.cpp prefill poorly (leave-one-out median error 57 % against 29 % with the
     DRAM peak, which tracks the SoC generation): see benchmarks/phone_projection_check.py."""
     if metric == "decode" or prefill_peak == "bandwidth":
         return device.bandwidth_gbs * GB
@@ -299,14 +370,15 @@ def _reference(rows: Sequence[Measurement], device: str, family: str | None = No
 
 def phone_efficiency(rows: Sequence[Measurement], devices: dict, family: str, metric: str,
                      exclude_device: str | None = None, prefill_peak: str = "bandwidth",
-                     rho: Rho | None = None) -> float | None:
-    """Share of its peak that a phone reaches with the reference engine on a quantization family:
-    per device the median achieved rate / its peak, then the median over devices."""
+                     rho: Rho | None = None, shape: Shape | None = None) -> float | None:
+    """Share of its peak that a phone reaches with the reference engine on a quantization family
+    (for a file of `shape`, see `shape_rate`): per device its rate / its peak, then the median over
+    devices."""
     per_device = []
     for key in sorted({r.device for r in rows}):
         if key == exclude_device or key not in devices:
             continue
-        rate = achieved_rate(_reference(rows, key, family), metric, rho)
+        rate = shape_rate(_reference(rows, key, family), metric, rho, shape, rows)
         if rate is not None:
             per_device.append(rate / _peak(devices[key], metric, prefill_peak))
     return statistics.median(per_device) if per_device else None
@@ -399,12 +471,15 @@ def _band(bands: dict[tuple[str, str], float], path: str, metric: str) -> float:
 
 def estimate(device: Any, engine: str, family: str, bytes_per_token: float, ops_per_token: float,
              rows: Sequence[Measurement], devices: dict, ratio: dict[str, Any] | None,
-             bands: dict[tuple[str, str], float], k_fallback_share: float = 0.0) -> PhoneEstimate:
+             bands: dict[tuple[str, str], float], k_fallback_share: float = 0.0,
+             shape: Shape | None = None) -> PhoneEstimate:
     """Project `engine` on `device` for a file of `bytes_per_token` and `ops_per_token` (see the
     module doc). ratio: {decode, prefill} of engine / llama.cpp measured on this host on the same
     file (with "assumed": True when it is relative to pocketlm, taken as fast as llama.cpp); None:
     assumed 1. k_fallback_share: the file's share of K-quant fallback matrices (0: none; the bench
-    passes none, as every Phi-3 size has hidden and intermediate sizes that are multiples of 256)."""
+    passes none, as every Phi-3 size has hidden and intermediate sizes that are multiples of 256).
+    shape: the file's `shape_key` (None: unknown, the device's rows of every model taken alike), for
+    the device's rows of that shape or, for prefill, the shape's effect (`shape_rate`)."""
     family = quant_family(family)
     rho = fallback_ratios(rows)
     work = {"decode": bytes_per_token, "prefill": ops_per_token * work_factor(k_fallback_share, rho.get(family))}
@@ -419,13 +494,14 @@ def estimate(device: Any, engine: str, family: str, bytes_per_token: float, ops_
         measured = (ratio is not None and not ratio.get("assumed")) or engine == REFERENCE_ENGINE
     rates, paths, gaps = {}, {}, []
     for metric in ("decode", "prefill"):
-        rate = achieved_rate(src.rows, metric, rho)
+        rate = shape_rate(src.rows, metric, rho, shape, rows, direct=src.family == family)
         if rate is not None:
             rates[metric], paths[metric] = rate * src.carry[metric], src.band_path
         else:   # no row of the device has this metric: the fitted phone efficiency
-            rates[metric], paths[metric] = _fallback_rate(device, family, metric, rows, devices, rho), "fallback"
+            rates[metric] = _fallback_rate(device, family, metric, rows, devices, rho, shape)
+            paths[metric] = "fallback"
             gaps.append(metric)
-    note = _note(src, gaps, measured, engine, ratio)
+    note = _note(src, gaps, measured, engine, ratio) + _shape_note(src, family, shape, rows, rho)
     if k_fallback_share and family in rho:
         note += (f"; {k_fallback_share:.0%} of its weights in K-quant fallback matrices, "
                  f"run at {rho[family]:.2f}x the {family} rate")
@@ -436,11 +512,25 @@ def estimate(device: Any, engine: str, family: str, bytes_per_token: float, ops_
 
 
 def _fallback_rate(device: Any, family: str, metric: str, rows: Sequence[Measurement], devices: dict,
-                   rho: Rho) -> float:
+                   rho: Rho, shape: Shape | None = None) -> float:
     """The device's peak x the phone efficiency of the family (of Q4_0 if no phone has the family)."""
-    eff = (phone_efficiency(rows, devices, family, metric, rho=rho)
-           or phone_efficiency(rows, devices, "Q4_0", metric, rho=rho))
+    eff = (phone_efficiency(rows, devices, family, metric, rho=rho, shape=shape)
+           or phone_efficiency(rows, devices, "Q4_0", metric, rho=rho, shape=shape))
     return eff * _peak(device, metric) if eff else math.nan
+
+
+def _shape_note(src: _Source, family: str, shape: Shape | None, rows: Sequence[Measurement], rho: Rho) -> str:
+    if shape is None:
+        return ""
+    same = [r for r in src.rows if r.shape == shape]
+    metrics = [m for m in ("decode", "prefill") if any(r.achieved(m) is not None for r in same)]
+    if metrics and src.family == family:
+        return f"; {' and '.join(metrics)} from its {len(same)} row(s) of this model's shape"
+    if "prefill" not in SHAPE_METRICS:
+        return ""
+    effect = shape_effect(rows, shape, "prefill", rho)
+    return "" if effect == 1.0 else (f"; prefill x {effect:.2f}, this model shape's rate against the other "
+                                     "models' on the phones that ran both")
 
 
 def _note(src: _Source, gaps: list[str], measured: bool, engine: str, ratio: dict[str, Any] | None) -> str:
@@ -476,8 +566,10 @@ def leave_one_out(rows: Sequence[Measurement], devices: dict, prefill_peak: str 
         from the device's rows of the nearest other family x the family ratio of the other devices;
       'fallback' (reference-engine rows): with its whole device left out, from the peak efficiency
         the other devices' reference-engine rows of its family reach.
-    rho (K-quant fallback matrices) is refitted each time without the rows left out. Lower bounds
-    and rows without bytes or weights are not projected."""
+    rho (K-quant fallback matrices) and the shape effect (prefill, see `shape_rate`) are refitted
+    each time without the rows left out: a row's own phone's rows of its shape in other families
+    count for the first two paths, never for the fallback. Lower bounds and rows without bytes or
+    weights are not projected."""
     out = []
     for metric in ("decode", "prefill"):
         for r in rows:
@@ -496,7 +588,7 @@ def _loo_calibrated(r: Measurement, rows: Sequence[Measurement], devices: dict, 
     rest = [o for o in rows if o is not r]
     rho = fallback_ratios(rest)
     peers = [o for o in rest if (o.device, o.engine, o.family) == (r.device, r.engine, r.family)]
-    rate = achieved_rate(peers, metric, rho)
+    rate = shape_rate(peers, metric, rho, r.shape, rest)
     return None if rate is None else rate / r.scale(metric, rho.get(r.family))
 
 
@@ -510,7 +602,7 @@ def _loo_cross_family(r: Measurement, rows: Sequence[Measurement], devices: dict
         return None
     rho = fallback_ratios(rest)
     ratio, _ = family_ratio(rest, r.family, other, metric, rho, r.device)
-    base = achieved_rate(_reference(rest, r.device, other), metric, rho)
+    base = shape_rate(_reference(rest, r.device, other), metric, rho, r.shape, rest, direct=False)
     return None if ratio is None or base is None else base * ratio / r.scale(metric, rho.get(r.family))
 
 
@@ -520,7 +612,7 @@ def _loo_fallback(r: Measurement, rows: Sequence[Measurement], devices: dict, me
         return None
     rest = [o for o in rows if o.device != r.device]
     rho = fallback_ratios(rest)
-    eff = phone_efficiency(rest, devices, r.family, metric, prefill_peak=prefill_peak, rho=rho)
+    eff = phone_efficiency(rest, devices, r.family, metric, prefill_peak=prefill_peak, rho=rho, shape=r.shape)
     if eff is None:
         return None
     return eff * _peak(devices[r.device], metric, prefill_peak) / r.scale(metric, rho.get(r.family))

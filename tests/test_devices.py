@@ -231,16 +231,156 @@ def test_a_phone_without_the_files_family_uses_the_fitted_family_ratio():
     assert "b" not in {x.row.device for x in cross if x.row.family == "Q4_K"}   # b has no Q4_K rows
 
 
-def test_the_shipped_data_meets_the_calibrated_target():
-    """Issue 17's target for the calibrated path (median |error| <= 15 %, none above 35 %), which
-    gemma-3-1b Q4_K_M's prefill missed (+90 to +106 %) while its K-quant fallback was ignored."""
+def test_the_shipped_data_meets_the_target_on_the_calibrated_and_cross_family_paths():
+    """Issue 17's target (median |error| <= 15 %, none above 35 %), which gemma-3-1b Q4_K_M's prefill
+    missed (+90 to +106 %) while its K-quant fallback was ignored, and cross-family prefill missed
+    (+37 %, phi-3.5-mini Q4_K_M) before the shape effect. phi-3.5-mini's prefill, 12-21 % below its
+    phones' other models, is no longer projected too fast (its calibrated median was +9.5 %)."""
     res = calib.leave_one_out(calib.load_measurements(use_env=False), DEVICES)
     s = calib.error_summary(res)
-    for metric in ("decode", "prefill"):
-        assert s[("calibrated", metric)]["median_abs"] <= 0.15 and s[("calibrated", metric)]["max_abs"] <= 0.35
+    for path in ("calibrated", "cross-family"):
+        for metric in ("decode", "prefill"):
+            assert s[(path, metric)]["median_abs"] <= 0.15 and s[(path, metric)]["max_abs"] <= 0.35, (path, metric)
     gemma = [x.error for x in res if (x.path, x.metric, x.row.model, x.row.quant)
              == ("calibrated", "prefill", "gemma-3-1b", "Q4_K_M")]
     assert len(gemma) == 3 and max(map(abs, gemma)) < 0.15
+    phi = [x.error for x in res if (x.path, x.metric, x.row.model) == ("calibrated", "prefill", "phi-3.5-mini")]
+    assert len(phi) == 7 and abs(float(np.median(phi))) < 0.05
+
+
+def test_pocketpal_bytes_per_token_count_every_matrix_once():
+    """A Q8_0 file reads every matrix once at 8.5 bits per weight (the token embedding one row), so
+    its bytes per token are its weights x 8.5 / 8, whatever the model: the shapes' count
+    (n_weight_params, from config.json) against PocketPal's reported weight buffers. A tied
+    embedding is in those buffers twice (llama.cpp loads the output head as a duplicate of the token
+    embedding); counted twice, gemma-3-1b's bytes were 30 % too many."""
+    rows = [r for r in calib.load_measurements(use_env=False) if "pocketpal-ai" in r.source]
+    q8 = [r for r in rows if r.quant == "Q8_0"]
+    assert {r.model for r in q8} >= {"gemma-3-1b", "qwen2.5-1.5b", "smollm2-1.7b", "phi-4-mini", "phi-3.5-mini"}
+    for r in q8:
+        assert r.weight_bytes_per_token == pytest.approx(r.n_weight_params * 8.5 / 8, rel=1e-3), r.model
+    # qwen2.5-1.5b (tied) and deepseek-r1-distill-qwen-1.5b (untied) have the same matrices and read the same
+    by = {(r.model, r.quant): r.weight_bytes_per_token for r in rows}
+    for quant in ("Q4_0", "Q4_K_M", "Q8_0"):
+        assert by[("qwen2.5-1.5b", quant)] == pytest.approx(by[("deepseek-r1-distill-qwen-1.5b", quant)], rel=1e-5)
+
+
+SHAPE_A, SHAPE_B, SHAPE_C = ((1, 1, 1),), ((2, 2, 2),), ((3, 3, 3),)
+
+
+def _shaped() -> tuple[list, dict]:
+    """Prefill in Gops/s achieved: phone a 100 for shapes A and B, 80 for C (0.8x); b 200, C 170
+    (0.85x); c 300, no C row. Decode 10 GB/s everywhere but a's C row, 20. One family, 1e9 weights
+    and bytes per token, so tok/s = achieved / 2 (prefill) or / 1 (decode), in units of 1e9."""
+    devices = {k: _device(k, bw) for k, bw in (("a", 50.0), ("b", 100.0), ("c", 150.0))}
+    rates = {"a": (100, 80), "b": (200, 170), "c": (300, None)}
+    rows = []
+    for key, (base, c_rate) in rates.items():
+        for model, shape, rate in (("A", SHAPE_A, base), ("B", SHAPE_B, base), ("C", SHAPE_C, c_rate)):
+            if rate is not None:
+                decode = 20.0 if (key, model) == ("a", "C") else 10.0
+                rows.append(dataclasses.replace(_row(key, "Q4_0", model, decode, rate / 2, 1e9, 1e9), shape=shape))
+    return rows, devices
+
+
+def test_shape_effect_and_rate_by_hand():
+    rows, devices = _shaped()
+    assert calib.shape_effect(rows, SHAPE_C, "prefill") == pytest.approx((0.8 + 0.85) / 2)
+    # A: a 100 / median(100, 80), b 200 / median(200, 170), c 300 / 300: the median of the three
+    assert calib.shape_effect(rows, SHAPE_A, "prefill") == pytest.approx(200 / 185)
+    assert calib.shape_effect(rows, None, "prefill") == calib.shape_effect(rows, ((9, 9, 9),), "prefill") == 1.0
+    c_rows = [r for r in rows if r.device == "c"]
+    a_rows = [r for r in rows if r.device == "a"]
+    # c never ran C: its other shapes' 300 x the effect; a ran it: its own 80, no effect
+    assert calib.shape_rate(c_rows, "prefill", shape=SHAPE_C, pool=rows) == pytest.approx(300e9 * 0.825)
+    assert calib.shape_rate(a_rows, "prefill", shape=SHAPE_C, pool=rows) == pytest.approx(80e9)
+    assert calib.shape_rate(a_rows, "prefill", shape=SHAPE_C, pool=rows, direct=False) == pytest.approx(100e9 * 0.825)
+    # decode: its own rows of the shape when it has them, else the median of all (no effect)
+    assert calib.shape_rate(a_rows, "decode", shape=SHAPE_C, pool=rows) == pytest.approx(20e9)
+    assert calib.shape_rate(c_rows, "decode", shape=SHAPE_C, pool=rows) == pytest.approx(10e9)
+    assert calib.shape_rate(a_rows, "prefill") == pytest.approx(100e9)   # shape unknown: the median
+    # the bench's estimate for a file of shape C on c, 1e9 weights (2e9 ops per token)
+    bands = {("calibrated", "prefill"): 0.1, ("calibrated", "decode"): 0.1}
+    e = calib.estimate(devices["c"], "llama.cpp", "Q4_0", 1e9, 2e9, rows, devices, None, bands, shape=SHAPE_C)
+    assert e.prefill_tok_s == pytest.approx(300 * 0.825 / 2) and "x 0.82" in e.note
+    e = calib.estimate(devices["a"], "llama.cpp", "Q4_0", 1e9, 2e9, rows, devices, None, bands, shape=SHAPE_C)
+    assert (e.prefill_tok_s, e.decode_tok_s) == (pytest.approx(40.0), pytest.approx(20.0))
+    assert "this model's shape" in e.note
+    e = calib.estimate(devices["a"], "llama.cpp", "Q4_0", 1e9, 2e9, rows, devices, None, bands)
+    assert e.prefill_tok_s == pytest.approx(50.0)   # no shape given: a's median over A, B and C
+
+
+def test_leave_one_out_with_the_shape_effect_by_hand():
+    rows, devices = _shaped()
+    got = {(x.path, x.metric, x.row.device, x.row.model): x.projected for x in calib.leave_one_out(rows, devices)}
+    # calibrated, a's C row: a's A and B (100) x the effect on the rest (b only: 0.85), 2e9 ops per token
+    assert got[("calibrated", "prefill", "a", "C")] == pytest.approx(100 * 0.85 / 2)
+    assert got[("calibrated", "prefill", "b", "C")] == pytest.approx(200 * 0.8 / 2)
+    # a's A row: its twin-less peers B (100) and C (80) are other shapes; the effect of A over b and c
+    # (each cell: A / the median of its other shapes) = median(200 / 185, 300 / 300)
+    assert got[("calibrated", "prefill", "a", "A")] == pytest.approx(90 * (200 / 185 + 1) / 2 / 2)
+    # fallback, b's C row with b left out: a reaches 80 / 50 of its peak with C itself, c reaches
+    # 300 x 0.8 (the effect over a and c: a's cell only) / 150; the median of the two
+    eff = (80 / 50 + 300 * 0.8 / 150) / 2
+    assert got[("fallback", "prefill", "b", "C")] == pytest.approx(eff * 100 / 2)
+    # decode has no effect: b's C row from b's A and B (10), a's C row from a's A and B
+    assert got[("calibrated", "decode", "b", "C")] == pytest.approx(10.0)
+    assert got[("calibrated", "decode", "a", "C")] == pytest.approx(10.0)
+
+
+def _scaled(r: calib.Measurement, k: float) -> calib.Measurement:
+    return dataclasses.replace(r, decode_tok_s=r.decode_tok_s and r.decode_tok_s * k,
+                               prefill_tok_s=r.prefill_tok_s and r.prefill_tok_s * k)
+
+
+@pytest.mark.parametrize("path, left_out", [
+    ("calibrated", lambda r, o: o is r),
+    ("cross-family", lambda r, o: (o.device, o.family) == (r.device, r.family)),
+    ("fallback", lambda r, o: o.device == r.device),
+])
+def test_leave_one_out_does_not_leak_what_it_leaves_out(path, left_out):
+    """Tripling every rate of what a path leaves out (the row; its phone's rows of its family; its
+    whole phone) changes none of that row's projections, shape effect, family ratio and rho included;
+    tripling the same shape's rows on the other phones does change its prefill (the effect is used)."""
+    project = {"calibrated": calib._loo_calibrated, "cross-family": calib._loo_cross_family,
+               "fallback": calib._loo_fallback}[path]
+    rows = calib.load_measurements(use_env=False)
+    moved = 0
+    for r in rows:
+        if r.engine != calib.REFERENCE_ENGINE:
+            continue
+        changed = [_scaled(o, 3.0) if left_out(r, o) else o for o in rows]
+        r2 = changed[rows.index(r)] if path == "calibrated" else r
+        for metric in ("decode", "prefill"):
+            if r.achieved(metric) is None:
+                continue
+            p = project(r, rows, DEVICES, metric, "bandwidth")
+            p2 = project(r2, changed, DEVICES, metric, "bandwidth")
+            assert (p is None and p2 is None) or p2 == pytest.approx(p, rel=1e-12), (path, metric, r)
+        if r.model == "phi-3.5-mini" and r.prefill_tok_s and path != "fallback":
+            elsewhere = [_scaled(o, 3.0) if o.shape == r.shape and o.device != r.device else o for o in rows]
+            p, p2 = (project(r, x, DEVICES, "prefill", "bandwidth") for x in (rows, elsewhere))
+            moved += p is not None and p2 != pytest.approx(p, rel=1e-6)
+    assert path == "fallback" or moved > 0
+
+
+def test_a_phi3_mini_shaped_file_is_projected_from_phi35_mini_rows():
+    """With the file's shape, the Galaxy S23's Q4_0 projection of a file as large as phi-3.5-mini
+    Q4_0 is that row itself (decode 9.94, prefill 43.12 tok/s published); without it, the median over
+    the phone's seven models, which prefill phi-3.5-mini's shape 14 % too fast."""
+    rows = calib.load_measurements(use_env=False)
+    doc = json.loads(calib.DATA_PATH.read_text())
+    shape = calib.shape_key(doc["models"]["phi-3-mini"])
+    s23 = next(r for r in rows if (r.device, r.model, r.quant) == ("galaxy-s23", "phi-3.5-mini", "Q4_0"))
+    assert s23.shape == shape
+    args = (DEVICES["galaxy-s23"], "llama.cpp", "Q4_0", s23.bytes_per_token, s23.ops_per_token, rows, DEVICES, None, {})
+    e = calib.estimate(*args, shape=shape)
+    assert (e.decode_tok_s, e.prefill_tok_s) == (pytest.approx(9.94), pytest.approx(43.12))
+    assert calib.estimate(*args).prefill_tok_s > 1.1 * 43.12
+    # a phone without phi-3.5-mini rows (rk3588 has one phi-3-mini decode row only) gets the shape's
+    # prefill effect, fitted on the three PocketPal phones: 0.79-0.88 of their other models
+    effect = calib.shape_effect(rows, shape, "prefill", calib.fallback_ratios(rows))
+    assert 0.79 <= effect <= 0.88
 
 
 @pytest.mark.parametrize("value, band, threshold, higher, expect", [
@@ -311,15 +451,23 @@ def test_a_phone_run_slots_into_the_data(tmp_path, monkeypatch):
 
 
 def test_the_demo_phone_table_is_for_a_phi3_mini_sized_file():
-    """`pocketlm demo` shows phone figures of a phi-3-mini-sized Q4_0 file, labelled, with the Galaxy
-    S23 decode figure near llama.cpp's published phi-3.5-mini Q4_0 one (9.94 tok/s; ratio assumed 1)."""
+    """`pocketlm demo` shows phone figures of a phi-3-mini-sized Q4_0 file, labelled; its Galaxy S23
+    decode figure is the calibrated one, the phone's Q4_0 rows' median achieved bandwidth / the
+    file's bytes per token (ratio assumed 1). The demo passes no model shape (pocketlm/bench.py), so
+    that median is over the phone's seven models: 8.5 tok/s, 14 % under llama.cpp's published
+    phi-3.5-mini Q4_0 figure (9.94), which the projection given the shape reproduces (above)."""
     from pocketlm.bench import phi3_mini_phone_lines
 
     text = "\n".join(phi3_mini_phone_lines())
     assert "PHI-3-MINI-SIZED" in text and "assumed as fast as llama.cpp" in text
     (s23,) = [line for line in text.splitlines() if "Galaxy S23" in line]
     decode = float(s23.split("pocketlm")[1].split()[0])
-    assert decode == pytest.approx(9.94, rel=0.1)
+    rows = [r for r in calib.load_measurements()
+            if (r.device, r.engine, r.family) == ("galaxy-s23", "llama.cpp", "Q4_0")]
+    achieved = float(np.median([r.decode_tok_s * r.bytes_per_token for r in rows]))
+    kv = 2 * 32 * 32 * 96 * 2 * (128 + 16 + 1)   # f16 K and V of 32 layers at the mean decode position
+    assert decode == pytest.approx(achieved / (2119234752 + kv), abs=0.051)
+    assert decode == pytest.approx(9.94, rel=0.2)
 
 
 def test_bandwidth_probe_samples_again_and_again():
