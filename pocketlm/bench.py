@@ -139,11 +139,20 @@ def model_facts(path: str, ctx: int | None, kv: str) -> dict[str, Any]:
     L, H, KV, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     return {"path": os.path.abspath(path), "name": name, "file_bytes": os.path.getsize(path),
             "n_layers": L, "n_heads": H, "n_kv_heads": KV, "head_dim": hd, "vocab": cfg.vocab_size,
+            "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
             "max_context": cfg.max_position_embeddings, "sliding_window": cfg.sliding_window or 0,
             "weight_bytes_per_token": weight_bytes, "n_weight_params": params,
             "bits_per_weight": 8 * weight_bytes / params, "quant_type": quant_type, "ctx": ctx, "kv": kv,
             "kv_bytes_per_position": kv_bytes_per_position(L, KV, hd, kv),
             "kv_cache_bytes": kv_bytes_per_position(L, KV, hd, kv) * ctx}
+
+
+def model_shape(model: dict) -> calib.Shape | None:
+    """The file's weight shapes as the phone data keys its models (`phone_calibration.shape_key`);
+    None for a result file written before the bench recorded hidden and intermediate sizes."""
+    if not all(k in model for k in ("hidden", "intermediate", "vocab")):
+        return None
+    return calib.shape_key(model)
 
 
 PHI3_MINI_MODELS = ("phi-3-mini", "phi-3.5-mini")   # the published models of phi-3-mini's shape
@@ -516,11 +525,12 @@ def ratio_vs_reference(engine: dict, engines: list[dict]) -> dict | None:
 
 def calibrated_record(dev: Device, engine: str, quant: str, work: Workload, host_eff: Efficiency | None,
                       ratio: dict | None, rows: list, bands: dict, budget: Budget,
-                      memory_bytes: float | None) -> dict:
+                      memory_bytes: float | None, shape: calib.Shape | None = None) -> dict:
     """One device's projection of one engine from the published phone measurements, its error band
-    and verdicts; the host-efficiency roofline kept beside it as `roofline_*`."""
+    and verdicts; the host-efficiency roofline kept beside it as `roofline_*`. shape: the file's
+    `phone_calibration.shape_key` (the phone's rows of that shape, or its prefill effect)."""
     est = calib.estimate(dev, engine, quant, work.bytes_per_token, work.ops_per_token, rows, DEVICES,
-                         ratio, bands)
+                         ratio, bands, shape=shape)
     # the device efficiency that reproduces the calibrated rates, so budgets and advice re-project
     # from them (advice: bytes per token or prompt length that pass at this phone's achieved rate)
     eff = Efficiency(est.decode_tok_s * work.bytes_per_token / (dev.bandwidth_gbs * calib.GB),
@@ -653,7 +663,7 @@ def benchmark(model_path: str | os.PathLike, *, threads: int | None = None, prom
         peer_memory = None if e["name"] == "pocketlm" else work.memory_bytes
         for dev in devices:
             records.append(calibrated_record(dev, e["name"], model["quant_type"], work, effs[e["name"]], ratio,
-                                             rows, bands, budget, peer_memory))
+                                             rows, bands, budget, peer_memory, model_shape(model)))
     if auto and "error" not in ours:
         key = detect_device(hostinfo.read_cpuinfo(), hostinfo.read_getprop(), hostinfo.read_dt_compatible())
         label = hostinfo.read_getprop().get("ro.product.model") or host["cpu"]
@@ -790,7 +800,7 @@ def phi3_mini_phone_lines(budget: Budget | None = None) -> list[str]:
     in place of its 4 M-parameter model's phone figures, which say nothing about a phone."""
     budget = Budget() if budget is None else budget
     shape = {"n_layers": 32, "n_heads": 32, "n_kv_heads": 32, "head_dim": 96, "sliding_window": 0,
-             "n_weight_params": 3722382336}
+             "n_weight_params": 3722382336, "hidden": 3072, "intermediate": 8192, "vocab": 32064}
     kv = kv_bytes_per_position(32, 32, 96, "f16")
     work = Workload(weight_bytes_per_token=2119234752, weight_file_bytes=2176176128,   # our Q4_0 file
                     n_weight_params=shape["n_weight_params"], kv_bytes_per_position=kv,
@@ -801,7 +811,7 @@ def phi3_mini_phone_lines(budget: Budget | None = None) -> list[str]:
     rows = calib.load_measurements()
     bands = calib.bands_from(calib.leave_one_out(rows, DEVICES))
     recs = [calibrated_record(d, "pocketlm", "Q4_0", work, None, None, rows, bands,
-                              budget, None) for d in DEVICES.values()]
+                              budget, None, model_shape(shape)) for d in DEVICES.values()]
     res = {"budget": {"decode_tok_s": budget.decode_tok_s, "first_token_s": budget.first_token_s,
                       "prompt_tokens": budget.prompt_tokens, "memory_gb": budget.memory_gb},
            "devices": recs, "published": []}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pocketlm import phone_calibration as calib
-from pocketlm.bench import kv_bytes_per_position, model_facts
+from pocketlm.bench import kv_bytes_per_position, model_facts, model_shape
 from pocketlm.cli import main
 from pocketlm.devices import (
     DEVICES,
@@ -252,6 +252,13 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
 def test_model_facts_match_the_file(tiny_gguf):
     m = model_facts(str(tiny_gguf), 512, "int8")
     assert (m["n_layers"], m["n_kv_heads"], m["head_dim"], m["ctx"]) == (2, 2, 32, 512)
+    assert (m["hidden"], m["intermediate"], m["n_heads"], m["vocab"]) == (128, 256, 4, 32064)
+    # the phone projections look up the file's shape in the published data's models by these facts
+    models = json.loads(calib.DATA_PATH.read_text())["models"]
+    phi3 = {**m, **{k: models["phi-3-mini"][k] for k in ("n_layers", "hidden", "intermediate", "n_heads",
+                                                         "n_kv_heads", "head_dim", "vocab")}}
+    assert model_shape(phi3) == calib.shape_key(models["phi-3.5-mini"])
+    assert model_shape(m) != model_shape(phi3) and model_shape({"n_layers": 2}) is None
     assert m["kv_bytes_per_position"] == kv_bytes_per_position(2, 2, 32, "int8")
     assert kv_bytes_per_position(2, 2, 32, "int8") == 2 * 2 * 2 * 32 * (1 + 2 / 32)
     from pocketlm.export.gguf_reader import GGUFReader
