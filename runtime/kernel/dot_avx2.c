@@ -106,8 +106,14 @@ INLINE float q8_0(const uint8_t *row, const q8_act *a, int n) {
 
 #define ACTS 4 /* activations per block of the multi-activation kernels (dotacts_fn) */
 
+/* The packed decode matvecs prefetch their row stream this far ahead, into L2 (the L1 miss buffers
+ * are few). 1 KB ahead is ~40 ns of one core's stream, short of DRAM's latency: one thread of the
+ * phi-3-mini decode step, alternated builds on Zen 4 (benchmarks/bench_kernel.py and whole decode
+ * steps), Q4_0 21-22 -> 25-28 GB/s and Q8_0 18-19 -> 21-25 GB/s at 16 KB; 4 KB was slower than 1 KB,
+ * 16-64 KB alike; two threads unchanged at ~35 GB/s of bandwidth, a little faster at ~60. */
+#define GROUP_PREFETCH_BYTES 16384
 INLINE void prefetch_group(const uint8_t *grp, int bytes) {
-    for (int line = 0; line < bytes; line += 64) __builtin_prefetch(grp + PREFETCH_BYTES + line, 0, 2); /* into L2 (the L1 miss buffers are few) */
+    for (int line = 0; line < bytes; line += 64) __builtin_prefetch(grp + GROUP_PREFETCH_BYTES + line, 0, 2);
 }
 
 INLINE float hsum_halves(const __m256 acc[2]) { return hsum8(_mm256_add_ps(acc[0], acc[1])); }
