@@ -147,14 +147,6 @@ def model_facts(path: str, ctx: int | None, kv: str) -> dict[str, Any]:
             "kv_cache_bytes": kv_bytes_per_position(L, KV, hd, kv) * ctx}
 
 
-def model_shape(model: dict) -> calib.Shape | None:
-    """The file's weight shapes as the phone data keys its models (`phone_calibration.shape_key`);
-    None for a result file written before the bench recorded hidden and intermediate sizes."""
-    if not all(k in model for k in ("hidden", "intermediate", "vocab")):
-        return None
-    return calib.shape_key(model)
-
-
 PHI3_MINI_MODELS = ("phi-3-mini", "phi-3.5-mini")   # the published models of phi-3-mini's shape
 
 
@@ -663,7 +655,7 @@ def benchmark(model_path: str | os.PathLike, *, threads: int | None = None, prom
         peer_memory = None if e["name"] == "pocketlm" else work.memory_bytes
         for dev in devices:
             records.append(calibrated_record(dev, e["name"], model["quant_type"], work, effs[e["name"]], ratio,
-                                             rows, bands, budget, peer_memory, model_shape(model)))
+                                             rows, bands, budget, peer_memory, calib.shape_key(model)))
     if auto and "error" not in ours:
         key = detect_device(hostinfo.read_cpuinfo(), hostinfo.read_getprop(), hostinfo.read_dt_compatible())
         label = hostinfo.read_getprop().get("ro.product.model") or host["cpu"]
@@ -811,7 +803,7 @@ def phi3_mini_phone_lines(budget: Budget | None = None) -> list[str]:
     rows = calib.load_measurements()
     bands = calib.bands_from(calib.leave_one_out(rows, DEVICES))
     recs = [calibrated_record(d, "pocketlm", "Q4_0", work, None, None, rows, bands,
-                              budget, None, model_shape(shape)) for d in DEVICES.values()]
+                              budget, None, calib.shape_key(shape)) for d in DEVICES.values()]
     res = {"budget": {"decode_tok_s": budget.decode_tok_s, "first_token_s": budget.first_token_s,
                       "prompt_tokens": budget.prompt_tokens, "memory_gb": budget.memory_gb},
            "devices": recs, "published": []}
