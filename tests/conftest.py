@@ -15,10 +15,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers: quant_helpers, gguf_files
 
 REPO = Path(__file__).resolve().parents[1]
-# Laid out like `../shared` (data/phi3/, data/shakespeare/) so `pocketlm.corpus` reads it unchanged.
+# Laid out like the maintainers' shared data folder (data/phi3/, data/shakespeare/), so
+# `pocketlm.corpus` reads it unchanged.
 DATA_ROOT = REPO / "tests"
 # The corpus splits the code under test defaults to (quantize's calibration text, eval's held-out
-# text) resolve here too: the tests never depend on `../shared`, present or not.
+# text) resolve here too: the tests read nothing outside the clone.
 os.environ["POCKETLM_SHARED_DIR"] = str(DATA_ROOT)
 
 

@@ -1,5 +1,5 @@
 """Tiny random Phi-3-small (`Phi3SmallForCausalLM`) checkpoints laid out exactly as Microsoft ships
-them on Hugging Face (../shared/PHI3_SMALL.md sections 1, 2 and 5):
+them on Hugging Face (the project's Phi-3-small notes, PHI3_SMALL.md sections 1, 2 and 5):
 
 - config.json with Microsoft's field names (`ff_intermediate_size`, `gegelu_limit`, `blocksparse_*`,
   `dense_attention_every_n_layers`, `mup_*`, `rope_embedding_base`, `layer_norm_epsilon`), the

@@ -1,5 +1,5 @@
 """Self-checks of the Phi-3-small torch oracle (tests/torch_phi3small.py) and its fixtures, with no
-pocketlm code involved. Oracles used here: the worked examples of ../shared/PHI3_SMALL.md 4.1 for the
+pocketlm code involved. Oracles used here: the worked examples of the Phi-3-small notes (PHI3_SMALL.md) 4.1 for the
 block rule, torch's own layer_norm and scaled_dot_product_attention, the cache-free whole-sequence run,
 the dense causal model inside the local window, and onnxruntime's com.microsoft.SparseAttention CPU
 kernel fed CSR layouts built from the oracle's block mask."""

@@ -1,11 +1,11 @@
 """An independent CPU oracle of Phi-3-small's forward pass (`Phi3SmallForCausalLM`), in torch.
 
-Written from ../shared/PHI3_SMALL.md sections 2-4 alone (Microsoft's own code runs only on CUDA), and
-deliberately simple: one dense (H, T, S) masked softmax per layer, the block-sparse pattern applied as
-a boolean mask (block mask expanded to tokens AND causal). It reads the HF folder straight from its
-safetensors files under HF names, computes in float64 by default, and runs either a whole sequence
-or incrementally through a KV cache (keys are cached after RoPE, so a cached key keeps the rotation
-it was given when it was computed, as in HF's LongRoPE).
+Written from the project's Phi-3-small notes (PHI3_SMALL.md) sections 2-4 alone (Microsoft's own
+code runs only on CUDA), and deliberately simple: one dense (H, T, S) masked softmax per layer, the
+block-sparse pattern applied as a boolean mask (block mask expanded to tokens AND causal). It reads
+the HF folder straight from its safetensors files under HF names, computes in float64 by default,
+and runs either a whole sequence or incrementally through a KV cache (keys are cached after RoPE, so
+a cached key keeps the rotation it was given when it was computed, as in HF's LongRoPE).
 
 Dummy ids are set to float32 min (-3.4028235e38), as HF's `masked_fill(min_value_of_dtype)` on its
 float32 logits does (vLLM and mlx use -inf instead).
