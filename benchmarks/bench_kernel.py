@@ -64,6 +64,9 @@ def fill_blocks(buf: np.ndarray, gtype: int) -> None:
 
 def matrices(buf: np.ndarray, gtype: int, rows: int, K: int) -> list[np.ndarray]:
     size = rows * kernel.row_bytes(gtype, K)
+    if buf.size < size:
+        raise SystemExit(f"bench_kernel: --buffer-mb {buf.size >> 20} holds no {rows} x {K} matrix "
+                         f"({size / 2**20:.0f} MB); give at least {-(-size >> 20)}")
     return [buf[i * size : (i + 1) * size] for i in range(buf.size // size)]
 
 

@@ -24,8 +24,10 @@
  * simd = 0 runs the portable C (the reference); otherwise AVX2+FMA+F16C on x86 or NEON on ARM64
  * (same loop structure, vector inner products, vector exp; pair kernels run two (row, head)
  * entries with the same keys at once, each key row loaded once for both, with the bits of the
- * single-entry kernels). No software prefetch: the rows are sequential per head, which the
- * hardware prefetchers follow; prefetching a whole next chunk at once slowed decode by 1.6x.
+ * single-entry kernels). The SIMD kernels reading the cache in place prefetch each key's row
+ * ATTN_PREFETCH_BYTES ahead along its head's stream, one pass's rows at a time (a head's rows are
+ * a few short runs of 4 KB pages, where the hardware prefetchers, which stop at page boundaries,
+ * left decode latency-bound at 9 GB/s; prefetching a whole next chunk at once slowed it by 1.6x).
  * Work items (query-row tile x kv head x head
  * subgroup) run on the thread pool, the heaviest (last) tiles first. */
 #include <math.h>
@@ -55,11 +57,25 @@ typedef struct {
     const void *base;
     const uint16_t *rs;  /* KV_I8: the rows' fp16 scales; else NULL */
     size_t row_bytes;    /* hd * bytes per value */
+    int ahead;           /* rows from base on that the work item will read (prefetch stops there); 0: none */
 } rows_t;
 
 static inline rows_t rows_at(rows_t R, int r) {
-    const rows_t o = {(const uint8_t *)R.base + (size_t)r * R.row_bytes, R.rs ? R.rs + r : NULL, R.row_bytes};
+    const rows_t o = {(const uint8_t *)R.base + (size_t)r * R.row_bytes, R.rs ? R.rs + r : NULL, R.row_bytes,
+                      R.ahead > r ? R.ahead - r : 0};
     return o;
+}
+
+#ifndef ATTN_PREFETCH_BYTES
+#define ATTN_PREFETCH_BYTES 8192 /* into L2, this far ahead (4-16 KB measured: 8 KB best at long contexts) */
+#endif
+
+/* The cache lines ATTN_PREFETCH_BYTES past rows [r, r + n) of R, up to its last row to be read. */
+static inline __attribute__((always_inline)) void prefetch_rows(rows_t R, int r, int n) {
+    const size_t end = (size_t)R.ahead * R.row_bytes, hi0 = (size_t)(r + n) * R.row_bytes + ATTN_PREFETCH_BYTES;
+    const size_t hi = hi0 < end ? hi0 : end;
+    for (size_t b = ((size_t)r * R.row_bytes + ATTN_PREFETCH_BYTES) & ~(size_t)63; b < hi; b += 64)
+        __builtin_prefetch((const uint8_t *)R.base + b, 0, 2);
 }
 
 /* A row's vectors in near-equal blocks of at most `most` vectors; returns the next block's size. */
@@ -202,6 +218,7 @@ X86_INLINE void scores_x86(const float *q, rows_t K, int kind, int n, int hd, fl
     for (; r + 8 <= n; r += 8) {
         float c[8];
         __m256 a[8];
+        prefetch_rows(K, r, 8);
         for (int j = 0; j < 8; j++) c[j] = row_scale(K, kind, r + j), a[j] = _mm256_setzero_ps();
         int i = 0;
         for (; i + 8 <= hd; i += 8) {
@@ -213,6 +230,7 @@ X86_INLINE void scores_x86(const float *q, rows_t K, int kind, int n, int hd, fl
     for (; r < n; r++) {
         const float c0 = row_scale(K, kind, r);
         __m256 a0 = _mm256_setzero_ps();
+        prefetch_rows(K, r, 1);
         int i = 0;
         for (; i + 8 <= hd; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), row8(K, kind, hd, r, i, c0), a0);
         s[r] = score_finish(a0, q, K, kind, hd, r, i, c0, scale);
@@ -228,6 +246,7 @@ X86_INLINE void accum_block_x86(float *acc, const float *p, rows_t V, int kind, 
     for (int r = 0; r < n; r++) {
         const __m256 pv = _mm256_set1_ps(p[r]);
         const float c = row_scale(V, kind, r);
+        if (i0 == 0) prefetch_rows(V, r, 1);
         for (int v = 0; v < NV; v++) a[v] = _mm256_fmadd_ps(pv, row8(V, kind, hd, r, i0 + 8 * v, c), a[v]);
     }
     for (int v = 0; v < NV; v++) _mm256_storeu_ps(acc + i0 + 8 * v, a[v]);
@@ -241,6 +260,7 @@ X86_INLINE void accum2_block_x86(float *acc0, float *acc1, const float *p0, cons
     for (int r = 0; r < n; r++) {
         const __m256 x = _mm256_set1_ps(p0[r]), y = _mm256_set1_ps(p1[r]);
         const float c = row_scale(V, kind, r);
+        if (i0 == 0) prefetch_rows(V, r, 1);
         for (int v = 0; v < NV; v++) {
             const __m256 vv = row8(V, kind, hd, r, i0 + 8 * v, c);
             a[v] = _mm256_fmadd_ps(x, vv, a[v]), b[v] = _mm256_fmadd_ps(y, vv, b[v]);
@@ -294,6 +314,7 @@ X86_INLINE void scores2_x86(const float *q0, const float *q1, rows_t K, int kind
         const float c0 = row_scale(K, kind, r), c1 = row_scale(K, kind, r + 1);
         const float c2 = row_scale(K, kind, r + 2), c3 = row_scale(K, kind, r + 3);
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        prefetch_rows(K, r, 4);
         int i = 0;
         for (; i + 8 <= hd; i += 8) {
             const __m256 x = _mm256_loadu_ps(q0 + i), y = _mm256_loadu_ps(q1 + i);
@@ -452,6 +473,7 @@ NEON_INLINE void scores_arm(const float *q, rows_t K, int kind, int n, int hd, f
     for (; r + 8 <= n; r += 8) {
         float c[8];
         float32x4_t a[8];
+        prefetch_rows(K, r, 8);
         for (int j = 0; j < 8; j++) c[j] = row_scale(K, kind, r + j), a[j] = vdupq_n_f32(0.0f);
         int i = 0;
         for (; i + 4 <= hd; i += 4) {
@@ -463,6 +485,7 @@ NEON_INLINE void scores_arm(const float *q, rows_t K, int kind, int n, int hd, f
     for (; r < n; r++) {
         const float c0 = row_scale(K, kind, r);
         float32x4_t a0 = vdupq_n_f32(0.0f);
+        prefetch_rows(K, r, 1);
         int i = 0;
         for (; i + 4 <= hd; i += 4) a0 = vfmaq_f32(a0, vld1q_f32(q + i), row4(K, kind, hd, r, i, c0));
         s[r] = score_finish_arm(a0, q, K, kind, hd, r, i, c0, scale);
@@ -476,6 +499,7 @@ NEON_INLINE void accum_block_arm(float *acc, const float *p, rows_t V, int kind,
     for (int v = 0; v < NV; v++) a[v] = vld1q_f32(acc + i0 + 4 * v);
     for (int r = 0; r < n; r++) {
         const float c = row_scale(V, kind, r);
+        if (i0 == 0) prefetch_rows(V, r, 1);
         for (int v = 0; v < NV; v++) a[v] = vfmaq_n_f32(a[v], row4(V, kind, hd, r, i0 + 4 * v, c), p[r]);
     }
     for (int v = 0; v < NV; v++) vst1q_f32(acc + i0 + 4 * v, a[v]);
@@ -488,6 +512,7 @@ NEON_INLINE void accum2_block_arm(float *acc0, float *acc1, const float *p0, con
     for (int v = 0; v < NV; v++) a[v] = vld1q_f32(acc0 + i0 + 4 * v), b[v] = vld1q_f32(acc1 + i0 + 4 * v);
     for (int r = 0; r < n; r++) {
         const float c = row_scale(V, kind, r);
+        if (i0 == 0) prefetch_rows(V, r, 1);
         for (int v = 0; v < NV; v++) {
             const float32x4_t vv = row4(V, kind, hd, r, i0 + 4 * v, c);
             a[v] = vfmaq_n_f32(a[v], vv, p0[r]), b[v] = vfmaq_n_f32(b[v], vv, p1[r]);
@@ -541,6 +566,7 @@ NEON_INLINE void scores2_arm(const float *q0, const float *q1, rows_t K, int kin
         const float c0 = row_scale(K, kind, r), c1 = row_scale(K, kind, r + 1);
         const float c2 = row_scale(K, kind, r + 2), c3 = row_scale(K, kind, r + 3);
         float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        prefetch_rows(K, r, 4);
         int i = 0;
         for (; i + 4 <= hd; i += 4) {
             const float32x4_t x = vld1q_f32(q0 + i), y = vld1q_f32(q1 + i);
@@ -763,13 +789,16 @@ static void attend_item(void *ctx, int chunk, int n_chunks) {
             const int lo = c0 > klo ? c0 : klo; /* rows [lo, c1) of the chunk are read */
             const size_t first = head_row0 + (size_t)lo;
             const int i8 = a->kind == KV_I8;
-            rows_t Kc = {kc + first * row_bytes, i8 ? a->k_scale + first : NULL, row_bytes};
-            rows_t Vc = {vc + first * row_bytes, i8 ? a->v_scale + first : NULL, row_bytes}; /* positions lo.. */
+            /* positions lo..; read in place, the rows up to the item's last key are prefetched (to
+             * the block's end when block-sparse: the next block read may be far) */
+            const int ahead = (a->sparse ? b1 : khi) - lo;
+            rows_t Kc = {kc + first * row_bytes, i8 ? a->k_scale + first : NULL, row_bytes, ahead};
+            rows_t Vc = {vc + first * row_bytes, i8 ? a->v_scale + first : NULL, row_bytes, ahead};
             if (J->cvt) { /* converted once for every (row, head) of the item */
                 J->cvt(Kf, Kc.base, Kc.rs, c1 - lo, hd);
                 J->cvt(Vf, Vc.base, Vc.rs, c1 - lo, hd);
-                Kc = (rows_t){Kf, NULL, (size_t)hd * sizeof(float)};
-                Vc = (rows_t){Vf, NULL, (size_t)hd * sizeof(float)};
+                Kc = (rows_t){Kf, NULL, (size_t)hd * sizeof(float), 0};
+                Vc = (rows_t){Vf, NULL, (size_t)hd * sizeof(float), 0};
             }
             /* each (row, head) that sees keys of this chunk: scores, online-softmax step, p.V.
              * Entries e = (head, row) in head-major order; two consecutive ones with the same
