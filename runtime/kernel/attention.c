@@ -747,6 +747,28 @@ static inline void softmax_step(const attn_job *J, float *s, int n, float *m, fl
     *l += sum;
 }
 
+#ifndef ATTN_NEXT_ITEM_BYTES
+#define ATTN_NEXT_ITEM_BYTES 4096
+#endif
+
+/* Decode (one query row, dense, the cache read in place): the first ATTN_NEXT_ITEM_BYTES of the keys
+ * and values of the work item this thread most likely takes next (items come from a shared counter,
+ * so about every pool_threads()-th), so that head's run does not start with demand misses (the
+ * in-kernel prefetch only runs ahead within a run). */
+static void prefetch_next_item(const attn_job *J, int next, int n_chunks, int g_now) {
+    const attention_args *a = J->a;
+    if (next >= n_chunks) return;
+    const int g = next % (a->KV * J->subs_per_group) / J->subs_per_group;
+    if (g == g_now) return; /* the same kv head: its rows are being read now */
+    const size_t rb = (size_t)a->hd * J->elem, lo = (size_t)first_key(a, a->pos) * rb;
+    const size_t end = (size_t)(a->pos + 1) * rb, hi = lo + ATTN_NEXT_ITEM_BYTES < end ? lo + ATTN_NEXT_ITEM_BYTES : end;
+    const size_t head = (size_t)g * a->n_ctx * rb;
+    for (size_t b = lo; b < hi; b += 64) {
+        __builtin_prefetch((const uint8_t *)a->k + head + b, 0, 2);
+        __builtin_prefetch((const uint8_t *)a->v + head + b, 0, 2);
+    }
+}
+
 static void attend_item(void *ctx, int chunk, int n_chunks) {
     attn_job *J = ctx;
     const attention_args *a = J->a;
@@ -758,8 +780,9 @@ static void attend_item(void *ctx, int chunk, int n_chunks) {
     const int h0 = g * G + sub * J->heads_per_item;
     const int h1 = h0 + J->heads_per_item < (g + 1) * G ? h0 + J->heads_per_item : (g + 1) * G;
     const int nr = t1 - t0, nh = h1 - h0, R = nr * nh; /* (row, head) pairs of this item */
-    (void)n_chunks;
     if (nh <= 0) return;
+    if (a->T == 1 && !J->cvt && !a->sparse && ATTN_NEXT_ITEM_BYTES > 0)
+        prefetch_next_item(J, chunk + pool_threads(), n_chunks, g);
 
     /* scratch: Kf, Vf [KCHUNK, hd] (fp16/int8 only), s [2, KCHUNK], m [R], l [R], acc [R, hd] */
     const size_t conv = J->cvt ? 2 * (size_t)KCHUNK * hd : 0;
