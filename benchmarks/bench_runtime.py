@@ -235,11 +235,19 @@ def vocab_size(path: Path) -> int:
 
 # ---------------------------------------------------------------------------- report
 
-def best_of(repeat: int, *child_args: str) -> dict:
-    """The run with the best decode speed out of `repeat` (the machine may be shared)."""
-    runs = [run_child(*child_args) for _ in range(repeat)]
-    ok = [r for r in runs if "error" not in r]
-    return max(ok, key=lambda r: r["decode_tps"]) if ok else runs[0]
+def best_interleaved(repeat: int, jobs: list[tuple[str, ...]]) -> list[dict]:
+    """Per job (a child's arguments), its run with the best decode speed out of `repeat`, the jobs
+    taking turns (1, 2, .., 1, 2, ..): every engine's best comes from the same stretch of the shared
+    machine's time, not from minutes apart (this VM's bandwidth moves between about 30 and 60 GB/s)."""
+    runs: list[list[dict]] = [[] for _ in jobs]
+    for _ in range(repeat):
+        for job, done in zip(jobs, runs, strict=True):
+            done.append(run_child(*job))
+    best = []
+    for done in runs:
+        ok = [r for r in done if "error" not in r]
+        best.append(max(ok, key=lambda r: r["decode_tps"]) if ok else done[0])
+    return best
 
 
 def print_row(t: int, name: str, r: dict, roof: float) -> None:
@@ -274,13 +282,16 @@ def report_file(recipe: str, args: argparse.Namespace, bw: dict[int, float]) -> 
     common = ("--prompt", str(args.prompt), "--decode", str(args.decode), "--ctx", str(args.ctx))
     for t in args.threads:
         roof = bw[t] * 1e9 / per_tok
-        theirs = best_of(args.repeat, "llama", str(path), str(t), *common)
+        jobs = [("llama", str(path), str(t), *common)]
+        if args.onnx:
+            jobs.append(("onnxruntime", str(path), str(t), *common))
+        jobs += [("pocketlm", str(path), str(t), *common, "--kv", kv) for kv in args.kv]
+        theirs, *rest = best_interleaved(args.repeat, jobs)
+        genai = rest.pop(0) if args.onnx else None
         print_row(t, "llama.cpp" + (" repack" if theirs.get("repack") else ""), theirs, roof)
-        genai = best_of(args.repeat, "onnxruntime", str(path), str(t), *common) if args.onnx else None
         if genai is not None:
             print_row(t, "onnxruntime-genai", genai, roof)
-        for kv in args.kv:
-            ours = best_of(args.repeat, "pocketlm", str(path), str(t), *common, "--kv", kv)
+        for kv, ours in zip(args.kv, rest, strict=True):
             print_row(t, f"pocketlm kv={kv}", ours, roof)
             if "error" in ours or "error" in theirs:
                 continue
@@ -325,7 +336,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--kv", nargs="+", default=["f16"], choices=("f16", "int8", "f32"),
                     help="pocketlm KV cache type(s) to measure")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement, best kept")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per measurement, the engines taking turns; the best decode kept per engine")
     ap.add_argument("--no-onnx", dest="onnx", action="store_false",
                     help="skip onnxruntime-genai (it runs pocketlm's ONNX export of the file, made once and cached)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
