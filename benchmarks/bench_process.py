@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-CACHE = Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm"))
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
 
@@ -86,6 +85,7 @@ def main() -> None:
     if not 0 < args.short < args.long or args.long + 16 > args.ctx:
         sys.exit("error: need 0 < --short < --long and --long + the prompt within --ctx")
     import llama_cpp
+    from make_phi3_mini_gguf import cached_path  # a sibling script (its file names and cache folder)
 
     from pocketlm.hostinfo import host_cpu
 
@@ -93,7 +93,7 @@ def main() -> None:
     print(f"slope of wall time from {args.short} to {args.long} generated tokens, best of {args.repeat}, "
           "engines interleaved")
     for recipe in args.recipes:
-        path = CACHE / f"phi3-mini-random-{recipe}.gguf"
+        path = cached_path(recipe)
         if not path.exists():
             sys.exit(f"error: {path} not found: run python benchmarks/make_phi3_mini_gguf.py --recipe {recipe}")
         for t in args.threads:
