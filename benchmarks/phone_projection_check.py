@@ -96,23 +96,13 @@ def fallback_by_memory_type(rows: list) -> list:
     return out
 
 
-def with_decode_shape_effect(rows: list) -> list:
-    """The leave-one-out with the shape effect applied to decode as well as prefill."""
-    kept = calib.SHAPE_METRICS
-    calib.SHAPE_METRICS = ("decode", "prefill")   # read at call time by shape_rate
-    try:
-        return calib.leave_one_out(rows, DEVICES)
-    finally:
-        calib.SHAPE_METRICS = kept
-
-
 def alternatives(rows: list) -> list[str]:
     """The models not taken, each checked leave-one-out like the one taken."""
     by_bytes = [dataclasses.replace(r, n_weight_params=r.bytes_per_token / 2) if r.bytes_per_token else r
                 for r in rows]
     no_share = [dataclasses.replace(r, k_fallback_share=0.0) for r in rows]
     no_shape = calib.leave_one_out([dataclasses.replace(r, shape=None) for r in rows], DEVICES)
-    shape_decode = with_decode_shape_effect(rows)
+    shape_decode = calib.leave_one_out(rows, DEVICES, shape_metrics=("decode", "prefill"))
     checks = (
         *((f"{p} prefill, every model of a phone alike (no model shape)", no_shape, (p, "prefill"))
           for p in calib.LOO_PATHS),

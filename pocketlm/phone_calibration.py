@@ -312,11 +312,12 @@ def shape_effect(rows: Sequence[Measurement], shape: Shape | None, metric: str, 
 
 
 def shape_rate(here: Sequence[Measurement], metric: str, rho: Rho | None = None, shape: Shape | None = None,
-               pool: Sequence[Measurement] = (), direct: bool = True) -> float | None:
+               pool: Sequence[Measurement] = (), direct: bool = True,
+               shape_metrics: Sequence[str] = SHAPE_METRICS) -> float | None:
     """A device's achieved rate for a file of `shape`, from `here` (its rows of one engine and family):
     its rows of that very shape when it has them (the most direct measurement; not with
     `direct=False`, for rows of another family than the file's: a shape's prefill rate in one family
-    predicted its rate in another worse than the shape effect did); else, for SHAPE_METRICS, its
+    predicted its rate in another worse than the shape effect did); else, for `shape_metrics`, its
     rows of other shapes x `shape_effect` fitted on `pool`; else (and with the shape unknown) the
     median over all of `here` (`achieved_rate`)."""
     if shape is None:
@@ -324,7 +325,7 @@ def shape_rate(here: Sequence[Measurement], metric: str, rho: Rho | None = None,
     same = achieved_rate([r for r in here if r.shape == shape], metric, rho) if direct else None
     if same is not None:
         return same
-    if metric not in SHAPE_METRICS:
+    if metric not in shape_metrics:
         return achieved_rate(here, metric, rho)
     others = achieved_rate([r for r in here if r.shape != shape], metric, rho)
     engine = here[0].engine if here else REFERENCE_ENGINE
@@ -370,7 +371,8 @@ def _reference(rows: Sequence[Measurement], device: str, family: str | None = No
 
 def phone_efficiency(rows: Sequence[Measurement], devices: dict, family: str, metric: str,
                      exclude_device: str | None = None, prefill_peak: str = "bandwidth",
-                     rho: Rho | None = None, shape: Shape | None = None) -> float | None:
+                     rho: Rho | None = None, shape: Shape | None = None,
+                     shape_metrics: Sequence[str] = SHAPE_METRICS) -> float | None:
     """Share of its peak that a phone reaches with the reference engine on a quantization family
     (for a file of `shape`, see `shape_rate`): per device its rate / its peak, then the median over
     devices."""
@@ -378,7 +380,7 @@ def phone_efficiency(rows: Sequence[Measurement], devices: dict, family: str, me
     for key in sorted({r.device for r in rows}):
         if key == exclude_device or key not in devices:
             continue
-        rate = shape_rate(_reference(rows, key, family), metric, rho, shape, rows)
+        rate = shape_rate(_reference(rows, key, family), metric, rho, shape, rows, shape_metrics=shape_metrics)
         if rate is not None:
             per_device.append(rate / _peak(devices[key], metric, prefill_peak))
     return statistics.median(per_device) if per_device else None
@@ -559,14 +561,15 @@ class LooResult:
     error: float     # projected / published - 1
 
 
-def leave_one_out(rows: Sequence[Measurement], devices: dict, prefill_peak: str = "bandwidth") -> list[LooResult]:
+def leave_one_out(rows: Sequence[Measurement], devices: dict, prefill_peak: str = "bandwidth",
+                  shape_metrics: Sequence[str] = SHAPE_METRICS) -> list[LooResult]:
     """Project every row from the others, each way the bench can:
       'calibrated': from the other rows of its device, engine and quantization family;
       'cross-family' (reference-engine rows): with all its device's rows of its family left out,
         from the device's rows of the nearest other family x the family ratio of the other devices;
       'fallback' (reference-engine rows): with its whole device left out, from the peak efficiency
         the other devices' reference-engine rows of its family reach.
-    rho (K-quant fallback matrices) and the shape effect (prefill, see `shape_rate`) are refitted
+    rho (K-quant fallback matrices) and the shape effect (`shape_metrics`, see `shape_rate`) are refitted
     each time without the rows left out: a row's own phone's rows of its shape in other families
     count for the first two paths, never for the fallback. Lower bounds and rows without bytes or
     weights are not projected."""
@@ -577,23 +580,23 @@ def leave_one_out(rows: Sequence[Measurement], devices: dict, prefill_peak: str 
                 continue
             for path, project in (("calibrated", _loo_calibrated), ("cross-family", _loo_cross_family),
                                   ("fallback", _loo_fallback)):
-                p = project(r, rows, devices, metric, prefill_peak)
+                p = project(r, rows, devices, metric, prefill_peak, shape_metrics)
                 if p is not None:
                     out.append(LooResult(r, path, metric, p, p / r.rate(metric) - 1))
     return out
 
 
 def _loo_calibrated(r: Measurement, rows: Sequence[Measurement], devices: dict, metric: str,
-                    prefill_peak: str) -> float | None:
+                    prefill_peak: str, shape_metrics: Sequence[str] = SHAPE_METRICS) -> float | None:
     rest = [o for o in rows if o is not r]
     rho = fallback_ratios(rest)
     peers = [o for o in rest if (o.device, o.engine, o.family) == (r.device, r.engine, r.family)]
-    rate = shape_rate(peers, metric, rho, r.shape, rest)
+    rate = shape_rate(peers, metric, rho, r.shape, rest, shape_metrics=shape_metrics)
     return None if rate is None else rate / r.scale(metric, rho.get(r.family))
 
 
 def _loo_cross_family(r: Measurement, rows: Sequence[Measurement], devices: dict, metric: str,
-                      prefill_peak: str) -> float | None:
+                      prefill_peak: str, shape_metrics: Sequence[str] = SHAPE_METRICS) -> float | None:
     if r.engine != REFERENCE_ENGINE:
         return None
     rest = [o for o in rows if not (o.device == r.device and o.family == r.family)]
@@ -602,17 +605,19 @@ def _loo_cross_family(r: Measurement, rows: Sequence[Measurement], devices: dict
         return None
     rho = fallback_ratios(rest)
     ratio, _ = family_ratio(rest, r.family, other, metric, rho, r.device)
-    base = shape_rate(_reference(rest, r.device, other), metric, rho, r.shape, rest, direct=False)
+    base = shape_rate(_reference(rest, r.device, other), metric, rho, r.shape, rest, direct=False,
+                      shape_metrics=shape_metrics)
     return None if ratio is None or base is None else base * ratio / r.scale(metric, rho.get(r.family))
 
 
 def _loo_fallback(r: Measurement, rows: Sequence[Measurement], devices: dict, metric: str,
-                  prefill_peak: str) -> float | None:
+                  prefill_peak: str, shape_metrics: Sequence[str] = SHAPE_METRICS) -> float | None:
     if r.engine != REFERENCE_ENGINE or r.device not in devices:
         return None
     rest = [o for o in rows if o.device != r.device]
     rho = fallback_ratios(rest)
-    eff = phone_efficiency(rest, devices, r.family, metric, prefill_peak=prefill_peak, rho=rho, shape=r.shape)
+    eff = phone_efficiency(rest, devices, r.family, metric, prefill_peak=prefill_peak, rho=rho, shape=r.shape,
+                           shape_metrics=shape_metrics)
     if eff is None:
         return None
     return eff * _peak(devices[r.device], metric, prefill_peak) / r.scale(metric, rho.get(r.family))
