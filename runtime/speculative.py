@@ -5,9 +5,12 @@ next tokens are already in the context (a pasted passage quoted, a list repeated
 can be guessed for free and checked together:
 
   * draft: the last n tokens (n from `NGRAM_MAX` down to `NGRAM_MIN`) are looked up among the
-    earlier tokens of the prompt and the text generated so far; the most recent earlier occurrence
-    of the longest matching n-gram gives the draft, the up to K tokens that followed it
-    (prompt-lookup decoding; llama.cpp's `llama-lookup`);
+    earlier tokens of the prompt and the text generated so far; the longest n-gram that occurred
+    before gives the next draft token: the token that followed it most often, or, without one
+    clear winner or when that token also followed its most recent occurrence, the run of tokens
+    that followed that occurrence (prompt-lookup decoding, llama.cpp's `llama-lookup`). The lookup
+    is repeated on the text plus the draft so far until K tokens are drafted, so a draft goes on
+    past the end of the text it copies (a repeated line drafts its next repetition in full);
   * verify: `model.forward([last, d1 .. dk], all_logits=True)` is one batched forward through the
     KV cache; row i holds the logits after `last, d1 .. di`;
   * accept: greedy keeps d(i+1) when it is the argmax of row i (the token plain greedy would pick
@@ -64,37 +67,80 @@ EXPLORE = 256          # one-token forwards after which a likely draft is verifi
 
 # ---------------------------------------------------------------------------- drafting
 
+class Followers:
+    """What followed one n-gram: the position of the token after its most recent occurrence, and
+    the token that followed it most often (`unique`: no other token as often)."""
+
+    __slots__ = ("counts", "lead_count", "leader", "pos", "unique")
+
+    def __init__(self, pos: int, token: int):
+        self.pos, self.leader, self.lead_count, self.unique = pos, token, 1, True
+        self.counts = {token: 1}
+
+    def add(self, pos: int, token: int) -> None:
+        self.pos = pos
+        c = self.counts[token] = self.counts.get(token, 0) + 1
+        if c > self.lead_count:
+            self.leader, self.lead_count, self.unique = token, c, True
+        elif c == self.lead_count and token != self.leader:
+            self.unique = False
+
+
 class NGramIndex:
-    """The tokens so far and, per n-gram length, where the most recent occurrence of each n-gram was
-    followed (the position of its next token): lookups are O(n) per step, not a scan."""
+    """The tokens so far and, per n-gram length, what followed each n-gram (`Followers`). Updates
+    and lookups are O(n) dictionary operations, never a scan."""
 
     def __init__(self, n_min: int = NGRAM_MIN, n_max: int = NGRAM_MAX):
         if not 1 <= n_min <= n_max:
             raise PocketLMError(f"n-gram lengths must satisfy 1 <= n_min <= n_max, got {n_min}, {n_max}")
         self.n_min, self.n_max = n_min, n_max
         self.seq: list[int] = []
-        self._follow: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(n_min, n_max + 1)}
+        self._grams: dict[int, dict[tuple[int, ...], Followers]] = {n: {} for n in range(n_min, n_max + 1)}
 
     def append(self, token: int) -> None:
-        seq, end = self.seq, len(self.seq)
-        for n, table in self._follow.items():
-            if end >= n:
-                table[tuple(seq[end - n:end])] = end  # that n-gram is now followed by `token`
-        seq.append(int(token))
+        seq, end, token = self.seq, len(self.seq), int(token)
+        for n, table in self._grams.items():
+            if end < n:
+                continue
+            gram = tuple(seq[end - n:end])      # now followed by `token` at position `end`
+            f = table.get(gram)
+            if f is None:
+                table[gram] = Followers(end, token)
+            else:
+                f.add(end, token)
+        seq.append(token)
 
     def extend(self, tokens: list[int]) -> None:
         for t in tokens:
             self.append(t)
 
+    def _longest_match(self, tail: list[int]) -> tuple[Followers, int] | None:
+        """What followed the longest suffix of `tail` (n_max down to n_min tokens) that occurred
+        before, and that suffix's length."""
+        for n in range(min(self.n_max, len(tail)), self.n_min - 1, -1):
+            f = self._grams[n].get(tuple(tail[len(tail) - n:]))
+            if f is not None:
+                return f, n
+        return None
+
     def draft(self, k: int) -> tuple[list[int], int]:
-        """(up to k tokens that followed the most recent earlier occurrence of the longest matching
-        suffix, that suffix's length), or ([], 0) when no suffix occurred before."""
-        seq = self.seq
-        for n in range(min(self.n_max, len(seq)), self.n_min - 1, -1):
-            pos = self._follow[n].get(tuple(seq[len(seq) - n:]))
-            if pos is not None:
-                return seq[pos:pos + k], n
-        return [], 0
+        """(up to k tokens guessed to come next, the length of the n-gram that gave the first), or
+        ([], 0) when no suffix occurred before. Each step looks up the text plus the draft so far:
+        the most frequent follower of the longest matching n-gram when it is the only one and
+        differs from what followed the n-gram's most recent occurrence, else the tokens that
+        followed that occurrence, up to the end of the text."""
+        seq, out, first_n = self.seq, [], 0
+        while len(out) < k:
+            found = self._longest_match((seq[-self.n_max:] + out)[-self.n_max:])
+            if found is None:
+                break
+            f, n = found
+            first_n = first_n or n
+            if f.unique and f.leader != seq[f.pos]:
+                out.append(f.leader)
+            else:
+                out.extend(seq[f.pos:f.pos + k - len(out)])  # pos < len(seq): at least one token
+        return out, first_n
 
 
 # ---------------------------------------------------------------------------- cost model
@@ -117,6 +163,7 @@ class VerifyCost:
             self.table = sorted(pts.items())
         self.slope = prior_slope
         self._memo: dict[int, float] = {}
+        self._cheapest: dict[int, float] = {}
         self.idle = 0  # one-token forwards since the last batch was measured
         self._step_seconds: float | None = None  # running one-token forward time
 
@@ -126,6 +173,15 @@ class VerifyCost:
         c = self._memo.get(t)
         if c is None:  # a fixed table: computed once per T (np.interp costs microseconds per step)
             c = self._memo[t] = self._interpolate(t)
+        return c
+
+    def cheapest(self, t_max: int) -> float:
+        """The least c(T) for 2 <= T <= t_max (a table need not rise monotonically)."""
+        if self.table is None:
+            return 1.0 + self.slope
+        c = self._cheapest.get(t_max)
+        if c is None:
+            c = self._cheapest[t_max] = min(self(t) for t in range(2, max(t_max, 2) + 1))
         return c
 
     def _interpolate(self, t: int) -> float:
@@ -269,7 +325,10 @@ class LookupSpeculator:
         if n_draft == 0:
             return 0
         a, best, best_k, expected = self.alpha[n], MIN_GAIN, 0, 1.0
-        for k in range(1, n_draft + 1):
+        # no k pays when even endless kept drafts (1 / (1 - a) tokens) at the cheapest batch do not:
+        # the common case of a backed-off controller, decided without the loop
+        hopeless = a < 1.0 and 1.0 / (1.0 - a) <= MIN_GAIN * self.cost.cheapest(n_draft + 1)
+        for k in range(1, 0 if hopeless else n_draft + 1):
             expected += a ** k            # E[tokens] = 1 + a + ... + a^k (geometric acceptance)
             gain = expected / self.cost(k + 1)
             if gain > best:
@@ -306,8 +365,13 @@ class LookupSpeculator:
                 # room: every verified draft may be emitted (max_tokens; the extra token of a fully
                 # kept draft may go unused) and cached after `last` (context)
                 room = min(max_tokens - yielded, model.n_ctx - model.n_past - 1, self.draft_max)
-                draft, n = index.draft(room) if room > 0 else ([], 0)
-                k = self.choose(len(draft), n)
+                # the first draft token (for the free look), the rest only when a verify may pay: no
+                # k <= room pays => none <= the draft's length does; drafts are prefixes of longer ones
+                draft, n = index.draft(1) if room > 0 else ([], 0)
+                k = self.choose(room if draft else 0, n)
+                if k > 1:
+                    draft, n = index.draft(k)
+                    k = self.choose(len(draft), n)
                 if k == 0:
                     if draft:
                         st.skipped += 1

@@ -65,15 +65,33 @@ def q4(files):
 # ---------------------------------------------------------------------------- drafting, costs
 
 def brute_draft(seq: list[int], k: int, n_min: int, n_max: int) -> tuple[list[int], int]:
-    for n in range(min(n_max, len(seq)), n_min - 1, -1):
-        suffix = seq[len(seq) - n:]
-        for i in range(len(seq) - n - 1, -1, -1):   # occurrences followed by at least one token
-            if seq[i:i + n] == suffix:
-                return seq[i + n:i + n + k], n
-    return [], 0
+    """The drafting rule by scanning: per step, the longest suffix of text + draft that occurs earlier
+    in the text followed by a token; its single most frequent follower if that differs from the
+    follower of its most recent occurrence, else the run after that occurrence to the text's end."""
+    out: list[int] = []
+    first_n = 0
+    while len(out) < k:
+        tail = seq + out
+        for n in range(min(n_max, len(tail)), n_min - 1, -1):
+            suffix = tail[len(tail) - n:]
+            starts = [i for i in range(len(seq) - n) if seq[i:i + n] == suffix]
+            if starts:
+                break
+        else:
+            break
+        first_n = first_n or n
+        pos = starts[-1] + n
+        counts = Counter(seq[i + n] for i in starts)
+        top = max(counts.values())
+        winners = [t for t, c in counts.items() if c == top]
+        if len(winners) == 1 and winners[0] != seq[pos]:
+            out.append(winners[0])
+        else:
+            out += seq[pos:pos + k - len(out)]
+    return out, first_n
 
 
-def test_ngram_index_finds_the_most_recent_longest_match_as_a_scan_does():
+def test_ngram_index_drafts_as_a_scan_does():
     rng = np.random.default_rng(0)
     for trial in range(30):
         seq = [int(x) for x in rng.integers(0, 3 + trial % 5, size=80)]
@@ -84,8 +102,11 @@ def test_ngram_index_finds_the_most_recent_longest_match_as_a_scan_does():
                 assert index.draft(k) == brute_draft(index.seq, k, 1, 4)
     index = spec.NGramIndex(2, 3)
     index.extend([5, 6, 7, 5, 6])
-    assert index.draft(4) == ([7, 5, 6], 2)
+    assert index.draft(4) == ([7, 5, 6, 7], 2)   # the copied run ends with the text; the lookup goes on
     assert spec.NGramIndex(2, 3).draft(4) == ([], 0)
+    index = spec.NGramIndex(1, 1)
+    index.extend([1, 2, 1, 2, 1, 3, 1])
+    assert index.draft(4) == ([2, 1, 3, 1], 1)   # 1 was followed by 2 twice, by 3 most recently
 
 
 def test_verify_cost_table_and_online_estimate():
@@ -121,6 +142,28 @@ def test_controller_backs_off_when_drafts_fail_or_batches_are_dear():
     assert learned.choose(8, 2) == 1               # ... are measured again after EXPLORE plain steps
     learned.cost.observe(2, 1.2e-3)
     assert learned.cost.idle == 0 and learned.cost.slope < 1.5 and learned.choose(8, 2) == 0
+
+
+def test_controller_shortcut_chooses_what_the_full_search_chooses():
+    """choose() skips its search when no k can pay; over acceptances, draft lengths and cost models
+    (falling and rising tables, online slopes) it picks the k the plain argmax over k picks."""
+    def searched(s: spec.LookupSpeculator, n_draft: int, a: float) -> int:
+        best, best_k, expected = spec.MIN_GAIN, 0, 1.0
+        for k in range(1, n_draft + 1):
+            expected += a ** k
+            if expected / s.cost(k + 1) > best:
+                best, best_k = expected / s.cost(k + 1), k
+        return best_k
+
+    tables = [{2: 1.08, 3: 1.07, 4: 1.07, 5: 1.23, 9: 1.97}, {2: 1.4, 4: 1.2, 9: 3.5}, {2: 0.9, 9: 1.2}, None]
+    for table in tables:
+        for slope in (0.0, 0.05, 0.5, 1.2):
+            s = spec.LookupSpeculator(8, costs=table)
+            s.cost.slope = slope
+            for a in np.linspace(0.0, 0.99, 34):
+                s.alpha[1] = float(a)
+                for n_draft in range(1, 9):
+                    assert s.choose(n_draft, 1) == searched(s, n_draft, float(a)), (table, slope, a, n_draft)
 
 
 def test_the_online_cost_model_is_kept_per_model_across_generations(files):
