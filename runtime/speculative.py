@@ -30,7 +30,8 @@ online from the model's own forwards and kept across its generations, or a fixed
 verifies the k that maximises the expected tokens per unit cost, (1 + a + ... + a^k) / c(k + 1),
 and takes a plain step unless that beats 1 by `MIN_GAIN`; so when drafts keep failing, or a batch
 costs what k steps cost, it backs off to plain decoding while still watching whether the drafts
-would have been right (and, with online costs, re-measures a batch after `EXPLORE` plain steps).
+would have been right (and, with online costs, re-measures a batch after `EXPLORE` times its last
+estimated cost in plain steps, so the re-measuring costs under 1 % of the time however dear it is).
 
 Greedy output equals plain greedy's token for token as long as the batched forward's logits equal
 the one-token forward's (on the quantized kernels they may differ in rounding: the tests compare
@@ -61,8 +62,8 @@ MIN_GAIN = 1.05        # expected tokens per unit cost a verify must reach (marg
 PRIOR_ACCEPT = 0.5     # acceptance estimate before any observation (gain 1.0 at the prior slope: no bet)
 PRIOR_SLOPE = 0.5      # cost per extra token of a batch, before any measurement (issue 15: 1.51x at T = 2)
 EMA = 0.2              # weight of a new observation in the running estimates
-EXPLORE = 256          # one-token forwards after which a likely draft is verified anyway, so a cost
-                       # estimate that once ruled batches out is measured again (< 1 % of the steps)
+EXPLORE = 256          # a likely draft is verified anyway after EXPLORE x c(2) one-token forwards, so
+                       # a cost estimate that once ruled batches out is measured again at < 1 % of the time
 
 
 # ---------------------------------------------------------------------------- drafting
@@ -87,15 +88,16 @@ class Followers:
 
 
 class NGramIndex:
-    """The tokens so far and, per n-gram length, what followed each n-gram (`Followers`). Updates
-    and lookups are O(n) dictionary operations, never a scan."""
+    """The tokens so far and, per n-gram length, what followed each n-gram: the position after its
+    one occurrence (an int: most n-grams occur once), or `Followers` once it recurs. Updates and
+    lookups are O(n) dictionary operations, never a scan."""
 
     def __init__(self, n_min: int = NGRAM_MIN, n_max: int = NGRAM_MAX):
         if not 1 <= n_min <= n_max:
             raise PocketLMError(f"n-gram lengths must satisfy 1 <= n_min <= n_max, got {n_min}, {n_max}")
         self.n_min, self.n_max = n_min, n_max
         self.seq: list[int] = []
-        self._grams: dict[int, dict[tuple[int, ...], Followers]] = {n: {} for n in range(n_min, n_max + 1)}
+        self._grams: dict[int, dict[tuple[int, ...], int | Followers]] = {n: {} for n in range(n_min, n_max + 1)}
 
     def append(self, token: int) -> None:
         seq, end, token = self.seq, len(self.seq), int(token)
@@ -105,8 +107,11 @@ class NGramIndex:
             gram = tuple(seq[end - n:end])      # now followed by `token` at position `end`
             f = table.get(gram)
             if f is None:
-                table[gram] = Followers(end, token)
-            else:
+                table[gram] = end
+            elif isinstance(f, Followers):
+                f.add(end, token)
+            else:                               # its second occurrence
+                table[gram] = f = Followers(f, seq[f])
                 f.add(end, token)
         seq.append(token)
 
@@ -114,7 +119,7 @@ class NGramIndex:
         for t in tokens:
             self.append(t)
 
-    def _longest_match(self, tail: list[int]) -> tuple[Followers, int] | None:
+    def _longest_match(self, tail: list[int]) -> tuple[int | Followers, int] | None:
         """What followed the longest suffix of `tail` (n_max down to n_min tokens) that occurred
         before, and that suffix's length."""
         for n in range(min(self.n_max, len(tail)), self.n_min - 1, -1):
@@ -136,10 +141,11 @@ class NGramIndex:
                 break
             f, n = found
             first_n = first_n or n
-            if f.unique and f.leader != seq[f.pos]:
+            if isinstance(f, Followers) and f.unique and f.leader != seq[f.pos]:
                 out.append(f.leader)
             else:
-                out.extend(seq[f.pos:f.pos + k - len(out)])  # pos < len(seq): at least one token
+                pos = f.pos if isinstance(f, Followers) else f
+                out.extend(seq[pos:pos + k - len(out)])  # pos < len(seq): at least one token
         return out, first_n
 
 
@@ -333,7 +339,7 @@ class LookupSpeculator:
             gain = expected / self.cost(k + 1)
             if gain > best:
                 best, best_k = gain, k
-        if best_k == 0 and self.cost.table is None and self.cost.idle >= EXPLORE and a > 0.5:
+        if best_k == 0 and self.cost.table is None and self.cost.idle >= EXPLORE * self.cost(2) and a > 0.5:
             return 1  # re-measure what a batch costs now (the load, or the kernel, may have changed)
         return best_k
 

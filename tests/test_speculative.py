@@ -139,7 +139,10 @@ def test_controller_backs_off_when_drafts_fail_or_batches_are_dear():
     assert learned.choose(8, 2) == 0
     for _ in range(spec.EXPLORE):
         learned.cost.observe(1, 1e-3)
-    assert learned.choose(8, 2) == 1               # ... are measured again after EXPLORE plain steps
+    assert learned.choose(8, 2) == 0               # a batch costs 2.5 steps: re-measured after 2.5 x EXPLORE
+    for _ in range(int(1.5 * spec.EXPLORE)):
+        learned.cost.observe(1, 1e-3)
+    assert learned.choose(8, 2) == 1               # ... are measured again, at 1 / EXPLORE of the time
     learned.cost.observe(2, 1.2e-3)
     assert learned.cost.idle == 0 and learned.cost.slope < 1.5 and learned.choose(8, 2) == 0
 
