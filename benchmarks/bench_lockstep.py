@@ -1,0 +1,188 @@
+"""Decode speed of pocketlm against llama.cpp with the two engines in lockstep.
+
+    python benchmarks/bench_lockstep.py --recipes q4_0 q8_0 --threads 2 1
+    python benchmarks/bench_lockstep.py --rounds 24 --tokens 8
+
+This VM's read bandwidth moves between about 30 and 60 GB/s within a minute, so two decode runs made
+seconds apart can differ by 1.4x for the same engine, and a ratio of two such runs (bench_runtime.py,
+bench_process.py) lands wherever each engine happened to catch the memory. Here both engines stay
+loaded in their own processes (llama-cpp-python with its REPACK path, as bench_runtime.py runs it;
+pocketlm's packed copy), each prefills the same 128-token prompt, and then they take turns: engine A
+decodes `--tokens` tokens greedily while B waits on its pipe, then B, then B again and A (the order
+alternates so neither always goes first). Each round's ratio compares two chunks timed within about
+a second of each other; the median over the rounds is the figure, with its range. Same phi-3-mini-
+shaped files as bench_runtime.py (make_phi3_mini_gguf.py; random weights, speed only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_runtime import MODELS, prompt_ids, warm_page_cache  # noqa: E402  (sibling script)
+
+ENGINES = ("pocketlm", "llama.cpp")
+PROMPT = 128
+
+
+# ---------------------------------------------------------------------------- children
+
+def pocketlm_engine(path: str, threads: int, ctx: int):
+    """-> decode(n): n greedy tokens after the prompt, as bench_runtime.py's pocketlm child decodes."""
+    from pocketlm.runtime.model import load
+
+    model = load(path, threads=threads, ctx=ctx)
+    state = {"token": int(np.argmax(model.forward(prompt_ids(PROMPT))))}
+
+    def decode(n: int) -> None:
+        for _ in range(n):
+            state["token"] = int(np.argmax(model.forward([state["token"]])))
+    return decode
+
+
+def llama_engine(path: str, threads: int, ctx: int):
+    """-> decode(n), as bench_runtime.py's llama.cpp child decodes (REPACK unless an AMX build)."""
+    import llama_cpp
+
+    from pocketlm.bench import llama_cpp_use_repack
+
+    llama_cpp_use_repack(llama_cpp)
+    llm = llama_cpp.Llama(path, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                          n_threads_batch=threads, logits_all=False, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
+
+    llm.eval(prompt_ids(PROMPT))
+    state = {"token": next_token()}
+
+    def decode(n: int) -> None:
+        for _ in range(n):
+            llm.eval([state["token"]])
+            state["token"] = next_token()
+    return decode
+
+
+def child(engine: str, path: str, threads: int, ctx: int) -> None:
+    """Load and prefill, say "ready", then per line on stdin decode that many tokens and answer the
+    seconds it took; an empty line or end of input ends it."""
+    decode = (pocketlm_engine if engine == "pocketlm" else llama_engine)(path, threads, ctx)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        t0 = time.perf_counter()
+        decode(int(line))
+        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+
+
+# ---------------------------------------------------------------------------- parent
+
+class Engine:
+    """One engine's child process, driven line by line."""
+
+    def __init__(self, name: str, path: Path, threads: int, ctx: int):
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
+        self.name = name
+        # a file, not a pipe: nothing blocks on unread logs; closed by close()
+        self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, __file__, "--child", name, str(path), str(threads), str(ctx)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, env=env)
+        self._read()  # "ready"
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.stderr.seek(0)
+            err = self.stderr.read().strip().splitlines()
+            raise RuntimeError(f"{self.name} child ended: {err[-1] if err else 'no output'}")
+        return json.loads(line)
+
+    def decode(self, n: int) -> float:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return self._read()["seconds"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+        self.stderr.close()
+
+
+def lockstep(path: Path, threads: int, rounds: int, tokens: int, ctx: int) -> dict[str, list[float]]:
+    """Seconds per chunk of `tokens` decoded tokens, per engine, over `rounds` alternating rounds
+    (after one untimed warm-up chunk each)."""
+    engines: list[Engine] = []
+    try:
+        for name in ENGINES:
+            engines.append(Engine(name, path, threads, ctx))
+        for e in engines:
+            e.decode(tokens)
+        times: dict[str, list[float]] = {e.name: [] for e in engines}
+        for r in range(rounds):
+            for e in (engines if r % 2 == 0 else engines[::-1]):
+                times[e.name].append(e.decode(tokens))
+        return times
+    finally:
+        for e in engines:
+            e.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="phi3-mini", choices=tuple(MODELS), help="the random file's shape")
+    ap.add_argument("--recipes", nargs="+", default=["q4_0"], choices=("q4_0", "q4_k_m", "q8_0"))
+    ap.add_argument("--threads", nargs="+", type=int, default=[2, 1])
+    ap.add_argument("--rounds", type=int, default=16, help="alternating rounds (each engine one chunk per round)")
+    ap.add_argument("--tokens", type=int, default=8, help="tokens decoded per chunk")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        engine, path, threads, ctx = args.child
+        child(engine, path, int(threads), int(ctx))
+        return 0
+    need = PROMPT + (args.rounds + 1) * args.tokens
+    if args.rounds < 1 or args.tokens < 1 or need > args.ctx:
+        ap.error(f"--rounds and --tokens must be >= 1 and the prompt ({PROMPT}) + (rounds + 1) x tokens "
+                 f"({need}) must fit --ctx {args.ctx}")
+
+    from pocketlm.hostinfo import host_cpu
+
+    print(f"host: {host_cpu()}, {os.cpu_count()} CPUs; load average at start {os.getloadavg()[0]:.2f}; "
+          f"{args.rounds} rounds of {args.tokens} tokens per engine, prompt {PROMPT}, ctx {args.ctx}\n")
+    print("| file | threads | pocketlm tok/s (median) | llama.cpp tok/s (median) | decode ratio: median | "
+          "range over rounds | rounds pocketlm ahead |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for recipe in args.recipes:
+        path = MODELS[args.model].ensure(recipe)
+        warm_page_cache(path)
+        for t in args.threads:
+            times = lockstep(path, t, args.rounds, args.tokens, args.ctx)
+            ours, theirs = np.array(times["pocketlm"]), np.array(times["llama.cpp"])
+            ratio = theirs / ours   # pocketlm tok/s over llama.cpp tok/s, round by round
+            print(f"| {recipe} | {t} | {args.tokens / statistics.median(ours):.2f} | "
+                  f"{args.tokens / statistics.median(theirs):.2f} | **{statistics.median(ratio):.2f}x** | "
+                  f"{ratio.min():.2f}-{ratio.max():.2f}x | {int((ratio > 1).sum())}/{len(ratio)} |", flush=True)
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
