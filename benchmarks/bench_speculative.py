@@ -185,6 +185,8 @@ def main() -> int:
                     help="no phi-3-mini measurement (the projection then uses the issue's Zen 4 figures)")
     ap.add_argument("--json", default=None, help="write the figures as JSON")
     args = ap.parse_args()
+    if min(args.prompts, args.tokens, args.repeats, args.rounds) < 1:
+        ap.error("--prompts, --tokens, --repeats and --rounds must be >= 1")
 
     print(f"host: {host_cpu()}, {os.cpu_count()} CPUs, {args.threads} threads; load average at start "
           f"{load_avg()} (1/5/15 min)\n")

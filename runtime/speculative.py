@@ -131,9 +131,9 @@ class NGramIndex:
     def draft(self, k: int) -> tuple[list[int], int]:
         """(up to k tokens guessed to come next, the length of the n-gram that gave the first), or
         ([], 0) when no suffix occurred before. Each step looks up the text plus the draft so far:
-        the most frequent follower of the longest matching n-gram when it is the only one and
-        differs from what followed the n-gram's most recent occurrence, else the tokens that
-        followed that occurrence, up to the end of the text."""
+        the most frequent follower of the longest matching n-gram when no other token followed it
+        as often and it differs from what followed the n-gram's most recent occurrence, else the
+        tokens that followed that occurrence, up to the end of the text."""
         seq, out, first_n = self.seq, [], 0
         while len(out) < k:
             found = self._longest_match((seq[-self.n_max:] + out)[-self.n_max:])
