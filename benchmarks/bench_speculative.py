@@ -244,7 +244,7 @@ def main() -> int:
             acc = tab["accepted"] / tab["drafted"] if tab["drafted"] else 0.0
             per_verify = (tab["accepted"] + tab["verifies"]) / tab["verifies"] if tab["verifies"] else 0.0
             per_fwd = r["tokens"] / len(tab["sizes"]) if tab["sizes"] else 0.0
-            tab["projected_speedup"] = r["tokens"] / price(tab["sizes"], tables[name])
+            tab["projected_speedup"] = r["tokens"] / sum(steps for _, steps in tab["per_prompt"])
             lo, hi = prompt_interval(tab["per_prompt"])
             tab.update(acceptance=acc, tokens_per_verify=per_verify, tokens_per_forward=per_fwd, interval=(lo, hi))
             print(f"| {r['task']} | {name} | {acc:.0%} ({tab['accepted']}/{tab['drafted']}) | {per_verify:.2f} | "

@@ -141,11 +141,12 @@ class NGramIndex:
                 break
             f, n = found
             first_n = first_n or n
-            if isinstance(f, Followers) and f.unique and f.leader != seq[f.pos]:
-                out.append(f.leader)
-            else:
-                pos = f.pos if isinstance(f, Followers) else f
-                out.extend(seq[pos:pos + k - len(out)])  # pos < len(seq): at least one token
+            if isinstance(f, Followers):
+                if f.unique and f.leader != seq[f.pos]:
+                    out.append(f.leader)
+                    continue
+                f = f.pos
+            out.extend(seq[f:f + k - len(out)])  # f < len(seq): at least one token
         return out, first_n
 
 
