@@ -53,25 +53,14 @@ def pocketlm_engine(path: str, threads: int, ctx: int):
 
 def llama_engine(path: str, threads: int, ctx: int):
     """-> decode(n), as bench_runtime.py's llama.cpp child decodes (REPACK unless an AMX build)."""
-    import llama_cpp
+    from pocketlm.bench import LlamaGreedy
 
-    from pocketlm.bench import llama_cpp_use_repack
-
-    llama_cpp_use_repack(llama_cpp)
-    llm = llama_cpp.Llama(path, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                          n_threads_batch=threads, logits_all=False, verbose=False)
-    n_vocab = llm.n_vocab()
-
-    def next_token() -> int:
-        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
-
-    llm.eval(prompt_ids(PROMPT))
-    state = {"token": next_token()}
+    llm = LlamaGreedy(path, threads, ctx)
+    llm.prefill(prompt_ids(PROMPT))
 
     def decode(n: int) -> None:
         for _ in range(n):
-            llm.eval([state["token"]])
-            state["token"] = next_token()
+            llm.step()
     return decode
 
 

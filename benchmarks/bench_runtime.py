@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketlm.bench import llama_cpp_use_repack
+from pocketlm.bench import LlamaGreedy
 from pocketlm.hostinfo import read_bandwidth_gbs
 
 HERE = Path(__file__).resolve().parent
@@ -159,36 +159,17 @@ def child_context(path: str, threads: int, kv: str) -> dict:
 
 
 def child_llama(path: str, threads: int, n_prompt: int, n_decode: int, ctx: int) -> dict:
-    import llama_cpp
-
-    repack = llama_cpp_use_repack(llama_cpp)  # off only for AMX builds, which crash here
+    llm = LlamaGreedy(path, threads, ctx)
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(path, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                          n_threads_batch=threads, logits_all=False, verbose=False)
-    load_s = time.perf_counter() - t0
-    n_vocab = llm.n_vocab()
-
-    def last_logits() -> np.ndarray:
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-
-    t0 = time.perf_counter()
-    llm.eval(prompt_ids(n_prompt))
-    tok = int(np.argmax(last_logits()))
+    llm.prefill(prompt_ids(n_prompt))
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(n_decode):
-        llm.eval([tok])
-        tok = int(np.argmax(last_logits()))
+        llm.step()
     decode_s = time.perf_counter() - t0
-    out = {"load_s": load_s, "prefill_tps": n_prompt / prefill_s, "decode_tps": n_decode / decode_s,
-           "peak_rss_mb": peak_rss_mb(), "repack": repack}
-    state = {"token": tok}
-
-    def step() -> None:
-        llm.eval([state["token"]])
-        state["token"] = int(np.argmax(last_logits()))
-
-    return {**out, **paired_roofline(step, bytes_per_token(Path(path)), threads).as_dict()}
+    out = {"load_s": llm.load_s, "prefill_tps": n_prompt / prefill_s, "decode_tps": n_decode / decode_s,
+           "peak_rss_mb": peak_rss_mb(), "repack": llm.repack}
+    return {**out, **paired_roofline(llm.step, bytes_per_token(Path(path)), threads).as_dict()}
 
 
 def child_onnxruntime(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:

@@ -296,36 +296,49 @@ def llama_cpp_use_repack(llama_cpp) -> bool:
     return False
 
 
+class LlamaGreedy:
+    """llama.cpp as `pocketlm bench` and benchmarks/ run it (llama-cpp-python, REPACK unless an AMX
+    build, see `llama_cpp_use_repack`; `load_s` times the constructor): a prefill, then greedy
+    (argmax) steps, `token` the last one chosen."""
+
+    def __init__(self, path: str, threads: int, ctx: int):
+        import llama_cpp
+
+        self.repack = llama_cpp_use_repack(llama_cpp)  # off only for AMX builds
+        t0 = time.perf_counter()
+        self.llm = llama_cpp.Llama(path, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                                   n_threads_batch=threads, logits_all=False, verbose=False)
+        self.load_s = time.perf_counter() - t0
+        n_vocab, get = self.llm.n_vocab(), llama_cpp.llama_get_logits_ith
+        self._last = lambda: np.ctypeslib.as_array(get(self.llm.ctx, -1), shape=(n_vocab,))
+        self.token = -1
+
+    def prefill(self, ids: list[int]) -> None:
+        self.llm.eval(ids)
+        self.token = int(np.argmax(self._last()))
+
+    def step(self) -> None:
+        self.llm.eval([self.token])
+        self.token = int(np.argmax(self._last()))
+
+
 def child_llama_cpp(spec: dict, progress: Progress) -> dict:
     import llama_cpp
 
-    llama_cpp_use_repack(llama_cpp)
     progress.stage(f"llama.cpp: loading ({spec['threads']} threads)")
-    t0 = time.perf_counter()
-    llm = llama_cpp.Llama(spec["path"], n_ctx=spec["ctx"], n_batch=512, n_ubatch=512,
-                          n_threads=spec["threads"], n_threads_batch=spec["threads"], logits_all=False,
-                          verbose=False)
-    load_s = time.perf_counter() - t0
-    n_vocab = llm.n_vocab()
-
-    def next_token() -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-        return int(np.argmax(logits))
-
-    ids = prompt_ids(spec["prompt"], n_vocab)
+    llm = LlamaGreedy(spec["path"], spec["threads"], spec["ctx"])
+    ids = prompt_ids(spec["prompt"], llm.llm.n_vocab())
     progress.stage(f"llama.cpp: prefill {len(ids)} tokens, then decode {spec['gen']}")
     t0 = time.perf_counter()
-    llm.eval(ids)
-    tok = next_token()
+    llm.prefill(ids)
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(spec["gen"]):
-        llm.eval([tok])
-        tok = next_token()
+        llm.step()
         progress.update(f"llama.cpp: decoded {i + 1}/{spec['gen']}")
     decode_s = time.perf_counter() - t0
     return {"name": "llama.cpp", "version": f"llama-cpp-python {llama_cpp.__version__}", "kv": "f16",
-            "load_s": load_s, "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": spec["gen"] / decode_s,
+            "load_s": llm.load_s, "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": spec["gen"] / decode_s,
             "first_token_s": prefill_s, "decoded_tokens": spec["gen"], **_memory()}
 
 
