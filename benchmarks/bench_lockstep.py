@@ -12,6 +12,14 @@ decodes `--tokens` tokens greedily while B waits on its pipe, then B, then B aga
 alternates so neither always goes first). Each round's ratio compares two chunks timed within about
 a second of each other; the median over the rounds is the figure, with its range. Same phi-3-mini-
 shaped files as bench_runtime.py (make_phi3_mini_gguf.py; random weights, speed only).
+
+Between the two chunks of a round a third process samples the read bandwidth with the same thread
+count (benchmarks/roofline.py's probe: numpy sums over 1 GiB). Each engine's share of that round's
+roofline is the bytes its chunk read per second (weights, and the f16 KV cache rows up to the
+chunk's middle position, which both engines hold alike) over the sample; the "ceiling" is the
+roofline over llama.cpp's tok/s, the ratio an engine streaming at exactly the probe's bandwidth
+would reach against llama.cpp in that round. A target above the ceiling asks for more than the
+memory gave.
 """
 
 from __future__ import annotations
@@ -30,9 +38,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_runtime import MODELS, prompt_ids, warm_page_cache  # noqa: E402  (sibling script)
+from bench_runtime import MODELS, bytes_per_token, prompt_ids, warm_page_cache  # noqa: E402  (sibling script)
+from roofline import PROBE_BYTES  # noqa: E402
 
 ENGINES = ("pocketlm", "llama.cpp")
+PROBE = "bandwidth"
 PROMPT = 128
 
 
@@ -64,17 +74,27 @@ def llama_engine(path: str, threads: int, ctx: int):
     return decode
 
 
+def probe_engine(path: str, threads: int, ctx: int):
+    """-> sample(n): the read bandwidth in GB/s (best of 2 sums over 1 GiB; n is ignored)."""
+    from pocketlm.hostinfo import BandwidthProbe
+
+    probe = BandwidthProbe(threads, PROBE_BYTES)
+    return lambda n: probe.gbs(repeats=2)
+
+
 def child(engine: str, path: str, threads: int, ctx: int) -> None:
-    """Load and prefill, say "ready", then per line on stdin decode that many tokens and answer the
-    seconds it took; an empty line or end of input ends it."""
-    decode = (pocketlm_engine if engine == "pocketlm" else llama_engine)(path, threads, ctx)
+    """Load (and prefill), say "ready", then per line on stdin decode that many tokens (the probe:
+    sample the bandwidth) and answer the seconds it took and what the call returned; an empty line
+    or end of input ends it."""
+    make = {"pocketlm": pocketlm_engine, "llama.cpp": llama_engine, PROBE: probe_engine}[engine]
+    run = make(path, threads, ctx)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if not line.strip():
             break
         t0 = time.perf_counter()
-        decode(int(line))
-        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+        value = run(int(line))
+        print(json.dumps({"seconds": time.perf_counter() - t0, "value": value}), flush=True)
 
 
 # ---------------------------------------------------------------------------- parent
@@ -101,10 +121,11 @@ class Engine:
             raise RuntimeError(f"{self.name} child ended: {err[-1] if err else 'no output'}")
         return json.loads(line)
 
-    def decode(self, n: int) -> float:
+    def call(self, n: int) -> dict:
+        """{"seconds": ..., "value": ...} of one request (decode n tokens, or sample the bandwidth)."""
         self.proc.stdin.write(f"{n}\n")
         self.proc.stdin.flush()
-        return self._read()["seconds"]
+        return self._read()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -115,22 +136,51 @@ class Engine:
 
 
 def lockstep(path: Path, threads: int, rounds: int, tokens: int, ctx: int) -> dict[str, list[float]]:
-    """Seconds per chunk of `tokens` decoded tokens, per engine, over `rounds` alternating rounds
-    (after one untimed warm-up chunk each)."""
-    engines: list[Engine] = []
+    """Per engine, the seconds of each chunk of `tokens` decoded tokens over `rounds` alternating
+    rounds (after one untimed warm-up chunk each), and under PROBE the GB/s sampled between the two
+    chunks of each round."""
+    procs: list[Engine] = []
     try:
-        for name in ENGINES:
-            engines.append(Engine(name, path, threads, ctx))
+        for name in (*ENGINES, PROBE):
+            procs.append(Engine(name, path, threads, ctx))
+        engines, probe = procs[:2], procs[2]
         for e in engines:
-            e.decode(tokens)
-        times: dict[str, list[float]] = {e.name: [] for e in engines}
+            e.call(tokens)
+        out: dict[str, list[float]] = {name: [] for name in (*ENGINES, PROBE)}
         for r in range(rounds):
-            for e in (engines if r % 2 == 0 else engines[::-1]):
-                times[e.name].append(e.decode(tokens))
-        return times
+            first, second = engines if r % 2 == 0 else engines[::-1]
+            out[first.name].append(first.call(tokens)["seconds"])
+            out[PROBE].append(probe.call(0)["value"])
+            out[second.name].append(second.call(tokens)["seconds"])
+        return out
     finally:
-        for e in engines:
+        for e in procs:
             e.close()
+
+
+def kv_bytes_per_position(path: Path) -> int:
+    """Bytes of one position's keys and values over every layer in an f16 cache (both engines'
+    default), the rows a decode step reads besides the weights."""
+    from pocketlm.config import Phi3Config
+    from pocketlm.export.gguf_reader import GGUFReader
+
+    with GGUFReader(path) as r:
+        cfg = Phi3Config.from_gguf_metadata(r.metadata, source=str(path))
+    return cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * 2  # keys + values, 2 bytes
+
+
+def report(recipe: str, threads: int, tokens: int, times: dict[str, list[float]], per_token: list[float]) -> None:
+    """One table row; per_token[r]: the bytes a step of round r reads (weights + KV rows)."""
+    ours, theirs, gbs = (np.array(times[k]) for k in (*ENGINES, PROBE))
+    tps_ours, tps_theirs = tokens / ours, tokens / theirs   # per round
+    ratio = tps_ours / tps_theirs
+    roof = gbs * 1e9 / np.array(per_token)                  # tok/s at the sampled bandwidth, per round
+    share_ours, share_theirs, ceiling = tps_ours / roof, tps_theirs / roof, roof / tps_theirs
+    med = statistics.median
+    print(f"| {recipe} | {threads} | {med(tps_ours):.2f} | {med(tps_theirs):.2f} | "
+          f"**{med(ratio):.2f}x** | {ratio.min():.2f}-{ratio.max():.2f}x | {int((ratio > 1).sum())}/{len(ratio)} | "
+          f"{med(gbs):.1f} ({gbs.min():.1f}-{gbs.max():.1f}) | {med(share_ours):.0%} / {med(share_theirs):.0%} | "
+          f"{med(ceiling):.2f}x |", flush=True)
 
 
 def main() -> int:
@@ -157,18 +207,17 @@ def main() -> int:
     print(f"host: {host_cpu()}, {os.cpu_count()} CPUs; load average at start {os.getloadavg()[0]:.2f}; "
           f"{args.rounds} rounds of {args.tokens} tokens per engine, prompt {PROMPT}, ctx {args.ctx}\n")
     print("| file | threads | pocketlm tok/s (median) | llama.cpp tok/s (median) | decode ratio: median | "
-          "range over rounds | rounds pocketlm ahead |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "range over rounds | rounds pocketlm ahead | probe GB/s: median (range) | "
+          "share of the roofline: pocketlm / llama.cpp | ceiling over llama.cpp |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for recipe in args.recipes:
         path = MODELS[args.model].ensure(recipe)
         warm_page_cache(path)
+        weights, kv_row = bytes_per_token(path), kv_bytes_per_position(path)
+        # round r's chunks decode positions PROMPT + (r + 1) t .. PROMPT + (r + 2) t - 1 (after the warm-up)
+        per_token = [weights + kv_row * (PROMPT + (r + 1.5) * args.tokens) for r in range(args.rounds)]
         for t in args.threads:
-            times = lockstep(path, t, args.rounds, args.tokens, args.ctx)
-            ours, theirs = np.array(times["pocketlm"]), np.array(times["llama.cpp"])
-            ratio = theirs / ours   # pocketlm tok/s over llama.cpp tok/s, round by round
-            print(f"| {recipe} | {t} | {args.tokens / statistics.median(ours):.2f} | "
-                  f"{args.tokens / statistics.median(theirs):.2f} | **{statistics.median(ratio):.2f}x** | "
-                  f"{ratio.min():.2f}-{ratio.max():.2f}x | {int((ratio > 1).sum())}/{len(ratio)} |", flush=True)
+            report(recipe, t, args.tokens, lockstep(path, t, args.rounds, args.tokens, args.ctx), per_token)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
     return 0
 

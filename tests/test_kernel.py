@@ -73,7 +73,8 @@ def act_roundtrip(x: np.ndarray, block: int) -> np.ndarray:
     """The kernel's int8 activation (float32 math) dequantized: the exact input of its integer dots."""
     xb = x.astype(np.float32).reshape(-1, block)
     d = np.abs(xb).max(axis=1, keepdims=True) / np.float32(127)
-    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(np.float32)
+    normal = d >= np.finfo(np.float32).tiny  # a subnormal scale quantizes its block to zeros
+    inv = np.where(normal, np.float32(1) / np.where(normal, d, 1), np.float32(0)).astype(np.float32)
     v = xb * inv
     q = np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))  # C roundf: half away from zero
     return (q.astype(np.float64) * d.astype(np.float64)).reshape(-1)
@@ -98,6 +99,34 @@ def test_matvec_matches_gguf_dequant(t: Q, path: str) -> None:
         np.testing.assert_array_less(np.abs(y - W @ x.astype(np.float64)), 1e-2 * scale)
         # (2) the same integers in float64: layouts exact up to float32 accumulation
         np.testing.assert_array_less(np.abs(y - W @ act_roundtrip(x, act_block(t))), 2e-6 * scale + 1e-30)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("t", [Q.Q8_0, Q.Q6_K], ids=lambda t: t.name)
+def test_activation_rounding_value_by_value(t: Q, path: str) -> None:
+    """Identity weights: output j is x_j's int8 code times its block's scale and nothing else, so
+    every value's rounding is checked against the numpy replay of the rule (one code off moves it by
+    1/127 of the block's largest value, over 1e3 times the tolerance): the SIMD quantizers' too
+    (blocks of 32 for Q8_0, exact; 256 for Q6_K, whose dot leaves float residues of ~1e-7 where the
+    other codes of a sub-block cancel), on ties, signed zeros, an all-zero block and a
+    subnormal-scale one."""
+    rng = np.random.default_rng(40)
+    x = rng.standard_normal(K).astype(np.float32) * 3
+    x[0:32] = 0.0                                   # an all-zero block
+    x[32:64] *= np.float32(1e-37)                   # amax / 127 below FLT_MIN: quantizes to zeros
+    x[64:96] = (np.arange(32) - 15.5).astype(np.float32) * np.float32(127 / 16.5)  # k + 0.5 codes
+    x[96:128] = -0.0                                # signed zeros
+    x[300] = 7.0                                    # amax of its block: code 127 exactly
+    eye = np.eye(K, dtype=np.float32)
+    raw = gq.quantize(eye, t) if t == Q.Q8_0 else formats.quantize(eye, int(t))
+    tol = {"rtol": 1e-5, "atol": 1e-30} if t == Q.Q8_0 else {"rtol": 1e-4, "atol": 1e-5 * float(np.abs(x).max())}
+    k.use_path(path)
+    y = k.matvec(raw, t, K, K, x).astype(np.float64)
+    np.testing.assert_allclose(y, dequant(raw, t) @ act_roundtrip(x, act_block(t)), **tol)
+    Y = k.matmul(raw, t, K, K, np.stack([x, -x, x * 0.5]))  # the batched paths quantize the same way
+    for m, sign in enumerate((1.0, -1.0, 0.5)):
+        np.testing.assert_allclose(Y[m], dequant(raw, t) @ act_roundtrip(x * np.float32(sign), act_block(t)),
+                                   **tol, err_msg=f"row {m}")
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
@@ -311,6 +340,25 @@ def test_extreme_activations() -> None:
                 scale = np.linalg.norm(W, axis=1) * np.linalg.norm(x.astype(np.float64))
                 for got in (y, *Y):
                     np.testing.assert_array_less(np.abs(got - W @ x.astype(np.float64)), 1e-2 * scale)
+
+
+def test_non_finite_activation_named_by_index() -> None:
+    """The kernel's scan for NaN / infinity (chunked, branch-free) names the first bad element at
+    any position, chunk edges included, and passes the largest finite values and subnormals."""
+    raw = make_weights(Q.Q8_0, 4, 3072)
+    x = np.random.default_rng(41).standard_normal(3072).astype(np.float32)
+    x[[5, 6]] = [np.finfo(np.float32).max, -np.finfo(np.float32).max]
+    x[7] = np.float32(1e-45)  # the smallest subnormal
+    with np.errstate(over="ignore", invalid="ignore"):
+        k.matvec(raw, Q.Q8_0, 4, 3072, x)  # finite: no error
+    for i, bad in [(0, np.nan), (1023, np.inf), (1024, -np.inf), (2047, np.nan), (3071, np.inf)]:
+        y = x.copy()
+        y[i] = bad
+        y[min(i + 1, 3071)] = np.nan  # a later one is not the one named
+        with pytest.raises(PocketLMError, match=f"NaN or infinity at element {i}$"):
+            k.matvec(raw, Q.Q8_0, 4, 3072, y)
+        with pytest.raises(PocketLMError, match=f"NaN or infinity at element {3072 + i}$"):
+            k.matmul(raw, Q.Q8_0, 4, 3072, np.stack([x, y]))
 
 
 def test_check_blocks_finds_nan_scale() -> None:

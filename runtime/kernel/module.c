@@ -59,13 +59,33 @@ static int get_f32(PyObject *o, Py_buffer *v, Py_ssize_t n, int writable, const 
     return 0;
 }
 
-static int check_finite(const float *x, size_t n, const char *what) {
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(x[i])) {
-            PyErr_Format(PyExc_ValueError, "%s contains NaN or infinity at element %zu", what, i);
-            return -1;
+/* Index of the first NaN or infinity in x[0..n), or n. A value is non-finite iff its exponent
+ * bits are all ones, i.e. iff (bits & 0x7fffffff) + 0x00800000 carries into bit 31: OR-ing that
+ * over a chunk is branch-free integer work the compiler vectorizes (the early-exit isfinite loop
+ * it does not: 0.45 ns per value, a fifth of a 9-row matmul's time on a small matrix); only a
+ * flagged chunk is searched value by value. */
+static size_t first_non_finite(const float *x, size_t n) {
+    enum { CHUNK = 1024 };
+    for (size_t c = 0; c < n; c += CHUNK) {
+        const size_t end = n - c < CHUNK ? n : c + CHUNK;
+        uint32_t any = 0;
+        for (size_t i = c; i < end; i++) {
+            uint32_t bits;
+            memcpy(&bits, x + i, sizeof bits);
+            any |= (bits & 0x7fffffffu) + 0x00800000u;
         }
-    return 0;
+        if (any & 0x80000000u)
+            for (size_t i = c; i < end; i++)
+                if (!isfinite(x[i])) return i;
+    }
+    return n;
+}
+
+static int check_finite(const float *x, size_t n, const char *what) {
+    const size_t i = first_non_finite(x, n);
+    if (i == n) return 0;
+    PyErr_Format(PyExc_ValueError, "%s contains NaN or infinity at element %zu", what, i);
+    return -1;
 }
 
 /* Type, K and rows against the raw weight buffer; sets *t and *nb. */
