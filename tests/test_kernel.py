@@ -447,6 +447,24 @@ def test_env_override(value: str) -> None:
         assert "POCKETLM_KERNEL=no_such_path" in r.stderr
 
 
+@pytest.mark.parametrize("cc", ["gcc", "clang"])
+def test_native_selftest(cc: str, tmp_path: Path) -> None:
+    """The kernel's C self-test built for this machine by gcc and by clang (clang contracts
+    a * b + c into FMAs where gcc does not): every path the CPU runs against float64, and the
+    element-wise SIMD builds (activation quantizer, gated activations) against the baseline C."""
+    if not shutil.which(cc):
+        pytest.skip(f"{cc} missing")
+    kernel_dir = REPO / "runtime" / "kernel"
+    sources = [str(p) for p in sorted(kernel_dir.glob("*.c")) if p.name != "module.c"]
+    exe = tmp_path / "selftest"
+    build = subprocess.run([cc, "-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Wno-unused-function",
+                            f"-I{kernel_dir}", "-pthread", "-o", str(exe), *sources, "-lm"],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    r = subprocess.run([str(exe), " ".join(k.available_paths())], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ALL PASSED" in r.stdout, r.stdout + r.stderr
+
+
 def test_arm64_selftest_under_qemu() -> None:
     """NEON paths (plain, dotprod, i8mm) and their run-time selection, cross-built for aarch64."""
     if not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")):

@@ -142,6 +142,20 @@ int path_available(const char *name) {
     return e && e->usable(caps());
 }
 
+#if defined(POCKETLM_X86)
+int cpu_has_avx2(void) {
+    static int cached = -1; /* a benign race: every thread computes the same value */
+    if (cached < 0) cached = path_available("avx2");
+    return cached;
+}
+
+int cpu_has_avx512(void) {
+    static int cached = -1;
+    if (cached < 0) cached = path_available("avx512");
+    return cached;
+}
+#endif
+
 const char *available_paths_string(void) {
     static char buf[256];
     buf[0] = 0;

@@ -179,6 +179,13 @@ extern const gemm_kernel gemm_neon_dotprod;
 /* dispatch.c: CPU features and the table of usable paths. */
 const char *cpu_features_string(void); /* space-separated, e.g. "avx2 fma f16c avx512f ..." */
 int path_available(const char *name);  /* 1 if the CPU runs it and it is compiled in */
+#if defined(POCKETLM_X86)
+/* 1 if the CPU and OS run the avx2 / avx512 path (cpuid + register-state check, cached): for
+ * element-wise code built for them from the same C, bit for bit the baseline's, whatever path the
+ * matmuls take. */
+int cpu_has_avx2(void);
+int cpu_has_avx512(void);
+#endif
 const char *available_paths_string(void);
 const char *path_static_name(const char *name); /* the path's own (static) name string, or NULL */
 const char *best_path_name(void);

@@ -177,16 +177,11 @@ __attribute__((target("avx2"))) static void act256_avx2(const float *x, int K, q
     }
 }
 
-static int has_avx2(void) {
-    static int cached = -1;
-    if (cached < 0) cached = path_available("avx2"); /* cpuid + OS register-state check */
-    return cached;
-}
 #endif
 
 void quantize_act_32(const float *x, int K, q8_act *a) {
 #if defined(POCKETLM_X86)
-    if (has_avx2()) {
+    if (cpu_has_avx2()) {
         act32_avx2(x, K, a);
         return;
     }
@@ -196,7 +191,7 @@ void quantize_act_32(const float *x, int K, q8_act *a) {
 
 void quantize_act_256(const float *x, int K, q8_act *a) {
 #if defined(POCKETLM_X86)
-    if (has_avx2()) {
+    if (cpu_has_avx2()) {
         act256_avx2(x, K, a);
         return;
     }

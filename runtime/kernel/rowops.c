@@ -3,6 +3,13 @@
  * activation (SwiGLU, or Phi-3-small's GeGELU). pocketlm/layers.py is the numpy reference of each. */
 #include <math.h>
 
+/* clang contracts a * b + c into an FMA where the target has one (AVX-512 does), gcc's -std=c11
+ * does not: off before kernel.h, whose exp_approx is inlined here, so the SIMD builds below stay bit
+ * for bit the baseline's */
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
 #include "kernel.h"
 
 typedef struct {
@@ -53,13 +60,13 @@ void rope_row(float *x, int n_heads, int hd, int rot, const float *cos, const fl
 
 /* The up half through its own pointer: gu[F + i] with an int index does not vectorize under the
  * build's -fwrapv (the sum may wrap, so its address is not an affine step). */
-void swiglu_row(const float *gu, int F, float *out) {
+static inline __attribute__((always_inline)) void swiglu_body(const float *gu, int F, float *out) {
     const float *up = gu + F;
     for (int i = 0; i < F; i++) out[i] = gu[i] / (1.0f + exp_approx(-gu[i])) * up[i];
 }
 
 /* GeGELU on [gelu input g | linear input l]: min(g, L) * sigmoid(1.702 min(g, L)) * (clip(l, -L, L) + 1). */
-void gegelu_row(const float *gu, int F, float limit, float *out) {
+static inline __attribute__((always_inline)) void gegelu_body(const float *gu, int F, float limit, float *out) {
     const float *lin = gu + F;
     for (int i = 0; i < F; i++) {
         const float g = gu[i] < limit ? gu[i] : limit;
@@ -68,7 +75,35 @@ void gegelu_row(const float *gu, int F, float limit, float *out) {
     }
 }
 
+void swiglu_row(const float *gu, int F, float *out) { swiglu_body(gu, F, out); }
+void gegelu_row(const float *gu, int F, float limit, float *out) { gegelu_body(gu, F, limit, out); }
+
+#if defined(POCKETLM_X86)
+/* The same C built 8-wide (AVX2) and 16-wide (AVX-512) besides the baseline's 4-wide SSE2: the same
+ * IEEE operations on each value (no FMA in the targets, so nothing contracts), so bit for bit the
+ * baseline's. One thread, 8192 values (a phi-3-mini decode step runs 32 of them): 1.8, 0.9 and
+ * 0.6 ns per value. */
+#define GATED_CLONES(suffix, target_isa)                                                           \
+    __attribute__((target(target_isa))) static void gated_act_row_##suffix(int kind, const float *gu, int F, \
+                                                                            float limit, float *out) { \
+        if (kind == ACT_GEGELU) gegelu_body(gu, F, limit, out);                                    \
+        else swiglu_body(gu, F, out);                                                              \
+    }
+GATED_CLONES(avx2, "avx2")
+GATED_CLONES(avx512, "avx2,avx512f")
+#endif
+
 void gated_act_row(int kind, const float *gu, int F, float limit, float *out) {
+#if defined(POCKETLM_X86)
+    if (cpu_has_avx512()) {
+        gated_act_row_avx512(kind, gu, F, limit, out);
+        return;
+    }
+    if (cpu_has_avx2()) {
+        gated_act_row_avx2(kind, gu, F, limit, out);
+        return;
+    }
+#endif
     if (kind == ACT_GEGELU) gegelu_row(gu, F, limit, out);
     else swiglu_row(gu, F, out);
 }

@@ -545,6 +545,81 @@ static void test_decode_step(void) {
     }
 }
 
+/* The int8 activation rule written out once more (kernel.h: d = amax / 127, a subnormal d quantizes
+ * to zeros, q = x / d rounded half away from zero) against the kernel's quantizers, which take
+ * their AVX2 build where the CPU has one: codes, scales and sums bit for bit. Blocks: random,
+ * all zero, below FLT_MIN, exact halves (x = (k + 0.5) d), signed zeros, wide magnitudes. */
+static float ref_span(const float *x, int n, int8_t *q) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    const float d = amax / 127.0f, id = d >= 1.17549435e-38f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < n; i++) {
+        const float v = x[i] * id;
+        q[i] = (int8_t)(int)(v + (signbit(v) ? -0.5f : 0.5f));
+    }
+    return d;
+}
+
+static void test_activation_quantizers(void) {
+    enum { K = 1024 };
+    static float x[K];
+    static int8_t q[K];
+    void *mem = NULL;
+    if (posix_memalign(&mem, 64, act_bytes(K)) != 0) {
+        CHECK(0, "activation test: out of memory");
+        return;
+    }
+    q8_act a;
+    act_bind(&a, mem, K);
+    int bad32 = 0, bad256 = 0;
+    for (int trial = 0; trial < 60; trial++) {
+        for (int i = 0; i < K; i++) x[i] = rnd_gauss() * (float)(1 << (trial % 12));
+        for (int i = 0; i < 32; i++) x[i] = 0.0f;
+        for (int i = 32; i < 64; i++) x[i] *= 1e-38f;
+        for (int i = 64; i < 96; i++) x[i] = ((float)i - 79.5f) * (127.0f / 16.5f);
+        for (int i = 96; i < 128; i++) x[i] = -0.0f;
+        quantize_act_32(x, K, &a);
+        for (int b = 0; b < K / 32; b++) {
+            const float d = ref_span(x + 32 * b, 32, q + 32 * b);
+            int sum = 0;
+            for (int i = 0; i < 32; i++) sum += q[32 * b + i];
+            bad32 += memcmp(q + 32 * b, a.qs + 32 * b, 32) != 0 || d != a.d[b] || d * (float)sum != a.s[b];
+        }
+        quantize_act_256(x, K, &a);
+        for (int b = 0; b < K / 256; b++) {
+            const float d = ref_span(x + 256 * b, 256, q + 256 * b);
+            bad256 += memcmp(q + 256 * b, a.qs + 256 * b, 256) != 0 || d != a.d[b];
+            for (int j = 0; j < 16; j++) {
+                int sum = 0;
+                for (int i = 0; i < 16; i++) sum += q[256 * b + 16 * j + i];
+                bad256 += sum != a.bsums[16 * b + j];
+            }
+        }
+    }
+    free(mem);
+    CHECK(bad32 == 0, "activation quantizer, blocks of 32: %d blocks differ from the rule", bad32);
+    CHECK(bad256 == 0, "activation quantizer, blocks of 256: %d blocks differ from the rule", bad256);
+}
+
+/* The gated activations as the model calls them (gated_act_row: the AVX2 / AVX-512 builds where
+ * the CPU has them) against the baseline C (swiglu_row, gegelu_row), bit for bit, beyond exp's
+ * clamps too. */
+static void test_gated_activations(void) {
+    enum { F = 4096 };
+    static float gu[2 * F], want[F], got[F];
+    int bad = 0;
+    for (int trial = 0; trial < 16; trial++) {
+        for (int i = 0; i < 2 * F; i++) gu[i] = rnd_gauss() * (float)(1 << (trial % 8)) * (trial % 3 ? 1.0f : 40.0f);
+        swiglu_row(gu, F, want);
+        gated_act_row(ACT_SWIGLU, gu, F, 0.0f, got);
+        bad += memcmp(want, got, sizeof want) != 0;
+        gegelu_row(gu, F, 20.0f, want);
+        gated_act_row(ACT_GEGELU, gu, F, 20.0f, got);
+        bad += memcmp(want, got, sizeof want) != 0;
+    }
+    CHECK(bad == 0, "gated activation: %d of 32 rows differ from the baseline C", bad);
+}
+
 int main(int argc, char **argv) {
     printf("features: %s\npaths: %s\n", cpu_features_string(), available_paths_string());
     if (argc > 1)
@@ -555,6 +630,8 @@ int main(int argc, char **argv) {
         test_type(types[i], 0);
         if (packed_type_of(types[i])) test_type(types[i], 1);
     }
+    test_activation_quantizers();
+    test_gated_activations();
     test_attention();
     test_decode_step();
     printf("%s (%d failures)\n", failures ? "FAILED" : "ALL PASSED", failures);
