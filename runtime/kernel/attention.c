@@ -12,12 +12,12 @@
  * positions (inside each visible block), with an online softmax per (row, head): running max m,
  * running sum l, accumulator acc[hd]; a chunk that raises the max rescales l and acc by exp(m_old -
  * m_new). Only visible blocks are read (no dense mask), and memory is O(KCHUNK * hd) per work item
- * whatever the prompt length. In a prompt tile a chunk is converted once to fp32 (int8: times its
- * row scale) and then serves every (row, head) of the work item that sees it: the query heads of
- * one GQA group and up to TQ prompt rows share each K/V read. Decode (one row) has nothing to share
- * a conversion with: the SIMD kernels read its fp16 / int8 rows in place, converting in registers
- * to the same values (storing a converted chunk and loading it back cost 3x the arithmetic and
- * held decode to 8 GB/s). Because the chunk grid is absolute, a row's result does not depend on
+ * whatever the prompt length. A chunk serves every (row, head) of the work item that sees it: the
+ * query heads of one GQA group and up to TQ prompt rows share each K/V read. The SIMD kernels read
+ * the fp16 / int8 rows in place, converting in registers (storing a converted chunk and loading it
+ * back cost more than converting at every use: 3x the arithmetic in decode, which it held to
+ * 8 GB/s, and 1.4-1.8x the time of prompt tiles); the portable C converts each chunk once into
+ * fp32 scratch, to the same values. Because the chunk grid is absolute, a row's result does not depend on
  * how the prompt was split into calls or work items (decode at p gives the same bits as row p of
  * a prompt), nor on the thread count.
  *
@@ -44,15 +44,13 @@
 #include <arm_neon.h>
 #endif
 
-#define KCHUNK 64 /* keys converted and scored at once: 2 x 64 x hd floats of scratch (64 KB at hd 128) */
-#define TQ 16     /* prompt rows per work item (they share each chunk's conversion and cache reads) */
+#define KCHUNK 64 /* keys scored at once (the portable C's scratch: 2 x 64 x hd floats, 64 KB at hd 128) */
+#define TQ 16     /* prompt rows per work item (they share each chunk's cache reads) */
 
-/* Cache rows as the kernels read them: row r (value i) of kind KV_F32 (also the fp32 scratch of a
- * converted chunk), KV_F16, or KV_I8 times the row's fp16 scale rs[r]. The SIMD kernels convert in
- * registers exactly as cvt_* converts into the scratch (fp16 -> fp32 is exact; int8 * scale is one
- * float multiply either way), so a kernel on raw rows and the same kernel on converted rows give
- * the same bits: decode reads the cache once, with no scratch round trip (the conversion's stores
- * and reloads cost 3x the arithmetic), while a prompt tile converts each chunk once for its rows. */
+/* Cache rows as the kernels read them: row r (value i) of kind KV_F32 (also the portable C's fp32
+ * scratch of a converted chunk), KV_F16, or KV_I8 times the row's fp16 scale rs[r]. The SIMD
+ * kernels convert in registers exactly as cvt_*_scalar converts into the scratch (fp16 -> fp32 is
+ * exact; int8 * scale is one float multiply either way), so every path sees the same values. */
 typedef struct {
     const void *base;
     const uint16_t *rs;  /* KV_I8: the rows' fp16 scales; else NULL */
@@ -163,30 +161,7 @@ X86_INLINE float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-X86_TARGET static void cvt_f16_avx2(float *dst, const void *src, const uint16_t *scale, int n, int hd) {
-    (void)scale;
-    const uint16_t *r = src;
-    const size_t len = (size_t)n * hd; /* the rows are contiguous in the cache */
-    size_t i = 0;
-    for (; i + 8 <= len; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))));
-    for (; i < len; i++) dst[i] = fp16_to_fp32(r[i]);
-}
-
-X86_TARGET static void cvt_i8_avx2(float *dst, const void *src, const uint16_t *scale, int n, int hd) {
-    const int8_t *r = src;
-    for (int t = 0; t < n; t++, r += hd, dst += hd) {
-        const float s = fp16_to_fp32(scale[t]);
-        const __m256 sv = _mm256_set1_ps(s);
-        int i = 0;
-        for (; i + 8 <= hd; i += 8) {
-            const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(r + i))));
-            _mm256_storeu_ps(dst + i, _mm256_mul_ps(x, sv));
-        }
-        for (; i < hd; i++) dst[i] = (float)r[i] * s;
-    }
-}
-
-/* Row r's scale (int8 rows; 0 otherwise), then 8 values at i or one value, as cvt_*_avx2 gives them. */
+/* Row r's scale (int8 rows; 0 otherwise), then 8 values at i or one value, as cvt_*_scalar gives them. */
 X86_INLINE float row_scale(rows_t R, int kind, int r) { return kind == KV_I8 ? _cvtsh_ss(R.rs[r]) : 0.0f; }
 X86_INLINE __m256 row8(rows_t R, int kind, int hd, int r, int i, float s) {
     const size_t at = (size_t)r * hd + i;
@@ -414,30 +389,7 @@ X86_TARGET static float softmax_avx2(float *s, int n, float *m, float *corr) {
 /* ---- ARM64: NEON (fp16 <-> fp32 conversion is part of base AArch64) ----------------------- */
 
 #if defined(POCKETLM_ARM64)
-static void cvt_f16_neon(float *dst, const void *src, const uint16_t *scale, int n, int hd) {
-    (void)scale;
-    const uint16_t *r = src;
-    const size_t len = (size_t)n * hd; /* the rows are contiguous in the cache */
-    size_t i = 0;
-    for (; i + 4 <= len; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(r + i))));
-    for (; i < len; i++) dst[i] = fp16_to_fp32(r[i]);
-}
-
-static void cvt_i8_neon(float *dst, const void *src, const uint16_t *scale, int n, int hd) {
-    const int8_t *r = src;
-    for (int t = 0; t < n; t++, r += hd, dst += hd) {
-        const float s = fp16_to_fp32(scale[t]);
-        int i = 0;
-        for (; i + 8 <= hd; i += 8) {
-            const int16x8_t w = vmovl_s8(vld1_s8(r + i));
-            vst1q_f32(dst + i, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), s));
-            vst1q_f32(dst + i + 4, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(w))), s));
-        }
-        for (; i < hd; i++) dst[i] = (float)r[i] * s;
-    }
-}
-
-/* Row r's scale (int8 rows; 0 otherwise), then 4 values at i or one value, as cvt_*_neon gives them. */
+/* Row r's scale (int8 rows; 0 otherwise), then 4 values at i or one value, as cvt_*_scalar gives them. */
 static inline __attribute__((always_inline)) float row_scale(rows_t R, int kind, int r) {
     return kind == KV_I8 ? fp16_to_fp32(R.rs[r]) : 0.0f;
 }
@@ -683,7 +635,7 @@ const char *attention_args_error(const attention_args *a) {
 
 typedef struct {
     const attention_args *a;
-    cvt_fn cvt;           /* NULL: the kernels read the cache rows in place (fp32, or SIMD decode) */
+    cvt_fn cvt;           /* NULL: the kernels read the cache rows in place (fp32, or any SIMD path) */
     scores_fn scores;
     accum_fn accum;
     softmax_fn softmax;
@@ -872,20 +824,20 @@ int run_attention(const attention_args *a, int simd) {
     static const size_t ELEM[3] = {4, 2, 1};
     attn_job J = {.a = a, .cvt = CVT[a->kind], .scores = scores_scalar, .accum = accum_scalar,
                   .softmax = softmax_scalar, .elem = ELEM[a->kind]};
-    /* SIMD: decode (one query row per item) reads the cache rows in place with the kernels of its
-     * kind; a prompt tile converts each chunk once and runs the fp32 kernels on it */
+    /* SIMD: every item reads the cache rows in place with the kernels of its kind, decode and
+     * prompt tiles alike (converting a prompt tile's chunk into fp32 scratch once for its rows,
+     * as this did before, was slower: x86, fp16 cache, 2 threads, us per layer, T = 9 at position
+     * 64 / 512 / 2048: 147 / 982 / 3771 converted against 105 / 552 / 2010 in place; T = 128 at 0 /
+     * 1024: 1628 / 22953 against 1187 / 13723; int8 even to 1.16x faster; the same bits) */
     const kernel_set *ks = NULL;
 #if defined(POCKETLM_X86)
-    static const cvt_fn CVT_SIMD[3] = {NULL, cvt_f16_avx2, cvt_i8_avx2};
     if (simd) ks = KERNELS_X86, J.softmax = softmax_avx2;
 #elif defined(POCKETLM_ARM64)
-    static const cvt_fn CVT_SIMD[3] = {NULL, cvt_f16_neon, cvt_i8_neon};
     if (simd) ks = KERNELS_ARM, J.softmax = softmax_neon;
 #endif
     if (ks) {
-        const int in_place = a->T == 1 || a->kind == KV_F32;
-        const kernel_set *k = &ks[in_place ? a->kind : KV_F32];
-        J.cvt = in_place ? NULL : CVT_SIMD[a->kind];
+        const kernel_set *k = &ks[a->kind];
+        J.cvt = NULL;
         J.scores = k->scores, J.accum = k->accum, J.scores2 = k->scores2, J.accum2 = k->accum2;
     }
     J.B = a->sparse ? a->sparse->block : KCHUNK;
