@@ -17,9 +17,9 @@
  * the fp16 / int8 rows in place, converting in registers (storing a converted chunk and loading it
  * back cost more than converting at every use: 3x the arithmetic in decode, which it held to
  * 8 GB/s, and 1.4-1.8x the time of prompt tiles); the portable C converts each chunk once into
- * fp32 scratch, to the same values. Because the chunk grid is absolute, a row's result does not depend on
- * how the prompt was split into calls or work items (decode at p gives the same bits as row p of
- * a prompt), nor on the thread count.
+ * fp32 scratch, to the same values. Because the chunk grid is absolute, a row's result does not
+ * depend on how the prompt was split into calls or work items (decode at p gives the same bits as
+ * row p of a prompt), nor on the thread count.
  *
  * simd = 0 runs the portable C (the reference); otherwise AVX2+FMA+F16C on x86 or NEON on ARM64
  * (same loop structure, vector inner products, vector exp; pair kernels run two (row, head)
