@@ -116,7 +116,7 @@ def test_activation_rounding_value_by_value(t: Q, path: str) -> None:
     x[32:64] *= np.float32(1e-37)                   # amax / 127 below FLT_MIN: quantizes to zeros
     x[64:96] = (np.arange(32) - 15.5).astype(np.float32) * np.float32(127 / 16.5)  # k + 0.5 codes
     x[96:128] = -0.0                                # signed zeros
-    x[300] = 7.0                                    # amax of its block: code 127 exactly
+    x[300] = 40.0                                   # the amax of its block: code 127 exactly
     eye = np.eye(K, dtype=np.float32)
     raw = gq.quantize(eye, t) if t == Q.Q8_0 else formats.quantize(eye, int(t))
     tol = {"rtol": 1e-5, "atol": 1e-30} if t == Q.Q8_0 else {"rtol": 1e-4, "atol": 1e-5 * float(np.abs(x).max())}
