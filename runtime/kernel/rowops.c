@@ -75,6 +75,12 @@ static inline __attribute__((always_inline)) void gegelu_body(const float *gu, i
     }
 }
 
+static inline __attribute__((always_inline)) void gated_body(int kind, const float *gu, int F, float limit,
+                                                             float *out) {
+    if (kind == ACT_GEGELU) gegelu_body(gu, F, limit, out);
+    else swiglu_body(gu, F, out);
+}
+
 void swiglu_row(const float *gu, int F, float *out) { swiglu_body(gu, F, out); }
 void gegelu_row(const float *gu, int F, float limit, float *out) { gegelu_body(gu, F, limit, out); }
 
@@ -86,8 +92,7 @@ void gegelu_row(const float *gu, int F, float limit, float *out) { gegelu_body(g
 #define GATED_CLONES(suffix, target_isa)                                                           \
     __attribute__((target(target_isa))) static void gated_act_row_##suffix(int kind, const float *gu, int F, \
                                                                             float limit, float *out) { \
-        if (kind == ACT_GEGELU) gegelu_body(gu, F, limit, out);                                    \
-        else swiglu_body(gu, F, out);                                                              \
+        gated_body(kind, gu, F, limit, out);                                                       \
     }
 GATED_CLONES(avx2, "avx2")
 GATED_CLONES(avx512, "avx2,avx512f")
@@ -104,8 +109,7 @@ void gated_act_row(int kind, const float *gu, int F, float limit, float *out) {
         return;
     }
 #endif
-    if (kind == ACT_GEGELU) gegelu_row(gu, F, limit, out);
-    else swiglu_row(gu, F, out);
+    gated_body(kind, gu, F, limit, out);
 }
 
 static void norm_task(void *ctx, int chunk, int n_chunks) {
