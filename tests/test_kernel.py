@@ -172,16 +172,20 @@ def test_matmul_equals_matvecs(t: Q | str, path: str, M: int) -> None:
 TWO_BY_TWO = {("neon_i8mm", Q.Q4_0), ("neon_i8mm", Q.Q4_1), ("neon_i8mm", Q.Q8_0)}
 
 
+PACKED = ["packed Q4_0", "packed Q8_0", "packed Q4_K"]
+# K = 3072 (6 packed groups): the row length whose packed Q4_0 blocks run fully unrolled (dot_avx512.c)
+SMALL_BATCH_CASES = [(t, K) for t in [*TYPES, *PACKED]] + [(t, 3072) for t in PACKED]
+
+
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("t", [*TYPES, "packed Q4_0", "packed Q8_0", "packed Q4_K"],
-                         ids=lambda t: getattr(t, "name", t))
-def test_small_batches_equal_matvecs_bit_for_bit(t: Q | str, path: str) -> None:
+@pytest.mark.parametrize(("t", "kdim"), SMALL_BATCH_CASES, ids=lambda v: str(getattr(v, "name", v)))
+def test_small_batches_equal_matvecs_bit_for_bit(t: Q | str, kdim: int, path: str) -> None:
     """M = 2..15 activation rows (a verify's or a short prompt's batch): each row of the batched
     product is the matvec of that row bit for bit (the multi-activation kernels reproduce the single
     dot's float order; row by row it is the same dot), so a verify of K tokens gives the logits of K
     decode steps; and it agrees with float64 dequantize-then-matmul (gguf-py) on the kernel's int8
     activations."""
-    rows = 43  # not a multiple of any kernel's row block: a chunk's last rows one at a time
+    rows, K = 43, kdim  # 43: not a multiple of any kernel's row block: a chunk's last rows one at a time
     src_t = Q[t.split()[1]] if isinstance(t, str) else t
     raw = make_weights(src_t, rows, K, seed=23, source="random" if src_t in (Q.Q4_K, Q.Q6_K) else "oracle")
     W = dequant(raw, src_t)
