@@ -72,6 +72,8 @@ from .packed_cache import packed_matrices
 DENSE_TYPES = {int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)}
 KERNEL_TYPES = kern.KERNEL_TYPES  # the block types the C kernel runs (its own table, checked against formats)
 DEFAULT_BATCH = 256      # prompt tokens per prefill chunk (bounds prefill temporaries)
+ROWS_IN_C = 16           # up to this many tokens (a verify, a short prompt) go through all layers in one
+                         # kernel call: the per-layer Python loop costs ~50 us a layer, a decode step's 2 %
 LONGROPE_POLICIES = ("context", "sequence")
 NORM_KINDS = {"rms": 0, "layer": 1}          # the kernel's NORM_* / ACT_* codes (kernel.h)
 ACTIVATION_KINDS = {"swiglu": 0, "gegelu": 1}
@@ -344,6 +346,8 @@ class Model:
         try:
             if arr.size == 1 and not all_logits and self._decode_plan() is not None:
                 logits = self._decode_one(int(arr[0]))
+            elif arr.size <= ROWS_IN_C and self._decode_plan() is not None:
+                logits = self._forward_rows(arr, all_logits)
             else:
                 outs = []
                 for c0 in range(0, arr.size, self.batch):
@@ -416,6 +420,22 @@ class Model:
         scales = (self.cache.k_scale, self.cache.v_scale) if self.cache.kind == "int8" else ()
         self._plan = (self.cache.k, _kernel.decode_plan(layers, dims, self.cache.k, self.cache.v, *scales))
         return self._plan[1]
+
+    def _forward_rows(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        """A few tokens (a verify, a short prompt) through every layer in one kernel call, then the
+        head: logits [T, V] with all_logits, else [V] of the last; the same bits as _forward_chunk."""
+        pos, t = self.cache.length, ids.size
+        cos_t, sin_t = self._rope[self._use_long(pos + t)]
+        h = np.ascontiguousarray(self.embed(ids), dtype=np.float32)        # [T, D]
+        clock = time.perf_counter
+        t0 = clock()
+        _kernel.forward_rows(self._decode_plan(), h, np.ascontiguousarray(cos_t[pos:pos + t]),
+                             np.ascontiguousarray(sin_t[pos:pos + t]), pos)
+        logits = self._head(h if all_logits else h[-1:])
+        self._kernel_seconds += clock() - t0
+        self.cache.length = pos + t
+        self.tokens.extend(int(x) for x in ids)
+        return logits if all_logits else logits[-1]
 
     # ------------------------------------------------------------------ a prompt chunk (T >= 1)
 

@@ -87,6 +87,10 @@ class Followers:
             self.unique = False
 
 
+KEY_BITS = 32  # an n-gram's dictionary key: its token ids as digits in base 2**32 (ints hash faster
+               # than tuples; drafting runs once per generated token)
+
+
 class NGramIndex:
     """The tokens so far and, per n-gram length, what followed each n-gram: the position after its
     one occurrence (an int: most n-grams occur once), or `Followers` once it recurs. Updates and
@@ -97,14 +101,21 @@ class NGramIndex:
             raise PocketLMError(f"n-gram lengths must satisfy 1 <= n_min <= n_max, got {n_min}, {n_max}")
         self.n_min, self.n_max = n_min, n_max
         self.seq: list[int] = []
-        self._grams: dict[int, dict[tuple[int, ...], int | Followers]] = {n: {} for n in range(n_min, n_max + 1)}
+        self._grams: dict[int, dict[int, int | Followers]] = {n: {} for n in range(n_min, n_max + 1)}
+        self._tail = [0] * (n_max + 1)  # [n]: the key of the last n tokens (n <= len(seq))
+
+    def _advance(self, tail: list[int], length: int, token: int) -> None:
+        """tail (the keys after `length` tokens) -> the keys after one more, `token`."""
+        for n in range(min(self.n_max, length + 1), 1, -1):
+            tail[n] = (tail[n - 1] << KEY_BITS) | token
+        tail[1] = token
 
     def append(self, token: int) -> None:
-        seq, end, token = self.seq, len(self.seq), int(token)
-        for n, table in self._grams.items():
-            if end < n:
-                continue
-            gram = tuple(seq[end - n:end])      # now followed by `token` at position `end`
+        seq, end, token, tail = self.seq, len(self.seq), int(token), self._tail
+        if not 0 <= token < 1 << KEY_BITS:
+            raise PocketLMError(f"token id {token} is out of range [0, 2**{KEY_BITS})")
+        for n in range(self.n_min, min(self.n_max, end) + 1):
+            table, gram = self._grams[n], tail[n]  # the last n tokens, now followed by `token` at `end`
             f = table.get(gram)
             if f is None:
                 table[gram] = end
@@ -113,40 +124,40 @@ class NGramIndex:
             else:                               # its second occurrence
                 table[gram] = f = Followers(f, seq[f])
                 f.add(end, token)
+        self._advance(tail, end, token)
         seq.append(token)
 
     def extend(self, tokens: list[int]) -> None:
         for t in tokens:
             self.append(t)
 
-    def _longest_match(self, tail: list[int]) -> tuple[int | Followers, int] | None:
-        """What followed the longest suffix of `tail` (n_max down to n_min tokens) that occurred
-        before, and that suffix's length."""
-        for n in range(min(self.n_max, len(tail)), self.n_min - 1, -1):
-            f = self._grams[n].get(tuple(tail[len(tail) - n:]))
-            if f is not None:
-                return f, n
-        return None
-
     def draft(self, k: int) -> tuple[list[int], int]:
         """(up to k tokens guessed to come next, the length of the n-gram that gave the first), or
         ([], 0) when no suffix occurred before. Each step looks up the text plus the draft so far:
-        the most frequent follower of the longest matching n-gram when no other token followed it
-        as often and it differs from what followed the n-gram's most recent occurrence, else the
-        tokens that followed that occurrence, up to the end of the text."""
+        the most frequent follower of the longest matching n-gram (n_max down to n_min tokens) when
+        no other token followed it as often and it differs from what followed the n-gram's most
+        recent occurrence, else the tokens that followed that occurrence, up to the end of the text."""
         seq, out, first_n = self.seq, [], 0
+        tail, length = self._tail, len(seq)  # the keys of the text + draft (copied once it grows)
         while len(out) < k:
-            found = self._longest_match((seq[-self.n_max:] + out)[-self.n_max:])
-            if found is None:
+            for n in range(min(self.n_max, length), self.n_min - 1, -1):
+                f = self._grams[n].get(tail[n])
+                if f is not None:
+                    break
+            else:
                 break
-            f, n = found
             first_n = first_n or n
-            if isinstance(f, Followers):
-                if f.unique and f.leader != seq[f.pos]:
-                    out.append(f.leader)
-                    continue
-                f = f.pos
-            out.extend(seq[f:f + k - len(out)])  # f < len(seq): at least one token
+            if isinstance(f, Followers) and f.unique and f.leader != seq[f.pos]:
+                new = [f.leader]
+            else:
+                pos = f.pos if isinstance(f, Followers) else f
+                new = seq[pos:pos + k - len(out)]  # pos < len(seq): at least one token
+            out += new
+            if len(out) < k:
+                tail = list(tail) if tail is self._tail else tail
+                for t in new:
+                    self._advance(tail, length, t)
+                    length += 1
         return out, first_n
 
 
@@ -171,6 +182,7 @@ class VerifyCost:
         self.slope = prior_slope
         self._memo: dict[int, float] = {}
         self._cheapest: dict[int, float] = {}
+        self._best_rate: dict[int, float] = {}
         self.idle = 0  # one-token forwards since the last batch was measured
         self._step_seconds: float | None = None  # running one-token forward time
 
@@ -190,6 +202,17 @@ class VerifyCost:
         if c is None:
             c = self._cheapest[t_max] = min(self(t) for t in range(2, max(t_max, 2) + 1))
         return c
+
+    def best_rate(self, t_max: int) -> float:
+        """The most tokens per unit cost any batch of 2 <= T <= t_max tokens could give, max T / c(T)
+        (every one of its drafts kept)."""
+        if self.table is None:  # T / (1 + s (T - 1)) is monotonic in T: its maximum is at an end
+            s, t = self.slope, max(t_max, 2)
+            return max(2.0 / (1.0 + s), t / (1.0 + s * (t - 1)))
+        r = self._best_rate.get(t_max)
+        if r is None:
+            r = self._best_rate[t_max] = max(t / self(t) for t in range(2, max(t_max, 2) + 1))
+        return r
 
     def _interpolate(self, t: int) -> float:
         xs = [p[0] for p in self.table]
@@ -332,9 +355,11 @@ class LookupSpeculator:
         if n_draft == 0:
             return 0
         a, best, best_k, expected = self.alpha[n], MIN_GAIN, 0, 1.0
-        # no k pays when even endless kept drafts (1 / (1 - a) tokens) at the cheapest batch do not:
-        # the common case of a backed-off controller, decided without the loop
-        hopeless = a < 1.0 and 1.0 / (1.0 - a) <= MIN_GAIN * self.cost.cheapest(n_draft + 1)
+        # no k pays when a batch with every draft kept (k + 1 tokens) does not, or endless kept drafts
+        # (1 / (1 - a) tokens) at the cheapest batch do not: the common case of a backed-off
+        # controller, decided without the loop
+        hopeless = (self.cost.best_rate(n_draft + 1) <= MIN_GAIN
+                    or (a < 1.0 and 1.0 / (1.0 - a) <= MIN_GAIN * self.cost.cheapest(n_draft + 1)))
         for k in range(1, 0 if hopeless else n_draft + 1):
             expected += a ** k            # E[tokens] = 1 + a + ... + a^k (geometric acceptance)
             gain = expected / self.cost(k + 1)

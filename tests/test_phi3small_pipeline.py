@@ -107,6 +107,12 @@ def test_quantized_files_run_in_the_decode_step(folder, tmp_path, recipe, method
     model.forward(ids[:40])
     got = np.stack([model.forward([t]) for t in ids[40:]])
     assert rel_error(got, want[40:]) < INT8_ACT_TOL
+    # a few rows at a time in one kernel call (a verify) = the per-layer loop, bit for bit
+    loop = load(out, threads=2, ctx=64, kv="f32")
+    loop._decode_plan = lambda: None
+    model.reset()
+    for a, b in ((0, 7), (7, 16), (16, 32), (32, 35), (35, 48)):
+        np.testing.assert_array_equal(model.forward(ids[a:b], all_logits=True), loop.forward(ids[a:b], all_logits=True))
 
 
 def test_sparse_pattern_matters_in_the_runtime(folder, f32_file):

@@ -221,6 +221,31 @@ def test_kernel_decode_step_equals_the_chunk_loop(make_file, kind, kv):
     assert np.median(errors) < 1e-5 and max(errors) < INT8_ACT_TOL, errors
 
 
+@pytest.mark.parametrize("kv", ["f16", "f32", "int8"])
+@pytest.mark.parametrize("kind", ["gqa", "swa", "partial-longrope"])
+def test_kernel_rows_equal_the_chunk_loop_bit_for_bit(make_file, kind, kv):
+    """forward_rows (T tokens through every layer in one C call: a verify, a short prompt) against the
+    per-layer loop of kernel calls: the same calls in the same order, so the same logits and cache
+    rows bit for bit, across the window and the original context."""
+    path, cfg = make_file(kind, Q.Q4_0)
+    ids = prompt(cfg, 100, seed=11)
+    fused = load(path, threads=2, ctx=128, kv=kv, longrope="sequence")
+    loop = load(path, threads=2, ctx=128, kv=kv, longrope="sequence")
+    loop._decode_plan = lambda: None  # the chunk path
+    arrays = ["k", "v"] + (["k_scale", "v_scale"] if kv == "int8" else [])
+    pos = 0
+    for t in (2, 16, 5, 9, 1, 16, 3, 16, 7, 16):  # 91 positions: past the window (8) and the original context (64)
+        chunk = ids[pos:pos + t]
+        a, b = fused.forward(chunk, all_logits=True), loop.forward(chunk, all_logits=True)
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32), err_msg=f"{t} rows at {pos}")
+        for name in arrays:
+            np.testing.assert_array_equal(getattr(fused.cache, name)[:, :, :pos + t],
+                                          getattr(loop.cache, name)[:, :, :pos + t])
+        pos += t
+    last = fused.forward(ids[pos:pos + 4])          # the last row's logits only
+    np.testing.assert_array_equal(last, loop.forward(ids[pos:pos + 4]))
+
+
 def test_decode_plan_and_step_check_their_arguments(make_file):
     path, cfg = make_file("gqa", Q.Q4_0)
     model = load(path, threads=1, ctx=32)
@@ -252,6 +277,15 @@ def test_decode_plan_and_step_check_their_arguments(make_file):
         "outside the cache": lambda: _kernel.decode_step(plan, h, cos, sin, 32),
         "NaN or infinity": lambda: _kernel.decode_step(plan, np.full_like(h, np.nan), cos, sin, 0),
         "cos has": lambda: _kernel.decode_step(plan, h, cos[:-1], sin, 0),
+        r"positions 31..32 fit the cache's 32": lambda: _kernel.forward_rows(plan, np.ones((2, h.size), np.float32),
+                                                                            np.ones((2, cos.size), np.float32),
+                                                                            np.ones((2, cos.size), np.float32), 31),
+        r"h must be \[T, 64\]": lambda: _kernel.forward_rows(plan, np.ones((2, 63), np.float32), cos, sin, 0),
+        "NaN or infinity at element 65": lambda: _kernel.forward_rows(
+            plan, np.where(np.arange(128) == 65, np.nan, 1).astype(np.float32).reshape(2, 64),
+            np.ones((2, cos.size), np.float32), np.ones((2, cos.size), np.float32), 0),
+        "sin has": lambda: _kernel.forward_rows(plan, np.ones((2, h.size), np.float32),
+                                                np.ones((2, cos.size), np.float32), sin, 0),
     }
     for message, call in bad_plans.items():
         with pytest.raises((ValueError, TypeError), match=message):

@@ -107,6 +107,8 @@ def test_ngram_index_drafts_as_a_scan_does():
     index = spec.NGramIndex(1, 1)
     index.extend([1, 2, 1, 2, 1, 3, 1])
     assert index.draft(4) == ([2, 1, 3, 1], 1)   # 1 was followed by 2 twice, by 3 most recently
+    with pytest.raises(PocketLMError, match="token id -1 is out of range"):
+        index.append(-1)                         # the n-gram keys hold ids as base-2**32 digits
 
 
 def test_verify_cost_table_and_online_estimate():
@@ -158,12 +160,13 @@ def test_controller_shortcut_chooses_what_the_full_search_chooses():
                 best, best_k = expected / s.cost(k + 1), k
         return best_k
 
-    tables = [{2: 1.08, 3: 1.07, 4: 1.07, 5: 1.23, 9: 1.97}, {2: 1.4, 4: 1.2, 9: 3.5}, {2: 0.9, 9: 1.2}, None]
+    tables = [{2: 1.08, 3: 1.07, 4: 1.07, 5: 1.23, 9: 1.97}, {2: 1.4, 4: 1.2, 9: 3.5}, {2: 0.9, 9: 1.2},
+              {2: 1.9, 5: 4.8, 9: 8.7}, None]
     for table in tables:
-        for slope in (0.0, 0.05, 0.5, 1.2):
+        for slope in (0.0, 0.05, 0.5, 0.9, 0.95, 1.2, 2.2):  # 2 / (1 + slope) <= MIN_GAIN from ~0.905
             s = spec.LookupSpeculator(8, costs=table)
             s.cost.slope = slope
-            for a in np.linspace(0.0, 0.99, 34):
+            for a in [*np.linspace(0.0, 0.99, 34), 1.0]:
                 s.alpha[1] = float(a)
                 for n_draft in range(1, 9):
                     assert s.choose(n_draft, 1) == searched(s, n_draft, float(a)), (table, slope, a, n_draft)

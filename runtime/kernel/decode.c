@@ -9,6 +9,7 @@
  *   x = norm(h);  [g | u] = W_gate_up x + b;  h += W_down act(g, u) + b     (act: SwiGLU or GeGELU)
  */
 #include <math.h>
+#include <stdlib.h>
 
 #include "kernel.h"
 
@@ -131,6 +132,59 @@ int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *
         for (int j = 0; j < D; j++) h[j] += proj[j];
     }
     return 0;
+}
+
+/* Y [T, rows] = X W^T (+ b per row). */
+static int matmul(const batch_kernels *bk, const dec_linear *l, const float *X, int T, float *Y) {
+    if (run_matmul(bk->table, bk->table2, bk->gemm, l->t, l->w, l->rows, l->K, X, T, Y)) return -1;
+    if (l->bias)
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < l->rows; j++) Y[(size_t)t * l->rows + j] += l->bias[j];
+    return 0;
+}
+
+static void add_rows(float *h, const float *y, size_t n) {
+    for (size_t j = 0; j < n; j++) h[j] += y[j];
+}
+
+int run_forward_rows(const batch_kernels *bk, int simd, const decode_plan *p, float *h, int T, const float *cos,
+                     const float *sin, int pos) {
+    const int D = p->D, H = p->H, KV = p->KV, hd = p->hd, F = p->F, W = (H + 2 * KV) * hd;
+    float *mem = malloc(sizeof(float) * (size_t)T * ((size_t)2 * D + W + (size_t)H * hd + 3 * (size_t)F));
+    if (!mem) return -1;
+    float *x = mem, *qkv = x + (size_t)T * D, *attn = qkv + (size_t)T * W, *proj = attn + (size_t)T * H * hd;
+    float *gu = proj + (size_t)T * D, *act = gu + (size_t)T * 2 * F;
+    static const size_t ELEM[3] = {4, 2, 1};
+    const size_t layer_cache = (size_t)KV * p->n_ctx * hd * ELEM[p->kv_kind], layer_scales = (size_t)KV * p->n_ctx;
+    const int i8 = p->kv_kind == KV_I8;
+    int rc = 0;
+    for (int i = 0; i < p->n_layers && rc == 0; i++) {
+        const dec_layer *L = &p->layers[i];
+        char *kc = (char *)p->k_cache + i * layer_cache, *vc = (char *)p->v_cache + i * layer_cache;
+        uint16_t *ks = i8 ? p->k_scale + i * layer_scales : NULL, *vs = i8 ? p->v_scale + i * layer_scales : NULL;
+        run_norm_rows(p->norm, h, L->attn_norm, L->attn_norm_b, T, D, p->eps, x);
+        if ((rc = matmul(bk, &L->qkv, x, T, qkv))) break;
+        run_rope_rows(qkv, T, W, H + KV, hd, p->rot, cos, sin); /* q and k heads */
+        for (int t = 0; t < T; t++) {
+            const float *row = qkv + (size_t)t * W;
+            kv_store_pos(p->kv_kind, simd, kc, vc, ks, vs, KV, p->n_ctx, hd, pos + t, row + (size_t)H * hd,
+                         row + (size_t)(H + KV) * hd);
+        }
+        const attention_args a = {.q = qkv, .q_stride = W, .k = kc, .v = vc, .k_scale = ks, .v_scale = vs,
+                                  .out = attn, .H = H, .KV = KV, .hd = hd, .n_ctx = p->n_ctx,
+                                  .kind = p->kv_kind, .T = T, .pos = pos, .window = p->window,
+                                  .scale = p->attn_scale, .sparse = L->sparse.block ? &L->sparse : NULL};
+        if ((rc = run_attention(&a, simd))) break;
+        if ((rc = matmul(bk, &L->o, attn, T, proj))) break;
+        add_rows(h, proj, (size_t)T * D);
+        run_norm_rows(p->norm, h, L->ffn_norm, L->ffn_norm_b, T, D, p->eps, x);
+        if ((rc = matmul(bk, &L->gate_up, x, T, gu))) break;
+        run_gated_act_rows(p->act, gu, T, F, p->act_limit, act);
+        if ((rc = matmul(bk, &L->down, act, T, proj))) break;
+        add_rows(h, proj, (size_t)T * D);
+    }
+    free(mem);
+    return rc;
 }
 
 size_t decode_scratch_floats(const decode_plan *p) {

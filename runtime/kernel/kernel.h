@@ -349,6 +349,17 @@ void kv_store_pos(int kind, int simd, void *k_cache, void *v_cache, uint16_t *k_
                   int n_ctx, int hd, int pos, const float *k, const float *v);
 int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *h, const float *cos,
                     const float *sin, int pos);
+/* The batched kernels a path runs run_matmul with. */
+typedef struct {
+    const dot_fn *table;
+    const dot2x2_fn *table2;
+    const gemm_kernel *gemm;
+} batch_kernels;
+/* T rows through every layer (a verify's or a prompt chunk's): h [T, D] in place, cos, sin [T, rot/2]
+ * of positions pos..pos+T-1 (pos + T <= n_ctx); the same kernel calls in the same order as the
+ * per-layer Python loop (runtime/model.py, _forward_chunk), so the same bits. 0, or -1 on OOM. */
+int run_forward_rows(const batch_kernels *bk, int simd, const decode_plan *p, float *h, int T, const float *cos,
+                     const float *sin, int pos);
 
 /* exp(x) for float32, relative error below 3e-7 over [-87, 88] (finite inputs are clamped to it):
  * no library call and no branch (the clamps are arithmetic selects), so loops over it vectorize.

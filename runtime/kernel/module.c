@@ -738,6 +738,50 @@ static int get_f32_2d(PyObject *o, Py_buffer *v, int writable, const char *what,
     return 0;
 }
 
+/* forward_rows(plan, h [T, D], cos [T, rot/2], sin [T, rot/2], pos): T rows through every layer. */
+static PyObject *py_forward_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *po, *ho, *co, *so;
+    int pos, rc = 0, T, D;
+    if (!PyArg_ParseTuple(args, "OOOOi", &po, &ho, &co, &so, &pos)) return NULL;
+    if (!PyCapsule_IsValid(po, PLAN_CAPSULE)) {
+        PyErr_SetString(PyExc_TypeError, "plan must be built by decode_plan");
+        return NULL;
+    }
+    const decode_plan *pl = &((plan_holder *)PyCapsule_GetPointer(po, PLAN_CAPSULE))->plan;
+    Py_buffer h, c, s;
+    if (get_f32_2d(ho, &h, 1, "h", &T, &D) != 0) return NULL;
+    if (D != pl->D || pos < 0 || pos > pl->n_ctx - T) {
+        PyErr_Format(PyExc_ValueError, "h must be [T, %d] (got [%d, %d]) and positions %d..%d fit the cache's %d",
+                     pl->D, T, D, pos, pos + T - 1, pl->n_ctx);
+        goto fail_h;
+    }
+    if (get_f32(co, &c, (Py_ssize_t)T * (pl->rot / 2), 0, "cos") != 0) goto fail_h;
+    if (get_f32(so, &s, (Py_ssize_t)T * (pl->rot / 2), 0, "sin") != 0) goto fail_c;
+    if (check_finite(h.buf, (size_t)T * pl->D, "h") != 0) goto fail_s;
+    const batch_kernels bk = {ACTIVE_TABLE, ACTIVE_TABLE2, ACTIVE_GEMM};
+    const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_forward_rows(&bk, simd, pl, h.buf, T, c.buf, s.buf, pos);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_NoMemory();
+        goto fail_s;
+    }
+    if (check_finite(h.buf, (size_t)T * pl->D, "the hidden states after the layers") != 0) goto fail_s;
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&h);
+    Py_RETURN_NONE;
+fail_s:
+    PyBuffer_Release(&s);
+fail_c:
+    PyBuffer_Release(&c);
+fail_h:
+    PyBuffer_Release(&h);
+    return NULL;
+}
+
 /* norm(h [T, D], w [D], b [D] or None, eps, out [T, D]): RMSNorm without a bias, LayerNorm with one. */
 static PyObject *py_norm(PyObject *self, PyObject *args) {
     (void)self;
@@ -1018,6 +1062,8 @@ static PyMethodDef METHODS[] = {
     {"decode_plan", py_decode_plan, METH_VARARGS,
      "decode_plan(layers, dims, k_cache, v_cache[, k_scale, v_scale]): a decode-step plan"},
     {"decode_step", py_decode_step, METH_VARARGS, "decode_step(plan, h, cos, sin, pos): one token through every layer"},
+    {"forward_rows", py_forward_rows, METH_VARARGS,
+     "forward_rows(plan, h, cos, sin, pos): T rows h [T, D] through every layer (positions pos..pos+T-1)"},
     {"norm", py_norm, METH_VARARGS, "norm(h, w, b, eps, out): RMSNorm (b None) or LayerNorm of each row"},
     {"rope", py_rope, METH_VARARGS, "rope(x, n_heads, hd, cos, sin): NEOX RoPE in place on each row"},
     {"gated_act", py_gated_act, METH_VARARGS, "gated_act(gu, kind, limit, out): SwiGLU (0) or GeGELU (1) of each row"},
