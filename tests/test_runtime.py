@@ -277,9 +277,9 @@ def test_decode_plan_and_step_check_their_arguments(make_file):
         "outside the cache": lambda: _kernel.decode_step(plan, h, cos, sin, 32),
         "NaN or infinity": lambda: _kernel.decode_step(plan, np.full_like(h, np.nan), cos, sin, 0),
         "cos has": lambda: _kernel.decode_step(plan, h, cos[:-1], sin, 0),
-        r"positions 31..32 fit the cache's 32": lambda: _kernel.forward_rows(plan, np.ones((2, h.size), np.float32),
-                                                                            np.ones((2, cos.size), np.float32),
-                                                                            np.ones((2, cos.size), np.float32), 31),
+        r"positions 31..32 are outside the cache's 32": lambda: _kernel.forward_rows(
+            plan, np.ones((2, h.size), np.float32), np.ones((2, cos.size), np.float32),
+            np.ones((2, cos.size), np.float32), 31),
         r"h must be \[T, 64\]": lambda: _kernel.forward_rows(plan, np.ones((2, 63), np.float32), cos, sin, 0),
         "NaN or infinity at element 65": lambda: _kernel.forward_rows(
             plan, np.where(np.arange(128) == 65, np.nan, 1).astype(np.float32).reshape(2, 64),

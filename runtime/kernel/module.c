@@ -674,48 +674,6 @@ fail:
 }
 
 /* decode_step(plan, h, cos, sin, pos): h [D] float32 updated in place through every layer. */
-static PyObject *py_decode_step(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *po, *ho, *co, *so;
-    int pos, rc = 0;
-    if (!PyArg_ParseTuple(args, "OOOOi", &po, &ho, &co, &so, &pos)) return NULL;
-    if (!PyCapsule_IsValid(po, PLAN_CAPSULE)) {
-        PyErr_SetString(PyExc_TypeError, "plan must be built by decode_plan");
-        return NULL;
-    }
-    const decode_plan *pl = &((plan_holder *)PyCapsule_GetPointer(po, PLAN_CAPSULE))->plan;
-    if (pos < 0 || pos >= pl->n_ctx) {
-        PyErr_Format(PyExc_ValueError, "position %d is outside the cache's %d positions", pos, pl->n_ctx);
-        return NULL;
-    }
-    Py_buffer h, c, s;
-    if (get_f32(ho, &h, pl->D, 1, "h") != 0) return NULL;
-    if (get_f32(co, &c, pl->rot / 2, 0, "cos") != 0) goto fail_h;
-    if (get_f32(so, &s, pl->rot / 2, 0, "sin") != 0) goto fail_c;
-    if (check_finite(h.buf, (size_t)pl->D, "h") != 0) goto fail_s;
-    const dot_fn *table = ACTIVE_TABLE;
-    const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
-    Py_BEGIN_ALLOW_THREADS
-    rc = run_decode_step(table, simd, pl, h.buf, c.buf, s.buf, pos);
-    Py_END_ALLOW_THREADS
-    if (rc != 0) {
-        PyErr_NoMemory();
-        goto fail_s;
-    }
-    if (check_finite(h.buf, (size_t)pl->D, "the hidden state after the decode step") != 0) goto fail_s;
-    PyBuffer_Release(&s);
-    PyBuffer_Release(&c);
-    PyBuffer_Release(&h);
-    Py_RETURN_NONE;
-fail_s:
-    PyBuffer_Release(&s);
-fail_c:
-    PyBuffer_Release(&c);
-fail_h:
-    PyBuffer_Release(&h);
-    return NULL;
-}
-
 /* ---- prefill's element-wise steps ---------------------------------------------------------- */
 
 /* A 2-D C-contiguous float32 array: its buffer and shape. */
@@ -738,11 +696,11 @@ static int get_f32_2d(PyObject *o, Py_buffer *v, int writable, const char *what,
     return 0;
 }
 
-/* forward_rows(plan, h [T, D], cos [T, rot/2], sin [T, rot/2], pos): T rows through every layer. */
-static PyObject *py_forward_rows(PyObject *self, PyObject *args) {
-    (void)self;
+/* decode_step(plan, h [D], cos [rot/2], sin [rot/2], pos): one token through every layer;
+ * forward_rows(plan, h [T, D], cos [T, rot/2], sin [T, rot/2], pos): T tokens (positions pos..). */
+static PyObject *plan_forward(PyObject *args, int rows) {
     PyObject *po, *ho, *co, *so;
-    int pos, rc = 0, T, D;
+    int pos, rc = 0, T = 1, D;
     if (!PyArg_ParseTuple(args, "OOOOi", &po, &ho, &co, &so, &pos)) return NULL;
     if (!PyCapsule_IsValid(po, PLAN_CAPSULE)) {
         PyErr_SetString(PyExc_TypeError, "plan must be built by decode_plan");
@@ -750,10 +708,14 @@ static PyObject *py_forward_rows(PyObject *self, PyObject *args) {
     }
     const decode_plan *pl = &((plan_holder *)PyCapsule_GetPointer(po, PLAN_CAPSULE))->plan;
     Py_buffer h, c, s;
-    if (get_f32_2d(ho, &h, 1, "h", &T, &D) != 0) return NULL;
-    if (D != pl->D || pos < 0 || pos > pl->n_ctx - T) {
-        PyErr_Format(PyExc_ValueError, "h must be [T, %d] (got [%d, %d]) and positions %d..%d fit the cache's %d",
-                     pl->D, T, D, pos, pos + T - 1, pl->n_ctx);
+    if (rows ? get_f32_2d(ho, &h, 1, "h", &T, &D) : get_f32(ho, &h, pl->D, 1, "h")) return NULL;
+    if (rows && D != pl->D) {
+        PyErr_Format(PyExc_ValueError, "h must be [T, %d] (got [%d, %d])", pl->D, T, D);
+        goto fail_h;
+    }
+    if (pos < 0 || pos > pl->n_ctx - T) {
+        PyErr_Format(PyExc_ValueError, "positions %d..%d are outside the cache's %d positions", pos, pos + T - 1,
+                     pl->n_ctx);
         goto fail_h;
     }
     if (get_f32(co, &c, (Py_ssize_t)T * (pl->rot / 2), 0, "cos") != 0) goto fail_h;
@@ -762,13 +724,14 @@ static PyObject *py_forward_rows(PyObject *self, PyObject *args) {
     const batch_kernels bk = {ACTIVE_TABLE, ACTIVE_TABLE2, ACTIVE_GEMM};
     const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
     Py_BEGIN_ALLOW_THREADS
-    rc = run_forward_rows(&bk, simd, pl, h.buf, T, c.buf, s.buf, pos);
+    rc = rows ? run_forward_rows(&bk, simd, pl, h.buf, T, c.buf, s.buf, pos)
+              : run_decode_step(bk.table, simd, pl, h.buf, c.buf, s.buf, pos);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_NoMemory();
         goto fail_s;
     }
-    if (check_finite(h.buf, (size_t)T * pl->D, "the hidden states after the layers") != 0) goto fail_s;
+    if (check_finite(h.buf, (size_t)T * pl->D, "the hidden state after the layers") != 0) goto fail_s;
     PyBuffer_Release(&s);
     PyBuffer_Release(&c);
     PyBuffer_Release(&h);
@@ -780,6 +743,16 @@ fail_c:
 fail_h:
     PyBuffer_Release(&h);
     return NULL;
+}
+
+static PyObject *py_decode_step(PyObject *self, PyObject *args) {
+    (void)self;
+    return plan_forward(args, 0);
+}
+
+static PyObject *py_forward_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    return plan_forward(args, 1);
 }
 
 /* norm(h [T, D], w [D], b [D] or None, eps, out [T, D]): RMSNorm without a bias, LayerNorm with one. */
