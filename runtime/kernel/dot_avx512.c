@@ -42,50 +42,59 @@ INLINE __m512 scale_pair(float s0, float s1) {
 
 /* Q4_0 / Q4_1 in the raw GGUF layout: the 18/20-byte block stride defeats wide loads, so this
  * works per block in 256-bit registers (measured faster than pairing blocks in 512-bit ones, which
- * costs extra shuffles); VNNI fuses the AVX2 path's maddubs + madd. Four accumulators hide the FMA
- * latency. */
-INLINE float q4_generic(const uint8_t *row, const q8_act *a, int n, int bsz, int has_m) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float corr = 0.0f;
+ * costs extra shuffles); VNNI fuses the AVX2 path's maddubs + madd. Four accumulators per
+ * activation hide the FMA latency. M activations (a constant after inlining, at most MAX_RAW_ACTS)
+ * share each block's unpacked codes; each gets the single dot's operations in the same order (the
+ * single dot is M = 1), so a batch's results are its matvecs' bit for bit. */
+#define MAX_RAW_ACTS 3
+
+/* Block b (its bytes at k) of M activations into accumulator `slot` of each. */
+INLINE void q4_block(const uint8_t *k, const q8_act *acts, int M, int b, int qoff, int has_m,
+                     __m256 acc[MAX_RAW_ACTS][4], float corr[MAX_RAW_ACTS], int slot) {
+    const __m256i w = _mm256_and_si256(spread_nibbles(k + qoff), _mm256_set1_epi8(0x0F));
+    const float d = half(k), c = has_m ? half(k + 2) : d;
+    for (int m = 0; m < M; m++) {
+        const q8_act *a = &acts[m];
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, _mm256_loadu_si256((const __m256i *)(a->qs + b * QK)));
+        acc[m][slot] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a->d[b]), acc[m][slot]);
+        corr[m] += c * a->s[b];
+    }
+}
+
+INLINE void q4_generic(const uint8_t *row, const q8_act *acts, int M, int n, int bsz, int has_m, float *out,
+                       size_t os) {
+    __m256 acc[MAX_RAW_ACTS][4];
+    float corr[MAX_RAW_ACTS];
+    for (int m = 0; m < M; m++) {
+        for (int u = 0; u < 4; u++) acc[m][u] = _mm256_setzero_ps();
+        corr[m] = 0.0f;
+    }
     const int qoff = has_m ? 4 : 2;
     int i = 0;
     for (; i + 3 < n; i += 4) {
         prefetch_ahead(row, i, bsz);
-        for (int u = 0; u < 4; u++) {
-            const int b = (i + u);
-            const uint8_t *k = row + (size_t)b * bsz;
-            const __m256i w = _mm256_and_si256(spread_nibbles(k + qoff), m4);
-            const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
-                                                  _mm256_loadu_si256((const __m256i *)(a->qs + b * QK)));
-            const float d = half(k);
-            acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a->d[b]), acc[u]);
-            corr += (has_m ? half(k + 2) : d) * a->s[b];
-        }
+        for (int u = 0; u < 4; u++) q4_block(row + (size_t)(i + u) * bsz, acts, M, i + u, qoff, has_m, acc, corr, u);
     }
-    for (; i < n; i++) {
-        const int b = i;
-        const uint8_t *k = row + (size_t)b * bsz;
-        const __m256i w = _mm256_and_si256(spread_nibbles(k + qoff), m4);
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
-                                              _mm256_loadu_si256((const __m256i *)(a->qs + b * QK)));
-        const float d = half(k);
-        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a->d[b]), acc[0]);
-        corr += (has_m ? half(k + 2) : d) * a->s[b];
+    for (; i < n; i++) q4_block(row + (size_t)i * bsz, acts, M, i, qoff, has_m, acc, corr, 0); /* the tail: acc 0 */
+    for (int m = 0; m < M; m++) {
+        const __m256 all = _mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]));
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps(all, 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+        const float total = _mm_cvtss_f32(s4);
+        out[m * os] = has_m ? total + corr[m] : total - 8.0f * corr[m];
     }
-    const __m256 all = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps(all, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    const float total = _mm_cvtss_f32(s4);
-    return has_m ? total + corr : total - 8.0f * corr;
 }
 
 INLINE float q4_0(const uint8_t *row, const q8_act *a, int n) {
-    return q4_generic(row, a, n, 18, 0);
+    float out;
+    q4_generic(row, a, 1, n, 18, 0, &out, 1);
+    return out;
 }
 INLINE float q4_1(const uint8_t *row, const q8_act *a, int n) {
-    return q4_generic(row, a, n, 20, 1);
+    float out;
+    q4_generic(row, a, 1, n, 20, 1, &out, 1);
+    return out;
 }
 
 /* s8 x s8 with vpdpbusd: |w| (unsigned) times a carrying w's sign. */
@@ -588,6 +597,12 @@ INLINE void q6_k_acts(const uint8_t *row, size_t rb, const q8_act *acts, int n, 
 }
 
 DEFINE_DOTACTS(q6_k_dotacts, q6_k_acts, 1, 3) /* 1 x 3: 30 cycles per 512 values (1 x 4: 31) */
+#define Q4_0_RAW_ACTS(row, rb, acts, nb, R, M, out, os) q4_generic(row, acts, M, nb, 18, 0, out, os)
+#define Q4_1_RAW_ACTS(row, rb, acts, nb, R, M, out, os) q4_generic(row, acts, M, nb, 20, 1, out, os)
+/* Raw Q4_0 / Q4_1: matrices whose K is not a multiple of 512 keep the GGUF layout (kernel.py,
+ * should_repack), e.g. the built-in model's (hidden size 256). */
+DEFINE_DOTACTS(q4_0_raw_acts, Q4_0_RAW_ACTS, 1, MAX_RAW_ACTS)
+DEFINE_DOTACTS(q4_1_raw_acts, Q4_1_RAW_ACTS, 1, MAX_RAW_ACTS)
 
 TARGET static float dot_q6_k(const uint8_t *row, const q8_act *a, int nb) {
     float out;
@@ -609,7 +624,8 @@ const kernel_path path_avx512 = {
      * (selftest) until they beat AVX2 from DRAM. */
     .dot = {dot_q4_0, dot_q4_1, dot_q8_0, dot_q4_k, dot_q6_k, NULL, NULL, NULL},
     .fallback = "avx2",
-    .dotacts = {[SLOT_Q6_K] = q6_k_dotacts, [SLOT_Q4_0_PACKED] = q4_0_packed_acts, [SLOT_Q8_0_PACKED] = q8_0_packed_acts,
+    .dotacts = {[SLOT_Q4_0] = q4_0_raw_acts, [SLOT_Q4_1] = q4_1_raw_acts, [SLOT_Q6_K] = q6_k_dotacts,
+                [SLOT_Q4_0_PACKED] = q4_0_packed_acts, [SLOT_Q8_0_PACKED] = q8_0_packed_acts,
                 [SLOT_Q4_K_PACKED] = q4_k_packed_acts},
     /* where gemm_avx512 overtakes them (Zen 4, 1 and 2 threads, phi-3-mini shapes: the tiled path
      * lays the weights out again per call, so it needs many activations to pay; packed Q4_0 at
