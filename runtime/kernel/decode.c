@@ -1,7 +1,8 @@
-/* One decode step (one token) through every layer in C: the C forward of the model description
- * (pocketlm/config.py; pocketlm/reference.py is its numpy twin), so that the ~12 small operations
- * per layer neither cost Python time nor leave the memory bus idle between the matvecs, and the
- * thread pool never falls asleep in a step. KV cache fp16, fp32 or int8.
+/* One decode step (one token), or a few tokens at once (run_forward_rows: a verify, a short
+ * prompt), through every layer in C: the C forward of the model description (pocketlm/config.py;
+ * pocketlm/reference.py is its numpy twin), so that the ~12 small operations per layer neither cost
+ * Python time nor leave the memory bus idle between the matvecs, and the thread pool never falls
+ * asleep in a step. KV cache fp16, fp32 or int8.
  *
  * Per layer (h [D] is the residual stream, updated in place; "+ b" where the model has biases):
  *   x = norm(h);  qkv = W_qkv x + b;  rope(q), rope(k) (NEOX halves);  cache[pos] = k, v
