@@ -1,5 +1,5 @@
-/* One decode step (one token), or a few tokens at once (run_forward_rows: a verify, a short
- * prompt), through every layer in C: the C forward of the model description (pocketlm/config.py;
+/* A decode step (one token) or a few tokens at once (a verify, a short prompt) through every layer
+ * in C (run_forward_rows): the C forward of the model description (pocketlm/config.py;
  * pocketlm/reference.py is its numpy twin), so that the ~12 small operations per layer neither cost
  * Python time nor leave the memory bus idle between the matvecs, and the thread pool never falls
  * asleep in a step. KV cache fp16, fp32 or int8.
@@ -90,54 +90,12 @@ void kv_store_pos(int kind, int simd, void *k_cache, void *v_cache, uint16_t *k_
     }
 }
 
-static int matvec(const dot_fn *table, const dec_linear *l, const float *x, float *y) {
-    if (run_matvec(table, l->t, l->w, l->rows, l->K, x, y)) return -1;
-    if (l->bias)
-        for (int j = 0; j < l->rows; j++) y[j] += l->bias[j];
-    return 0;
-}
-
-int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *h, const float *cos,
-                    const float *sin, int pos) {
-    const int D = p->D, H = p->H, KV = p->KV, hd = p->hd, F = p->F;
-    float *x = p->scratch, *qkv = x + D, *attn = qkv + (size_t)(H + 2 * KV) * hd;
-    float *proj = attn + (size_t)H * hd, *gu = proj + D, *act = gu + 2 * (size_t)F;
-    static const size_t ELEM[3] = {4, 2, 1};
-    const size_t layer_cache = (size_t)KV * p->n_ctx * hd * ELEM[p->kv_kind], layer_scales = (size_t)KV * p->n_ctx;
-    for (int i = 0; i < p->n_layers; i++) {
-        const dec_layer *L = &p->layers[i];
-        norm_row(p->norm, h, L->attn_norm, L->attn_norm_b, D, p->eps, x);
-        if (matvec(table, &L->qkv, x, qkv)) return -1;
-        float *q = qkv, *k = qkv + (size_t)H * hd, *v = k + (size_t)KV * hd;
-        rope_row(q, H, hd, p->rot, cos, sin);
-        rope_row(k, KV, hd, p->rot, cos, sin);
-        const int i8 = p->kv_kind == KV_I8;
-        kv_store_pos(p->kv_kind, simd, (char *)p->k_cache + i * layer_cache, (char *)p->v_cache + i * layer_cache,
-                     i8 ? p->k_scale + i * layer_scales : NULL, i8 ? p->v_scale + i * layer_scales : NULL, KV,
-                     p->n_ctx, hd, pos, k, v);
-        const attention_args a = {.q = q, .q_stride = H * hd,
-                                  .k = (const char *)p->k_cache + i * layer_cache,
-                                  .v = (const char *)p->v_cache + i * layer_cache,
-                                  .k_scale = i8 ? p->k_scale + i * layer_scales : NULL,
-                                  .v_scale = i8 ? p->v_scale + i * layer_scales : NULL,
-                                  .out = attn, .H = H, .KV = KV, .hd = hd, .n_ctx = p->n_ctx,
-                                  .kind = p->kv_kind, .T = 1, .pos = pos, .window = p->window,
-                                  .scale = p->attn_scale, .sparse = L->sparse.block ? &L->sparse : NULL};
-        if (run_attention(&a, simd)) return -1;
-        if (matvec(table, &L->o, attn, proj)) return -1;
-        for (int j = 0; j < D; j++) h[j] += proj[j];
-        norm_row(p->norm, h, L->ffn_norm, L->ffn_norm_b, D, p->eps, x);
-        if (matvec(table, &L->gate_up, x, gu)) return -1;
-        gated_act_row(p->act, gu, F, p->act_limit, act);
-        if (matvec(table, &L->down, act, proj)) return -1;
-        for (int j = 0; j < D; j++) h[j] += proj[j];
-    }
-    return 0;
-}
-
-/* Y [T, rows] = X W^T (+ b per row). */
-static int matmul(const batch_kernels *bk, const dec_linear *l, const float *X, int T, float *Y) {
-    if (run_matmul(bk->table, bk->table2, bk->gemm, l->t, l->w, l->rows, l->K, X, T, Y)) return -1;
+/* Y [T, rows] = X W^T (+ b per row): one row by the matvec (the decode step's kernels), more by
+ * the batched path (bit for bit the matvecs of its rows, kernel.h). */
+static int linear(const batch_kernels *bk, const dec_linear *l, const float *X, int T, float *Y) {
+    const int rc = T == 1 ? run_matvec(bk->table, l->t, l->w, l->rows, l->K, X, Y)
+                          : run_matmul(bk->table, bk->table2, bk->gemm, l->t, l->w, l->rows, l->K, X, T, Y);
+    if (rc) return -1;
     if (l->bias)
         for (int t = 0; t < T; t++)
             for (int j = 0; j < l->rows; j++) Y[(size_t)t * l->rows + j] += l->bias[j];
@@ -151,7 +109,8 @@ static void add_rows(float *h, const float *y, size_t n) {
 int run_forward_rows(const batch_kernels *bk, int simd, const decode_plan *p, float *h, int T, const float *cos,
                      const float *sin, int pos) {
     const int D = p->D, H = p->H, KV = p->KV, hd = p->hd, F = p->F, W = (H + 2 * KV) * hd;
-    float *mem = malloc(sizeof(float) * (size_t)T * ((size_t)2 * D + W + (size_t)H * hd + 3 * (size_t)F));
+    /* one row (a decode step) in the plan's scratch, more in their own */
+    float *mem = T == 1 ? p->scratch : malloc(sizeof(float) * (size_t)T * decode_scratch_floats(p));
     if (!mem) return -1;
     float *x = mem, *qkv = x + (size_t)T * D, *attn = qkv + (size_t)T * W, *proj = attn + (size_t)T * H * hd;
     float *gu = proj + (size_t)T * D, *act = gu + (size_t)T * 2 * F;
@@ -164,7 +123,7 @@ int run_forward_rows(const batch_kernels *bk, int simd, const decode_plan *p, fl
         char *kc = (char *)p->k_cache + i * layer_cache, *vc = (char *)p->v_cache + i * layer_cache;
         uint16_t *ks = i8 ? p->k_scale + i * layer_scales : NULL, *vs = i8 ? p->v_scale + i * layer_scales : NULL;
         run_norm_rows(p->norm, h, L->attn_norm, L->attn_norm_b, T, D, p->eps, x);
-        if ((rc = matmul(bk, &L->qkv, x, T, qkv))) break;
+        if ((rc = linear(bk, &L->qkv, x, T, qkv))) break;
         run_rope_rows(qkv, T, W, H + KV, hd, p->rot, cos, sin); /* q and k heads */
         for (int t = 0; t < T; t++) {
             const float *row = qkv + (size_t)t * W;
@@ -176,15 +135,15 @@ int run_forward_rows(const batch_kernels *bk, int simd, const decode_plan *p, fl
                                   .kind = p->kv_kind, .T = T, .pos = pos, .window = p->window,
                                   .scale = p->attn_scale, .sparse = L->sparse.block ? &L->sparse : NULL};
         if ((rc = run_attention(&a, simd))) break;
-        if ((rc = matmul(bk, &L->o, attn, T, proj))) break;
+        if ((rc = linear(bk, &L->o, attn, T, proj))) break;
         add_rows(h, proj, (size_t)T * D);
         run_norm_rows(p->norm, h, L->ffn_norm, L->ffn_norm_b, T, D, p->eps, x);
-        if ((rc = matmul(bk, &L->gate_up, x, T, gu))) break;
+        if ((rc = linear(bk, &L->gate_up, x, T, gu))) break;
         run_gated_act_rows(p->act, gu, T, F, p->act_limit, act);
-        if ((rc = matmul(bk, &L->down, act, T, proj))) break;
+        if ((rc = linear(bk, &L->down, act, T, proj))) break;
         add_rows(h, proj, (size_t)T * D);
     }
-    free(mem);
+    if (T != 1) free(mem);
     return rc;
 }
 

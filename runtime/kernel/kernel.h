@@ -340,24 +340,22 @@ typedef struct {
     float *scratch; /* decode_scratch_floats(plan) floats */
 } decode_plan;
 size_t decode_scratch_floats(const decode_plan *p);
-/* h [D] in place; cos, sin [rot/2] of position pos (0 <= pos < n_ctx). 0, or -1 on OOM. */
 /* The keys and values of one position (k, v: [KV * hd] float32) into one layer's cache [KV, n_ctx,
  * hd] of kind KV_* (int8: its fp16 scales [KV, n_ctx]), as KVCache.write (pocketlm/kv_cache.py)
  * stores them: fp16 rounded to nearest even; int8 codes rint(x / s) clipped to 127 with s =
  * fp16(amax / 127). simd: F16C on x86 (the same fp16 bits), else portable C. */
 void kv_store_pos(int kind, int simd, void *k_cache, void *v_cache, uint16_t *k_scale, uint16_t *v_scale, int KV,
                   int n_ctx, int hd, int pos, const float *k, const float *v);
-int run_decode_step(const dot_fn *table, int simd, const decode_plan *p, float *h, const float *cos,
-                    const float *sin, int pos);
 /* The batched kernels a path runs run_matmul with. */
 typedef struct {
     const dot_fn *table;
     const dot2x2_fn *table2;
     const gemm_kernel *gemm;
 } batch_kernels;
-/* T rows through every layer (a verify's or a prompt chunk's): h [T, D] in place, cos, sin [T, rot/2]
- * of positions pos..pos+T-1 (pos + T <= n_ctx); the same kernel calls in the same order as the
- * per-layer Python loop (runtime/model.py, _forward_chunk), so the same bits. 0, or -1 on OOM. */
+/* T rows through every layer (a decode step's one, a verify's or a short prompt's few): h [T, D] in
+ * place, cos, sin [T, rot/2] of positions pos..pos+T-1 (pos + T <= n_ctx); the same kernel calls in
+ * the same order as the per-layer Python loop (runtime/model.py, _forward_chunk), so the same bits;
+ * one row runs in the plan's scratch. 0, or -1 on OOM. */
 int run_forward_rows(const batch_kernels *bk, int simd, const decode_plan *p, float *h, int T, const float *cos,
                      const float *sin, int pos);
 

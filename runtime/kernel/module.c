@@ -486,7 +486,7 @@ fail_q:
     return NULL;
 }
 
-/* ---- decode plan: every layer's weights and the KV cache, held for run_decode_step --------- */
+/* ---- decode plan: every layer's weights and the KV cache, held for run_forward_rows -------- */
 
 typedef struct {
     decode_plan plan;
@@ -673,9 +673,6 @@ fail:
     return NULL;
 }
 
-/* decode_step(plan, h, cos, sin, pos): h [D] float32 updated in place through every layer. */
-/* ---- prefill's element-wise steps ---------------------------------------------------------- */
-
 /* A 2-D C-contiguous float32 array: its buffer and shape. */
 static int get_f32_2d(PyObject *o, Py_buffer *v, int writable, const char *what, int *rows, int *cols) {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND | (writable ? PyBUF_WRITABLE : 0);
@@ -724,8 +721,7 @@ static PyObject *plan_forward(PyObject *args, int rows) {
     const batch_kernels bk = {ACTIVE_TABLE, ACTIVE_TABLE2, ACTIVE_GEMM};
     const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
     Py_BEGIN_ALLOW_THREADS
-    rc = rows ? run_forward_rows(&bk, simd, pl, h.buf, T, c.buf, s.buf, pos)
-              : run_decode_step(bk.table, simd, pl, h.buf, c.buf, s.buf, pos);
+    rc = run_forward_rows(&bk, simd, pl, h.buf, T, c.buf, s.buf, pos);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_NoMemory();
@@ -754,6 +750,8 @@ static PyObject *py_forward_rows(PyObject *self, PyObject *args) {
     (void)self;
     return plan_forward(args, 1);
 }
+
+/* ---- prefill's element-wise steps ---------------------------------------------------------- */
 
 /* norm(h [T, D], w [D], b [D] or None, eps, out [T, D]): RMSNorm without a bias, LayerNorm with one. */
 static PyObject *py_norm(PyObject *self, PyObject *args) {

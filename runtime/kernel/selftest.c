@@ -523,8 +523,11 @@ static void test_decode_step(void) {
                     for (int i = 0; i < HD / 2; i++) cos[i] = cosf(0.1f * pos * (i + 1)), sin[i] = sinf(0.1f * pos * (i + 1));
                     memcpy(k[1], k[0], n_cache * elem), memcpy(v[1], v[0], n_cache * elem); /* same cache */
                     memcpy(ks[1], ks[0], n_cache / HD * 2), memcpy(vs[1], vs[0], n_cache / HD * 2);
-                    CHECK(run_decode_step(path_table("scalar"), 0, &plans[0], h[0], cos, sin, pos) == 0, "decode OOM");
-                    CHECK(run_decode_step(path_table(PATH_NAMES[p]), 1, &plans[1], h[1], cos, sin, pos) == 0, "decode OOM");
+                    const batch_kernels ref = {path_table("scalar"), path_table2x2("scalar"), path_gemm("scalar")};
+                    const batch_kernels got = {path_table(PATH_NAMES[p]), path_table2x2(PATH_NAMES[p]),
+                                               path_gemm(PATH_NAMES[p])};
+                    CHECK(run_forward_rows(&ref, 0, &plans[0], h[0], 1, cos, sin, pos) == 0, "decode OOM");
+                    CHECK(run_forward_rows(&got, 1, &plans[1], h[1], 1, cos, sin, pos) == 0, "decode OOM");
                     double scale = 0.0, err = 0.0;
                     for (int i = 0; i < D; i++) { /* plain compares: aarch64 gcc 12 ICEs vectorizing fmax here */
                         const double a = fabs(h[0][i]), e = fabs((double)h[0][i] - h[1][i]);
