@@ -8,10 +8,11 @@ pages).
     print(model.stats)
 
 Two paths, one forward (pocketlm/reference.py is the numpy original both are tested against):
-  * decode (T = 1, quantized linears): every layer in one kernel call (`_kernel.decode_step`,
-    runtime/kernel/decode.c: norms, biases, RoPE, cache write, attention over the fp16/fp32/int8
-    cache, the gated activation, residuals), so no Python runs between the matvecs;
-  * a prompt chunk (T >= 1; also decode for F16/F32 weights): per layer five kernel calls on the
+  * decode and a few tokens (T <= ROWS_IN_C, quantized linears: a decode step, a verify, a short
+    prompt): every layer in one kernel call (`_kernel.forward_rows`, runtime/kernel/decode.c:
+    norms, biases, RoPE, cache write, attention over the fp16/fp32/int8 cache, the gated
+    activation, residuals), so no Python runs between the matvecs;
+  * a prompt chunk (longer prompts; every T for F16/F32 weights): per layer five kernel calls on the
     thread pool (norm, qkv matmul + RoPE, attention over the cache, o, gate_up + activation, down):
         h += o(attention_i(rope(qkv(norm(h)))))      attention_i: dense, sliding window or block-sparse
         h += down(act(gate_up(norm(h))))              act: SwiGLU or GeGELU
@@ -170,11 +171,10 @@ class Model:
         self._kernel_seconds = 0.0
         self._repack = repack
         self._dense_attention = dense_attention
-        self._plan: tuple[np.ndarray, Any] | None = None  # (the cache's k array, decode_step plan)
+        self._plan: tuple[np.ndarray, Any] | None = None  # (the cache's k array, forward_rows plan)
         self._load_weights(validate is True)
         self.cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, n_ctx, cfg.head_dim, kv)
         self._init_rope(longrope)
-        self._h = np.zeros(cfg.hidden_size, np.float32)  # the decode step's residual stream
         self.tokenizer = _load_tokenizer(reader, path)
 
     # ------------------------------------------------------------------ loading
@@ -344,9 +344,7 @@ class Model:
                                 f"fit the context of {self.n_ctx} tokens (raise --ctx, at most "
                                 f"{self.cfg.max_position_embeddings} for this model)", self.path)
         try:
-            if arr.size == 1 and not all_logits and self._decode_plan() is not None:
-                logits = self._decode_one(int(arr[0]))
-            elif arr.size <= ROWS_IN_C and self._decode_plan() is not None:
+            if arr.size <= ROWS_IN_C and self._decode_plan() is not None:
                 logits = self._forward_rows(arr, all_logits)
             else:
                 outs = []
@@ -385,22 +383,7 @@ class Model:
         from .generate import generate
         return generate(self, prompt, **kwargs)
 
-    # ------------------------------------------------------------------ the decode step (T = 1)
-
-    def _decode_one(self, token: int) -> np.ndarray:
-        """Every layer in one kernel call, then the head: logits [V] (a new array)."""
-        pos = self.cache.length
-        cos_t, sin_t = self._rope[self._use_long(pos + 1)]
-        h = self._h
-        h[:] = self.embed(np.array([token]))[0]
-        clock = time.perf_counter
-        t = clock()
-        _kernel.decode_step(self._decode_plan(), h, cos_t[pos], sin_t[pos], pos)
-        logits = self._head(h[None])[0]
-        self._kernel_seconds += clock() - t
-        self.cache.length = pos + 1
-        self.tokens.append(token)
-        return logits
+    # ------------------------------------------------------------------ the decode step and a few tokens
 
     def _decode_plan(self) -> Any:
         """The kernel's decode-step plan (weights, norms, biases, patterns, KV cache), or None where
@@ -422,8 +405,9 @@ class Model:
         return self._plan[1]
 
     def _forward_rows(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
-        """A few tokens (a verify, a short prompt) through every layer in one kernel call, then the
-        head: logits [T, V] with all_logits, else [V] of the last; the same bits as _forward_chunk."""
+        """A decode step or a few tokens (a verify, a short prompt) through every layer in one kernel
+        call, then the head: logits [T, V] with all_logits, else [V] of the last (a new array); the
+        same bits as _forward_chunk."""
         pos, t = self.cache.length, ids.size
         cos_t, sin_t = self._rope[self._use_long(pos + t)]
         h = np.ascontiguousarray(self.embed(ids), dtype=np.float32)        # [T, D]
