@@ -265,7 +265,7 @@ DEFINE_PACKED(dot_q4_k_packed, q4_k_packed_rows)
  * the Q4_0 offset is folded into the integer sums (as in the AVX2 dot) rather than a third. */
 
 #define MAX_ROWS 4 /* the largest block of any type below */
-#define MAX_ACTS 4
+#define MAX_ACTS 6 /* Q6_K's 1 x 6 */
 #define PREFETCH_BLOCKS 2 /* row blocks ahead (measured: more than 1 streams better from DRAM) */
 enum { PK_Q4_0, PK_Q8_0, PK_Q4_K };
 
@@ -460,6 +460,7 @@ INLINE void packed_acts(const uint8_t *row, size_t rb, const q8_act *acts, int n
         break;
 #define ACTS_SWITCH(body, row, out, R, amax)                                                       \
     switch (M) {                                                                                   \
+        ACTS_CASE(body, row, out, R, 6, amax) ACTS_CASE(body, row, out, R, 5, amax)                \
         ACTS_CASE(body, row, out, R, 4, amax) ACTS_CASE(body, row, out, R, 3, amax)                \
         ACTS_CASE(body, row, out, R, 2, amax) default : body(row, rb, acts, nb, R, 1, out, os);    \
     }
@@ -582,9 +583,10 @@ INLINE void q6k_codes(const uint8_t *blk, int h, __m512i q[2]) {
 
 /* Q6_K (same integers as dot_scalar.c): codes 0..63 (u8) x s8 pair sums (`vpmaddubsw`, at most
  * 2 * 63 * 127, no saturation) times the int8 scales of the 16-value sub-blocks spread per i16
- * lane (`vpermw`), accumulated by `vpdpwssd` (VNNI: `vpmaddwd` + `vpaddd` in one op) in two
- * chains per activation, the first starting from -32 * sum_j sc_j * bsums_j (the codes' offset,
- * 8 lanes); per super-block one int->float conversion and FMA. Every int32 lane holds the sum
+ * lane (`vpermw`), accumulated by `vpdpwssd` (VNNI: `vpmaddwd` + `vpaddd` in one op) in one
+ * chain per activation starting from -32 * sum_j sc_j * bsums_j (the codes' offset, 8 lanes); per
+ * super-block one int->float conversion and FMA. (Two chains per activation, as before, cost a
+ * zeroing and an add each: at M = 3, 26.9 -> 25.0 cycles per activation x 512 values with one.) Every int32 lane holds the sum
  * the previous kernel (maddubs, madd, add, offset subtracted) gave it, so the results are bit
  * for bit the same. The codes and scale vectors are built once per super-block for M activations
  * (R = 1 row; the single dot is M = 1). One thread, 96 rows of K = 3072 in L2, Zen 4 at 3.67 GHz:
@@ -608,11 +610,10 @@ INLINE void q6_k_acts(const uint8_t *row, size_t rb, const q8_act *acts, int n, 
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
         const __m512i scz = _mm512_castsi256_si512(sc16);
         const __m256i sc_off = _mm256_mullo_epi16(sc16, _mm256_set1_epi16(-32));
-        __m512i s[MAX_ACTS][2];
+        __m512i s[MAX_ACTS];
         for (int m = 0; m < M; m++) {
             const __m256i off = _mm256_madd_epi16(sc_off, _mm256_loadu_si256((const __m256i *)(acts[m].bsums + b * 16)));
-            s[m][0] = _mm512_zextsi256_si512(off);
-            s[m][1] = _mm512_setzero_si512();
+            s[m] = _mm512_zextsi256_si512(off);
         }
         for (int h = 0; h < 2; h++) {
             __m512i q[2];
@@ -620,19 +621,21 @@ INLINE void q6_k_acts(const uint8_t *row, size_t rb, const q8_act *acts, int n, 
             const __m512i s0 = _mm512_permutexvar_epi16(idx[2 * h], scz), s1 = _mm512_permutexvar_epi16(idx[2 * h + 1], scz);
             for (int m = 0; m < M; m++) {
                 const int8_t *aq = acts[m].qs + (size_t)b * QK_K + 128 * h;
-                s[m][h] = _mm512_dpwssd_epi32(s[m][h], _mm512_maddubs_epi16(q[0], _mm512_loadu_si512(aq)), s0);
-                s[m][h] = _mm512_dpwssd_epi32(s[m][h], _mm512_maddubs_epi16(q[1], _mm512_loadu_si512(aq + 64)), s1);
+                s[m] = _mm512_dpwssd_epi32(s[m], _mm512_maddubs_epi16(q[0], _mm512_loadu_si512(aq)), s0);
+                s[m] = _mm512_dpwssd_epi32(s[m], _mm512_maddubs_epi16(q[1], _mm512_loadu_si512(aq + 64)), s1);
             }
         }
         const float d = half(blk + 208);
         for (int m = 0; m < M; m++)
-            acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(d * acts[m].d[b]), _mm512_cvtepi32_ps(_mm512_add_epi32(s[m][0], s[m][1])),
+            acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(d * acts[m].d[b]), _mm512_cvtepi32_ps(s[m]),
                                      acc[m]);
     }
     for (int m = 0; m < M; m++) out[m * os] = _mm512_reduce_add_ps(acc[m]);
 }
 
-DEFINE_DOTACTS(q6_k_dotacts, q6_k_acts, 1, 3) /* 1 x 3: 30 cycles per 512 values (1 x 4: 31) */
+/* 1 x 6, cycles per activation x 512 values (one thread, the matrix in L2): M = 9 (as 5 + 4) 22.6,
+ * M = 6 22.9-25.2, against 24.6-25.0 and 25.7-27.9 as blocks of at most 3; blocks of 7 or 9 spill */
+DEFINE_DOTACTS(q6_k_dotacts, q6_k_acts, 1, 6)
 #define Q4_0_RAW_ACTS(row, rb, acts, nb, R, M, out, os) q4_generic(row, acts, M, nb, 18, 0, out, os)
 #define Q4_1_RAW_ACTS(row, rb, acts, nb, R, M, out, os) q4_generic(row, acts, M, nb, 20, 1, out, os)
 /* Raw Q4_0 / Q4_1: matrices whose K is not a multiple of 512 keep the GGUF layout (kernel.py,
