@@ -51,7 +51,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate", choices=("lookup",), default=None,
                    help="lookup: draft tokens from the prompt and the text so far, verify them in one batched "
                         "forward (same output as without; backs off when drafts fail)")
-    p.add_argument("--draft-max", type=int, default=8, help="most tokens drafted per verify (default 8)")
+    p.add_argument("--draft-max", type=int, default=8, help="most tokens drafted per verify, 1-15 (default 8)")
     p.add_argument("--no-cache", action="store_true",
                    help="do not write (or read) the repacked copy of the weights under ~/.cache/pocketlm/packed "
                         "(the first run of a Q4_0/Q8_0/Q4_K file otherwise writes one, about the file's size; "

@@ -121,8 +121,9 @@ class Linear:
         self.dense = dense      # [rows, K] view (F32/F16/BF16 files only)
         self.bias = bias        # [rows] float32 or None
 
-    def mat(self, X: np.ndarray) -> np.ndarray:
-        """X [M, K] -> X W^T + b [M, rows]."""
+    def mat(self, X: np.ndarray, exact: bool = False) -> np.ndarray:
+        """X [M, K] -> X W^T + b [M, rows]; `exact`: each row's bits are its own matvec's (the kernel
+        leaves out its tiled and 2 x 2 kernels, whose float order differs)."""
         if self.dense is not None:
             out = X @ self.dense.T
         else:
@@ -130,7 +131,7 @@ class Linear:
             if X.shape[0] == 1:  # the batched path gains nothing for one row
                 _kernel.matvec(self.raw, self.gtype, self.rows, self.K, X[0], out[0])
             else:
-                _kernel.matmul(self.raw, self.gtype, self.rows, self.K, X, X.shape[0], out)
+                _kernel.matmul(self.raw, self.gtype, self.rows, self.K, X, X.shape[0], out, exact)
         if self.bias is not None:
             out += self.bias
         return out
@@ -415,7 +416,7 @@ class Model:
         t0 = clock()
         _kernel.forward_rows(self._decode_plan(), h, np.ascontiguousarray(cos_t[pos:pos + t]),
                              np.ascontiguousarray(sin_t[pos:pos + t]), pos)
-        logits = self._head(h if all_logits else h[-1:])
+        logits = self._head(h if all_logits else h[-1:], exact=True)
         self._kernel_seconds += clock() - t0
         self.cache.length = pos + t
         self.tokens.extend(int(x) for x in ids)
@@ -434,34 +435,35 @@ class Model:
         attn = np.empty((t, n_h * hd), dtype=np.float32)
         act = np.empty((t, cfg.intermediate_size), dtype=np.float32)
         act_kind = ACTIVATION_KINDS[cfg.activation]
+        exact = t <= ROWS_IN_C  # the kernels forward_rows takes: a few rows give the bits of as many steps
         clock = time.perf_counter
         t0 = clock()
         for i, L in enumerate(self.layers):
             self._norm(h, L.attn_norm, x)
-            qkv = L.qkv.mat(x)                                             # [T, (H+2KV) hd]
+            qkv = L.qkv.mat(x, exact)                                      # [T, (H+2KV) hd]
             _kernel.rope(qkv, n_h + n_kv, hd, cfg.rope_dim, cos, sin)      # q and k heads, in place
             scales = (cache.k_scale[i], cache.v_scale[i]) if cache.kind == "int8" else (None, None)
             _kernel.kv_store(qkv, n_h, n_kv, hd, cache.k[i], cache.v[i], *scales, self.n_ctx, pos)  # = cache.write
             _kernel.attention_rows(qkv, cache.k[i], cache.v[i], *scales, n_h, n_kv, hd, self.n_ctx, pos,
                                    cfg.sliding_window or 0, cfg.attention_scale, L.sparse, attn)
-            h += L.o.mat(attn)
+            h += L.o.mat(attn, exact)
             self._norm(h, L.ffn_norm, x)
-            _kernel.gated_act(L.gate_up.mat(x), act_kind, cfg.gegelu_limit, act)  # [T, 2F] -> [T, F]
-            h += L.down.mat(act)
+            _kernel.gated_act(L.gate_up.mat(x, exact), act_kind, cfg.gegelu_limit, act)  # [T, 2F] -> [T, F]
+            h += L.down.mat(act, exact)
         cache.length = pos + t
         self.tokens.extend(int(x) for x in ids)
-        logits = self._head(h if all_rows else h[-1:]) if want_logits else None  # [T or 1, V]
+        logits = self._head(h if all_rows else h[-1:], exact) if want_logits else None  # [T or 1, V]
         self._kernel_seconds += clock() - t0
         return logits
 
     def _norm(self, h: np.ndarray, norm: Norm, out: np.ndarray) -> None:
         _kernel.norm(h, norm.weight, norm.bias, self.cfg.rms_norm_eps, out)
 
-    def _head(self, h: np.ndarray) -> np.ndarray:
+    def _head(self, h: np.ndarray, exact: bool = False) -> np.ndarray:
         """h [T, D] -> logits [T, V]: final norm, output matrix, logit scale, masked ids."""
         x = np.empty_like(h)
         self._norm(np.ascontiguousarray(h), self.output_norm, x)
-        logits = self.output.mat(x)
+        logits = self.output.mat(x, exact)
         if self.cfg.logit_scale != 1.0:
             logits *= np.float32(self.cfg.logit_scale)
         if self._masked.size:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import PocketLMError
+from .model import ROWS_IN_C
 from .sampling import Sampler, SamplingParams, apply_repeat_penalty, candidates, softmax
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 
 SPECULATE_MODES = ("lookup",)
 DEFAULT_DRAFT_MAX = 8
+MAX_DRAFT = ROWS_IN_C - 1  # a verify of up to ROWS_IN_C tokens runs the kernels whose rows are the decode
+                           # steps' bits; a longer batch would take the tiled path, another float order
 NGRAM_MAX = 4          # longest suffix looked up (longer matches predict better; tried first)
 NGRAM_MIN = 1          # shortest; its drafts are often wrong, which the per-length estimate learns
 MIN_GAIN = 1.05        # expected tokens per unit cost a verify must reach (margin for noisy costs)
@@ -335,8 +338,8 @@ class LookupSpeculator:
 
     def __init__(self, draft_max: int = DEFAULT_DRAFT_MAX, costs: Mapping[int, float] | None = None,
                  n_min: int = NGRAM_MIN, n_max: int = NGRAM_MAX):
-        if not isinstance(draft_max, int) or isinstance(draft_max, bool) or draft_max < 1:
-            raise PocketLMError(f"draft_max must be an integer >= 1, got {draft_max!r}")
+        if not isinstance(draft_max, int) or isinstance(draft_max, bool) or not 1 <= draft_max <= MAX_DRAFT:
+            raise PocketLMError(f"draft_max must be an integer from 1 to {MAX_DRAFT}, got {draft_max!r}")
         self.draft_max = draft_max
         self._costs = costs
         self.cost = VerifyCost(costs)  # replaced by the model's learned one when generation starts

@@ -408,6 +408,8 @@ def test_api_argument_and_clear_errors(q4):
         generate(q4, "KING:", speculate="medusa")
     with pytest.raises(PocketLMError, match="draft_max"):
         generate(q4, "KING:", speculate="lookup", draft_max=0)
+    with pytest.raises(PocketLMError, match="from 1 to 15"):  # 17 tokens would leave the exact kernels
+        generate(q4, "KING:", speculate="lookup", draft_max=16)
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -91,10 +91,10 @@ void kv_store_pos(int kind, int simd, void *k_cache, void *v_cache, uint16_t *k_
 }
 
 /* Y [T, rows] = X W^T (+ b per row): one row by the matvec (the decode step's kernels), more by
- * the batched path (bit for bit the matvecs of its rows, kernel.h). */
-static int linear(const batch_kernels *bk, const dec_linear *l, const float *X, int T, float *Y) {
-    const int rc = T == 1 ? run_matvec(bk->table, l->t, l->w, l->rows, l->K, X, Y)
-                          : run_matmul(bk->table, bk->table2, bk->gemm, l->t, l->w, l->rows, l->K, X, T, Y);
+ * the batched path without its tiled and 2 x 2 kernels: bit for bit the matvecs of its rows. */
+static int linear(const dot_fn *table, const dec_linear *l, const float *X, int T, float *Y) {
+    const int rc = T == 1 ? run_matvec(table, l->t, l->w, l->rows, l->K, X, Y)
+                          : run_matmul(table, NULL, NULL, l->t, l->w, l->rows, l->K, X, T, Y);
     if (rc) return -1;
     if (l->bias)
         for (int t = 0; t < T; t++)
@@ -106,7 +106,7 @@ static void add_rows(float *h, const float *y, size_t n) {
     for (size_t j = 0; j < n; j++) h[j] += y[j];
 }
 
-int run_forward_rows(const batch_kernels *bk, int simd, const decode_plan *p, float *h, int T, const float *cos,
+int run_forward_rows(const dot_fn *table, int simd, const decode_plan *p, float *h, int T, const float *cos,
                      const float *sin, int pos) {
     const int D = p->D, H = p->H, KV = p->KV, hd = p->hd, F = p->F, W = (H + 2 * KV) * hd;
     /* one row (a decode step) in the plan's scratch, more in their own */
@@ -123,7 +123,7 @@ int run_forward_rows(const batch_kernels *bk, int simd, const decode_plan *p, fl
         char *kc = (char *)p->k_cache + i * layer_cache, *vc = (char *)p->v_cache + i * layer_cache;
         uint16_t *ks = i8 ? p->k_scale + i * layer_scales : NULL, *vs = i8 ? p->v_scale + i * layer_scales : NULL;
         run_norm_rows(p->norm, h, L->attn_norm, L->attn_norm_b, T, D, p->eps, x);
-        if ((rc = linear(bk, &L->qkv, x, T, qkv))) break;
+        if ((rc = linear(table, &L->qkv, x, T, qkv))) break;
         run_rope_rows(qkv, T, W, H + KV, hd, p->rot, cos, sin); /* q and k heads */
         for (int t = 0; t < T; t++) {
             const float *row = qkv + (size_t)t * W;
@@ -135,12 +135,12 @@ int run_forward_rows(const batch_kernels *bk, int simd, const decode_plan *p, fl
                                   .kind = p->kv_kind, .T = T, .pos = pos, .window = p->window,
                                   .scale = p->attn_scale, .sparse = L->sparse.block ? &L->sparse : NULL};
         if ((rc = run_attention(&a, simd))) break;
-        if ((rc = linear(bk, &L->o, attn, T, proj))) break;
+        if ((rc = linear(table, &L->o, attn, T, proj))) break;
         add_rows(h, proj, (size_t)T * D);
         run_norm_rows(p->norm, h, L->ffn_norm, L->ffn_norm_b, T, D, p->eps, x);
-        if ((rc = linear(bk, &L->gate_up, x, T, gu))) break;
+        if ((rc = linear(table, &L->gate_up, x, T, gu))) break;
         run_gated_act_rows(p->act, gu, T, F, p->act_limit, act);
-        if ((rc = linear(bk, &L->down, act, T, proj))) break;
+        if ((rc = linear(table, &L->down, act, T, proj))) break;
         add_rows(h, proj, (size_t)T * D);
     }
     if (T != 1) free(mem);

@@ -346,17 +346,15 @@ size_t decode_scratch_floats(const decode_plan *p);
  * fp16(amax / 127). simd: F16C on x86 (the same fp16 bits), else portable C. */
 void kv_store_pos(int kind, int simd, void *k_cache, void *v_cache, uint16_t *k_scale, uint16_t *v_scale, int KV,
                   int n_ctx, int hd, int pos, const float *k, const float *v);
-/* The batched kernels a path runs run_matmul with. */
-typedef struct {
-    const dot_fn *table;
-    const dot2x2_fn *table2;
-    const gemm_kernel *gemm;
-} batch_kernels;
 /* T rows through every layer (a decode step's one, a verify's or a short prompt's few): h [T, D] in
- * place, cos, sin [T, rot/2] of positions pos..pos+T-1 (pos + T <= n_ctx); the same kernel calls in
- * the same order as the per-layer Python loop (runtime/model.py, _forward_chunk), so the same bits;
- * one row runs in the plan's scratch. 0, or -1 on OOM. */
-int run_forward_rows(const batch_kernels *bk, int simd, const decode_plan *p, float *h, int T, const float *cos,
+ * place, cos, sin [T, rot/2] of positions pos..pos+T-1 (pos + T <= n_ctx). The linears of T > 1 rows
+ * take only the kernels that reproduce the path's dot bit for bit (the multi-activation kernels,
+ * else row by row; not the tiled path nor i8mm's 2 x 2 kernels, whose float order differs), so T rows
+ * give the bits of T decode steps: a speculative verify's logits are exactly the steps'. The same
+ * kernel calls in the same order as the per-layer Python loop (runtime/model.py, _forward_chunk, which
+ * asks for the same kernels up to ROWS_IN_C rows); one row runs in the plan's scratch. 0, or -1 on
+ * OOM. */
+int run_forward_rows(const dot_fn *table, int simd, const decode_plan *p, float *h, int T, const float *cos,
                      const float *sin, int pos);
 
 /* exp(x) for float32, relative error below 3e-7 over [-87, 88] (finite inputs are clamped to it):

@@ -149,8 +149,8 @@ fail_w:
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *wo, *xo, *yo;
-    int gtype, rows, K, M, nb, rc = 0;
-    if (!PyArg_ParseTuple(args, "OiiiOiO", &wo, &gtype, &rows, &K, &xo, &M, &yo)) return NULL;
+    int gtype, rows, K, M, nb, rc = 0, exact = 0;
+    if (!PyArg_ParseTuple(args, "OiiiOiO|p", &wo, &gtype, &rows, &K, &xo, &M, &yo, &exact)) return NULL;
     if (M < 1) {
         PyErr_Format(PyExc_ValueError, "M=%d must be >= 1", M);
         return NULL;
@@ -163,8 +163,8 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     if (get_f32(yo, &y, (Py_ssize_t)M * rows, 1, "out") != 0) goto fail_x;
     if (check_finite(x.buf, (size_t)M * K, "X") != 0) goto fail_y;
     const dot_fn *table = ACTIVE_TABLE;
-    const dot2x2_fn *table2 = ACTIVE_TABLE2;
-    const gemm_kernel *gemm = ACTIVE_GEMM;
+    const dot2x2_fn *table2 = exact ? NULL : ACTIVE_TABLE2; /* exact: each row's bits are its matvec's */
+    const gemm_kernel *gemm = exact ? NULL : ACTIVE_GEMM;
     Py_BEGIN_ALLOW_THREADS
     rc = run_matmul(table, table2, gemm, t, w.buf, rows, K, x.buf, M, y.buf);
     Py_END_ALLOW_THREADS
@@ -718,10 +718,10 @@ static PyObject *plan_forward(PyObject *args, int rows) {
     if (get_f32(co, &c, (Py_ssize_t)T * (pl->rot / 2), 0, "cos") != 0) goto fail_h;
     if (get_f32(so, &s, (Py_ssize_t)T * (pl->rot / 2), 0, "sin") != 0) goto fail_c;
     if (check_finite(h.buf, (size_t)T * pl->D, "h") != 0) goto fail_s;
-    const batch_kernels bk = {ACTIVE_TABLE, ACTIVE_TABLE2, ACTIVE_GEMM};
+    const dot_fn *table = ACTIVE_TABLE;
     const int simd = strcmp(ACTIVE_NAME, "scalar") != 0;
     Py_BEGIN_ALLOW_THREADS
-    rc = run_forward_rows(&bk, simd, pl, h.buf, T, c.buf, s.buf, pos);
+    rc = run_forward_rows(table, simd, pl, h.buf, T, c.buf, s.buf, pos);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_NoMemory();
