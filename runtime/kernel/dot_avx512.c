@@ -586,9 +586,9 @@ INLINE void q6k_codes(const uint8_t *blk, int h, __m512i q[2]) {
  * lane (`vpermw`), accumulated by `vpdpwssd` (VNNI: `vpmaddwd` + `vpaddd` in one op) in one
  * chain per activation starting from -32 * sum_j sc_j * bsums_j (the codes' offset, 8 lanes); per
  * super-block one int->float conversion and FMA. (Two chains per activation, as before, cost a
- * zeroing and an add each: at M = 3, 26.9 -> 25.0 cycles per activation x 512 values with one.) Every int32 lane holds the sum
- * the previous kernel (maddubs, madd, add, offset subtracted) gave it, so the results are bit
- * for bit the same. The codes and scale vectors are built once per super-block for M activations
+ * zeroing and an add each: at M = 3, 26.9 -> 25.0 cycles per activation x 512 values with one.)
+ * Every int32 lane holds the sum the previous kernel (maddubs, madd, add, offset subtracted) gave
+ * it, so the results are bit for bit the same. The codes and scale vectors are built once per super-block for M activations
  * (R = 1 row; the single dot is M = 1). One thread, 96 rows of K = 3072 in L2, Zen 4 at 3.67 GHz:
  * 6.3-6.4 -> 6.0-6.2 ns (22 cycles) per super-block at M = 1, about 40 vector ops: this core
  * retires about two 512-bit ops per cycle of any kind (a register-only mix of maddubs, dpwssd,
