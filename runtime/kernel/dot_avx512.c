@@ -427,7 +427,9 @@ INLINE void store_block_sums(__m512 acc[MAX_ROWS][MAX_ACTS], int R, int M, float
  * 9-token forwards of a phi-3-mini-shaped Q4_0 file, the builds alternated in one process, medians:
  * 2 threads 130.5 -> 125.5 ms (quiet) and 138.2 -> 130.6 (busy), 1 thread 247.0 -> 238.7 ms.
  * Unrolling by 2, 3 or 6 with a variable count gained nothing, nor did full unrolling at 10 or 16
- * groups; at 8 (K = 4096) it gained 3.5 % in L2. Other types and shapes keep the loop (code size). */
+ * groups; at 8 (K = 4096, phi-3-small) it gained 3.5-4 % in L2 but nothing outside the noise in
+ * whole forwards of a 2-layer phi-3-small file (9 tokens 42.6 against 42.2 ms). Other types and
+ * shapes keep the loop (code size). */
 #define UNROLLED_GROUPS 6
 
 /* n groups; `unrolled` (a constant at each call site): n is UNROLLED_GROUPS, as one straight run. */
@@ -588,8 +590,8 @@ INLINE void q6k_codes(const uint8_t *blk, int h, __m512i q[2]) {
  * super-block one int->float conversion and FMA. (Two chains per activation, as before, cost a
  * zeroing and an add each: at M = 3, 26.9 -> 25.0 cycles per activation x 512 values with one.)
  * Every int32 lane holds the sum the previous kernel (maddubs, madd, add, offset subtracted) gave
- * it, so the results are bit for bit the same. The codes and scale vectors are built once per super-block for M activations
- * (R = 1 row; the single dot is M = 1). One thread, 96 rows of K = 3072 in L2, Zen 4 at 3.67 GHz:
+ * it, so the results are bit for bit the same. The codes and scale vectors are built once per
+ * super-block for M activations (R = 1 row; the single dot is M = 1). One thread, 96 rows of K = 3072 in L2, Zen 4 at 3.67 GHz:
  * 6.3-6.4 -> 6.0-6.2 ns (22 cycles) per super-block at M = 1, about 40 vector ops: this core
  * retires about two 512-bit ops per cycle of any kind (a register-only mix of maddubs, dpwssd,
  * shifts, permw, ternlog: 26 ops in 13.1 cycles), so op count is the budget. Tried, no better
