@@ -183,18 +183,11 @@ const gemm_kernel *path_gemm(const char *name) {
     return e && e->usable(caps()) ? e->path->gemm : NULL;
 }
 
-/* Tables resolved once: missing entries come from the fallback chain; each slot's multi-row
- * kernel from the same path as its dot (so they agree bit for bit), its multi-activation kernel
- * from the path itself if it has one (written to reproduce the resolved dot), else likewise. */
+/* Tables resolved once: missing entries come from the fallback chain; each slot's
+ * multi-activation kernel from the path itself if it has one (written to reproduce the resolved
+ * dot), else from the path its dot comes from. */
 static dot_fn TABLES[sizeof(PATHS) / sizeof(PATHS[0])][N_SLOTS];
-static dotrows_fn ROWS_TABLES[sizeof(PATHS) / sizeof(PATHS[0])][N_SLOTS];
 static acts_table ACTS_TABLES[sizeof(PATHS) / sizeof(PATHS[0])];
-
-const dotrows_fn *path_rows_table(const dot_fn *table) {
-    for (int i = 0; i < N_PATHS; i++)
-        if (table == TABLES[i]) return ROWS_TABLES[i];
-    return NULL;
-}
 
 const acts_table *path_acts_table(const dot_fn *table) {
     for (int i = 0; i < N_PATHS; i++)
@@ -206,13 +199,11 @@ const dot_fn *path_table(const char *name) {
     const path_entry *e = find(name);
     if (!e || !e->usable(caps())) return NULL;
     dot_fn *t = TABLES[e - PATHS];
-    dotrows_fn *rt = ROWS_TABLES[e - PATHS];
     acts_table *at = &ACTS_TABLES[e - PATHS];
     for (int s = 0; s < N_SLOTS; s++) {
         const kernel_path *p = e->path;
         while (p && !p->dot[s]) p = p->fallback ? find(p->fallback)->path : NULL;
         t[s] = p ? p->dot[s] : path_scalar.dot[s];
-        rt[s] = p ? p->dotrows[s] : NULL;
         const kernel_path *ap = e->path->dotacts[s] ? e->path : p; /* whose multi-activation kernel */
         at->fn[s] = ap ? ap->dotacts[s] : NULL;
         at->gemm_from[s] = ap && ap->acts_gemm_from[s] ? ap->acts_gemm_from[s] : GEMM_MIN_M;

@@ -134,124 +134,12 @@ INLINE float q8_0(const uint8_t *row, const q8_act *a, int n) {
 
 /* ---- the packed layouts (kernel.h): one int32 lane per 32-value sub-block ---------------- */
 
-/* The group's 288 or 544 bytes, PREFETCH_BYTES ahead (rows are contiguous). */
-INLINE void prefetch_group(const uint8_t *grp, int bytes) {
-    for (int line = 0; line < bytes; line += 64) __builtin_prefetch(grp + PREFETCH_BYTES + line);
-}
-
 /* The lines of `bytes` bytes at p into L2 (`prefetcht1`): a group of a later row block (see
  * packed_acts). Into L1 (`prefetcht0`), each such miss holds one of the few L1 miss buffers for the
  * whole DRAM latency: from DRAM, 4 rows x 2 activations streamed at half the matvec's rate. */
 INLINE void prefetch_l2(const uint8_t *p, int bytes) {
     for (int line = 0; line < bytes; line += 64) __builtin_prefetch(p + line, 0, 2);
 }
-
-/* The group's 8 activation code vectors (kernel.h), loaded once for all rows of a call. */
-INLINE void load_act8(const int8_t *aq, __m512i A[8]) {
-    for (int v = 0; v < 8; v++) A[v] = _mm512_loadu_si512(aq + 64 * v);
-}
-
-/* Lane b = integer dot of 4-bit sub-block b (codes 0..15) with its 32 activations: 8 `vpdpbusd`
- * over the 4 chunks' low and high nibbles, in two chains. The high nibbles are taken in place
- * (v & 0xF0 = 16 * code, one op instead of a shift and a mask) and their sum divided by 16
- * exactly at the end; |lane| <= 16 * 16 * 240 * 127 < 2^31. */
-INLINE __m512i dot_group4(const uint8_t *chunks, const __m512i A[8]) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-    for (int c = 0; c < 4; c++) {
-        const __m512i v = _mm512_loadu_si512(chunks + 64 * c);
-        const __m512i lo = _mm512_and_si512(v, m4);
-        s0 = _mm512_dpbusd_epi32(s0, lo, A[2 * c]);
-        s1 = _mm512_dpbusd_epi32(s1, _mm512_xor_si512(v, lo), A[2 * c + 1]);
-    }
-    return _mm512_add_epi32(s0, _mm512_srai_epi32(s1, 4));
-}
-
-/* Codes + 128 (uint8) x signed activations, 8 chunks; |lane| <= 32 * 255 * 127. */
-INLINE __m512i dot_group8(const uint8_t *chunks, const __m512i A[8]) {
-    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-    for (int v = 0; v < 8; v += 2) {
-        s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(chunks + 64 * v), A[v]);
-        s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(chunks + 64 * v + 64), A[v + 1]);
-    }
-    return _mm512_add_epi32(s0, s1);
-}
-
-/* Q4_0 / Q8_0 packed, R rows (R a constant after inlining): per group of 16 blocks one int->float
- * conversion and two FMAs per row for all 16 (the weight scales by one 16-value fp16
- * conversion); the code offset (8 or 128) as -offset * sum_b d_b * s_b at the end. */
-INLINE void q_packed_rows(const uint8_t *row, size_t rb, const q8_act *a, int n, int R, int q8, float *out) {
-    const int gbytes = q8 ? 544 : 288;
-    __m512 acc[DOT_ROWS], corr[DOT_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = corr[r] = _mm512_setzero_ps();
-    for (int g = 0; g < n; g++) {
-        __m512i A[8];
-        load_act8(a->qs16 + (size_t)g * PACK_VALUES, A);
-        const __m512 da = _mm512_loadu_ps(a->d32 + 16 * g), sa = _mm512_loadu_ps(a->s + 16 * g);
-        for (int r = 0; r < R; r++) {
-            const uint8_t *grp = row + r * rb + (size_t)g * gbytes;
-            prefetch_group(grp, gbytes);
-            const __m512i isum = q8 ? dot_group8(grp + 32, A) : dot_group4(grp + 32, A);
-            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)grp));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, da), acc[r]);
-            corr[r] = _mm512_fmadd_ps(dw, sa, corr[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]) - (q8 ? 128.0f : 8.0f) * _mm512_reduce_add_ps(corr[r]);
-}
-
-/* Packed Q4_K, two super-blocks per group: lane b = sub-block b % 8 of super-block b / 8, scaled
- * by d_s * sc_b * da, minus dmin_s * m_b * (da * its activation sum); the 6-bit scales and mins
- * unpacked word-parallel (q4k_scales_mins) and widened to 16 float lanes. */
-INLINE void q4_k_packed_rows(const uint8_t *row, size_t rb, const q8_act *a, int n, int R, float *out) {
-    const __m512i lane_s = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i lane_dmin = _mm512_add_epi32(lane_s, _mm512_set1_epi32(2));
-    __m512 acc[DOT_ROWS], accm[DOT_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = accm[r] = _mm512_setzero_ps();
-    for (int g = 0; g < n; g++) {
-        __m512i A[8];
-        load_act8(a->qs16 + (size_t)g * PACK_VALUES, A);
-        const __m512 da = _mm512_loadu_ps(a->d32 + 16 * g), sa = _mm512_loadu_ps(a->s + 16 * g);
-        for (int r = 0; r < R; r++) {
-            const uint8_t *grp = row + r * rb + (size_t)g * 288;
-            prefetch_group(grp, 288);
-            /* the 16 scales and mins built in registers (bytes stored and reloaded as one vector
-             * would stall on store forwarding) */
-            const q4k_words w0 = q4k_scale_words(grp + 8), w1 = q4k_scale_words(grp + 20);
-            const __m128i sc8 = _mm_set_epi32((int)w1.sc_hi, (int)w1.sc_lo, (int)w0.sc_hi, (int)w0.sc_lo);
-            const __m128i m8 = _mm_set_epi32((int)w1.m_hi, (int)w1.m_lo, (int)w0.m_hi, (int)w0.m_lo);
-            const __m512i isum = dot_group4(grp + 32, A);
-            const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc8));
-            const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m8));
-            const __m512 hv = _mm512_cvtph_ps(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)grp)));
-            const __m512 d = _mm512_mul_ps(_mm512_permutexvar_ps(lane_s, hv), da);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(sc, d), acc[r]);
-            accm[r] = _mm512_fmadd_ps(_mm512_mul_ps(m, _mm512_permutexvar_ps(lane_dmin, hv)), sa, accm[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]) - _mm512_reduce_add_ps(accm[r]);
-}
-
-/* The table entries: one row (dot_fn) and 1..DOT_ROWS rows (dotrows_fn), the same code. */
-#define DEFINE_PACKED(name, body)                                                                   \
-    TARGET static void name##_rows(const uint8_t *row, size_t rb, const q8_act *a, int nb, int nrows, float *out) { \
-        switch (nrows) {                                                                           \
-        case 4: body(row, rb, a, nb, 4, out); break;                                               \
-        case 3: body(row, rb, a, nb, 3, out); break;                                               \
-        case 2: body(row, rb, a, nb, 2, out); break;                                               \
-        default: body(row, rb, a, nb, 1, out); break;                                              \
-        }                                                                                          \
-    }                                                                                              \
-    TARGET static float name(const uint8_t *row, const q8_act *a, int nb) {                        \
-        float out;                                                                                 \
-        body(row, 0, a, nb, 1, &out);                                                              \
-        return out;                                                                                \
-    }
-#define Q4_0_PACKED_BODY(row, rb, a, nb, R, out) q_packed_rows(row, rb, a, nb, R, 0, out)
-#define Q8_0_PACKED_BODY(row, rb, a, nb, R, out) q_packed_rows(row, rb, a, nb, R, 1, out)
-DEFINE_PACKED(dot_q4_0_packed, Q4_0_PACKED_BODY)
-DEFINE_PACKED(dot_q8_0_packed, Q8_0_PACKED_BODY)
-DEFINE_PACKED(dot_q4_k_packed, q4_k_packed_rows)
 
 /* ---- several activations (dotacts_fn) on the packed layouts ------------------------------------
  * The decode step on this path uses the AVX2 packed dots (see path_avx512), so these reproduce
@@ -658,11 +546,12 @@ DEFINE_DOT(dot_q4_k, q4_k)
 
 const kernel_path path_avx512 = {
     .name = "avx512",
-    /* The packed layouts' decode matvecs come from the AVX2 path (NULL: the fallback chain): on a
-     * quiet Zen 4 (2 threads, phi-3-mini Q4_0, whole decode steps) the AVX-512 ones below streamed
-     * the weights from DRAM at 8.8 tok/s (4-row) and 11.7 (one row) against AVX2's 16.2, though
-     * they win with the matrix in cache. They stay compiled and tested against the scalar path
-     * (selftest) until they beat AVX2 from DRAM. */
+    /* The packed layouts' decode matvecs come from the AVX2 path (NULL: the fallback chain). From
+     * DRAM they are bound by the memory stream, not by their arithmetic: on Zen 4 (phi-3-mini Q4_0,
+     * 2 threads) 512-bit single- and 4-row dots streamed at 11.7 and 8.8 tok/s against AVX2's 16.2,
+     * and a 256-bit VNNI version of the AVX2 dot, 10 % (Q4_0) and 34 % (Q8_0) faster with the
+     * matrix in L2, streamed the same GB/s from DRAM as AVX2's (benchmarks/bench_kernel.py, paths
+     * alternated, 1 and 2 threads). Q4_K's decode runs its multi-activation kernel (acts_matvec). */
     .dot = {dot_q4_0, dot_q4_1, dot_q8_0, dot_q4_k, dot_q6_k, NULL, NULL, NULL},
     .fallback = "avx2",
     .dotacts = {[SLOT_Q4_0] = q4_0_raw_acts, [SLOT_Q4_1] = q4_1_raw_acts, [SLOT_Q6_K] = q6_k_dotacts,
@@ -680,8 +569,5 @@ const kernel_path path_avx512 = {
     .gemm = &gemm_avx512,
 };
 
-/* Referenced so that they stay built (see the path's comment). */
-const dot_fn avx512_packed_dots[3] = {dot_q4_0_packed, dot_q8_0_packed, dot_q4_k_packed};
-const dotrows_fn avx512_packed_dotrows[3] = {dot_q4_0_packed_rows, dot_q8_0_packed_rows, dot_q4_k_packed_rows};
 
 #endif

@@ -101,13 +101,6 @@ static inline int is_packed_type(int gtype) {
 /* Dot of one weight row (nb blocks of raw GGUF bytes, or nb packed groups) with the activation. */
 typedef float (*dot_fn)(const uint8_t *row, const q8_act *a, int nb);
 
-/* out[r] = dot of row r (at row + r * row_bytes) for r < nrows <= DOT_ROWS, each bit-identical to
- * the path's dot_fn of that row, so splitting rows differently never changes a result. Rows
- * share the activation loads: on Zen 4 (one 512-bit load per cycle) a single-row packed dot is
- * bound by its loads (8 activation vectors per 4 weight vectors), four rows a quarter of that. */
-#define DOT_ROWS 4
-typedef void (*dotrows_fn)(const uint8_t *row, size_t row_bytes, const q8_act *a, int nb, int nrows, float *out);
-
 /* Several weight rows times several activations (a verify's or a short prompt's batch): out[m *
  * out_stride + r] = row r (at row + r * row_bytes) . acts[m] for r < nrows, m < nacts (any counts
  * >= 1). The kernel blocks rows and activations to its registers: each weight vector is loaded and
@@ -146,7 +139,6 @@ typedef struct {
     dot_fn dot[N_SLOTS]; /* NULL entries are filled from the fallback path at init */
     const char *fallback;
     dot2x2_fn dot2x2[N_SLOTS]; /* optional, the path's own only */
-    dotrows_fn dotrows[N_SLOTS]; /* optional: taken with the dot of the same path (fallbacks alike) */
     /* optional: the path's own entry, else the one of the path its dot comes from; an own entry
      * must reproduce the resolved dot (avx512's packed ones reproduce the AVX2 dots it uses) */
     dotacts_fn dotacts[N_SLOTS];
@@ -192,8 +184,6 @@ const char *best_path_name(void);
 /* Resolved function table for the named path (fallbacks filled); NULL if unavailable. */
 const dot_fn *path_table(const char *name);
 const dot2x2_fn *path_table2x2(const char *name); /* the path's 2x2 kernels (entries may be NULL) */
-/* The multi-row kernels that go with a table returned by path_table (entries may be NULL), or NULL. */
-const dotrows_fn *path_rows_table(const dot_fn *table);
 /* Likewise the multi-activation kernels, each with the batch size from which run_matmul takes the
  * tiled path instead (GEMM_MIN_M where the path gave none). */
 typedef struct {

@@ -5,7 +5,6 @@
 
 typedef struct {
     const dot_fn *table;
-    const dotrows_fn *rows_table; /* optional multi-row kernels (matvec) */
     const dot2x2_fn *table2; /* optional 2 rows x 2 activations kernels */
     dotacts_fn dotacts;      /* matmul: the slot's multi-activation kernel, or NULL */
     const gtype_info *t;
@@ -31,11 +30,7 @@ static void matvec_task(void *ctx, int chunk, int n_chunks) {
     const dot_fn dot = j->table[j->t->slot];
     int r0, r1;
     row_range(j->rows, chunk, n_chunks, &r0, &r1);
-    const dotrows_fn dr = j->rows_table ? j->rows_table[j->t->slot] : NULL;
-    int r = r0;
-    if (dr)
-        for (; r + DOT_ROWS <= r1; r += DOT_ROWS) dr(j->w + (size_t)r * j->row_bytes, j->row_bytes, j->acts, j->nb, DOT_ROWS, j->out + r);
-    for (; r < r1; r++) j->out[r] = dot(j->w + (size_t)r * j->row_bytes, j->acts, j->nb);
+    for (int r = r0; r < r1; r++) j->out[r] = dot(j->w + (size_t)r * j->row_bytes, j->acts, j->nb);
 }
 
 /* Each weight row (pair) is dotted with all M activation rows while it is hot in L1: by the
@@ -112,7 +107,7 @@ int run_matvec(const dot_fn *table, const gtype_info *t, const uint8_t *w, int r
     quantize_act(t, x, K, &a);
     const acts_table *at = path_acts_table(table); /* its kernel where it streams faster (kernel.h) */
     const dotacts_fn acts = at && at->matvec[t->slot] ? at->fn[t->slot] : NULL;
-    job j = {table, path_rows_table(table), NULL, acts, t, w, rows, K / t->block_values,
+    job j = {table, NULL, acts, t, w, rows, K / t->block_values,
              (size_t)(K / t->block_values) * t->block_bytes, &a, 1, y};
     pool_run(acts ? matmul_task : matvec_task, &j, pool_chunks(rows, MIN_CHUNK_ROWS));
     free(mem);
@@ -136,7 +131,7 @@ int run_matmul(const dot_fn *table, const dot2x2_fn *table2, const gemm_kernel *
     for (int m = 0; m < M; m++) act_bind(&acts[m], mem + per * (size_t)m, K);
     quant_job q = {t, X, K, M, acts};
     pool_run(quantize_task, &q, pool_chunks(M, 1));
-    job j = {table, NULL, table2, dotacts, t, w, rows, K / t->block_values,
+    job j = {table, table2, dotacts, t, w, rows, K / t->block_values,
              (size_t)(K / t->block_values) * t->block_bytes, acts, M, Y};
     pool_run(matmul_task, &j, pool_chunks(rows, MIN_CHUNK_ROWS));
     free(mem);

@@ -243,19 +243,6 @@ static void test_type(int gtype, int packed) {
             CHECK(fabs(got - ref) <= tol, "type %d%s path %s row %d: %.7g vs reference %.7g", gtype,
                   packed ? " packed" : "", PATH_NAMES[p], r, got, ref);
         }
-        /* the multi-row kernel (if any) gives each row's dot bit for bit, for every row count */
-        const dotrows_fn *rows_tab = path_rows_table(table);
-        if (rows_tab && rows_tab[t->slot])
-            for (int nr = 1; nr <= DOT_ROWS; nr++)
-                for (int r0 = 0; r0 + nr <= rows; r0 += nr) {
-                    float out[DOT_ROWS];
-                    rows_tab[t->slot](w + r0 * row_bytes, row_bytes, &a, nb, nr, out);
-                    for (int i = 0; i < nr; i++) {
-                        const float one = table[t->slot](w + (r0 + i) * row_bytes, &a, nb);
-                        CHECK(memcmp(&one, &out[i], 4) == 0, "type %d%s path %s: rows kernel (%d rows) row %d: %.9g != dot %.9g",
-                              gtype, packed ? " packed" : "", PATH_NAMES[p], nr, r0 + i, out[i], one);
-                    }
-                }
         check_dotacts(t, table, w, rows, row_bytes, nb, x, PATH_NAMES[p]);
         /* drivers: 1 thread == 3 threads; matmul row m == matvec */
         pool_set_threads(1);
