@@ -569,5 +569,4 @@ const kernel_path path_avx512 = {
     .gemm = &gemm_avx512,
 };
 
-
 #endif

@@ -451,6 +451,13 @@ static void test_attention(void) {
     }
 }
 
+/* Cache 1 (the path under test's) set to cache 0 (the reference's): rows and int8 scales. */
+static void restore_cache(void *k[2], void *v[2], uint16_t *ks[2], uint16_t *vs[2], size_t n_cache, size_t elem,
+                          int hd) {
+    memcpy(k[1], k[0], n_cache * elem), memcpy(v[1], v[0], n_cache * elem);
+    memcpy(ks[1], ks[0], n_cache / hd * 2), memcpy(vs[1], vs[0], n_cache / hd * 2);
+}
+
 /* A few rows in one call (a speculative verify, a short prompt: run_forward_rows with T > 1, its
  * multi-activation kernels) give the bits of as many decode steps on the same path, from the same
  * cache: hidden states and the cache rows written. Path `name`'s plan works on cache 1, restored
@@ -479,8 +486,7 @@ static void check_rows_as_steps(const char *name, const decode_plan *plan, void 
         return;
     }
     for (int run = 0; run < 2; run++) {
-        memcpy(k[1], k[0], n_cache * elem), memcpy(v[1], v[0], n_cache * elem);
-        memcpy(ks[1], ks[0], n_cache / plan->hd * 2), memcpy(vs[1], vs[0], n_cache / plan->hd * 2);
+        restore_cache(k, v, ks, vs, n_cache, elem, plan->hd);
         if (run == 0) {
             CHECK(run_forward_rows(path_table(name), 1, plan, h_rows[0], T, cs, sn, POS) == 0, "rows: out of memory");
             memcpy(k_rows, k[1], n_cache * elem), memcpy(v_rows, v[1], n_cache * elem);
@@ -563,8 +569,7 @@ static void test_decode_step(void) {
                     float h[2][D];
                     for (int i = 0; i < D; i++) h[0][i] = h[1][i] = rnd_gauss();
                     for (int i = 0; i < HD / 2; i++) cos[i] = cosf(0.1f * pos * (i + 1)), sin[i] = sinf(0.1f * pos * (i + 1));
-                    memcpy(k[1], k[0], n_cache * elem), memcpy(v[1], v[0], n_cache * elem); /* same cache */
-                    memcpy(ks[1], ks[0], n_cache / HD * 2), memcpy(vs[1], vs[0], n_cache / HD * 2);
+                    restore_cache(k, v, ks, vs, n_cache, elem, HD); /* same cache */
                     CHECK(run_forward_rows(path_table("scalar"), 0, &plans[0], h[0], 1, cos, sin, pos) == 0,
                           "decode OOM");
                     CHECK(run_forward_rows(path_table(PATH_NAMES[p]), 1, &plans[1], h[1], 1, cos, sin, pos) == 0,
